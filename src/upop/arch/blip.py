@@ -1,0 +1,69 @@
+"""BLIP (``BlipForImageTextRetrieval``, ``BlipForQuestionAnswering``,
+``BlipForConditionalGeneration``).
+
+- Vision tower: fused QKV attention whose forward reshapes with ``embed_dim // num_heads``; after
+  pruning its class is swapped for :class:`ShapeGenericBlipAttention`, the same module with a
+  forward that reads ``head_dim`` (same parameters, same names, same scale attribute).
+- Text encoder: self-attention and MLPs are ``text``; cross-attention into the image is
+  ``fusion``. Text decoder: every group is ``decoder``.
+- The text attention computes its scale from ``attention_head_size`` at every forward, so pruning
+  folds ``sqrt(new / dense)`` into the query rows to keep the dense scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.blip.modeling_blip import BlipAttention
+
+from ._spec import ArchSpec, AttentionSite, MlpSite, Tower
+from .bert import MLP as TEXT_MLP
+from .bert import _attention
+
+
+class ShapeGenericBlipAttention(BlipAttention):
+    """``BlipAttention`` whose forward works for any ``head_dim`` (pruned widths)."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        bsz, tgt_len, _ = hidden_states.size()
+        qkv = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
+        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        context = torch.matmul(probs, value).permute(0, 2, 1, 3)
+        context = context.reshape(bsz, tgt_len, self.num_heads * self.head_dim)
+        return self.projection(context), probs
+
+
+def _swap(module: nn.Module) -> None:
+    if type(module) is BlipAttention:
+        module.__class__ = ShapeGenericBlipAttention
+
+
+def _set_head_dim(module: nn.Module, new: int, dense: int, heads: int) -> None:
+    if hasattr(module, "attention_head_size"):
+        module.attention_head_size = new
+        module.all_head_size = new * heads
+    else:
+        module.head_dim = new
+
+
+_VISION_ATTN = AttentionSite(module="self_attn", qkv="self_attn.qkv", out="self_attn.projection")
+_VISION_MLP = MlpSite(fc1="mlp.fc1", fc2="mlp.fc2")
+_TEXT_SELF = _attention("attention")
+_TEXT_CROSS = _attention("crossattention", site="crossattn", modality="fusion", cross=True, optional=True)
+_DEC_CROSS = _attention("crossattention", site="crossattn", cross=True, optional=True)
+
+SPEC = ArchSpec(
+    name="blip",
+    model_types=("blip",),
+    towers=(
+        Tower(("vision_model.encoder.layers",), "vision", (_VISION_ATTN,), _VISION_MLP, config="vision_config"),
+        Tower(("text_encoder.encoder.layer",), "text", (_TEXT_SELF, _TEXT_CROSS), TEXT_MLP, config="text_config"),
+        Tower(("text_decoder.bert.encoder.layer",), "decoder", (_TEXT_SELF, _DEC_CROSS), TEXT_MLP, config="text_config"),
+    ),
+    set_head_dim=_set_head_dim,
+    fold_scale_classes=("BlipTextSelfAttention",),
+    swap_class=_swap,
+    classes=("BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipForConditionalGeneration"),
+)

@@ -1,0 +1,466 @@
+"""Shapes world: a seeded generator of small synthetic scenes with compositional captions.
+
+A scene holds 1-3 flat-coloured shapes on a light, slightly varied background. Every object has
+a kind, a colour, a size and a position; captions describe objects, their attribute binding,
+pairwise spatial relations and image regions using a closed lowercase vocabulary
+(:data:`VOCABULARY`), so a word-level tokenizer covers them. Many scenes share kinds and
+colours, so retrieval needs the binding and the relation, not just a bag of words.
+
+Everything is deterministic for a seed: each image ``i`` of a split draws from its own
+``random.Random("upop-shapes:{seed}:{split}:{i}")``; the global RNG is never used.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import ConfigError
+
+VERSION = 1
+KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
+PLURALS: dict[str, str] = {k: (k + "es" if k.endswith("s") else k + "s") for k in KINDS}
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 155, 55),
+    "blue": (35, 75, 215),
+    "yellow": (225, 190, 15),
+    "purple": (135, 55, 175),
+    "orange": (240, 125, 20),
+}
+SIZES: tuple[str, ...] = ("small", "large")
+RADIUS: dict[str, float] = {"small": 0.085, "large": 0.16}
+"""Object radius as a fraction of the image side, per size."""
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 512
+REL_MARGIN = 0.08
+"""Smallest centre offset (image fraction) along an axis for a relation to be stated."""
+_REGION_DEAD_ZONE = 0.03
+_NUMBERS = {1: "one", 2: "two", 3: "three"}
+_TEMPLATE_WORDS = (
+    "a an the is and one two three single just there picture image of that to left right above "
+    "below with its it in on at top bottom middle next shapes objects between including"
+).split()
+VOCABULARY: list[str] = sorted(set(_TEMPLATE_WORDS) | set(KINDS) | set(PLURALS.values())
+                               | set(COLOURS) | set(SIZES))
+"""Every word any caption can contain, sorted."""
+
+
+@dataclass
+class ShapeObject:
+    """One shape: ``x``, ``y`` are its centre in [0, 1] image coordinates (y grows downwards)."""
+
+    kind: str
+    colour: str
+    size: str
+    x: float
+    y: float
+
+
+@dataclass
+class Scene:
+    """A list of non-overlapping objects drawn in order over a plain RGB background."""
+
+    objects: list[ShapeObject]
+    background: tuple[int, int, int] = (235, 235, 235)
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def make_scene(rng: random.Random) -> Scene:
+    """Draw a random scene of 1-3 non-overlapping objects (more often 2 or 3) from ``rng``."""
+    n = rng.choices((1, 2, 3), weights=(0.2, 0.45, 0.35))[0]
+    grey = rng.randint(205, 248)
+    background = tuple(min(255, max(0, grey + rng.randint(-4, 4))) for _ in range(3))
+    while True:
+        objects: list[ShapeObject] = []
+        for _ in range(n):
+            size = rng.choice(SIZES)
+            obj = _place(rng, size, objects)
+            if obj is None:
+                break
+            objects.append(obj)
+        if len(objects) == n:
+            return Scene(objects=objects, background=background)  # type: ignore[arg-type]
+
+
+def _place(rng: random.Random, size: str, others: list[ShapeObject]) -> ShapeObject | None:
+    """Try to place one object of ``size`` clear of ``others``; None after 100 misses."""
+    r = RADIUS[size]
+    for _ in range(100):
+        x, y = rng.uniform(r + 0.03, 1 - r - 0.03), rng.uniform(r + 0.03, 1 - r - 0.03)
+        if all(((x - o.x) ** 2 + (y - o.y) ** 2) ** 0.5 >= r + RADIUS[o.size] + 0.03 for o in others):
+            return ShapeObject(rng.choice(KINDS), rng.choice(list(COLOURS)), size, round(x, 4), round(y, 4))
+    return None
+
+
+def spatial_relations(a: ShapeObject, b: ShapeObject) -> list[str]:
+    """Relations that clearly hold for ``a`` relative to ``b``: 'left', 'right', 'above', 'below'.
+
+    An axis relation is stated only when the centre offset on that axis is at least
+    :data:`REL_MARGIN` and at least half the offset on the other axis.
+    """
+    dx, dy = b.x - a.x, b.y - a.y
+    out = []
+    if abs(dx) >= max(REL_MARGIN, 0.5 * abs(dy)):
+        out.append("left" if dx > 0 else "right")
+    if abs(dy) >= max(REL_MARGIN, 0.5 * abs(dx)):
+        out.append("above" if dy > 0 else "below")
+    return out
+
+
+def region(obj: ShapeObject) -> str | None:
+    """Region phrase ('in the top left', 'at the bottom', 'in the middle', ...) or None near a border."""
+    def band(v: float, names: tuple[str, str, str]) -> str | None:
+        lo, hi, d = 1 / 3, 2 / 3, _REGION_DEAD_ZONE
+        if v < lo - d:
+            return names[0]
+        if lo + d < v < hi - d:
+            return names[1]
+        return names[2] if v > hi + d else None
+
+    h, v = band(obj.x, ("left", "center", "right")), band(obj.y, ("top", "middle", "bottom"))
+    if h is None or v is None:
+        return None
+    if v == "middle":
+        return "in the middle" if h == "center" else f"on the {h}"
+    return f"at the {v}" if h == "center" else f"in the {v} {h}"
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _shape_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Polygon vertices of a shape in pixels; None for a circle (drawn as an ellipse)."""
+    def ring(n: int, radius: float, start: float) -> list[tuple[float, float]]:
+        return [(cx + radius * math.cos(start + 2 * math.pi * k / n),
+                 cy + radius * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
+
+    if kind == "circle":
+        return None
+    if kind == "square":
+        s = 0.85 * r
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if kind == "triangle":
+        return [(px, py + 0.15 * r) for px, py in ring(3, 1.1 * r, -math.pi / 2)]
+    if kind == "star":
+        outer, inner = ring(5, 1.1 * r, -math.pi / 2), ring(5, 0.45 * r, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner) for p in pair]
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    if kind == "cross":
+        w = 0.32 * r
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    raise ConfigError(f"shape kind {kind!r} is unknown (allowed: {', '.join(KINDS)})")
+
+
+def _check_scene(scene: Scene, image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not (
+            MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
+        raise ConfigError(f"image_size={image_size!r} is not allowed (need an integer in "
+                          f"[{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}])")
+    for i, o in enumerate(scene.objects):
+        if o.kind not in KINDS or o.colour not in COLOURS or o.size not in SIZES:
+            raise ConfigError(f"scene object {i} has kind={o.kind!r} colour={o.colour!r} size={o.size!r} "
+                              f"(allowed kinds {list(KINDS)}, colours {list(COLOURS)}, sizes {list(SIZES)})")
+        if not (0.0 <= o.x <= 1.0 and 0.0 <= o.y <= 1.0):
+            raise ConfigError(f"scene object {i} has centre ({o.x}, {o.y}) (need x and y in [0, 1])")
+
+
+def render_with_mask(scene: Scene, image_size: int = 64) -> tuple[Image.Image, np.ndarray]:
+    """Render ``scene`` and return ``(RGB image, mask)``.
+
+    ``mask`` is a ``uint8`` array of shape ``(image_size, image_size)``: 0 is background and
+    ``i + 1`` is ``scene.objects[i]``. The image is drawn supersampled and downscaled for smooth
+    edges; the mask is downscaled from the same drawing with nearest-neighbour sampling.
+    """
+    _check_scene(scene, image_size)
+    scale = max(1, min(4, 1024 // image_size))
+    side = image_size * scale
+    img = Image.new("RGB", (side, side), tuple(scene.background))
+    mask = Image.new("L", (side, side), 0)
+    draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    for i, obj in enumerate(scene.objects):
+        cx, cy, r = obj.x * side, obj.y * side, RADIUS[obj.size] * side
+        pts = _shape_points(obj.kind, cx, cy, r)
+        for d, fill in ((draw, COLOURS[obj.colour]), (mdraw, i + 1)):
+            if pts is None:
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            else:
+                d.polygon(pts, fill=fill)
+    if scale > 1:
+        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+        mask = mask.resize((image_size, image_size), Image.Resampling.NEAREST)
+    return img, np.asarray(mask, dtype=np.uint8).copy()
+
+
+def render(scene: Scene, image_size: int = 64) -> Image.Image:
+    """Render ``scene`` as an ``image_size`` x ``image_size`` RGB image."""
+    return render_with_mask(scene, image_size)[0]
+
+
+# ----------------------------------------------------------------------------- captions
+
+_FAMILY_WEIGHT = {"plain": 1.0, "single": 1.0, "there": 1.0, "that_is": 1.0, "region": 1.0,
+                  "relation": 3.0, "relation_the": 1.0, "relation_with": 1.0, "list": 1.5,
+                  "count": 1.0, "plural": 1.5, "between": 1.5}
+_REL_PHRASE = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+_REL_IT = {"left": "to its left", "right": "to its right", "above": "above it", "below": "below it"}
+
+
+def _words(o: ShapeObject, detail: str) -> str:
+    return f"{o.size} {o.colour} {o.kind}" if detail == "full" else f"{o.colour} {o.kind}"
+
+
+def _np(o: ShapeObject, detail: str = "full") -> str:
+    """Noun phrase with an indefinite article, e.g. 'an orange star'."""
+    w = _words(o, detail)
+    return ("an " if w[0] in "aeiou" else "a ") + w
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else " ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def caption_pool(scene: Scene) -> dict[str, list[str]]:
+    """All captions true for ``scene``, grouped by template family (deterministic order)."""
+    objs, k = scene.objects, len(scene.objects)
+    fam: dict[str, dict[str, None]] = {}
+
+    def add(name: str, text: str) -> None:
+        fam.setdefault(name, {})[text] = None
+
+    if k == 1:
+        o = objs[0]
+        add("plain", _np(o)), add("plain", _np(o, "colour"))
+        add("single", f"a single {_words(o, 'full')}"), add("single", f"just one {_words(o, 'colour')}")
+        add("there", f"there is {_np(o)}"), add("there", f"a picture of {_np(o)}")
+        add("there", f"an image of {_np(o, 'colour')}")
+        add("that_is", f"a {o.kind} that is {o.colour}"), add("that_is", f"a {o.size} {o.kind} that is {o.colour}")
+        add("that_is", f"{_np(o, 'colour')} that is {o.size}")
+    for o in objs:
+        where = region(o)
+        if where:
+            add("region", f"{_np(o)} {where}"), add("region", f"{_np(o, 'colour')} {where}")
+            if k == 1:
+                add("region", f"there is {_np(o, 'colour')} {where}")
+    colour_kind = [(o.colour, o.kind) for o in objs]
+    for a in objs:
+        for b in objs:
+            if a is b:
+                continue
+            for rel in spatial_relations(a, b):
+                for da in ("full", "colour"):
+                    for db in ("full", "colour"):
+                        add("relation", f"{_np(a, da)} {_REL_PHRASE[rel]} {_np(b, db)}")
+                if colour_kind.count((a.colour, a.kind)) == 1 and colour_kind.count((b.colour, b.kind)) == 1:
+                    add("relation_the", f"the {_words(a, 'colour')} is {_REL_PHRASE[rel]} the {_words(b, 'colour')}")
+            for rel in spatial_relations(b, a):
+                add("relation_with", f"{_np(a)} with {_np(b)} {_REL_IT[rel]}")
+    if k >= 2:
+        for perm in _permutations(objs):
+            for d in ("full", "colour"):
+                listed = _join([_np(o, d) for o in perm])
+                add("list", listed)
+                add("count", f"{_NUMBERS[k]} shapes {listed}"), add("count", f"{_NUMBERS[k]} objects {listed}")
+            if k == 2:
+                add("list", f"{_np(perm[0])} next to {_np(perm[1])}")
+            if k == 3:
+                add("count", f"three shapes including {_np(perm[0])} and {_np(perm[1])}")
+        _plural_captions(objs, lambda text: add("plural", text))
+    if k == 3:
+        for a in objs:
+            b, c = [o for o in objs if o is not a]
+            for axis in ("x", "y"):
+                lo, mid, hi = sorted((getattr(b, axis), getattr(a, axis), getattr(c, axis)))
+                if mid == getattr(a, axis) and mid - lo >= REL_MARGIN and hi - mid >= REL_MARGIN:
+                    add("between", f"{_np(a)} between {_np(b)} and {_np(c)}")
+                    add("between", f"{_np(a)} between {_np(c)} and {_np(b)}")
+    return {name: list(texts) for name, texts in fam.items()}
+
+
+def _permutations(objs: list[ShapeObject]) -> list[list[ShapeObject]]:
+    if len(objs) <= 1:
+        return [list(objs)]
+    return [[o] + rest for i, o in enumerate(objs) for rest in _permutations(objs[:i] + objs[i + 1:])]
+
+
+def _plural_captions(objs: list[ShapeObject], add) -> None:
+    """Captions such as 'two red circles', 'two circles one red and one blue', 'two blue shapes'."""
+    groups = [(lambda o: (o.kind,), lambda o: PLURALS[o.kind]),
+              (lambda o: (o.colour, o.kind), lambda o: f"{o.colour} {PLURALS[o.kind]}"),
+              (lambda o: (o.size, o.kind), lambda o: f"{o.size} {PLURALS[o.kind]}"),
+              (lambda o: (o.colour,), lambda o: f"{o.colour} shapes")]
+    for key, noun in groups:
+        for first in objs:
+            members = [o for o in objs if key(o) == key(first)]
+            if len(members) < 2 or members[0] is not first:
+                continue
+            phrase = f"{_NUMBERS[len(members)]} {noun(first)}"
+            others = [o for o in objs if key(o) != key(first)]
+            if len(members) == 2 and not others and key(first) == (first.kind,):
+                a, b = members
+                if a.colour != b.colour:
+                    add(f"{phrase} one {a.colour} and one {b.colour}")
+                if a.size != b.size:
+                    add(f"{phrase} one {a.size} and one {b.size}")
+                if a.colour != b.colour or a.size != b.size:
+                    continue  # the bare 'two circles' says too little here
+            add(phrase if not others else f"{phrase} and {_join([_np(o) for o in others])}")
+
+
+def captions(scene: Scene, rng: random.Random, n: int) -> list[str]:
+    """Pick ``n`` captions for ``scene``, distinct where the pool allows, spread over families.
+
+    Families are visited in a weighted random order (relations weigh most) and one caption is
+    drawn from each in turn; only if every caption is used are repeats drawn.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"captions: n={n!r} is not allowed (need an integer >= 0)")
+    pool = caption_pool(scene)
+    names = list(pool)
+    order = sorted(names, key=lambda f: -(rng.random() ** (1.0 / _FAMILY_WEIGHT[f])))
+    used: list[str] = []
+    left = {f: list(pool[f]) for f in names}
+    while len(used) < n and any(left.values()):
+        for f in order:
+            cand = [c for c in left[f] if c not in used]
+            left[f] = cand
+            if cand and len(used) < n:
+                pick = rng.choice(cand)
+                used.append(pick)
+                cand.remove(pick)
+    distinct = list(used)
+    while len(used) < n:
+        used.append(rng.choice(distinct))
+    return used
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to a temp file next to ``path`` then ``os.replace`` it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON atomically (a killed run never leaves half a file)."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"), fsync=True)
+
+
+def atomic_save_png(img: Image.Image, path: Path) -> None:
+    """Save ``img`` as PNG atomically."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"write_retrieval: {name}={value!r} is not allowed (need an integer >= 1)")
+    return value
+
+
+def _scene_rng(seed: int, split: str, i: int) -> random.Random:
+    return random.Random(f"upop-shapes:{seed}:{split}:{i}")
+
+
+def write_retrieval(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, image_size: int = 64,
+                    seed: int = 0, captions_per_image: int = 5, train_captions_per_image: int = 2) -> dict:
+    """Write a Shapes retrieval dataset in the BLIP/UPop Karpathy layout under ``out_dir``.
+
+    Files: ``images/{split}_{i:05d}.png``; ``train.json`` (one ``{"image", "caption",
+    "image_id"}`` entry per caption); ``val.json`` / ``test.json`` (one ``{"image", "caption":
+    [...]}`` entry per image); ``shapes.json`` (the settings, written last). Every file is
+    written atomically. If ``shapes.json`` holds the same settings and every file exists, nothing
+    is rewritten. Returns ``{"out_dir", "reused", "settings", "splits": {split: {"images",
+    "captions", "annotation"}}}``.
+    """
+    counts = {"train": _check_count("train", train), "val": _check_count("val", val),
+              "test": _check_count("test", test)}
+    _check_count("captions_per_image", captions_per_image)
+    _check_count("train_captions_per_image", train_captions_per_image)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not (
+            MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
+        raise ConfigError(f"write_retrieval: image_size={image_size!r} is not allowed (need an integer "
+                          f"in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}])")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"write_retrieval: seed={seed!r} is not allowed (need an integer)")
+    settings = {"format": "upop-shapes-retrieval", "version": VERSION, "seed": seed, "image_size": image_size,
+                **counts, "captions_per_image": captions_per_image,
+                "train_captions_per_image": train_captions_per_image}
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"write_retrieval: out_dir {out} exists and is not a directory")
+    meta = out / "shapes.json"
+    per_split = {s: train_captions_per_image if s == "train" else captions_per_image for s in counts}
+    summary = {"out_dir": str(out), "reused": False, "settings": settings,
+               "splits": {s: {"images": c, "captions": c * per_split[s], "annotation": str(out / f"{s}.json")}
+                          for s, c in counts.items()}}
+    if _complete(out, settings, counts):
+        return {**summary, "reused": True}
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)  # an interrupted rewrite must never look complete
+    for split, count in counts.items():
+        entries: list[dict] = []
+        for i in range(count):
+            rng = _scene_rng(seed, split, i)
+            scene = make_scene(rng)
+            caps = captions(scene, rng, per_split[split])
+            rel = f"images/{split}_{i:05d}.png"
+            atomic_save_png(render(scene, image_size), out / rel)
+            if split == "train":
+                entries.extend({"image": rel, "caption": c, "image_id": f"shapes_{split}_{i:05d}"} for c in caps)
+            else:
+                entries.append({"image": rel, "caption": caps})
+        atomic_write_json(out / f"{split}.json", entries)
+    _remove_stale_images(out / "images", counts)
+    atomic_write_json(meta, settings)
+    return summary
+
+
+def _complete(out: Path, settings: dict, counts: dict[str, int]) -> bool:
+    """True if ``out`` holds a finished dataset written with exactly ``settings``."""
+    try:
+        old = json.loads((out / "shapes.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if old != settings:
+        return False
+    for split, count in counts.items():
+        if not (out / f"{split}.json").is_file():
+            return False
+        if not all((out / "images" / f"{split}_{i:05d}.png").is_file() for i in range(count)):
+            return False
+    return True
+
+
+def _remove_stale_images(images_dir: Path, counts: dict[str, int]) -> None:
+    """Delete generator images left by an earlier, larger run (``{split}_{i}.png`` with i >= count)."""
+    pattern = re.compile(r"^(train|val|test)_(\d{5,})\.png$")
+    for p in images_dir.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(2)) >= counts[m.group(1)]:
+            p.unlink()

@@ -1,0 +1,116 @@
+"""Small registered models per family, built from configs (no hub access needed).
+
+``make_model("clip", size="tiny")`` returns a randomly initialised model of the family: the
+tests use the tiny ones, ``upop make-model`` writes them to a folder with the Shapes tokenizer.
+Each entry is a (class, config) pair in one table, like timm's tiny test models.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import ConfigError
+
+# Per-size widths: (hidden, layers, heads, intermediate).
+_SIZES = {
+    "tiny": (32, 2, 4, 64),
+    "small": (64, 4, 4, 192),
+    "base": (768, 12, 12, 3072),
+}
+
+
+def _clip(size: str, vocab: int, image_size: int) -> nn.Module:
+    h, n, heads, inter = _SIZES[size]
+    patch = 8 if image_size <= 96 else 16
+    cfg = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+            intermediate_size=inter, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
+            image_size=image_size, patch_size=patch,
+        ),
+        projection_dim=h,
+    )
+    return transformers.CLIPModel(cfg)
+
+
+def _blip_config(size: str, vocab: int, image_size: int):
+    h, n, heads, inter = _SIZES[size]
+    patch = 8 if image_size <= 96 else 16
+    return transformers.BlipConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=h, encoder_hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+            intermediate_size=inter, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+            sep_token_id=5,
+        ),
+        vision_config=dict(
+            hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
+            image_size=image_size, patch_size=patch,
+        ),
+        projection_dim=h,
+        image_text_hidden_size=h,
+    )
+
+
+def _vit_config(cls, size: str, image_size: int, num_labels: int):
+    h, n, heads, inter = _SIZES[size]
+    return cls(
+        hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
+        image_size=image_size, patch_size=8 if image_size <= 96 else 16, num_labels=num_labels, qkv_bias=True,
+    )
+
+
+def _bert(size: str, vocab: int, num_labels: int) -> nn.Module:
+    h, n, heads, inter = _SIZES[size]
+    cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=32, num_labels=num_labels,
+    )
+    return transformers.BertForSequenceClassification(cfg)
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "clip": lambda size, vocab, image_size, num_labels: _clip(size, vocab, image_size),
+    "blip-retrieval": lambda size, vocab, image_size, num_labels: transformers.BlipForImageTextRetrieval(
+        _blip_config(size, vocab, image_size)
+    ),
+    "blip-vqa": lambda size, vocab, image_size, num_labels: transformers.BlipForQuestionAnswering(
+        _blip_config(size, vocab, image_size)
+    ),
+    "blip-caption": lambda size, vocab, image_size, num_labels: transformers.BlipForConditionalGeneration(
+        _blip_config(size, vocab, image_size)
+    ),
+    "vit": lambda size, vocab, image_size, num_labels: transformers.ViTForImageClassification(
+        _vit_config(transformers.ViTConfig, size, image_size, num_labels)
+    ),
+    "deit": lambda size, vocab, image_size, num_labels: transformers.DeiTForImageClassificationWithTeacher(
+        _vit_config(transformers.DeiTConfig, size, image_size, num_labels)
+    ),
+    "bert": lambda size, vocab, image_size, num_labels: _bert(size, vocab, num_labels),
+}
+
+FAMILIES = tuple(_FACTORIES)
+
+
+def make_model(
+    family: str, size: str = "tiny", vocab_size: int = 128, image_size: int = 32, num_labels: int = 10, seed: int = 0
+) -> nn.Module:
+    """A randomly initialised model of ``family`` (one of :data:`FAMILIES`) at ``size``."""
+    if family not in _FACTORIES:
+        raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    if size not in _SIZES:
+        raise ConfigError(f"unknown size {size!r}; choose one of: {', '.join(_SIZES)}")
+    torch.manual_seed(seed)
+    model = _FACTORIES[family](size, vocab_size, image_size, num_labels)
+    return model.eval()
+
+
+def project_class(name: str):
+    """Model classes defined in this project (task models), by name."""
+    raise KeyError(name)

@@ -1,0 +1,210 @@
+"""The UPop search (METHOD §2): accumulate mask gradients, score, select, project.
+
+Usage inside any training loop::
+
+    search = UPopSearch(masks, ratio=0.5, total_steps=T, interval=50)
+    for t in range(T):
+        loss = task_loss(model, batch) + search.sparsity_loss()
+        loss.backward()
+        search.step(t)            # accumulate dL/dzeta; every `interval` steps re-select
+        optimizer.step(); optimizer.zero_grad()
+    plan = upop.prune(model, masks)
+
+The state (accumulated scores, step, masks, history) round-trips through ``state_dict()`` /
+``load_state_dict()``, so a killed run resumes to the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .masks import Masks
+
+METHODS = ("upop", "one-shot")
+COSTS = ("params", "flops")
+
+
+def ratio_at(ratio: float, step: int, total_steps: int) -> float:
+    """``p_t = p * sqrt((1 - cos(pi (t+1) / T)) / 2)``: from ~0 up to exactly ``p`` at ``t = T-1``."""
+    if step >= total_steps - 1:
+        return ratio
+    return ratio * math.sqrt((1.0 - math.cos(math.pi * (step + 1) / total_steps)) / 2.0)
+
+
+@dataclass
+class SearchUpdate:
+    """What one update chose: the step, the current ratio and the prune set's cost share."""
+
+    step: int
+    ratio: float
+    removed: float
+    selected: int
+
+
+class UPopSearch:
+    """Unified, progressive search over every group of ``masks``.
+
+    Args:
+        masks: the masks from :func:`upop.attach_masks`.
+        ratio: ``p``, the share of the prunable cost to remove, in (0, 1).
+        total_steps: ``T``, the number of search steps.
+        interval: re-select every ``interval`` steps (and at the last step).
+        cost: ``"params"`` (exact parameter counts, default) or ``"flops"``.
+        method: ``"upop"`` (progressive projection) or ``"one-shot"`` (masks stay 1 during the
+            search and the final prune set is cut to 0 at the last step).
+        w_attn, w_mlp: weights of the L1 sparsity terms on attention and MLP masks.
+    """
+
+    def __init__(
+        self,
+        masks: Masks,
+        ratio: float,
+        total_steps: int,
+        interval: int,
+        cost: str = "params",
+        method: str = "upop",
+        w_attn: float = 6.4e-3,
+        w_mlp: float = 2e-4,
+    ):
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"ratio must be in (0, 1), got {ratio}")
+        if total_steps < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
+        if interval < 1:
+            raise ConfigError(f"interval must be >= 1, got {interval}")
+        if cost not in COSTS:
+            raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.masks = masks
+        self.ratio, self.total_steps, self.interval = ratio, total_steps, interval
+        self.cost, self.method = cost, method
+        self.w_attn, self.w_mlp = w_attn, w_mlp
+        self.step_count = 0
+        self.history: list[SearchUpdate] = []
+        groups = masks.groups
+        self._unit_cost = torch.cat(
+            [torch.full((g.num_units,), float(g.cost(cost)), dtype=torch.float64) for g in groups]
+        )
+        self._is_attn = torch.cat(
+            [torch.full((g.num_units,), g.kind == "attention", dtype=torch.bool) for g in groups]
+        )
+        sizes = [g.num_units for g in groups]
+        self._group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
+        self.total_cost = float(self._unit_cost.sum())
+
+    # the loss term ---------------------------------------------------------------------------
+    def sparsity_loss(self) -> torch.Tensor:
+        """``w_attn * sum|zeta_attn| + w_mlp * sum|zeta_mlp|`` (kept for parity; see METHOD §2)."""
+        terms = [
+            (self.w_attn if g.kind == "attention" else self.w_mlp) * self.masks[g.name].abs().sum()
+            for g in self.masks.groups
+        ]
+        return torch.stack(terms).sum()
+
+    # per step --------------------------------------------------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        return (step + 1) % self.interval == 0 or step == self.total_steps - 1
+
+    def step(self, step: int | None = None) -> SearchUpdate | None:
+        """Call after ``loss.backward()``: accumulate mask gradients; update masks when due.
+
+        Raises ``FloatingPointError`` if a mask gradient is not finite (nothing is accumulated).
+        """
+        step = self.step_count if step is None else step
+        if not self.masks.accumulate_grads():
+            raise FloatingPointError(f"non-finite mask gradient at search step {step}")
+        self.step_count = step + 1
+        if self.is_update_step(step):
+            return self.update(step)
+        return None
+
+    def scores(self) -> torch.Tensor:
+        """Accumulated gradients standardised per structure type (attention, MLP), all modalities."""
+        s = torch.cat([self.masks.grad_sum[g.name].cpu() for g in self.masks.groups])
+        out = torch.empty_like(s)
+        for kind_mask in (self._is_attn, ~self._is_attn):
+            part = s[kind_mask]
+            if part.numel() == 0:
+                continue
+            std = part.std(unbiased=False) if part.numel() > 1 else torch.tensor(0.0, dtype=s.dtype)
+            out[kind_mask] = (part - part.mean()) / (std if std > 0 else 1.0)
+        return out
+
+    def select(self, ratio: float) -> torch.Tensor:
+        """Boolean vector over all units: the prune set for ``ratio`` (largest scores first).
+
+        Each group's lowest-scored unit is never a candidate, so every group keeps one unit.
+        Units are taken while the running cost is below ``ratio * total_cost``.
+        """
+        score = self.scores()
+        n = score.numel()
+        candidate = torch.ones(n, dtype=torch.bool)
+        offset = 0
+        for g in self.masks.groups:
+            candidate[offset + int(torch.argmin(score[offset : offset + g.num_units]))] = False
+            offset += g.num_units
+        idx = torch.nonzero(candidate).flatten()
+        order = idx[torch.sort(score[idx], descending=True, stable=True).indices]
+        cum_before = torch.cumsum(self._unit_cost[order], 0) - self._unit_cost[order]
+        take = order[cum_before < ratio * self.total_cost - 1e-9]
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[take] = True
+        return chosen
+
+    @torch.no_grad()
+    def update(self, step: int) -> SearchUpdate:
+        """Score, select the prune set for ``p_t`` and project the masks (METHOD §2, 1-4)."""
+        p_t = ratio_at(self.ratio, step, self.total_steps)
+        last = step >= self.total_steps - 1
+        chosen = self.select(p_t)
+        if self.method == "upop":
+            value = 0.0 if last else 1.0 - p_t / self.ratio
+            flat = torch.where(chosen, torch.tensor(value, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        else:  # one-shot: masks stay 1 until the end, then the prune set is cut at once
+            flat = torch.where(chosen & last, torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        offset = 0
+        for g in self.masks.groups:
+            self.masks[g.name].copy_(flat[offset : offset + g.num_units].to(self.masks[g.name].dtype))
+            offset += g.num_units
+        removed = float(self._unit_cost[chosen].sum()) / self.total_cost
+        update = SearchUpdate(step=step, ratio=p_t, removed=removed, selected=int(chosen.sum()))
+        self.history.append(update)
+        return update
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.total_steps
+
+    # resume ----------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "total_steps": self.total_steps,
+            "interval": self.interval,
+            "cost": self.cost,
+            "method": self.method,
+            "w_attn": self.w_attn,
+            "w_mlp": self.w_mlp,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "settings": self.settings(),
+            "step_count": self.step_count,
+            "history": [vars(u).copy() for u in self.history],
+            "masks": self.masks.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["settings"] != self.settings():
+            raise ConfigError(
+                f"search state was saved with settings {state['settings']}, this run has {self.settings()}"
+            )
+        self.step_count = int(state["step_count"])
+        self.history = [SearchUpdate(**u) for u in state["history"]]
+        self.masks.load_state_dict(state["masks"])

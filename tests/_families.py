@@ -1,0 +1,117 @@
+"""The table the engine tests run over: one tiny model per supported family, its inputs and the
+outputs compared between the masked and the pruned model."""
+
+from __future__ import annotations
+
+import torch
+
+import upop.models as M
+
+
+def _ids(batch=2, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(9, 100, (batch, length), generator=g)
+
+
+def _pixels(batch=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(batch, 3, size, size, generator=g)
+
+
+def _clip(model):
+    out = model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), pixel_values=_pixels())
+    return [out.logits_per_image, out.text_embeds, out.image_embeds]
+
+
+def _blip_retrieval(model):
+    ids, px = _ids(), _pixels()
+    itm = model(input_ids=ids, pixel_values=px, use_itm_head=True).itm_score
+    itc = model(input_ids=ids, pixel_values=px, use_itm_head=False).itm_score
+    return [itm, itc]
+
+
+def _blip_vqa(model):
+    ids, px = _ids(), _pixels()
+    image = model.vision_model(pixel_values=px).last_hidden_state
+    question = model.text_encoder(input_ids=ids, encoder_hidden_states=image).last_hidden_state
+    logits = model.text_decoder(input_ids=ids, encoder_hidden_states=question).logits
+    return [image, question, logits]
+
+
+def _blip_caption(model):
+    out = model(input_ids=_ids(), pixel_values=_pixels())
+    return [out.logits, out.image_embeds]
+
+
+def _vision_classifier(model):
+    out = model(pixel_values=_pixels())
+    return [out.logits]
+
+
+def _bert(model):
+    return [model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long)).logits]
+
+
+# family -> (builder, forward returning a list of float tensors, expected groups per (kind, modality))
+FAMILIES = {
+    "clip": (lambda: M.make_model("clip"), _clip, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
+    "clip-vision": (
+        lambda: _sub("clip", "CLIPVisionModelWithProjection", "vision_config"),
+        lambda m: [m(pixel_values=_pixels()).image_embeds],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
+    ),
+    "clip-text": (
+        lambda: _sub("clip", "CLIPTextModel", "text_config"),
+        lambda m: [m(input_ids=_ids()).pooler_output],
+        {("attention", "text"): 2, ("mlp", "text"): 2},
+    ),
+    "blip-retrieval": (
+        lambda: M.make_model("blip-retrieval"),
+        _blip_retrieval,
+        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 2, ("mlp", "text"): 2},
+    ),
+    "blip-vqa": (
+        lambda: M.make_model("blip-vqa"),
+        _blip_vqa,
+        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 2,
+         ("mlp", "text"): 2, ("attention", "decoder"): 4, ("mlp", "decoder"): 2},
+    ),
+    "blip-caption": (
+        lambda: M.make_model("blip-caption"),
+        _blip_caption,
+        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "decoder"): 4, ("mlp", "decoder"): 2},
+    ),
+    "vit": (lambda: M.make_model("vit"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
+    "vit-model": (
+        lambda: _sub("vit", "ViTModel", None),
+        lambda m: [m(pixel_values=_pixels()).last_hidden_state],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
+    ),
+    "deit-teacher": (lambda: M.make_model("deit"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
+    "deit": (
+        lambda: _sub("deit", "DeiTForImageClassification", None),
+        _vision_classifier,
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
+    ),
+    "bert": (lambda: M.make_model("bert"), _bert, {("attention", "text"): 2, ("mlp", "text"): 2}),
+}
+
+
+def _sub(family: str, cls_name: str, sub_config: str | None):
+    import transformers
+
+    base = M.make_model(family)
+    cfg = getattr(base.config, sub_config) if sub_config else base.config
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def prunable_params(model, groups) -> int:
+    """Independent count: every weight/bias a unit owns (out-proj / fc2 biases excluded)."""
+    total = 0
+    for g in groups:
+        for name in g.producers:
+            lin = model.get_submodule(name)
+            total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+        total += model.get_submodule(g.consumer).weight.numel()
+    return total
