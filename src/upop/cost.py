@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .groups import Group
 
@@ -36,6 +36,21 @@ def _call(model: nn.Module, inputs: Any, forward: Callable | None):
     return model(inputs)
 
 
+def _cpu_attention_formulas() -> dict:
+    """The CPU fused attention kernel is missing from torch's flop table: count it like the
+    other fused SDPA kernels (the two matrix products of attention)."""
+    ops = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops[op] = _sdpa_flops
+    return ops
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, inputs: Any, forward: Callable | None = None) -> int:
     """FLOPs of one forward on ``inputs`` (dict of tensors, or what ``forward(model, inputs)`` takes).
@@ -44,7 +59,7 @@ def count_flops(model: nn.Module, inputs: Any, forward: Callable | None = None) 
     """
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
     with counter:
         _call(model, inputs, forward)
     model.train(was_training)
