@@ -46,29 +46,26 @@ def split_file_names(split: str) -> list[str]:
 
 def _find_annotation(data_dir: Path, split: str) -> tuple[Path, str]:
     """Return ``(path, "split" | "karpathy")`` for the first annotation file found."""
-    looked: list[str] = []
-    for sub in ANNOTATION_DIRS:
-        folder = data_dir / sub if sub else data_dir
+    folders = [data_dir / sub if sub else data_dir for sub in ANNOTATION_DIRS]
+    for folder in folders:
         for name in split_file_names(split):
-            looked.append(str(Path(sub) / name) if sub else name)
             if (folder / name).is_file():
                 return folder / name, "split"
-    for sub in ANNOTATION_DIRS:
-        folder = data_dir / sub if sub else data_dir
+    for folder in folders:
         found = sorted(p for p in folder.glob("dataset_*.json") if p.is_file()) if folder.is_dir() else []
         if len(found) > 1:
             raise DataError(f"data_dir {data_dir}: several Karpathy files {[p.name for p in found]} and no split "
                             f"file for split {split!r} (keep one dataset_*.json or add {split}.json)")
         if found:
             return found[0], "karpathy"
-    looked.append("dataset_*.json")
-    raise DataError(f"data_dir {data_dir}: no annotation file for split {split!r} (looked for "
-                    f"{', '.join(looked)})")
+    names = ", ".join(split_file_names(split) + ["dataset_*.json"])
+    raise DataError(f"data_dir {data_dir}: no annotation file for split {split!r} (looked for {names} in the "
+                    f"folder and in its {' and '.join(d + '/' for d in ANNOTATION_DIRS if d)} subfolders)")
 
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"annotation file {path}: not UTF-8 text ({_one_line(exc)})") from exc
     except OSError as exc:
@@ -247,8 +244,9 @@ def _parts(processor_or_parts) -> tuple[Any, Any]:
         ip = getattr(processor_or_parts, "image_processor", None)
         tok = getattr(processor_or_parts, "tokenizer", None)
     if not callable(ip) or not callable(tok):
+        got = type(processor_or_parts).__name__
         raise ConfigError("RetrievalCollator: need a processor with .image_processor and .tokenizer, an "
-                          f"(image_processor, tokenizer) pair or a dict of both, got {type(processor_or_parts).__name__}")
+                          f"(image_processor, tokenizer) pair or a dict of both, got {got}")
     return ip, tok
 
 
@@ -314,7 +312,8 @@ def make_clip_processor(image_size: int, tokenizer):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 4096:
-        raise ConfigError(f"make_clip_processor: image_size={image_size!r} is not allowed (need an integer in [8, 4096])")
+        raise ConfigError(f"make_clip_processor: image_size={image_size!r} is not allowed "
+                          "(need an integer in [8, 4096])")
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -12,13 +12,14 @@ Everything is deterministic for a seed: each image ``i`` of a split draws from i
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
 import random
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,9 @@ from ..errors import ConfigError
 VERSION = 1
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
 PLURALS: dict[str, str] = {k: (k + "es" if k.endswith("s") else k + "s") for k in KINDS}
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (35, 155, 55),
-    "blue": (35, 75, 215),
-    "yellow": (225, 190, 15),
-    "purple": (135, 55, 175),
-    "orange": (240, 125, 20),
-}
+COLOURS: dict[str, tuple[int, int, int]] = {"red": (215, 35, 35), "green": (35, 155, 55), "blue": (35, 75, 215),
+                                            "yellow": (225, 190, 15), "purple": (135, 55, 175),
+                                            "orange": (240, 125, 20)}
 SIZES: tuple[str, ...] = ("small", "large")
 RADIUS: dict[str, float] = {"small": 0.085, "large": 0.16}
 """Object radius as a fraction of the image side, per size."""
@@ -81,13 +77,9 @@ def make_scene(rng: random.Random) -> Scene:
     n = rng.choices((1, 2, 3), weights=(0.2, 0.45, 0.35))[0]
     grey = rng.randint(205, 248)
     background = tuple(min(255, max(0, grey + rng.randint(-4, 4))) for _ in range(3))
-    while True:
+    while True:  # restart the layout if an object finds no free spot
         objects: list[ShapeObject] = []
-        for _ in range(n):
-            size = rng.choice(SIZES)
-            obj = _place(rng, size, objects)
-            if obj is None:
-                break
+        while len(objects) < n and (obj := _place(rng, rng.choice(SIZES), objects)) is not None:
             objects.append(obj)
         if len(objects) == n:
             return Scene(objects=objects, background=background)  # type: ignore[arg-type]
@@ -165,11 +157,16 @@ def _shape_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[float
     raise ConfigError(f"shape kind {kind!r} is unknown (allowed: {', '.join(KINDS)})")
 
 
+def _check_int(where: str, name: str, value, lo: int, hi: int | None = None) -> int:
+    """Return ``value`` if it is an int in [lo, hi], else raise a one-line ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+        raise ConfigError(f"{where}: {name}={value!r} is not allowed (need {allowed})")
+    return value
+
+
 def _check_scene(scene: Scene, image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not (
-            MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
-        raise ConfigError(f"image_size={image_size!r} is not allowed (need an integer in "
-                          f"[{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}])")
+    _check_int("render", "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     for i, o in enumerate(scene.objects):
         if o.kind not in KINDS or o.colour not in COLOURS or o.size not in SIZES:
             raise ConfigError(f"scene object {i} has kind={o.kind!r} colour={o.colour!r} size={o.size!r} "
@@ -265,11 +262,12 @@ def caption_pool(scene: Scene) -> dict[str, list[str]]:
                     for db in ("full", "colour"):
                         add("relation", f"{_np(a, da)} {_REL_PHRASE[rel]} {_np(b, db)}")
                 if colour_kind.count((a.colour, a.kind)) == 1 and colour_kind.count((b.colour, b.kind)) == 1:
-                    add("relation_the", f"the {_words(a, 'colour')} is {_REL_PHRASE[rel]} the {_words(b, 'colour')}")
+                    the_a, the_b = _words(a, "colour"), _words(b, "colour")
+                    add("relation_the", f"the {the_a} is {_REL_PHRASE[rel]} the {the_b}")
             for rel in spatial_relations(b, a):
                 add("relation_with", f"{_np(a)} with {_np(b)} {_REL_IT[rel]}")
     if k >= 2:
-        for perm in _permutations(objs):
+        for perm in itertools.permutations(objs):
             for d in ("full", "colour"):
                 listed = _join([_np(o, d) for o in perm])
                 add("list", listed)
@@ -288,12 +286,6 @@ def caption_pool(scene: Scene) -> dict[str, list[str]]:
                     add("between", f"{_np(a)} between {_np(b)} and {_np(c)}")
                     add("between", f"{_np(a)} between {_np(c)} and {_np(b)}")
     return {name: list(texts) for name, texts in fam.items()}
-
-
-def _permutations(objs: list[ShapeObject]) -> list[list[ShapeObject]]:
-    if len(objs) <= 1:
-        return [list(objs)]
-    return [[o] + rest for i, o in enumerate(objs) for rest in _permutations(objs[:i] + objs[i + 1:])]
 
 
 def _plural_captions(objs: list[ShapeObject], add) -> None:
@@ -326,8 +318,7 @@ def captions(scene: Scene, rng: random.Random, n: int) -> list[str]:
     Families are visited in a weighted random order (relations weigh most) and one caption is
     drawn from each in turn; only if every caption is used are repeats drawn.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ConfigError(f"captions: n={n!r} is not allowed (need an integer >= 0)")
+    _check_int("captions", "n", n, 0)
     pool = caption_pool(scene)
     names = list(pool)
     order = sorted(names, key=lambda f: -(rng.random() ** (1.0 / _FAMILY_WEIGHT[f])))
@@ -377,12 +368,6 @@ def atomic_save_png(img: Image.Image, path: Path) -> None:
     _atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"write_retrieval: {name}={value!r} is not allowed (need an integer >= 1)")
-    return value
-
-
 def _scene_rng(seed: int, split: str, i: int) -> random.Random:
     return random.Random(f"upop-shapes:{seed}:{split}:{i}")
 
@@ -398,16 +383,13 @@ def write_retrieval(out_dir, *, train: int = 2000, val: int = 200, test: int = 2
     is rewritten. Returns ``{"out_dir", "reused", "settings", "splits": {split: {"images",
     "captions", "annotation"}}}``.
     """
-    counts = {"train": _check_count("train", train), "val": _check_count("val", val),
-              "test": _check_count("test", test)}
-    _check_count("captions_per_image", captions_per_image)
-    _check_count("train_captions_per_image", train_captions_per_image)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not (
-            MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
-        raise ConfigError(f"write_retrieval: image_size={image_size!r} is not allowed (need an integer "
-                          f"in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}])")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"write_retrieval: seed={seed!r} is not allowed (need an integer)")
+    w = "write_retrieval"
+    counts = {"train": _check_int(w, "train", train, 1), "val": _check_int(w, "val", val, 1),
+              "test": _check_int(w, "test", test, 1)}
+    _check_int(w, "captions_per_image", captions_per_image, 1)
+    _check_int(w, "train_captions_per_image", train_captions_per_image, 1)
+    _check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    _check_int(w, "seed", seed, -(2 ** 63))
     settings = {"format": "upop-shapes-retrieval", "version": VERSION, "seed": seed, "image_size": image_size,
                 **counts, "captions_per_image": captions_per_image,
                 "train_captions_per_image": train_captions_per_image}
@@ -449,12 +431,9 @@ def _complete(out: Path, settings: dict, counts: dict[str, int]) -> bool:
         return False
     if old != settings:
         return False
-    for split, count in counts.items():
-        if not (out / f"{split}.json").is_file():
-            return False
-        if not all((out / "images" / f"{split}_{i:05d}.png").is_file() for i in range(count)):
-            return False
-    return True
+    return all((out / f"{split}.json").is_file()
+               and all((out / "images" / f"{split}_{i:05d}.png").is_file() for i in range(count))
+               for split, count in counts.items())
 
 
 def _remove_stale_images(images_dir: Path, counts: dict[str, int]) -> None:

@@ -1,0 +1,115 @@
+"""Run settings: one dataclass, validated on construction, mirrored by the CLI options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .search import COSTS, METHODS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class UPopConfig:
+    """Settings of one UPop run (search -> prune -> retrain). Defaults suit the demo model; the
+    published settings per task are in docs/method.md (METHOD section 5)."""
+
+    ratio: float = _f(0.5, "share of the prunable cost to remove, in (0, 1); 0.5 = '2x', 0.75 = '4x'")
+    method: str = _f("upop", "upop (progressive) or one-shot (masks cut to 0 at once after the search)", choices=METHODS)
+    cost: str = _f("params", "budget the ratio is measured in: params (exact counts) or flops", choices=COSTS)
+    search_epochs: int = _f(2, "epochs of the search phase (weights train, masks are searched)")
+    retrain_epochs: int = _f(2, "epochs of retraining the compressed model (best on validation kept)")
+    batch_size: int = _f(32, "training batch size per process")
+    eval_batch_size: int = _f(64, "evaluation batch size")
+    lr: float = _f(1e-5, "learning rate of the search phase (constant)")
+    retrain_lr: float | None = _f(None, "peak learning rate of retraining (cosine schedule); default: --lr")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression")
+    w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
+    w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
+    seed: int = _f(0, "random seed (data order, caption choice, dropout)")
+    checkpoint_every: int = _f(200, "steps between resumable checkpoints")
+    precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
+    max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")
+    latency_batch_size: int = _f(1, "batch size of the latency / FLOPs measurement in the report")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, allowed):
+            raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; {allowed}")
+
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0 or math.isnan(self.ratio):
+            bad("ratio", "need a number in (0, 1), e.g. 0.5 for 2x")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, f"choose one of: {', '.join(choices)}")
+        for name, low in (("search_epochs", 1), ("retrain_epochs", 0), ("batch_size", 1), ("eval_batch_size", 1),
+                          ("checkpoint_every", 1), ("latency_batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                bad(name, f"need an integer >= {low}")
+        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1):
+            bad("interval", "need an integer >= 1 (or leave unset)")
+        for name in ("lr", "retrain_lr"):
+            value = getattr(self, name)
+            if value is None and name == "retrain_lr":
+                continue
+            if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0 or not math.isfinite(value):
+                bad(name, "need a positive number below 1")
+        for name in ("weight_decay", "w_attn", "w_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                bad(name, "need a finite number >= 0")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            bad("max_grad_norm", "need a positive number (or leave unset)")
+
+    def resolved_interval(self, total_steps: int) -> int:
+        """``interval``, or the steps per 1% of compression (METHOD §5 rule of thumb)."""
+        if self.interval is not None:
+            return self.interval
+        return max(1, round(total_steps / (100 * self.ratio)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "UPopConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "UPopConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        return cls.from_dict(data, source=str(path))
+
+
+def config_fields():
+    """(name, default, help, choices) of every setting, for the CLI."""
+    for f in fields(UPopConfig):
+        default = f.default if f.default is not MISSING else None
+        yield f.name, default, f.metadata.get("help", ""), f.metadata.get("choices")

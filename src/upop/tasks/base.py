@@ -1,0 +1,48 @@
+"""What a task provides to the engine: data, loss, evaluation and a representative input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TaskError
+
+
+class Task:
+    """Base class of a task. Subclasses fill the class attributes and the methods."""
+
+    name: str = ""
+    #: model class names (``type(model).__name__``) the task can train and evaluate
+    model_classes: tuple[str, ...] = ()
+    #: metric used to keep the best retrained checkpoint (higher is better)
+    main_metric: str = ""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`TaskError` if ``model`` cannot do this task."""
+        cls = type(model).__name__
+        if cls not in self.model_classes:
+            raise TaskError(
+                f"task {self.name!r} needs one of {', '.join(self.model_classes)}; the model is a {cls}"
+            )
+
+    def load_splits(self, data_dir, splits=("train", "val", "test")) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def collator(self, processor, seed: int = 0):
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, dataset, processor, batch_size: int = 64, accelerator=None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def example_inputs(self, model: nn.Module, processor, dataset, batch_size: int = 1) -> dict[str, torch.Tensor]:
+        """A representative input (real samples of ``dataset``) for FLOPs and latency."""
+        raise NotImplementedError
+
+    def text_tokens(self, processor, dataset) -> int | None:
+        """Text length per sample, for FLOPs costs of text units (None: model maximum)."""
+        return None
