@@ -2,6 +2,12 @@
 vision-language and vision transformers.
 
     import upop
+    model, processor = upop.load_model("path/to/clip")          # or any transformers model
+    result = upop.compress(model, "retrieval", "data/coco", processor=processor,
+                           config=upop.UPopConfig(ratio=0.5), out_dir="out")
+
+or, stage by stage:
+
     masks = upop.attach_masks(model)                 # one mask per attention / MLP group
     search = upop.UPopSearch(masks, ratio=0.5, total_steps=T, interval=50)
     ...                                              # train; search.step(t) after backward
@@ -10,8 +16,10 @@ vision-language and vision transformers.
     model = upop.load_compressed("out/compressed")   # same class as the dense model
 """
 
+from .api import CompressResult, compress, evaluate
 from .arch import ArchSpec, find_groups, get_spec, register_spec, supported_model_types
 from .checkpoint import load_compressed, read_plan, save_compressed
+from .config import UPopConfig
 from .cost import count_flops, count_params, measure_latency, prunable_cost
 from .errors import (
     CheckpointError,
@@ -23,6 +31,7 @@ from .errors import (
 )
 from .groups import Group
 from .masks import Masks, attach_masks
+from .models import load_any as load_model
 from .prune import PruningPlan, apply_plan, prune
 from .search import UPopSearch, ratio_at
 
@@ -30,6 +39,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchSpec",
+    "CompressResult",
+    "UPopConfig",
+    "compress",
+    "evaluate",
+    "load_model",
     "CheckpointError",
     "ConfigError",
     "DataError",

@@ -113,4 +113,80 @@ def make_model(
 
 def project_class(name: str):
     """Model classes defined in this project (task models), by name."""
-    raise KeyError(name)
+    from .errors import CheckpointError
+
+    raise CheckpointError(f"model class {name!r} is not available in this version of transformers or upop")
+
+
+# family -> processor kind used by make-model
+_PROCESSORS = {"clip": "clip"}
+
+
+def make_processor(family: str, image_size: int):
+    """The Shapes tokenizer and a PIL image processor for ``family``."""
+    from .data.retrieval import make_clip_processor
+    from .data.tokenizer import build_shapes_tokenizer
+
+    tokenizer = build_shapes_tokenizer()
+    if _PROCESSORS.get(family) == "clip":
+        return make_clip_processor(image_size, tokenizer)
+    return tokenizer
+
+
+def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0):
+    """Write a randomly initialised ``family`` model with the Shapes tokenizer/processor to ``out_dir``
+    (a folder that ``from_pretrained`` and ``upop compress --model`` read)."""
+    processor = make_processor(family, image_size)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    model = make_model(family, size=size, vocab_size=len(tokenizer), image_size=image_size, seed=seed)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return model, processor
+
+
+def _known_class(name: str):
+    from .checkpoint import model_class
+
+    return model_class(name)
+
+
+def load_any(path):
+    """Load a dense Hugging Face folder or a upop compressed folder, with its processor.
+
+    Returns ``(model, processor)``; the processor is None if the folder has none.
+    """
+    from pathlib import Path
+
+    from .checkpoint import PLAN_FILE, load_compressed
+    from .errors import CheckpointError
+
+    transformers.utils.logging.disable_progress_bar()
+    folder = Path(path)
+    if (folder / PLAN_FILE).is_file():
+        model = load_compressed(folder)
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+        archs = getattr(config, "architectures", None) or []
+        if not archs:
+            raise CheckpointError(f"{path}: config.json names no model class (architectures is empty)")
+        cls = _known_class(archs[0])
+        try:
+            model = cls.from_pretrained(str(path)).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    return model, load_processor_or_none(path)
+
+
+def load_processor_or_none(path):
+    """The processor saved in ``path`` (PIL image backend, no torchvision), or None."""
+    try:
+        return transformers.AutoProcessor.from_pretrained(str(path), backend="pil")
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

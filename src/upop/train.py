@@ -247,9 +247,9 @@ class Run:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             p_t = update.ratio if update else (search.history[-1].ratio if search.history else 0.0)
-            bar.set_postfix(loss=f"{float(task_loss):.4f}", p_t=f"{p_t:.3f}")
+            bar.set_postfix(loss=f"{task_loss.item():.4f}", p_t=f"{p_t:.3f}")
             bar.update(1)
-            record = {"phase": "search", "step": step, "loss": float(task_loss), "p_t": p_t}
+            record = {"phase": "search", "step": step, "loss": task_loss.item(), "p_t": p_t}
             if update:
                 record["removed"] = update.removed
             self._log(record)
@@ -305,9 +305,9 @@ class Run:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update(1)
-            self._log({"phase": "retrain", "step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0]})
+            self._log({"phase": "retrain", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
             done = step + 1
             if done % self.spe == 0 or done == self.retrain_steps:
                 metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor, cfg.eval_batch_size)
@@ -341,3 +341,50 @@ def load_best(out_dir: str | os.PathLike) -> nn.Module:
 
 
 __all__ = ["Run", "TrainingError", "batch_indices", "check_output_dir", "load_best", "steps_per_epoch"]
+
+
+def finetune(
+    model: nn.Module, task: Task, train, val, processor, *, epochs: int, lr: float, batch_size: int,
+    seed: int = 0, weight_decay: float = 0.05, warmup_steps: int = 0, log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, float]]:
+    """Plain training of ``model`` on ``task`` (AdamW, warm-up then cosine), keeping the best
+    weights on validation. Used to train the demo model and as the baseline in benchmarks."""
+    from tqdm.auto import tqdm
+
+    collate = task.collator(processor, seed=seed)
+    spe = steps_per_epoch(len(train), batch_size)
+    total = epochs * spe
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def schedule(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, total - warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    torch.manual_seed(seed)
+    best, best_state, best_metrics = None, None, {}
+    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
+    for step in range(total):
+        epoch, pos = divmod(step, spe)
+        collate.set_epoch(epoch) if hasattr(collate, "set_epoch") else None
+        model.train()
+        batch = collate([train[i] for i in batch_indices(len(train), batch_size, seed, epoch, pos)])
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+        if (step + 1) % spe == 0:
+            metrics = task.evaluate(model, val, processor)
+            log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f} " + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+            if best is None or metrics[task.main_metric] > best:
+                best, best_metrics = metrics[task.main_metric], metrics
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), best_metrics
