@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", default="src/upop/assets/demo-clip")
     parser.add_argument("--data", default="runs/shapes-retrieval")
     parser.add_argument("--size", default="small")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

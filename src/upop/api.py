@@ -60,12 +60,10 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure(model: nn.Module, task: Task, processor, dataset, config: UPopConfig, latency: bool = False) -> dict:
-    inputs = task.example_inputs(model, processor, dataset, config.latency_batch_size)
-    out = {"params": count_params(model), "flops": count_flops(model, inputs)}
-    if latency:
-        out["latency_ms"] = measure_latency(model, inputs)
-    return out
+def measure(model: nn.Module, task: Task, processor, dataset) -> dict:
+    """Parameters and FLOPs per sample (one real sample of ``dataset``)."""
+    inputs = task.example_inputs(model, processor, dataset, 1)
+    return {"params": count_params(model), "flops": count_flops(model, inputs)}
 
 
 def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds: int = 3) -> tuple[float, float]:
@@ -86,7 +84,7 @@ def _dense_baseline(model, task, processor, test, config, out: Path, resume: boo
     if resume and dense_file.is_file():
         return json.loads(dense_file.read_text()), dense_copy
     print(f"evaluating the dense model on {len(test)} test samples")
-    dense = {**measure(model, task, processor, test, config),
+    dense = {**measure(model, task, processor, test),
              "metrics": task.evaluate(model, test, processor, config.eval_batch_size)}
     run_info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict()}
     (out / "run.json").write_text(json.dumps(run_info, indent=1, sort_keys=True) + "\n")
@@ -150,15 +148,15 @@ def compress(
 
     compressed = load_compressed(out / "compressed")
     log(f"evaluating the compressed model on {len(test)} test samples")
-    comp = {**measure(compressed, task, processor, test, config), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size)}
+    comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size)}
     inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
     torch.manual_seed(0)
     dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_copy, compressed, inputs)
     report = build_report(
         task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio, cost=config.cost,
         settings=config.to_dict(),
-        latency_input=f"batch {config.latency_batch_size} of the test split, {torch.get_num_threads()} CPU threads"
-        if not torch.cuda.is_available() else f"batch {config.latency_batch_size} on {torch.cuda.get_device_name()}",
+        latency_input=f"FLOPs: one test sample; latency: batch {config.latency_batch_size} of the test split, "
+        + (f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()),
     )
     report["validation"] = {"best": result.best_metrics, "history": result.history}
     write_report(report, out)

@@ -60,6 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import WRITERS
     from .models import FAMILIES
     from .tasks import TASKS
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="write a synthetic dataset in the real formats")
     d.add_argument("source", choices=["shapes"], help="generator (shapes: the Shapes world)")
-    d.add_argument("--task", required=True, choices=["retrieval"], help="dataset format to write")
+    d.add_argument("--task", required=True, choices=sorted(WRITERS), help="dataset format to write")
     d.add_argument("--out", required=True)
     d.add_argument("--train", type=int, default=2000)
     d.add_argument("--val", type=int, default=200)
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
 
     m = sub.add_parser("make-model", help="write a randomly initialised model with the Shapes tokenizer")
-    m.add_argument("family", choices=[f for f in FAMILIES if f == "clip"], help="model family")
+    m.add_argument("family", choices=FAMILIES, help="model family")
     m.add_argument("--out", required=True)
     m.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     m.add_argument("--image-size", type=int, default=64)
@@ -145,9 +146,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data.shapes import write_retrieval
+    from .data import shapes_writer
 
-    info = write_retrieval(args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size,
+    info = shapes_writer(args.task)(args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size,
                            seed=args.seed)
     print(f"{'reused' if info.get('reused') else 'wrote'} Shapes {args.task} data in {args.out}: "
           + ", ".join(f"{s} {v['images']} images" for s, v in info["splits"].items()))

@@ -17,7 +17,7 @@ DEMO_DATA = dict(train=4000, val=200, test=500, image_size=64, seed=0)
 
 #: the demo's UPop settings: 2x, a short search and retraining that fit in a few CPU minutes
 DEMO_CONFIG = dict(ratio=0.5, search_epochs=4, retrain_epochs=6, batch_size=64, lr=1e-4, retrain_lr=5e-4,
-                   checkpoint_every=100, seed=0)
+                   checkpoint_every=100, seed=0, latency_batch_size=32)
 
 
 def demo_model_path() -> Path:
@@ -63,5 +63,5 @@ def table(report: dict) -> str:
     line = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
     out = [line(("", "dense", "compressed", "")), *map(line, rows)]
     out.append(f"achieved ratio {report['achieved_ratio']:.4f} of prunable {report['cost']} "
-               f"(target {report['target_ratio']}); latency on {report['latency_input']}")
+               f"(target {report['target_ratio']}); {report['latency_input']}")
     return "\n".join(out)

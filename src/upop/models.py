@@ -111,34 +111,71 @@ def make_model(
     return model.eval()
 
 
+#: model classes defined in this project (task models without a transformers class), by name;
+#: their arch specs list them in ``classes`` so ``load_compressed`` can resolve them
+PROJECT_CLASSES: dict[str, str] = {}
+
+
 def project_class(name: str):
-    """Model classes defined in this project (task models), by name."""
+    """A model class defined in this project, by name."""
+    from importlib import import_module
+
     from .errors import CheckpointError
 
-    raise CheckpointError(f"model class {name!r} is not available in this version of transformers or upop")
+    if name not in PROJECT_CLASSES:
+        raise CheckpointError(f"model class {name!r} is not available in this version of transformers or upop")
+    module, cls = PROJECT_CLASSES[name].split(":")
+    return getattr(import_module(module), cls)
 
 
-# family -> processor kind used by make-model
-_PROCESSORS = {"clip": "clip"}
+def _clip_processor(image_size: int, tokenizer):
+    from .data.retrieval import make_clip_processor
+
+    return make_clip_processor(image_size, tokenizer)
+
+
+def _blip_processor(image_size: int, tokenizer):
+    from transformers import BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _vit_processor(image_size: int, tokenizer):
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
+#: family -> processor builder ``(image_size, shapes_tokenizer) -> processor`` used by make-model
+PROCESSORS: dict[str, Callable] = {
+    "clip": _clip_processor,
+    "blip-retrieval": _blip_processor,
+    "blip-vqa": _blip_processor,
+    "blip-caption": _blip_processor,
+    "vit": _vit_processor,
+    "deit": _vit_processor,
+    "bert": lambda image_size, tokenizer: tokenizer,
+}
 
 
 def make_processor(family: str, image_size: int):
-    """The Shapes tokenizer and a PIL image processor for ``family``."""
-    from .data.retrieval import make_clip_processor
+    """The processor of ``family`` for the Shapes world: Shapes tokenizer and/or a PIL image processor."""
     from .data.tokenizer import build_shapes_tokenizer
 
-    tokenizer = build_shapes_tokenizer()
-    if _PROCESSORS.get(family) == "clip":
-        return make_clip_processor(image_size, tokenizer)
-    return tokenizer
+    return PROCESSORS[family](image_size, build_shapes_tokenizer())
 
 
 def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0):
     """Write a randomly initialised ``family`` model with the Shapes tokenizer/processor to ``out_dir``
     (a folder that ``from_pretrained`` and ``upop compress --model`` read)."""
+    if family not in _FACTORIES:
+        raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
     processor = make_processor(family, image_size)
     tokenizer = getattr(processor, "tokenizer", processor)
-    model = make_model(family, size=size, vocab_size=len(tokenizer), image_size=image_size, seed=seed)
+    vocab = len(tokenizer) if hasattr(tokenizer, "get_vocab") else 128
+    model = make_model(family, size=size, vocab_size=vocab, image_size=image_size, seed=seed)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return model, processor

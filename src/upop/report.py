@@ -81,7 +81,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| params | {d['params']:,} | {c['params']:,} | {c['params'] / d['params']:.2f}x |")
     lines.append(f"| FLOPs | {d['flops']:,} | {c['flops']:,} | {c['flops'] / d['flops']:.2f}x |")
     lines.append(f"| latency (ms) | {d['latency_ms']:.2f} | {c['latency_ms']:.2f} | {report['speedup']:.2f}x faster |")
-    lines += ["", f"Latency and FLOPs measured on {report['latency_input']}.", "", "## Allocation chosen by the search", "",
+    lines += ["", f"{report['latency_input']}.", "", "## Allocation chosen by the search", "",
               "| modality | kind | kept | total | kept share |", "|---|---|---:|---:|---:|"]
     for modality, kinds in report["allocation"]["by_modality"].items():
         for kind, cell in kinds.items():
@@ -108,8 +108,8 @@ def plot_allocation(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.set_title(f"{kind}: kept fraction per layer")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for m, c in colours.items() if any(r["modality"] == m for r in layers)]
     labels = [m for m in colours if any(r["modality"] == m for r in layers)]
-    fig.legend(handles, labels, loc="upper right", fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -1,13 +1,14 @@
-"""Task registry: one entry per task name, in one visible place."""
+"""Task registry: task name -> ``"module:Class"``, in one visible place, imported on first use."""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from ..errors import TaskError
 from .base import Task
-from .retrieval import RetrievalTask
 
-TASKS: dict[str, type[Task]] = {
-    "retrieval": RetrievalTask,
+TASKS: dict[str, str] = {
+    "retrieval": "upop.tasks.retrieval:RetrievalTask",
 }
 
 
@@ -17,7 +18,8 @@ def get_task(name: str | Task) -> Task:
         return name
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+    module, cls = TASKS[name].split(":")
+    return getattr(import_module(module), cls)()
 
 
 __all__ = ["TASKS", "Task", "get_task"]
