@@ -76,16 +76,20 @@ def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds
     return min(d), min(c)
 
 
-def _dense_baseline(model, task, processor, test, config, out: Path, resume: bool, base_model: str, data):
+def _dense_baseline(model, task, processor, test, config, out: Path, resume: bool, base_model: str, data,
+                    write: bool = True):
     """Dense metrics, params and FLOPs (measured once; kept in ``dense.json`` for resume) and a
     copy of the dense model for the paired latency measurement at the end."""
     dense_file = out / "dense.json"
     dense_copy = copy.deepcopy(model).eval()
     if resume and dense_file.is_file():
         return json.loads(dense_file.read_text()), dense_copy
-    print(f"evaluating the dense model on {len(test)} test samples")
+    if write:
+        print(f"evaluating the dense model on {len(test)} test samples")
     dense = {**measure(model, task, processor, test),
              "metrics": task.evaluate(model, test, processor, config.eval_batch_size)}
+    if not write:
+        return dense, dense_copy
     run_info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict()}
     (out / "run.json").write_text(json.dumps(run_info, indent=1, sort_keys=True) + "\n")
     tmp = out / ".dense.json.tmp"
@@ -130,13 +134,19 @@ def compress(
     if train is None or val is None:
         raise ConfigError("give data=FOLDER or train= and val= datasets")
     test = test if test is not None else val
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(out_dir)
-    prepare_output(out, resume, overwrite)
     created = not out.exists()
-    check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + 50 * 2**20)
+    if state.is_main_process:  # only the main process touches the output folder
+        prepare_output(out, resume, overwrite)
+        check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + 50 * 2**20)
+    state.wait_for_everyone()
     base_model = base_model or str(getattr(model.config, "_name_or_path", "") or "")
     try:
-        dense, dense_copy = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data)
+        dense, dense_copy = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data,
+                                            write=state.is_main_process)
     except BaseException:
         if created:  # nothing of a rejected run is left behind
             shutil.rmtree(out, ignore_errors=True)
@@ -159,7 +169,10 @@ def compress(
         + (f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()),
     )
     report["validation"] = {"best": result.best_metrics, "history": result.history}
-    write_report(report, out)
+    report["processes"] = state.num_processes
+    if state.is_main_process:
+        write_report(report, out)
+    state.wait_for_everyone()
     return CompressResult(model=compressed, plan=result.plan, report=report, out_dir=out)
 
 

@@ -133,7 +133,10 @@ def cmd_compress(args) -> int:
     result = compress(model, args.task, train=splits["train"], val=splits["val"], test=splits["test"], processor=processor, config=config, out_dir=args.out,
                       resume=args.resume, overwrite=args.overwrite, base_model=str(args.model),
                       progress=not args.no_progress)
-    print(_summary(result.report, Path(args.out)))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(_summary(result.report, Path(args.out)))
     return 0
 
 

@@ -180,6 +180,29 @@ class Run:
         # weights_only: a state file can hold tensors and plain data, never code.
         return torch.load(file, map_location="cpu", weights_only=True)
 
+    def _masks_identical(self, masks) -> bool:
+        """True if every process holds exactly the same mask values (checked at each update)."""
+        from accelerate.utils import gather_object
+
+        mine = torch.cat([m.detach().double().cpu().flatten() for _, m in masks.items()])
+        digest = [float(mine @ torch.arange(1, mine.numel() + 1, dtype=torch.float64)), float(mine.sum())]
+        gathered = gather_object([digest])
+        return all(d == gathered[0] for d in gathered)
+
+    def _check_same_plan(self, plan: PruningPlan) -> None:
+        """Every process must have chosen the same plan (masks are kept identical by averaging
+        the mask gradients); a mismatch stops the run instead of saving a wrong model."""
+        if self.acc.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        mine = json.dumps({k: v.kept for k, v in sorted(plan.groups.items())})
+        plans = gather_object([mine])
+        identical = all(p == plans[0] for p in plans)
+        self._log({"phase": "prune", "processes": self.acc.num_processes, "plans_identical": identical})
+        if not identical:
+            raise TrainingError(f"the {self.acc.num_processes} processes chose different plans; this is a bug, please report it")
+
     def _tick(self) -> None:
         self._steps_done += 1
         if self.stop_after is not None and self._steps_done >= self.stop_after:
@@ -252,6 +275,8 @@ class Run:
             record = {"phase": "search", "step": step, "loss": task_loss.item(), "p_t": p_t}
             if update:
                 record["removed"] = update.removed
+                if self.acc.num_processes > 1:
+                    record["masks_identical"] = self._masks_identical(masks)
             self._log(record)
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < self.search_steps:
@@ -262,6 +287,7 @@ class Run:
         model = self.acc.unwrap_model(wrapped)
         settings = {**search.settings(), "search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": self.task.name}
         plan = prune(model, masks, base_model=self.base_model, search=settings)
+        self._check_same_plan(plan)
         self.model = model
         self.log(f"pruned: removed {plan.achieved_ratio['params']:.1%} of prunable params, "
                  f"{plan.achieved_ratio['flops']:.1%} of prunable FLOPs")

@@ -1,0 +1,213 @@
+"""VQA data: readers for the BLIP/UPop JSON and the official VQAv2 pair of files, a Dataset and a collator.
+
+Supported layouts for split ``S`` of ``data_dir`` (searched directly and in ``annotation/`` /
+``annotations/``, first match wins):
+
+* BLIP/UPop: ``S.json``, ``vqa_S.json`` or ``vqa_S2014.json`` — a JSON list of
+  ``{"question_id", "image", "question", "answer": str | [str, ...]}`` (``image`` relative to
+  ``data_dir``). ``question_id`` is optional.
+* Official VQAv2: ``*_S2014_questions.json`` (or ``*_S_questions.json``), ``{"questions":
+  [{"image_id", "question", "question_id"}]}``, next to ``*_S2014_annotations.json``,
+  ``{"annotations": [{"question_id", "answers": [{"answer": ...}]}]}``. Image files are
+  ``data_dir/{image_pattern % image_id}`` with ``image_pattern`` defaulting to
+  ``"S2014/COCO_S2014_%012d.jpg"`` (COCO's naming); pass ``image_pattern=`` for other layouts.
+
+Every problem raises a one-line :class:`~upop.errors.DataError` naming the file and the entry.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .retrieval import ANNOTATION_DIRS, _parts, _read_json, load_rgb_image
+
+
+@dataclass
+class VQAItem:
+    """One question about one image, with every annotator's answer."""
+
+    question_id: str
+    image: Path
+    question: str
+    answers: list[str]
+
+
+def _check_dir(data_dir) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data_dir {data_dir} is not an existing directory (need a folder with the annotation files)")
+    return data_dir
+
+
+def _folders(data_dir: Path) -> list[Path]:
+    return [data_dir / sub if sub else data_dir for sub in ANNOTATION_DIRS]
+
+
+def _text(path: Path, where: str, key: str, value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"annotation file {path}: {where} has {key} {value!r} (need a non-empty string)")
+    return " ".join(value.split())
+
+
+def _blip_entries(path: Path, data, root: Path) -> list[VQAItem]:
+    if not isinstance(data, list):
+        raise DataError(f"annotation file {path}: top level is {type(data).__name__} (need a JSON list of "
+                        "{'image', 'question', 'answer'} entries)")
+    items = []
+    for i, entry in enumerate(data):
+        where = f"entry {i}"
+        if not isinstance(entry, dict):
+            raise DataError(f"annotation file {path}: {where} is {type(entry).__name__} (need an object)")
+        for key in ("image", "question", "answer"):
+            if key not in entry:
+                raise DataError(f"annotation file {path}: {where} has no {key!r} field (need 'image', 'question' "
+                                "and 'answer')")
+        answers = entry["answer"] if isinstance(entry["answer"], list) else [entry["answer"]]
+        if not answers:
+            raise DataError(f"annotation file {path}: {where} has no answers (need 'answer': a string or a "
+                            "non-empty list of strings)")
+        answers = [_text(path, where, "answer", a) for a in answers]
+        items.append(VQAItem(str(entry.get("question_id", i)), root / _text(path, where, "image", entry["image"]),
+                             _text(path, where, "question", entry["question"]), answers))
+    return items
+
+
+def _official_entries(qpath: Path, apath: Path, root: Path, pattern: str) -> list[VQAItem]:
+    qdata, adata = _read_json(qpath), _read_json(apath)
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise DataError(f"annotation file {qpath}: no 'questions' list at the top level (need the VQAv2 layout)")
+    if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+        raise DataError(f"annotation file {apath}: no 'annotations' list at the top level (need the VQAv2 layout)")
+    answers: dict[str, list[str]] = {}
+    for i, ann in enumerate(adata["annotations"]):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict) or "question_id" not in ann or "answers" not in ann:
+            raise DataError(f"annotation file {apath}: {where} has no 'question_id' or 'answers' field")
+        if not isinstance(ann["answers"], list) or not ann["answers"]:
+            raise DataError(f"annotation file {apath}: {where} (question_id {ann['question_id']}) has no answers "
+                            "(need a non-empty list of {'answer': ...})")
+        got = []
+        for j, a in enumerate(ann["answers"]):
+            if not isinstance(a, dict) or "answer" not in a:
+                raise DataError(f"annotation file {apath}: {where}.answers[{j}] has no 'answer' field")
+            got.append(_text(apath, f"{where}.answers[{j}]", "answer", a["answer"]))
+        answers[str(ann["question_id"])] = got
+    items = []
+    for i, q in enumerate(qdata["questions"]):
+        where = f"questions[{i}]"
+        if not isinstance(q, dict):
+            raise DataError(f"annotation file {qpath}: {where} is {type(q).__name__} (need an object)")
+        for key in ("image_id", "question", "question_id"):
+            if key not in q:
+                raise DataError(f"annotation file {qpath}: {where} has no {key!r} field (need 'image_id', "
+                                "'question' and 'question_id')")
+        qid = str(q["question_id"])
+        if qid not in answers:
+            raise DataError(f"annotation file {qpath}: {where} (question_id {qid}) has no answers in {apath.name}")
+        try:
+            rel = pattern % int(q["image_id"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"annotation file {qpath}: {where} has image_id {q['image_id']!r} that does not fit "
+                            f"image_pattern {pattern!r} ({exc})") from None
+        items.append(VQAItem(qid, root / rel, _text(qpath, where, "question", q["question"]), answers[qid]))
+    return items
+
+
+def load_vqa_split(data_dir, split: str, image_root=None, image_pattern: str | None = None) -> list[VQAItem]:
+    """Read split ``split`` of a VQA dataset (either layout, see the module doc) into items."""
+    data_dir = _check_dir(data_dir)
+    if not isinstance(split, str) or not split or "/" in split:
+        raise ConfigError(f"split={split!r} is not allowed (need a name such as 'train', 'val' or 'test')")
+    root = Path(image_root) if image_root is not None else data_dir
+    items = None
+    for folder in _folders(data_dir):
+        for name in (f"{split}.json", f"vqa_{split}.json", f"vqa_{split}2014.json"):
+            if (folder / name).is_file():
+                path = folder / name
+                items = _blip_entries(path, _read_json(path), root)
+                break
+        if items is not None:
+            break
+        qs = sorted(folder.glob(f"*_{split}2014_questions.json")) + sorted(folder.glob(f"*_{split}_questions.json"))
+        if qs:
+            qpath = qs[0]
+            apath = qpath.with_name(qpath.name.replace("_questions.json", "_annotations.json"))
+            apath = apath if apath.is_file() else qpath.with_name(
+                qpath.name.replace("OpenEnded_", "").replace("_questions.json", "_annotations.json"))
+            if not apath.is_file():
+                raise DataError(f"annotation file {qpath}: no matching annotations file next to it (need "
+                                f"{apath.name}; test-dev/test questions have no answers and cannot be evaluated)")
+            path = qpath
+            pattern = image_pattern or f"{split}2014/COCO_{split}2014_%012d.jpg"
+            items = _official_entries(qpath, apath, root, pattern)
+            break
+    if items is None:
+        raise DataError(f"data_dir {data_dir}: no VQA annotation file for split {split!r} (looked for {split}.json, "
+                        f"vqa_{split}.json or *_{split}2014_questions.json + *_annotations.json)")
+    if not items:
+        raise DataError(f"annotation file {path}: split {split!r} has no questions")
+    missing = [it for it in items if not it.image.is_file()]
+    if missing:
+        raise DataError(f"annotation file {path}: image file {missing[0].image} (question {missing[0].question_id}) "
+                        f"does not exist ({len(missing)} of {len(items)} questions; paths relative to {root})")
+    return items
+
+
+class VQADataset(Dataset):
+    """``ds[i] == {"image": PIL RGB, "question", "answers": [...], "index": i}``."""
+
+    def __init__(self, items: Sequence[VQAItem]):
+        self.items = list(items)
+        if not self.items:
+            raise DataError("VQA dataset has no questions")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        return {"image": load_rgb_image(it.image), "question": it.question, "answers": list(it.answers),
+                "index": int(i)}
+
+
+def decoder_ids(tokenizer, texts: Sequence[str], sep_token_id: int, max_length: int = 32) -> dict:
+    """Decoder inputs for BLIP: ``<bos> words [SEP]`` (the HF BLIP classes stop generating at
+    ``text_config.sep_token_id``), ``labels`` with padding set to -100."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    ids = enc["input_ids"].clone()
+    ids[ids == tokenizer.eos_token_id] = sep_token_id
+    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
+    return {"ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+class VQACollator:
+    """Training batch: the image, the question, and ONE answer drawn by annotator frequency
+    (seeded by ``(seed, epoch, index)``), as decoder ids ending in ``sep_token_id``."""
+
+    def __init__(self, processor, sep_token_id: int, seed: int = 0, max_length: int = 32):
+        self.image_processor, self.tokenizer = _parts(processor)
+        self.sep_token_id, self.seed, self.epoch, self.max_length = sep_token_id, seed, 0, max_length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def encode_images(self, samples) -> torch.Tensor:
+        return self.image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+
+    def encode_questions(self, samples) -> dict:
+        enc = self.tokenizer([s["question"] for s in samples], padding="longest", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, samples) -> dict:
+        answers = [random.Random(f"{self.seed}:{self.epoch}:{s['index']}").choice(s["answers"]) for s in samples]
+        dec = decoder_ids(self.tokenizer, answers, self.sep_token_id, self.max_length)
+        return {"pixel_values": self.encode_images(samples), **self.encode_questions(samples),
+                "decoder_input_ids": dec["ids"], "decoder_attention_mask": dec["attention_mask"],
+                "labels": dec["labels"]}
