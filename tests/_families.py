@@ -94,6 +94,11 @@ FAMILIES = {
         {("attention", "vision"): 2, ("mlp", "vision"): 2},
     ),
     "bert": (lambda: M.make_model("bert"), _bert, {("attention", "text"): 2, ("mlp", "text"): 2}),
+    "segmenter": (
+        lambda: M.make_model("segmenter"),
+        lambda m: [m(pixel_values=_pixels()).logits],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "decoder"): 2, ("mlp", "decoder"): 2},
+    ),
 }
 
 

@@ -58,12 +58,24 @@ def _blip_config(size: str, vocab: int, image_size: int):
     )
 
 
+def _blip_nlvr(config):
+    from .blip_nlvr import BlipForNLVR
+
+    return BlipForNLVR(config)
+
+
 def _vit_config(cls, size: str, image_size: int, num_labels: int):
     h, n, heads, inter = _SIZES[size]
     return cls(
         hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
         image_size=image_size, patch_size=8 if image_size <= 96 else 16, num_labels=num_labels, qkv_bias=True,
     )
+
+
+def _segmenter(size: str, image_size: int, num_labels: int) -> nn.Module:
+    from .segmenter import make_segmenter
+
+    return make_segmenter(*_SIZES[size], image_size=image_size, num_labels=num_labels)
 
 
 def _bert(size: str, vocab: int, num_labels: int) -> nn.Module:
@@ -86,6 +98,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "blip-caption": lambda size, vocab, image_size, num_labels: transformers.BlipForConditionalGeneration(
         _blip_config(size, vocab, image_size)
     ),
+    "blip-nlvr": lambda size, vocab, image_size, num_labels: _blip_nlvr(_blip_config(size, vocab, image_size)),
     "vit": lambda size, vocab, image_size, num_labels: transformers.ViTForImageClassification(
         _vit_config(transformers.ViTConfig, size, image_size, num_labels)
     ),
@@ -93,6 +106,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
         _vit_config(transformers.DeiTConfig, size, image_size, num_labels)
     ),
     "bert": lambda size, vocab, image_size, num_labels: _bert(size, vocab, num_labels),
+    "segmenter": lambda size, vocab, image_size, num_labels: _segmenter(size, image_size, num_labels),
 }
 
 FAMILIES = tuple(_FACTORIES)
@@ -113,7 +127,10 @@ def make_model(
 
 #: model classes defined in this project (task models without a transformers class), by name;
 #: their arch specs list them in ``classes`` so ``load_compressed`` can resolve them
-PROJECT_CLASSES: dict[str, str] = {}
+PROJECT_CLASSES: dict[str, str] = {
+    "BlipForNLVR": "upop.blip_nlvr:BlipForNLVR",
+    "SegmenterForSemanticSegmentation": "upop.segmenter:SegmenterForSemanticSegmentation",
+}
 
 
 def project_class(name: str):
@@ -154,8 +171,10 @@ PROCESSORS: dict[str, Callable] = {
     "blip-retrieval": _blip_processor,
     "blip-vqa": _blip_processor,
     "blip-caption": _blip_processor,
+    "blip-nlvr": _blip_processor,
     "vit": _vit_processor,
     "deit": _vit_processor,
+    "segmenter": _vit_processor,
     "bert": lambda image_size, tokenizer: tokenizer,
 }
 
@@ -167,7 +186,8 @@ def make_processor(family: str, image_size: int):
     return PROCESSORS[family](image_size, build_shapes_tokenizer())
 
 
-def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0):
+def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0,
+                      num_labels: int | None = None):
     """Write a randomly initialised ``family`` model with the Shapes tokenizer/processor to ``out_dir``
     (a folder that ``from_pretrained`` and ``upop compress --model`` read)."""
     if family not in _FACTORIES:
@@ -175,7 +195,8 @@ def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int 
     processor = make_processor(family, image_size)
     tokenizer = getattr(processor, "tokenizer", processor)
     vocab = len(tokenizer) if hasattr(tokenizer, "get_vocab") else 128
-    model = make_model(family, size=size, vocab_size=vocab, image_size=image_size, seed=seed)
+    labels = {} if num_labels is None else {"num_labels": num_labels}  # classifier / segmenter classes
+    model = make_model(family, size=size, vocab_size=vocab, image_size=image_size, seed=seed, **labels)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return model, processor

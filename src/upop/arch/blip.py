@@ -65,5 +65,6 @@ SPEC = ArchSpec(
     set_head_dim=_set_head_dim,
     fold_scale_classes=("BlipTextSelfAttention",),
     swap_class=_swap,
-    classes=("BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipForConditionalGeneration"),
+    classes=("BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipForConditionalGeneration",
+             "BlipForNLVR"),
 )

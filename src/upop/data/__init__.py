@@ -12,6 +12,11 @@ from ..errors import ConfigError
 
 WRITERS: dict[str, str] = {
     "retrieval": "upop.data.shapes:write_retrieval",
+    "vqa": "upop.data.shapes_vl:write_vqa",
+    "nlvr": "upop.data.shapes_vl:write_nlvr",
+    "caption": "upop.data.shapes_vl:write_caption",
+    "classification": "upop.data.shapes_vision:write_classification",
+    "segmentation": "upop.data.shapes_vision:write_segmentation",
 }
 
 

@@ -9,6 +9,11 @@ from .base import Task
 
 TASKS: dict[str, str] = {
     "retrieval": "upop.tasks.retrieval:RetrievalTask",
+    "vqa": "upop.tasks.vqa:VQATask",
+    "caption": "upop.tasks.caption:CaptionTask",
+    "nlvr": "upop.tasks.nlvr:NLVRTask",
+    "classification": "upop.tasks.classification:ClassificationTask",
+    "segmentation": "upop.tasks.segmentation:SegmentationTask",
 }
 
 
