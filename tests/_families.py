@@ -81,6 +81,11 @@ FAMILIES = {
         _blip_caption,
         {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "decoder"): 4, ("mlp", "decoder"): 2},
     ),
+    "blip-nlvr": (
+        lambda: M.make_model("blip-nlvr"),
+        lambda m: [m(input_ids=_ids(), pixel_values=torch.stack([_pixels(), _pixels(seed=5)], dim=1)).logits],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 2, ("mlp", "text"): 2},
+    ),
     "vit": (lambda: M.make_model("vit"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
     "vit-model": (
         lambda: _sub("vit", "ViTModel", None),

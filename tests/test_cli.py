@@ -17,6 +17,7 @@ import pytest
 from upop.cli import main
 
 TINY = ["--search-epochs", "2", "--retrain-epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--eval-batch-size", "32",
+        "--latency-time", "0.02",
         "--no-progress"]
 
 
@@ -78,7 +79,7 @@ def _run_cli(args, **kw):
 def test_sigkill_during_search_then_resume_gives_the_same_plan(world, tmp_path):
     args = ["compress", "--model", str(world / "model"), "--task", "retrieval", "--data", str(world / "data"),
             "--search-epochs", "6", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3",
-            "--checkpoint-every", "3", "--no-progress", "--ratio", "0.5"]
+            "--checkpoint-every", "3", "--no-progress", "--ratio", "0.5", "--latency-time", "0.02"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     proc = _run_cli([*args, "--out", str(ref)])
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
@@ -103,77 +104,6 @@ def test_sigkill_during_search_then_resume_gives_the_same_plan(world, tmp_path):
     a = json.loads((ref / "report.json").read_text())["compressed"]["metrics"]
     b = json.loads((killed / "report.json").read_text())["compressed"]["metrics"]
     assert a == pytest.approx(b, abs=1e-6)
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def _bad_data(world, tmp_path, kind):
-    data = tmp_path / f"data-{kind}"
-    shutil.copytree(world / "data", data)
-    if kind == "missing-field":
-        _write(data / "val.json", json.dumps([{"image": "images/val_00000.png"}]))
-    elif kind == "bad-image":
-        (data / "images" / "test_00000.png").write_bytes(b"this is not a png")
-    elif kind == "empty":
-        shutil.rmtree(data)
-        data.mkdir()
-    return data
-
-
-BAD = {
-    "ratio above 1": (lambda w, t: ["--ratio", "1.5"], "ratio=1.5"),
-    "ratio zero": (lambda w, t: ["--ratio", "0"], "ratio=0.0"),
-    "negative epochs": (lambda w, t: ["--search-epochs", "0"], "search_epochs=0"),
-    "bad interval": (lambda w, t: ["--interval", "0"], "interval=0"),
-    "unknown method": (lambda w, t: ["--method", "magic"], "magic"),
-    "missing data folder": (lambda w, t: ["--data", str(t / "nope")], "nope"),
-    "empty data folder": (lambda w, t: ["--data", str(_bad_data(w, t, "empty"))], "data-empty"),
-    "json missing fields": (lambda w, t: ["--data", str(_bad_data(w, t, "missing-field"))], "val.json"),
-    "unreadable image": (lambda w, t: ["--data", str(_bad_data(w, t, "bad-image"))], "test_00000.png"),
-    "unknown task": (lambda w, t: ["--task", "juggling"], "juggling"),
-    "missing model": (lambda w, t: ["--model", str(t / "no-model")], "no-model"),
-    "bad yaml": (lambda w, t: ["--config", str(_write(t / "c.yaml", "ratio: [1,"))], "c.yaml"),
-    "unknown yaml key": (lambda w, t: ["--config", str(_write(t / "c.yaml", "ratoi: 0.5\n"))], "ratoi"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_and_exit_2(case, world, tmp_path, capsys):
-    make_args, needle = BAD[case]
-    extra = make_args(world, tmp_path)
-    base = {"--model": str(world / "model"), "--task": "retrieval", "--data": str(world / "data"),
-            "--out": str(tmp_path / "out")}
-    for flag in list(base):
-        if flag in extra:
-            base.pop(flag)
-    argv = ["compress", *[x for kv in base.items() for x in kv], *TINY, *extra]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("upop: error:") and needle in err[0], err
-    assert not (tmp_path / "out").exists(), "a rejected run leaves no output folder"
-
-
-def test_task_the_model_cannot_do(world, tmp_path, capsys):
-    assert main(["make-model", "clip", "--out", str(tmp_path / "m"), "--image-size", "32"]) == 0
-    import transformers
-
-    vit = transformers.ViTForImageClassification(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8))
-    vit.save_pretrained(tmp_path / "vit")
-    shutil.copy(tmp_path / "m" / "tokenizer.json", tmp_path / "vit")
-    shutil.copy(tmp_path / "m" / "tokenizer_config.json", tmp_path / "vit")
-    capsys.readouterr()
-    code = main(["compress", "--model", str(tmp_path / "vit"), "--task", "retrieval", "--data", str(world / "data"),
-                 "--out", str(tmp_path / "out"), *TINY])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "ViTForImageClassification" in err[0] and "CLIPModel" in err[0]
 
 
 def test_output_folder_holding_another_run(world, tmp_path, capsys):

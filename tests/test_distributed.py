@@ -28,7 +28,7 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "upop", "compress",
            "--model", str(world / "model"), "--task", "retrieval", "--data", str(world / "data"), "--out", str(out),
            "--search-epochs", "2", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "2",
-           "--no-progress"]
+           "--no-progress", "--latency-time", "0.02"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

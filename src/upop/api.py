@@ -66,13 +66,14 @@ def measure(model: nn.Module, task: Task, processor, dataset) -> dict:
     return {"params": count_params(model), "flops": count_flops(model, inputs)}
 
 
-def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds: int = 3) -> tuple[float, float]:
+def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds: int = 3,
+                   seconds: float = 0.5) -> tuple[float, float]:
     """Latency of both models, interleaved over ``rounds`` and the best median kept for each,
     so machine noise hits both alike."""
     d, c = [], []
     for _ in range(rounds):
-        d.append(measure_latency(dense, inputs, min_run_time=0.5))
-        c.append(measure_latency(compressed, inputs, min_run_time=0.5))
+        d.append(measure_latency(dense, inputs, min_run_time=seconds))
+        c.append(measure_latency(compressed, inputs, min_run_time=seconds))
     return min(d), min(c)
 
 
@@ -161,7 +162,7 @@ def compress(
     comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size)}
     inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
     torch.manual_seed(0)
-    dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_copy, compressed, inputs)
+    dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_copy, compressed, inputs, seconds=config.latency_time)
     report = build_report(
         task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio, cost=config.cost,
         settings=config.to_dict(),

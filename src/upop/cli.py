@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     m.add_argument("--image-size", type=int, default=64)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--num-labels", type=int, default=None,
+                   help="classes of a classifier / segmenter (default: 10, the Shapes classification classes)")
 
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")
     demo.add_argument("--out", default="upop-demo", help="folder for the data and the run (default: upop-demo)")
@@ -162,7 +164,8 @@ def cmd_make_model(args) -> int:
     from .models import make_model_folder
     from .cost import count_params
 
-    model, _ = make_model_folder(args.family, args.out, size=args.size, image_size=args.image_size, seed=args.seed)
+    model, _ = make_model_folder(args.family, args.out, size=args.size, image_size=args.image_size, seed=args.seed,
+                                 num_labels=args.num_labels)
     print(f"wrote a random {args.size} {args.family} ({type(model).__name__}, {count_params(model):,} params) to {args.out}")
     return 0
 
@@ -187,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     from .train import TrainingError
 
     try:

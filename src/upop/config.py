@@ -39,7 +39,8 @@ class UPopConfig:
     checkpoint_every: int = _f(200, "steps between resumable checkpoints")
     precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
     max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")
-    latency_batch_size: int = _f(1, "batch size of the latency / FLOPs measurement in the report")
+    latency_batch_size: int = _f(1, "batch size of the latency measurement in the report")
+    latency_time: float = _f(0.5, "seconds per latency measurement (3 interleaved rounds of dense and compressed)")
 
     def __post_init__(self):
         self.validate()
@@ -67,7 +68,7 @@ class UPopConfig:
                 continue
             if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0 or not math.isfinite(value):
                 bad(name, "need a positive number below 1")
-        for name in ("weight_decay", "w_attn", "w_mlp"):
+        for name in ("weight_decay", "w_attn", "w_mlp", "latency_time"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 bad(name, "need a finite number >= 0")

@@ -63,16 +63,17 @@ class Masks(nn.Module):
 
     # gradients -----------------------------------------------------------------------------
     @torch.no_grad()
-    def accumulate_grads(self, average_across_processes: bool = True) -> bool:
+    def accumulate_grads(self, average_across_processes: bool = True, grad_scale: float = 1.0) -> bool:
         """Add every mask's current gradient to ``grad_sum`` and clear the gradient.
 
         Gradients are accumulated in float64, whatever the training precision, so the score is a
         true sum over steps (the reference code's mixed-precision path reset it every step).
+        ``grad_scale`` is the loss scale of fp16 training (the gradients are divided by it).
         Across processes the gradients are averaged first, so every process holds the same sums.
         Returns False (and accumulates nothing) if any gradient is not finite.
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads]) / float(grad_scale)
         if average_across_processes and _world_size() > 1:
             torch.distributed.all_reduce(flat)
             flat /= _world_size()

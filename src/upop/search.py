@@ -85,6 +85,7 @@ class UPopSearch:
         self.cost, self.method = cost, method
         self.w_attn, self.w_mlp = w_attn, w_mlp
         self.step_count = 0
+        self.skipped_steps = 0
         self.history: list[SearchUpdate] = []
         groups = masks.groups
         self._unit_cost = torch.cat(
@@ -110,14 +111,19 @@ class UPopSearch:
     def is_update_step(self, step: int) -> bool:
         return (step + 1) % self.interval == 0 or step == self.total_steps - 1
 
-    def step(self, step: int | None = None) -> SearchUpdate | None:
+    def step(self, step: int | None = None, grad_scale: float = 1.0, skip_nonfinite: bool = False) -> SearchUpdate | None:
         """Call after ``loss.backward()``: accumulate mask gradients; update masks when due.
 
-        Raises ``FloatingPointError`` if a mask gradient is not finite (nothing is accumulated).
+        ``grad_scale``: the fp16 loss scale, divided out before accumulating. A non-finite mask
+        gradient raises ``FloatingPointError`` (nothing is accumulated), or with
+        ``skip_nonfinite`` (fp16 with a dynamic loss scale, whose overflowing steps the scaler
+        skips too) leaves the sums unchanged for this step and counts it in ``skipped_steps``.
         """
         step = self.step_count if step is None else step
-        if not self.masks.accumulate_grads():
-            raise FloatingPointError(f"non-finite mask gradient at search step {step}")
+        if not self.masks.accumulate_grads(grad_scale=grad_scale):
+            if not skip_nonfinite:
+                raise FloatingPointError(f"non-finite mask gradient at search step {step}")
+            self.skipped_steps += 1
         self.step_count = step + 1
         if self.is_update_step(step):
             return self.update(step)
@@ -196,6 +202,7 @@ class UPopSearch:
         return {
             "settings": self.settings(),
             "step_count": self.step_count,
+            "skipped_steps": self.skipped_steps,
             "history": [vars(u).copy() for u in self.history],
             "masks": self.masks.state_dict(),
         }
@@ -206,5 +213,6 @@ class UPopSearch:
                 f"search state was saved with settings {state['settings']}, this run has {self.settings()}"
             )
         self.step_count = int(state["step_count"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.history = [SearchUpdate(**u) for u in state["history"]]
         self.masks.load_state_dict(state["masks"])

@@ -261,8 +261,10 @@ class Run:
                 loss = task_loss + search.sparsity_loss()
             self._check_finite(loss, "search", step)
             self.acc.backward(loss)
+            scaler = getattr(self.acc, "scaler", None)
             try:
-                update = search.step(step)
+                update = search.step(step, grad_scale=scaler.get_scale() if scaler is not None else 1.0,
+                                     skip_nonfinite=scaler is not None)
             except FloatingPointError as exc:
                 raise TrainingError(f"{exc}; the last good checkpoint is in {self.state_dir}") from None
             if cfg.max_grad_norm:
@@ -293,6 +295,7 @@ class Run:
                  f"{plan.achieved_ratio['flops']:.1%} of prunable FLOPs")
         self._save_state({"phase": "retrain", "step": 0, "plan": plan.to_dict(), "model": model.state_dict(),
                           "best": None, "best_metrics": {}, "history": []})
+        self._tick()  # pruning counts as one step for stop_after
         return plan
 
     def _retrain(self, plan: PruningPlan, state: dict | None) -> PhaseResult:

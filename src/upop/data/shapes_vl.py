@@ -84,7 +84,8 @@ def nlvr_statement(left: Scene, right: Scene, truth: bool, rng: random.Random) -
             holds, text = any(o.kind == k for o in objs), f"there is {_article(k)} {k} in the {side} image"
         elif kind == "count":
             n = rng.choice((1, 2, 3))
-            holds, text = len(objs) == n, f"there are {NUMBERS[n]} shapes in the {side} image"
+            shapes = "one shape" if n == 1 else f"{NUMBERS[n]} shapes"
+            holds, text = len(objs) == n, f"there {'is' if n == 1 else 'are'} {shapes} in the {side} image"
         else:
             c = rng.choice(list(COLOURS))
             holds = all(any(o.colour == c for o in s.objects) for s in (left, right))

@@ -176,23 +176,14 @@ class VQADataset(Dataset):
                 "index": int(i)}
 
 
-def decoder_ids(tokenizer, texts: Sequence[str], sep_token_id: int, max_length: int = 32) -> dict:
-    """Decoder inputs for BLIP: ``<bos> words [SEP]`` (the HF BLIP classes stop generating at
-    ``text_config.sep_token_id``), ``labels`` with padding set to -100."""
-    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    ids = enc["input_ids"].clone()
-    ids[ids == tokenizer.eos_token_id] = sep_token_id
-    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
-    return {"ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
-
-
 class VQACollator:
-    """Training batch: the image, the question, and ONE answer drawn by annotator frequency
-    (seeded by ``(seed, epoch, index)``), as decoder ids ending in ``sep_token_id``."""
+    """Training batch: the image, the question (``input_ids``, ``attention_mask``) and ONE answer
+    drawn by annotator frequency, seeded by ``(seed, epoch, index)`` (``answer_ids``,
+    ``answer_mask``: plain tokenizer output; the task turns them into BLIP decoder inputs)."""
 
-    def __init__(self, processor, sep_token_id: int, seed: int = 0, max_length: int = 32):
+    def __init__(self, processor, seed: int = 0, max_length: int = 32):
         self.image_processor, self.tokenizer = _parts(processor)
-        self.sep_token_id, self.seed, self.epoch, self.max_length = sep_token_id, seed, 0, max_length
+        self.seed, self.epoch, self.max_length = seed, 0, max_length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -207,7 +198,7 @@ class VQACollator:
 
     def __call__(self, samples) -> dict:
         answers = [random.Random(f"{self.seed}:{self.epoch}:{s['index']}").choice(s["answers"]) for s in samples]
-        dec = decoder_ids(self.tokenizer, answers, self.sep_token_id, self.max_length)
+        enc = self.tokenizer(answers, padding="longest", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         return {"pixel_values": self.encode_images(samples), **self.encode_questions(samples),
-                "decoder_input_ids": dec["ids"], "decoder_attention_mask": dec["attention_mask"],
-                "labels": dec["labels"]}
+                "answer_ids": enc["input_ids"], "answer_mask": enc["attention_mask"]}

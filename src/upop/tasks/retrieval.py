@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.retrieval import RetrievalCollator, RetrievalDataset, load_retrieval_split
+from . import blip_retrieval
 from .base import Task
 
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -37,9 +38,13 @@ def recall_at_k(sim: torch.Tensor, img2txt: list[list[int]], txt2img: list[int])
     return {m: out[m] for m in METRICS}
 
 
+def _is_blip(model) -> bool:
+    return type(getattr(model, "module", model)).__name__ == "BlipForImageTextRetrieval"
+
+
 class RetrievalTask(Task):
     name = "retrieval"
-    model_classes = ("CLIPModel",)
+    model_classes = ("CLIPModel", "BlipForImageTextRetrieval")  # BLIP: see tasks/blip_retrieval.py
     main_metric = "r_mean"
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
@@ -49,6 +54,8 @@ class RetrievalTask(Task):
         return RetrievalCollator(processor, seed=seed, padding="longest")
 
     def loss(self, model: nn.Module, batch):
+        if _is_blip(model):
+            return blip_retrieval.loss(model, batch)
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
         )
@@ -78,6 +85,8 @@ class RetrievalTask(Task):
         return image_emb, text_emb, txt2img, img2txt
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
+        if _is_blip(model):
+            return blip_retrieval.evaluate(model, dataset, processor, batch_size)
         image_emb, text_emb, txt2img, img2txt = self.embed(model, dataset, processor, batch_size, accelerator)
         return recall_at_k((image_emb @ text_emb.t()).cpu(), img2txt, txt2img)
 

@@ -1,0 +1,32 @@
+"""Helpers shared by the BLIP tasks: decoder inputs, generation, unwrapping."""
+from __future__ import annotations
+
+import torch
+
+
+def unwrap(model):
+    """The model under a DistributedDataParallel / accelerate wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def decoder_inputs(ids: torch.Tensor, mask: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP decoder inputs and LM labels from plain tokenizer output.
+
+    The HF BLIP classes start decoding from ``text_config.bos_token_id`` and stop at
+    ``text_config.sep_token_id``, so the first token becomes BOS and the last real token of each
+    sequence becomes SEP (for a BERT tokenizer these are ``[CLS]`` -> BOS and ``[SEP]`` kept; for
+    the Shapes tokenizer ``<bos>`` kept and ``<eos>`` -> ``[SEP]``). Labels are the ids with
+    padding set to -100 (the decoder shifts them itself).
+    """
+    cfg = unwrap(model).config.text_config
+    ids = ids.clone()
+    ids[:, 0] = cfg.bos_token_id
+    last = mask.sum(dim=1).clamp(min=2) - 1
+    ids[torch.arange(ids.shape[0]), last] = cfg.sep_token_id
+    return ids, ids.masked_fill(mask == 0, -100)
+
+
+def generate_texts(model, tokenizer, max_new_tokens: int, **inputs) -> list[str]:
+    """Greedy generation with a BLIP class, decoded without special tokens."""
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    return [" ".join(t.split()) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

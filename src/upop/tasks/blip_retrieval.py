@@ -1,0 +1,140 @@
+"""Image-text retrieval with ``BlipForImageTextRetrieval`` (called by the ``retrieval`` task).
+
+Loss, as BLIP's retrieval fine-tuning:
+
+* ITC: image [CLS] -> ``vision_proj``, text [CLS] of the unimodal text encoder -> ``text_proj``,
+  both L2-normalised; symmetric cross-entropy of the cosine similarities divided by a *fixed*
+  temperature :data:`ITC_TEMPERATURE` = 0.07 (BLIP learns it from 0.07; the HF class has no
+  ``temp`` parameter, so the task keeps it constant). Samples of the same image (same
+  ``index``) are all positives (soft targets), as BLIP does with image ids.
+* ITM: the text encoder with cross-attention into the image, ``itm_head`` on [CLS], binary
+  cross-entropy over the B positive pairs plus, for every text, a hard negative image and, for
+  every image, a hard negative text, sampled with probability ``softmax(similarity)`` over the
+  other samples of the batch (BLIP's hard-negative mining). Skipped for a batch of one image.
+
+The loss calls the model's submodules (vision tower, text encoder, heads) on the unwrapped
+model, so it runs in one process; data-parallel training of this task would need one fused
+forward (not done).
+
+Evaluation, as BLIP: ITC similarity for every (image, text) pair, then for each image its top
+``k`` texts, and for each text its top ``k`` images, are re-scored with ``ITM logit(match) +
+ITC similarity``; every other pair scores -100. Recall@1/5/10 both ways with the CLIP task's
+metric names (:func:`upop.tasks.retrieval.recall_at_k`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._blip import unwrap
+
+ITC_TEMPERATURE = 0.07
+ITM_K = 16
+"""Candidates re-ranked by ITM per query (capped by the number of candidates)."""
+
+
+def _features(m, pixel_values=None, input_ids=None, attention_mask=None):
+    out = {}
+    if pixel_values is not None:
+        out["image_embeds"] = m.vision_model(pixel_values=pixel_values).last_hidden_state
+        out["image_feat"] = F.normalize(m.vision_proj(out["image_embeds"][:, 0, :]), dim=-1)
+    if input_ids is not None:
+        text = m.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out["text_feat"] = F.normalize(m.text_proj(text[:, 0, :]), dim=-1)
+    return out
+
+
+def _itm_logits(m, input_ids, attention_mask, image_embeds) -> torch.Tensor:
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    out = m.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                         encoder_attention_mask=image_mask).last_hidden_state
+    return m.itm_head(out[:, 0, :])
+
+
+def loss(model, batch) -> torch.Tensor:
+    """ITC + ITM loss of a batch ``{"pixel_values", "input_ids", "attention_mask", "index"}``."""
+    m = unwrap(model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    f = _features(m, batch["pixel_values"], ids, mask)
+    sim_i2t = f["image_feat"] @ f["text_feat"].t() / ITC_TEMPERATURE
+    idx = batch["index"] if "index" in batch else torch.arange(len(ids))
+    idx = idx.view(-1, 1).to(sim_i2t.device)
+    same = idx == idx.t()
+    targets = same.float() / same.float().sum(dim=1, keepdim=True)
+    itc = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(1).mean() - (F.log_softmax(sim_i2t.t(), dim=1) * targets).sum(1).mean()
+    itc = itc / 2
+    if bool(same.all()):
+        return itc
+    with torch.no_grad():
+        w_i2t = (F.softmax(sim_i2t.float(), dim=1) + 1e-4).masked_fill(same, 0)
+        w_t2i = (F.softmax(sim_i2t.t().float(), dim=1) + 1e-4).masked_fill(same, 0)
+        neg_img = torch.multinomial(w_t2i, 1).squeeze(1)  # a hard negative image for every text
+        neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)  # a hard negative text for every image
+    images = f["image_embeds"]
+    logits = _itm_logits(m, torch.cat([ids, ids, ids[neg_txt]]), torch.cat([mask, mask, mask[neg_txt]]),
+                         torch.cat([images, images[neg_img], images]))
+    n = len(ids)
+    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(logits.device)
+    return itc + F.cross_entropy(logits, labels)
+
+
+def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """BLIP's re-ranking of an (images x texts) ITC similarity matrix.
+
+    ``itm_score(image_idx, text_idx)`` returns the ITM match score of each pair. Returns
+    ``(i2t, t2i)``: (images x texts) and (texts x images) score matrices where each query's top
+    ``k`` candidates score ``itm + sim`` and every other pair -100.
+    """
+    n_img, n_txt = sim.shape
+    i2t = torch.full((n_img, n_txt), -100.0)
+    t2i = torch.full((n_txt, n_img), -100.0)
+    k_t, k_i = min(k, n_txt), min(k, n_img)
+    for i in range(n_img):
+        top_sim, top = sim[i].topk(k_t)
+        i2t[i, top] = itm_score(torch.full((k_t,), i), top).float().cpu() + top_sim.float().cpu()
+    for t in range(n_txt):
+        top_sim, top = sim[:, t].topk(k_i)
+        t2i[t, top] = itm_score(top, torch.full((k_i,), t)).float().cpu() + top_sim.float().cpu()
+    return i2t, t2i
+
+
+@torch.no_grad()
+def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K) -> dict[str, float]:
+    """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates."""
+    from .retrieval import METRICS, RetrievalTask, recall_at_k
+
+    m = unwrap(model)
+    collate = RetrievalTask().collator(processor)
+    device = next(m.parameters()).device
+    was_training = m.training
+    m.eval()
+    embeds, img_feat = [], []
+    for start in range(0, len(dataset), batch_size):
+        px = collate.collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        f = _features(m, pixel_values=px["pixel_values"].to(device))
+        embeds.append(f["image_embeds"])
+        img_feat.append(f["image_feat"])
+    texts, txt2img, img2txt = dataset.flat_captions()
+    enc = {key: v.to(device) for key, v in collate.encode_texts(texts).items()}
+    txt_feat = torch.cat([_features(m, input_ids=enc["input_ids"][s:s + batch_size],
+                                    attention_mask=enc["attention_mask"][s:s + batch_size])["text_feat"]
+                          for s in range(0, len(texts), batch_size)])
+    image_embeds = torch.cat(embeds)
+    sim = (torch.cat(img_feat) @ txt_feat.t()).float().cpu()
+
+    def itm_score(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s in range(0, len(img_idx), batch_size):
+            ii, tt = img_idx[s:s + batch_size].to(device), txt_idx[s:s + batch_size].to(device)
+            out.append(_itm_logits(m, enc["input_ids"][tt], enc["attention_mask"][tt], image_embeds[ii])[:, 1])
+        return torch.cat(out)
+
+    i2t, t2i = rerank(sim, k, itm_score)
+    m.train(was_training)
+    txt = recall_at_k(i2t, img2txt, txt2img)
+    img = recall_at_k(t2i.t().contiguous(), img2txt, txt2img)
+    out = {name: (txt if name.startswith("txt") else img)[name] for name in METRICS[:-1]}
+    out["r_mean"] = sum(out.values()) / 6.0
+    return {name: out[name] for name in METRICS}

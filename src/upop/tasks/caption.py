@@ -1,0 +1,69 @@
+"""Image captioning with ``BlipForConditionalGeneration``.
+
+Data: the Karpathy caption layout (the retrieval reader, :mod:`upop.data.retrieval`).
+Loss: the decoder's LM loss on one reference caption per image (a different one each epoch),
+as ``<bos> caption [SEP]`` (no prompt). Evaluation: greedy generation from the image alone
+(at most ``max_caption_tokens`` new tokens), scored with corpus BLEU-4 and CIDEr-D of
+:mod:`.caption_metrics` against all references, both x100 as in papers; main metric ``cider``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.retrieval import RetrievalCollator, RetrievalDataset, _parts, load_retrieval_split
+from ._blip import decoder_inputs, generate_texts
+from .base import Task
+from .caption_metrics import bleu, cider_d
+
+
+class CaptionTask(Task):
+    name = "caption"
+    model_classes = ("BlipForConditionalGeneration",)
+    main_metric = "cider"
+    max_caption_tokens = 24
+
+    def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
+        return {s: RetrievalDataset(load_retrieval_split(data_dir, s, image_root)) for s in splits}
+
+    def collator(self, processor, seed: int = 0):
+        return RetrievalCollator(processor, seed=seed, padding="longest")
+
+    def _inputs(self, model, batch) -> dict:
+        ids, labels = decoder_inputs(batch["input_ids"], batch["attention_mask"], model)
+        return {"pixel_values": batch["pixel_values"], "input_ids": ids, "attention_mask": batch["attention_mask"],
+                "labels": labels}
+
+    def loss(self, model: nn.Module, batch):
+        return model(**self._inputs(model, batch)).loss
+
+    @torch.no_grad()
+    def predict(self, model, dataset, processor, batch_size: int = 64) -> list[str]:
+        """A generated caption for every image of ``dataset``, in order."""
+        collate = self.collator(processor)
+        _, tokenizer = _parts(processor)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        out: list[str] = []
+        for start in range(0, len(dataset), batch_size):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            pixels = collate.encode_images(samples).to(device)
+            out += generate_texts(model, tokenizer, self.max_caption_tokens, pixel_values=pixels)
+        model.train(was_training)
+        return out
+
+    def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
+        hyps = self.predict(model, dataset, processor, batch_size)
+        refs = [item.captions for item in dataset.items]
+        return {"bleu4": 100.0 * bleu(hyps, refs)[3], "cider": 100.0 * cider_d(hyps, refs)}
+
+    def example_inputs(self, model, processor, dataset, batch_size: int = 1):
+        batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
+        device = next(model.parameters()).device
+        return {k: v.to(device) for k, v in self._inputs(model, batch).items() if k != "labels"}
+
+    def text_tokens(self, processor, dataset) -> int | None:
+        n = min(len(dataset), 64)
+        texts = [c for i in range(n) for c in dataset.items[i].captions]
+        return int(self.collator(processor).encode_texts(texts)["input_ids"].shape[1])

@@ -1,0 +1,93 @@
+"""Image classification with ViT / DeiT: cross-entropy loss; top-1 and top-5 accuracy (percent).
+
+``DeiTForImageClassificationWithTeacher`` has two heads and no loss in its forward: the loss is
+the mean of the cross-entropies of ``cls_logits`` and ``distillation_logits`` against the labels
+(hard-label training of both heads, no teacher at hand), and its ``logits`` (their mean) are
+evaluated. Data: ImageFolder (:mod:`upop.data.imagefolder`); the number of class folders must
+equal ``model.config.num_labels``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
+from ..errors import DataError
+from .base import Task
+
+WITH_TEACHER = "DeiTForImageClassificationWithTeacher"
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` in percent; ``k`` larger than the class count counts every class."""
+    out = {}
+    for k in ks:
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        out[f"top{k}"] = 100.0 * float((top == labels.unsqueeze(-1)).any(dim=-1).float().mean())
+    return out
+
+
+def _num_labels(model: nn.Module) -> int:
+    return int(model.config.num_labels)
+
+
+def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
+    """Every label id must be a class of the model."""
+    n = _num_labels(model)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        raise DataError(f"label id {int(labels.max())} does not fit the model: it has num_labels={n} "
+                        f"(ids 0..{n - 1}); the data has more classes than the model")
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    model_classes = ("ViTForImageClassification", "DeiTForImageClassification", WITH_TEACHER)
+    main_metric = "top1"
+
+    def load_splits(self, data_dir, splits=("train", "val", "test")):
+        return load_imagefolder(data_dir, splits)
+
+    def collator(self, processor, seed: int = 0):
+        return ImageClassificationCollator(processor)
+
+    def check_data(self, model: nn.Module, dataset) -> None:
+        """The dataset's classes must be the model's classes (same number)."""
+        classes = getattr(dataset, "classes", None)
+        if classes is not None and len(classes) != _num_labels(model):
+            where = getattr(dataset, "split", "") or "the dataset"
+            raise DataError(f"the data ({where}) has {len(classes)} class folders but the model has "
+                            f"num_labels={_num_labels(model)}; they must be equal")
+
+    @staticmethod
+    def logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixel_values).logits
+
+    def loss(self, model: nn.Module, batch):
+        labels = batch["labels"]
+        check_labels(model, labels)
+        out = model(pixel_values=batch["pixel_values"])
+        if hasattr(out, "distillation_logits") and out.distillation_logits is not None:
+            return (F.cross_entropy(out.cls_logits, labels) + F.cross_entropy(out.distillation_logits, labels)) / 2
+        return F.cross_entropy(out.logits, labels)
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
+        self.check_data(model, dataset)
+        collate = self.collator(processor)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            check_labels(model, batch["labels"])
+            logits.append(self.logits(model, batch["pixel_values"].to(device)).float().cpu())
+            labels.append(batch["labels"])
+        model.train(was_training)
+        return topk_accuracy(torch.cat(logits), torch.cat(labels))
+
+    def example_inputs(self, model, processor, dataset, batch_size: int = 1):
+        batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
+        return {"pixel_values": batch["pixel_values"].to(next(model.parameters()).device)}

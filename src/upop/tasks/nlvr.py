@@ -1,0 +1,51 @@
+"""NLVR2 (two images, one statement, true/false) with :class:`upop.blip_nlvr.BlipForNLVR`.
+
+Loss: cross-entropy of the two-class head. Evaluation: ``accuracy`` in percent (main metric).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
+from .base import Task
+
+
+class NLVRTask(Task):
+    name = "nlvr"
+    model_classes = ("BlipForNLVR",)
+    main_metric = "accuracy"
+
+    def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
+        return {s: NLVRDataset(load_nlvr_split(data_dir, s, image_root)) for s in splits}
+
+    def collator(self, processor, seed: int = 0):
+        return NLVRCollator(processor)
+
+    def loss(self, model: nn.Module, batch):
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
+        collate = self.collator(processor)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        correct = 0
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+        model.train(was_training)
+        return {"accuracy": 100.0 * correct / len(dataset)}
+
+    def example_inputs(self, model, processor, dataset, batch_size: int = 1):
+        batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
+        device = next(model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+    def text_tokens(self, processor, dataset) -> int | None:
+        n = min(len(dataset), 64)
+        enc = self.collator(processor).tokenizer([dataset.items[i].sentence for i in range(n)], padding="longest")
+        return len(enc["input_ids"][0])

@@ -1,0 +1,134 @@
+"""Nothing lost: resume at every phase, mixed-precision accumulation, non-finite values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import upop
+from upop.api import compress
+from upop.models import load_any
+from upop.tasks.retrieval import RetrievalTask
+from upop.train import STATE_FILE, TrainingError
+
+from ._families import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from upop.cli import main
+
+    root = tmp_path_factory.mktemp("robust")
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "48", "--val", "8",
+                 "--test", "8", "--image-size", "32"]) == 0
+    assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
+    return root
+
+
+CFG = dict(ratio=0.5, search_epochs=2, retrain_epochs=2, batch_size=8, lr=1e-3, checkpoint_every=2, interval=2,
+           latency_time=0.02)
+
+
+def _compress(world, out, task="retrieval", **kw):
+    model, processor = load_any(world / "model")
+    return compress(model, task, world / "data", processor=processor, config=upop.UPopConfig(**CFG), out_dir=out,
+                    progress=False, log=lambda msg: None, **kw)
+
+
+# search: 2 epochs x 6 steps = 12 steps; step 13 is pruning; retrain: 12 steps
+STOPS = {"during search": 5, "at the last search step": 12, "between prune and retrain": 13, "during retrain": 17,
+         "at the end of a retrain epoch": 19}
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _compress(world, out)
+    return out
+
+
+@pytest.mark.parametrize("where", sorted(STOPS))
+def test_stop_anywhere_then_resume_gives_identical_result(where, world, reference, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _compress(world, out, stop_after=STOPS[where])
+    assert (out / "state" / STATE_FILE).is_file() and not (out / "report.json").exists()
+    _compress(world, out, resume=True)
+    ref_plan = upop.read_plan(reference / "compressed")
+    assert upop.read_plan(out / "compressed").groups == ref_plan.groups
+    a = load_file(str(reference / "compressed" / "model.safetensors"))
+    b = load_file(str(out / "compressed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_finished_run_only_rewrites_the_report(world, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    result = _compress(world, out, resume=True)
+    assert upop.read_plan(out / "compressed").groups == upop.read_plan(reference / "compressed").groups
+    assert result.report["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
+
+
+class _NaNAt(RetrievalTask):
+    """Retrieval whose loss turns NaN at a given call (a diverging run)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def loss(self, model, batch):
+        loss = super().loss(model, batch)
+        self.calls += 1
+        return loss * float("nan") if self.calls > self.at else loss
+
+
+def test_non_finite_loss_stops_at_the_last_good_checkpoint(world, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="search step 5") as info:
+        _compress(world, out, task=_NaNAt(5))
+    assert "\n" not in str(info.value)
+    state = torch.load(out / "state" / STATE_FILE, weights_only=True)
+    assert state["phase"] == "search" and state["step"] == 4
+    values = torch.cat(list(state["search"]["masks"]["values"].values()))
+    assert torch.isfinite(values).all()
+    sums = torch.cat(list(state["search"]["masks"]["grad_sum"].values()))
+    assert torch.isfinite(sums).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mask_gradients_accumulate_under_autocast(dtype):
+    """Under autocast the sums are still the exact float64 sum of each step's gradients."""
+    torch.manual_seed(0)
+    model = FAMILIES["clip"][0]().train()
+    masks = upop.attach_masks(model)
+    search = upop.UPopSearch(masks, ratio=0.5, total_steps=100, interval=1000)
+    expected = {n: torch.zeros(m.numel(), dtype=torch.float64) for n, m in masks.items()}
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        batch = {"input_ids": torch.randint(9, 100, (4, 8), generator=g), "pixel_values": torch.randn(4, 3, 32, 32, generator=g)}
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(**batch)
+            loss = out.logits_per_image.float().logsumexp(-1).mean()
+        scale = 256.0  # as an fp16 loss scaler would
+        (loss * scale).backward()
+        for name, m in masks.items():
+            expected[name] += m.grad.double() / scale
+        search.step(step, grad_scale=scale)
+        model.zero_grad()
+    for name in expected:
+        assert torch.allclose(masks.grad_sum[name], expected[name], rtol=1e-12, atol=0)
+        assert masks.grad_sum[name].abs().sum() > 0
+
+
+def test_overflowing_fp16_steps_are_skipped_not_fatal():
+    model = FAMILIES["clip"][0]().train()
+    masks = upop.attach_masks(model)
+    search = upop.UPopSearch(masks, ratio=0.5, total_steps=10, interval=1000)
+    name = masks.groups[0].name
+    masks[name].grad = torch.full_like(masks[name], math.inf)
+    assert search.step(0, grad_scale=65536.0, skip_nonfinite=True) is None
+    assert search.skipped_steps == 1 and torch.isfinite(masks.grad_sum[name]).all()
