@@ -165,3 +165,42 @@ def test_mask_grads_accumulate_in_float64_and_nonfinite_is_caught():
     masks[masks.groups[0].name].grad = torch.full_like(masks[masks.groups[0].name], float("nan"))
     with pytest.raises(FloatingPointError, match="step 2"):
         search.step(2)
+
+
+def test_round_to_that_cannot_meet_the_budget_is_a_clear_error():
+    masks = upop.attach_masks(FAMILIES["clip"][0]())
+    with pytest.raises(ConfigError, match="round_to=16"):
+        UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, round_to=16)
+
+
+@pytest.mark.parametrize("round_to", [1, 2, 4])
+def test_round_to_keeps_multiples_and_meets_the_budget(round_to):
+    model = FAMILIES["clip"][0]().train()
+    masks = upop.attach_masks(model)
+    search = UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, round_to=round_to)
+    for t in range(4):
+        _clip_loss(model, _batch(t)).backward()
+        search.step(t)
+        model.zero_grad()
+    total = upop.prunable_cost(masks.groups)
+    removed = sum(g.param_cost * int((masks[g.name] == 0).sum()) for g in masks.groups)
+    chunk = max(g.param_cost for g in masks.groups) * round_to
+    assert 0.5 * total <= removed < 0.5 * total + chunk
+    for g in masks.groups:
+        kept = int((masks[g.name] == 1).sum())
+        if g.num_units >= round_to:
+            assert kept % round_to == 0 and kept >= round_to
+        else:
+            assert kept == g.num_units
+
+
+def test_chunk_selection_with_chunks_of_one_unit_is_the_plain_selection():
+    model = FAMILIES["clip"][0]().train()
+    masks = upop.attach_masks(model)
+    _clip_loss(model, _batch(0)).backward()
+    masks.accumulate_grads()
+    search = UPopSearch(masks, ratio=0.4, total_steps=4, interval=2)
+    for ratio in (0.1, 0.4, 0.9):
+        assert torch.equal(search.select(ratio), search._select_chunks(search.scores(), ratio))
+    search.round_to = 10**6  # no group is that wide: nothing can be removed
+    assert not search.select(0.4).any()

@@ -35,6 +35,7 @@ class UPopConfig:
     interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression")
     w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
     w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
+    round_to: int = _f(1, "every group keeps a multiple of this many units (e.g. 8 for fast kernels); 1 = any width")
     seed: int = _f(0, "random seed (data order, caption choice, dropout)")
     checkpoint_every: int = _f(200, "steps between resumable checkpoints")
     precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
@@ -56,7 +57,7 @@ class UPopConfig:
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"choose one of: {', '.join(choices)}")
         for name, low in (("search_epochs", 1), ("retrain_epochs", 0), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("checkpoint_every", 1), ("latency_batch_size", 1)):
+                          ("checkpoint_every", 1), ("latency_batch_size", 1), ("round_to", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 bad(name, f"need an integer >= {low}")

@@ -52,6 +52,7 @@ def _blip_config(size: str, vocab: int, image_size: int):
         vision_config=dict(
             hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
             image_size=image_size, patch_size=patch,
+            initializer_range=0.02,  # BlipVisionConfig's default 1e-10 leaves a random vision tower at ~0
         ),
         projection_dim=h,
         image_text_hidden_size=h,

@@ -69,6 +69,7 @@ class UPopSearch:
         method: str = "upop",
         w_attn: float = 6.4e-3,
         w_mlp: float = 2e-4,
+        round_to: int = 1,
     ):
         if not 0.0 < ratio < 1.0:
             raise ConfigError(f"ratio must be in (0, 1), got {ratio}")
@@ -80,10 +81,13 @@ class UPopSearch:
             raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
         if method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
         self.masks = masks
         self.ratio, self.total_steps, self.interval = ratio, total_steps, interval
         self.cost, self.method = cost, method
         self.w_attn, self.w_mlp = w_attn, w_mlp
+        self.round_to = round_to
         self.step_count = 0
         self.skipped_steps = 0
         self.history: list[SearchUpdate] = []
@@ -97,6 +101,13 @@ class UPopSearch:
         sizes = [g.num_units for g in groups]
         self._group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
         self.total_cost = float(self._unit_cost.sum())
+        removable = sum(g.cost(cost) * max(0, g.num_units - round_to) for g in groups)
+        if removable < ratio * self.total_cost:
+            raise ConfigError(
+                f"ratio={ratio} cannot be met with round_to={round_to}: groups must keep at least {round_to} units, "
+                f"so at most {removable / self.total_cost:.3f} of the prunable {cost} can be removed; "
+                "lower --ratio or --round-to"
+            )
 
     # the loss term ---------------------------------------------------------------------------
     def sparsity_loss(self) -> torch.Tensor:
@@ -146,8 +157,12 @@ class UPopSearch:
 
         Each group's lowest-scored unit is never a candidate, so every group keeps one unit.
         Units are taken while the running cost is below ``ratio * total_cost``.
+        With ``round_to = N > 1`` units are taken in chunks so that every group keeps a multiple
+        of N units (at least N): see :meth:`_select_chunks`.
         """
         score = self.scores()
+        if self.round_to > 1:
+            return self._select_chunks(score, ratio)
         n = score.numel()
         candidate = torch.ones(n, dtype=torch.bool)
         offset = 0
@@ -160,6 +175,43 @@ class UPopSearch:
         take = order[cum_before < ratio * self.total_cost - 1e-9]
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[take] = True
+        return chosen
+
+    def _select_chunks(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
+        """Selection with kept widths rounded to multiples of ``round_to`` (hardware-friendly).
+
+        In each group the units are ordered by score (largest first) and cut into chunks: a first
+        chunk of ``num_units % N`` units, then chunks of N, never the last N. A chunk scores the
+        mean of its units, made non-increasing along the group so chunks are taken in order.
+        Chunks of all groups are then ranked together and taken while the running cost is below
+        the target, as units are when N = 1 (the budget is met within one chunk).
+        """
+        n_round = self.round_to
+        units, scores, costs = [], [], []
+        offset = 0
+        for g in self.masks.groups:
+            u = g.num_units
+            s = score[offset : offset + u]
+            order = torch.sort(s, descending=True, stable=True).indices + offset
+            lead, removable = u % n_round, u - n_round
+            bounds = ([lead] if lead else []) + list(range(lead + n_round, removable + 1, n_round)) if removable > 0 else []
+            start, chunk_scores = 0, []
+            for end in bounds:
+                members = order[start:end]
+                units.append(members)
+                chunk_scores.append(float(score[members].mean()))
+                costs.append(float(self._unit_cost[members].sum()))
+                start = end
+            scores.extend(torch.cummin(torch.tensor(chunk_scores, dtype=torch.float64), 0).values.tolist() if chunk_scores else [])
+            offset += u
+        chosen = torch.zeros(score.numel(), dtype=torch.bool)
+        if not units:
+            return chosen
+        rank = torch.sort(torch.tensor(scores, dtype=torch.float64), descending=True, stable=True).indices
+        cost = torch.tensor(costs, dtype=torch.float64)[rank]
+        cum_before = torch.cumsum(cost, 0) - cost
+        for i in rank[cum_before < ratio * self.total_cost - 1e-9].tolist():
+            chosen[units[i]] = True
         return chosen
 
     @torch.no_grad()
@@ -196,6 +248,7 @@ class UPopSearch:
             "method": self.method,
             "w_attn": self.w_attn,
             "w_mlp": self.w_mlp,
+            "round_to": self.round_to,
         }
 
     def state_dict(self) -> dict:

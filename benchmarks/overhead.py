@@ -1,0 +1,145 @@
+"""Cost of the search: one UPop search step vs one plain fine-tuning step of the same model and
+batch, on full-size architectures (random weights): time per step and peak memory.
+
+    python benchmarks/overhead.py            # CLIP ViT-B/16 and BLIP-base retrieval, batch 8
+    python benchmarks/overhead.py --quick    # small widths, for CI
+
+Time: both modes alternate in one process (same machine state), median over steps after warm-up.
+Memory: each mode runs in its own fresh process and reports its peak resident memory (VmHWM),
+model, optimizer state and activations included — what a user's run needs.
+Goal (issue 6/7): search <= 1.15x the time and <= 1.10x the memory of fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import blip_base_config, clip_b16_config, peak_rss_mb, write_results  # noqa: E402
+
+import upop  # noqa: E402
+
+
+def build(name: str, quick: bool):
+    import transformers
+
+    if name == "clip-vit-b16":
+        cfg = clip_b16_config(224 if not quick else 64)
+        if quick:
+            cfg.vision_config.num_hidden_layers = cfg.text_config.num_hidden_layers = 2
+        return transformers.CLIPModel(cfg)
+    if name == "blip-base-retrieval":
+        cfg = blip_base_config(224 if not quick else 64)
+        if quick:
+            cfg.vision_config.num_hidden_layers = cfg.text_config.num_hidden_layers = 2
+        return transformers.BlipForImageTextRetrieval(cfg)
+    raise ValueError(name)
+
+
+def batch_for(name: str, model, batch: int):
+    g = torch.Generator().manual_seed(0)
+    size = model.config.vision_config.image_size
+    ids = torch.randint(5, 1000, (batch, 32), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+def loss_fn(name: str, model, batch):
+    if name.startswith("clip"):
+        out = model(**batch)
+        labels = torch.arange(out.logits_per_image.shape[0])
+        return (F.cross_entropy(out.logits_per_image, labels) + F.cross_entropy(out.logits_per_text, labels)) / 2
+    itm = model(**batch, use_itm_head=True).itm_score
+    itc = model(**batch, use_itm_head=False).itm_score
+    labels = torch.arange(itc.shape[0])
+    return F.cross_entropy(itc / 0.07, labels) + F.cross_entropy(itm, torch.ones(itm.shape[0], dtype=torch.long))
+
+
+class Stepper:
+    def __init__(self, name: str, quick: bool, batch: int, mode: str):
+        torch.manual_seed(0)
+        self.name, self.mode = name, mode
+        self.model = build(name, quick).train()
+        self.batch = batch_for(name, self.model, batch)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.search = None
+        if mode == "search":
+            masks = upop.attach_masks(self.model)
+            self.search = upop.UPopSearch(masks, ratio=0.5, total_steps=10_000, interval=1)  # an update every step
+        self.t = 0
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        loss = loss_fn(self.name, self.model, self.batch)
+        if self.search is not None:
+            loss = loss + self.search.sparsity_loss()
+        loss.backward()
+        if self.search is not None:
+            self.search.step(self.t)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.t += 1
+        return time.perf_counter() - start
+
+
+def memory_child(name: str, quick: bool, batch: int, mode: str, steps: int) -> None:
+    stepper = Stepper(name, quick, batch, mode)
+    for _ in range(steps):
+        stepper.step()
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def measure(name: str, quick: bool, batch: int, steps: int) -> dict:
+    steppers = {mode: Stepper(name, quick, batch, mode) for mode in ("finetune", "search")}
+    times = {mode: [] for mode in steppers}
+    for i in range(steps + 1):  # the first step of each is warm-up
+        for mode, stepper in steppers.items():
+            dt = stepper.step()
+            if i:
+                times[mode].append(dt)
+    del steppers
+    memory = {}
+    for mode in ("finetune", "search"):
+        out = subprocess.run([sys.executable, __file__, "--child", name, mode, str(batch), str(min(steps, 2))]
+                             + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
+        memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    t_ft, t_s = statistics.median(times["finetune"]), statistics.median(times["search"])
+    return {"model": name, "batch": batch, "steps": steps, "finetune_step_s": t_ft, "search_step_s": t_s,
+            "time_ratio": t_s / t_ft, "finetune_peak_mb": memory["finetune"], "search_peak_mb": memory["search"],
+            "memory_ratio": memory["search"] / memory["finetune"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=["clip-vit-b16", "blip-base-retrieval"])
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "MODE", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, mode, batch, steps = args.child
+        return memory_child(name, args.quick, int(batch), mode, int(steps))
+    rows = [measure(name, args.quick, args.batch, args.steps) for name in args.models]
+    md = ["| model | batch | fine-tune step (s) | search step (s) | time ratio | fine-tune peak (MiB) | search peak (MiB) | memory ratio |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['model']}{' (quick)' if args.quick else ''} | {r['batch']} | {r['finetune_step_s']:.3f} | "
+                  f"{r['search_step_s']:.3f} | {r['time_ratio']:.3f}x | {r['finetune_peak_mb']:.0f} | "
+                  f"{r['search_peak_mb']:.0f} | {r['memory_ratio']:.3f}x |")
+    text = "\n".join(md)
+    print(text)
+    write_results("overhead" + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},
+                  "## Search step vs fine-tuning step\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
