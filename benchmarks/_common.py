@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# UPOP_BENCH_RESULTS redirects the output (the test of the --quick variants writes to a temp folder)
+RESULTS = Path(os.environ.get("UPOP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:

@@ -204,3 +204,21 @@ def test_chunk_selection_with_chunks_of_one_unit_is_the_plain_selection():
         assert torch.equal(search.select(ratio), search._select_chunks(search.scores(), ratio))
     search.round_to = 10**6  # no group is that wide: nothing can be removed
     assert not search.select(0.4).any()
+
+
+def test_uniform_allocation_prunes_the_same_share_of_every_group():
+    _, masks, _, _ = _run(total=6, interval=2, ratio=0.5)  # unified reference for contrast
+    unified = [int((masks[g.name] == 0).sum()) / g.num_units for g in masks.groups]
+    torch.manual_seed(0)
+    model = FAMILIES["clip"][0]().train()
+    masks = upop.attach_masks(model)
+    search = UPopSearch(masks, ratio=0.5, total_steps=6, interval=2, allocation="uniform")
+    for t in range(6):
+        _clip_loss(model, _batch(t)).backward()
+        search.step(t)
+        model.zero_grad()
+    for g in masks.groups:
+        removed = int((masks[g.name] == 0).sum())
+        # within one unit of half the group, whatever the scores
+        assert abs(removed - g.num_units / 2) <= 1
+    assert max(unified) - min(unified) > 0.1  # ...while the unified search allocates unevenly

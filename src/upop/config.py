@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .search import COSTS, METHODS
+from .search import ALLOCATIONS, COSTS, METHODS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -24,6 +24,8 @@ class UPopConfig:
 
     ratio: float = _f(0.5, "share of the prunable cost to remove, in (0, 1); 0.5 = '2x', 0.75 = '4x'")
     method: str = _f("upop", "upop (progressive) or one-shot (masks cut to 0 at once after the search)", choices=METHODS)
+    allocation: str = _f("unified", "unified (one ranking across modalities and layers, UPop) or uniform "
+                         "(the same ratio in every layer: the paper's non-unified ablation)", choices=ALLOCATIONS)
     cost: str = _f("params", "budget the ratio is measured in: params (exact counts) or flops", choices=COSTS)
     search_epochs: int = _f(2, "epochs of the search phase (weights train, masks are searched)")
     retrain_epochs: int = _f(2, "epochs of retraining the compressed model (best on validation kept)")

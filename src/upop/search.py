@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .masks import Masks
 
 METHODS = ("upop", "one-shot")
+ALLOCATIONS = ("unified", "uniform")
 COSTS = ("params", "flops")
 
 
@@ -70,6 +71,7 @@ class UPopSearch:
         w_attn: float = 6.4e-3,
         w_mlp: float = 2e-4,
         round_to: int = 1,
+        allocation: str = "unified",
     ):
         if not 0.0 < ratio < 1.0:
             raise ConfigError(f"ratio must be in (0, 1), got {ratio}")
@@ -81,6 +83,10 @@ class UPopSearch:
             raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
         if method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        if allocation == "uniform" and round_to != 1:
+            raise ConfigError("round_to applies to the unified allocation only")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
         self.masks = masks
@@ -88,6 +94,7 @@ class UPopSearch:
         self.cost, self.method = cost, method
         self.w_attn, self.w_mlp = w_attn, w_mlp
         self.round_to = round_to
+        self.allocation = allocation
         self.step_count = 0
         self.skipped_steps = 0
         self.history: list[SearchUpdate] = []
@@ -161,6 +168,8 @@ class UPopSearch:
         of N units (at least N): see :meth:`_select_chunks`.
         """
         score = self.scores()
+        if self.allocation == "uniform":
+            return self._select_per_group(score, ratio)
         if self.round_to > 1:
             return self._select_chunks(score, ratio)
         n = score.numel()
@@ -175,6 +184,20 @@ class UPopSearch:
         take = order[cum_before < ratio * self.total_cost - 1e-9]
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[take] = True
+        return chosen
+
+    def _select_per_group(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
+        """The non-unified ablation: in every group, its own units ranked by score and taken
+        while the group's running cost is below ``ratio`` of the group's cost (one unit kept)."""
+        chosen = torch.zeros(score.numel(), dtype=torch.bool)
+        offset = 0
+        for g in self.masks.groups:
+            s = score[offset : offset + g.num_units]
+            order = torch.sort(s, descending=True, stable=True).indices[:-1] + offset
+            cost = self._unit_cost[order]
+            cum_before = torch.cumsum(cost, 0) - cost
+            chosen[order[cum_before < ratio * g.cost(self.cost) * g.num_units - 1e-9]] = True
+            offset += g.num_units
         return chosen
 
     def _select_chunks(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -249,6 +272,7 @@ class UPopSearch:
             "w_attn": self.w_attn,
             "w_mlp": self.w_mlp,
             "round_to": self.round_to,
+            "allocation": self.allocation,
         }
 
     def state_dict(self) -> dict:

@@ -241,7 +241,7 @@ class Run:
         groups = find_groups(model, text_tokens=self.task.text_tokens(self.processor, self.train_set))
         masks = attach_masks(model, groups)
         search = UPopSearch(masks, cfg.ratio, self.search_steps, self.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
-                            round_to=cfg.round_to)
+                            round_to=cfg.round_to, allocation=cfg.allocation)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         start = 0
         if state is not None:
