@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo bench bench-quick install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/upop demo
+
+# every benchmark at full size (about an hour on 2 cores); rewrites benchmarks/results and the README section
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	UPOP_BENCH_RESULTS=$${UPOP_BENCH_RESULTS:-/tmp/upop-bench-quick} $(BIN)/python benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -29,18 +29,28 @@ from _common import blip_base_config, clip_b16_config, peak_rss_mb, write_result
 import upop  # noqa: E402
 
 
+def _shrink(cfg) -> None:
+    """--quick: the same architecture at width 128, 2 layers, a small vocabulary."""
+    for sub in (cfg.vision_config, cfg.text_config):
+        sub.hidden_size, sub.intermediate_size, sub.num_attention_heads, sub.num_hidden_layers = 128, 512, 4, 2
+    cfg.text_config.vocab_size = 1000
+    if hasattr(cfg.text_config, "encoder_hidden_size"):
+        cfg.text_config.encoder_hidden_size = 128
+
+
 def build(name: str, quick: bool):
     import transformers
 
     if name == "clip-vit-b16":
         cfg = clip_b16_config(224 if not quick else 64)
         if quick:
-            cfg.vision_config.num_hidden_layers = cfg.text_config.num_hidden_layers = 2
+            _shrink(cfg)
+            cfg.projection_dim = 128
         return transformers.CLIPModel(cfg)
     if name == "blip-base-retrieval":
         cfg = blip_base_config(224 if not quick else 64)
         if quick:
-            cfg.vision_config.num_hidden_layers = cfg.text_config.num_hidden_layers = 2
+            _shrink(cfg)
         return transformers.BlipForImageTextRetrieval(cfg)
     raise ValueError(name)
 
@@ -48,7 +58,7 @@ def build(name: str, quick: bool):
 def batch_for(name: str, model, batch: int):
     g = torch.Generator().manual_seed(0)
     size = model.config.vision_config.image_size
-    ids = torch.randint(5, 1000, (batch, 32), generator=g)
+    ids = torch.randint(5, min(1000, model.config.text_config.vocab_size), (batch, 32), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
 
 

@@ -1,0 +1,45 @@
+"""Rebuild the README's results section from benchmarks/results/*.md (full-size runs only).
+
+    python benchmarks/summarize.py
+
+Every table in the section is a results file written by a benchmark, with the exact command and
+the machine it ran on under it; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+ORDER = ["speed", "overhead", "ablations", "vision_ratios", "blip_tasks", "scaling"]
+
+
+def section() -> str:
+    parts = []
+    names = [n for n in ORDER if (RESULTS / f"{n}.md").is_file()]
+    names += sorted(p.stem for p in RESULTS.glob("*.md") if p.stem not in ORDER and not p.stem.endswith("quick"))
+    for name in names:
+        text = (RESULTS / f"{name}.md").read_text().strip()
+        text = "\n".join(("### " + line[2:]) if line.startswith("# ") else ("####" + line[2:]) if line.startswith("## ")
+                         else line for line in text.splitlines())
+        parts.append(text)
+    if not parts:
+        return "No results yet: run `make bench`."
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
+    print("README.md results section rebuilt from", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
