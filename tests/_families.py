@@ -125,3 +125,14 @@ def prunable_params(model, groups) -> int:
             total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
         total += model.get_submodule(g.consumer).weight.numel()
     return total
+
+
+def clip_world(root, train: int = 64, val: int = 16, test: int = 16):
+    """A tiny Shapes retrieval data set (``root/data``) and a tiny random CLIP (``root/model``),
+    written through the CLI as a user would."""
+    from upop.cli import main
+
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", str(train),
+                 "--val", str(val), "--test", str(test), "--image-size", "32"]) == 0
+    assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
+    return root

@@ -15,15 +15,14 @@ import pytest
 import upop
 from upop.cli import main
 
+from ._families import clip_world
+
 TINY = ["--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "8", "--no-progress", "--latency-time", "0.02"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "32", "--val", "8",
-                 "--test", "8", "--image-size", "32"]) == 0
-    assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
+    root = clip_world(tmp_path_factory.mktemp("bad"), 32, 8, 8)
     import transformers
 
     vit = transformers.ViTForImageClassification(transformers.ViTConfig(

@@ -16,6 +16,8 @@ import pytest
 
 from upop.cli import main
 
+from ._families import clip_world
+
 TINY = ["--search-epochs", "2", "--retrain-epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--eval-batch-size", "32",
         "--latency-time", "0.02",
         "--no-progress"]
@@ -23,10 +25,7 @@ TINY = ["--search-epochs", "2", "--retrain-epochs", "1", "--batch-size", "8", "-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "64", "--val", "16",
-                 "--test", "16", "--image-size", "32"]) == 0
-    assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
+    root = clip_world(tmp_path_factory.mktemp("world"))
     return root
 
 

@@ -12,13 +12,12 @@ import pytest
 
 from upop.cli import main
 
+from ._families import clip_world
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "64", "--val", "16",
-                 "--test", "16", "--image-size", "32"]) == 0
-    assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
+    root = clip_world(tmp_path_factory.mktemp("ddp"))
     return root
 
 

@@ -14,17 +14,12 @@ from upop.models import load_any
 from upop.tasks.retrieval import RetrievalTask
 from upop.train import STATE_FILE, TrainingError
 
-from ._families import FAMILIES
+from ._families import FAMILIES, clip_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from upop.cli import main
-
-    root = tmp_path_factory.mktemp("robust")
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "48", "--val", "8",
-                 "--test", "8", "--image-size", "32"]) == 0
-    assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
+    root = clip_world(tmp_path_factory.mktemp("robust"), 48, 8, 8)
     return root
 
 
