@@ -110,7 +110,15 @@ def _api_compress_without_processor(w, t):
     upop.compress(model, "retrieval", w / "data", out_dir=t / "out", progress=False)
 
 
+def _compress_into(w, out):
+    model, processor = upop.load_model(w / "model")
+    upop.compress(model, "retrieval", w / "data", processor=processor, out_dir=out, progress=False,
+                  config=upop.UPopConfig(search_epochs=1, retrain_epochs=0, batch_size=8))
+
+
 API = {
+    "output folder not writable": (lambda w, t: _compress_into(w, _write(t / "file", "x") / "out"), upop.ConfigError,
+                                   "not writable"),
     "config ratio out of range": (lambda w, t: upop.UPopConfig(ratio=1.2), upop.ConfigError, "ratio=1.2"),
     "config batch size zero": (lambda w, t: upop.UPopConfig(batch_size=0), upop.ConfigError, "batch_size=0"),
     "unsupported model": (
@@ -167,3 +175,15 @@ def test_api(case, world, tmp_path):
 
 def test_the_table_is_large_enough():
     assert len(CLI) + len(EVALUATE) + len(API) >= 20
+
+
+def test_full_disk_is_reported_before_training(world, tmp_path, monkeypatch):
+    import collections
+    import shutil as shutil_module
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(upop.ConfigError, match="MiB free") as info:
+        _compress_into(world, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()

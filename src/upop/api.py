@@ -142,10 +142,11 @@ def compress(
     created = not out.exists()
     if state.is_main_process:  # only the main process touches the output folder
         prepare_output(out, resume, overwrite)
-        check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + 50 * 2**20)
-    state.wait_for_everyone()
     base_model = base_model or str(getattr(model.config, "_name_or_path", "") or "")
     try:
+        if state.is_main_process:
+            check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + 50 * 2**20)
+        state.wait_for_everyone()
         dense, dense_copy = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data,
                                             write=state.is_main_process)
     except BaseException:

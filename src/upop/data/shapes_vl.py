@@ -7,9 +7,11 @@
   of :data:`upop.data.shapes.VOCABULARY` (``one two three``, colours, kinds, ``left right top
   bottom``). The question words ``what colour shape how many are or`` are NOT in the Shapes
   vocabulary (the tokenizer maps them to ``<unk>``); the templates stay answerable without them
-  because each type is also told apart by the vocabulary words it contains.
+  because each type is also told apart by the vocabulary words it contains. Questions whose
+  answer the question alone nearly gives (``how many red shapes``: almost always one) are left out.
 * NLVR2 (:func:`write_nlvr`): BLIP JSON, ``[{"images": [left, right], "sentence", "label"}]``,
-  labels exactly alternating True/False (balanced). Statements use ``there is ... in the left /
+  labels exactly alternating True/False (balanced), and each statement drawn before its scenes so
+  it is as often true as false (no text prior). Statements use ``there is ... in the left /
   right image``, ``there are N shapes in ...`` and ``... in both images`` (``are``, ``both``,
   ``images`` are not in the vocabulary).
 * Captions (:func:`write_caption`): the Karpathy layout of :func:`upop.data.shapes.write_retrieval`.
@@ -40,8 +42,6 @@ def vqa_questions(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     objs = scene.objects
     kinds, colours = [o.kind for o in objs], [o.colour for o in objs]
     out: dict[str, list[tuple[str, str]]] = {"count": [("how many shapes are there", NUMBERS[len(objs)])]}
-    for c in sorted(set(colours)):
-        out["count"].append((f"how many {c} shapes are there", NUMBERS[colours.count(c)]))
     for o in objs:
         if kinds.count(o.kind) == 1:
             out.setdefault("colour", []).append((f"what colour is the {o.kind}", o.colour))
@@ -71,27 +71,39 @@ def pick_questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, 
     return out
 
 
-def nlvr_statement(left: Scene, right: Scene, truth: bool, rng: random.Random) -> str:
-    """A statement about the pair (left, right) whose truth value is ``truth``."""
+def _statement(rng: random.Random):
+    """A random statement about a (left, right) pair and the predicate that decides it."""
+    kind, side = rng.choice(("colour", "kind", "count", "both")), rng.choice(("left", "right"))
+    pick = (lambda pair: pair[0]) if side == "left" else (lambda pair: pair[1])
+    if kind == "colour":
+        c = rng.choice(list(COLOURS))
+        return (f"there is {_article(c)} {c} one in the {side} image",
+                lambda pair: any(o.colour == c for o in pick(pair).objects))
+    if kind == "kind":
+        k = rng.choice(KINDS)
+        return f"there is {_article(k)} {k} in the {side} image", lambda pair: any(o.kind == k for o in pick(pair).objects)
+    if kind == "count":
+        n = rng.choice((1, 2, 3))
+        shapes = "one shape" if n == 1 else f"{NUMBERS[n]} shapes"
+        return (f"there {'is' if n == 1 else 'are'} {shapes} in the {side} image",
+                lambda pair: len(pick(pair).objects) == n)
+    c = rng.choice(list(COLOURS))
+    return (f"there is {_article(c)} {c} one in both images",
+            lambda pair: all(any(o.colour == c for o in s.objects) for s in pair))
+
+
+def nlvr_example(rng: random.Random, truth: bool) -> tuple[str, tuple[Scene, Scene]]:
+    """A statement and a pair of scenes for which it has truth value ``truth``.
+
+    The statement is drawn first, then scene pairs until one fits, so every statement is about
+    as often true as false: the sentence alone tells nothing about the label (no text prior).
+    """
     while True:
-        kind, side = rng.choice(("colour", "kind", "count", "both")), rng.choice(("left", "right"))
-        objs = (left if side == "left" else right).objects
-        if kind == "colour":
-            c = rng.choice(list(COLOURS))
-            holds, text = any(o.colour == c for o in objs), f"there is {_article(c)} {c} one in the {side} image"
-        elif kind == "kind":
-            k = rng.choice(KINDS)
-            holds, text = any(o.kind == k for o in objs), f"there is {_article(k)} {k} in the {side} image"
-        elif kind == "count":
-            n = rng.choice((1, 2, 3))
-            shapes = "one shape" if n == 1 else f"{NUMBERS[n]} shapes"
-            holds, text = len(objs) == n, f"there {'is' if n == 1 else 'are'} {shapes} in the {side} image"
-        else:
-            c = rng.choice(list(COLOURS))
-            holds = all(any(o.colour == c for o in s.objects) for s in (left, right))
-            text = f"there is {_article(c)} {c} one in both images"
-        if holds == truth:
-            return text
+        text, holds = _statement(rng)
+        for _ in range(200):
+            pair = (make_scene(rng), make_scene(rng))
+            if holds(pair) == truth:
+                return text, pair
 
 
 def _start(w: str, out_dir, train, val, test, image_size, seed) -> tuple[Path, dict[str, int]]:
@@ -161,13 +173,12 @@ def write_nlvr(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, i
         entries = []
         for p in range(count):
             rng = _scene_rng(seed, f"nlvr-{split}", p)
-            scenes = (make_scene(rng), make_scene(rng))
+            truth = p % 2 == 0
+            sentence, scenes = nlvr_example(rng, truth)
             rels = [f"images/{split}_{2 * p + k:05d}.png" for k in (0, 1)]
             for scene, rel in zip(scenes, rels):
                 atomic_save_png(render(scene, image_size), out / rel)
-            truth = p % 2 == 0
-            entries.append({"images": rels, "sentence": nlvr_statement(*scenes, truth, rng),
-                            "label": "True" if truth else "False"})
+            entries.append({"images": rels, "sentence": sentence, "label": "True" if truth else "False"})
         atomic_write_json(out / f"{split}.json", entries)
     _remove_stale_images(out / "images", images)
     atomic_write_json(out / "shapes.json", settings)
