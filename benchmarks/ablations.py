@@ -8,7 +8,8 @@ at p = 0.5 and 0.75, over seeds, with the same total training steps for every me
               search + retrain steps;
 - random, no retraining (4x): how much a careless cut loses (the benchmark must discriminate).
 
-    python benchmarks/ablations.py            # full: 3 seeds, both tasks (about 45 min on 2 cores)
+    python benchmarks/ablations.py            # full: 3 seeds, both tasks (about an hour on 2 cores)
+    python benchmarks/ablations.py --tasks retrieval --name ablations-retrieval   # one task
     python benchmarks/ablations.py --quick    # tiny, 1 seed, CI-sized
 """
 
@@ -101,7 +102,7 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
     metric = task.main_metric
     rows = [{"task": task_name, "method": "dense", "ratio": 0.0, "seed": 0,
              "metric": task.evaluate(dense, splits["test"], processor)[metric]}]
-    epochs = (1, 1) if quick else (2, 3)
+    epochs = (1, 1) if quick else (1, 2)
     batch = 16 if quick else 64
     lr = {"retrieval": (1e-4, 5e-4), "classification": (1e-4, 5e-4)}[task_name]
     for ratio in ratios:
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", nargs="+", default=["retrieval", "classification"])
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--name", default="ablations", help="results file name (results/NAME.json|md)")
     args = parser.parse_args()
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     ratios = [0.5] if args.quick else [0.5, 0.75]
@@ -168,7 +170,7 @@ def main() -> None:
     metric_names = {"retrieval": "R-mean (%)", "classification": "top-1 (%)"}
     note = ("\n\nMetrics: " + ", ".join(f"{t}: {m}" for t, m in metric_names.items() if t in args.tasks) +
             ". Every method trains for the same number of steps (search + retrain, or retrain only).")
-    write_results("ablations" + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},
+    write_results(args.name + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},
                   "## Quality with the paper's ablations\n\n" + text + note)
 
 

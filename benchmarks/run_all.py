@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "speed": ["speed.py"],
     "overhead": ["overhead.py"],
-    "ablations": ["ablations.py"],
+    "ablations-retrieval": ["ablations.py", "--tasks", "retrieval", "--name", "ablations-retrieval"],
+    "ablations-classification": ["ablations.py", "--tasks", "classification", "--name", "ablations-classification"],
     "vision_ratios": ["vision_ratios.py"],
     "blip_tasks": ["blip_tasks.py"],
     "scaling": ["scaling.py"],

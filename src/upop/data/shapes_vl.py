@@ -126,7 +126,7 @@ def write_vqa(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, im
     """
     out, counts = _start("write_vqa", out_dir, train, val, test, image_size, seed)
     _check_int("write_vqa", "questions_per_image", questions_per_image, 1)
-    settings = {"format": "upop-shapes-vqa", "version": VERSION, "seed": seed, "image_size": image_size, **counts,
+    settings = {"format": "upop-shapes-vqa", "version": VERSION, "writer_version": 2, "seed": seed, "image_size": image_size, **counts,
                 "questions_per_image": questions_per_image}
     summary = {"out_dir": str(out), "reused": True, "settings": settings, "splits": {}}
     if not _complete(out, settings, counts):
@@ -160,7 +160,7 @@ def write_nlvr(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, i
     {split: {"images", "pairs", "true", "annotation"}}}``.
     """
     out, counts = _start("write_nlvr", out_dir, train, val, test, image_size, seed)
-    settings = {"format": "upop-shapes-nlvr", "version": VERSION, "seed": seed, "image_size": image_size, **counts}
+    settings = {"format": "upop-shapes-nlvr", "version": VERSION, "writer_version": 2, "seed": seed, "image_size": image_size, **counts}
     images = {s: 2 * c for s, c in counts.items()}
     summary = {"out_dir": str(out), "reused": _complete(out, settings, images), "settings": settings,
                "splits": {s: {"images": 2 * c, "pairs": c, "true": (c + 1) // 2, "annotation": str(out / f"{s}.json")}
