@@ -23,19 +23,21 @@ CASES = {
     "nlvr": ("blip-nlvr", "BlipForNLVR", "accuracy", {"accuracy"}),
 }
 TINY = ["--ratio", "0.5", "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--eval-batch-size", "8", "--no-progress"]
+        "--eval-batch-size", "32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    """Lazily built ``{task: folder}`` with ``data/`` (24/8/8 Shapes samples, 32x32) and ``model/``."""
+    """Lazily built ``{task: folder}`` with ``data/`` (24/8/8 Shapes samples, 12/4/4 images for VQA; 32x32)
+    and ``model/``."""
     root, built = tmp_path_factory.mktemp("blip"), {}
 
     def get(task: str):
         if task not in built:
             folder = root / task
-            assert main(["data", "shapes", "--task", task, "--out", str(folder / "data"), "--train", "24", "--val", "8",
-                         "--test", "8", "--image-size", "32"]) == 0
+            sizes = ["12", "4", "4"] if task == "vqa" else ["24", "8", "8"]  # VQA: 3 questions per image
+            assert main(["data", "shapes", "--task", task, "--out", str(folder / "data"), "--train", sizes[0],
+                         "--val", sizes[1], "--test", sizes[2], "--image-size", "32"]) == 0
             assert main(["make-model", CASES[task][0], "--out", str(folder / "model"), "--image-size", "32"]) == 0
             built[task] = folder
         return built[task]
@@ -78,7 +80,7 @@ def test_compress_reload_evaluate(task, worlds, runs, capsys):
     assert type(model).__name__ == cls
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", task, "--data",
-                 str(worlds(task) / "data"), "--batch-size", "8"]) == 0
+                 str(worlds(task) / "data"), "--batch-size", "32"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
 

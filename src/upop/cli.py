@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=64)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--num-labels", type=int, default=None,
-                   help="classes of a classifier / segmenter (default: 10, the Shapes classification classes)")
+                   help="classes of a classifier / segmenter (default: those of the Shapes data set of its task)")
 
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")
     demo.add_argument("--out", default="upop-demo", help="folder for the data and the run (default: upop-demo)")

@@ -187,6 +187,15 @@ def make_processor(family: str, image_size: int):
     return PROCESSORS[family](image_size, build_shapes_tokenizer())
 
 
+def _shapes_labels(family: str) -> int | None:
+    """Classes of the Shapes data set a family's head is for (None: the factory default)."""
+    from .data import shapes_vision
+
+    return {"segmenter": len(shapes_vision.SEGMENTATION_CLASSES),
+            "vit": len(shapes_vision.CLASSIFICATION_CLASSES),
+            "deit": len(shapes_vision.CLASSIFICATION_CLASSES)}.get(family)
+
+
 def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0,
                       num_labels: int | None = None):
     """Write a randomly initialised ``family`` model with the Shapes tokenizer/processor to ``out_dir``
@@ -196,6 +205,8 @@ def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int 
     processor = make_processor(family, image_size)
     tokenizer = getattr(processor, "tokenizer", processor)
     vocab = len(tokenizer) if hasattr(tokenizer, "get_vocab") else 128
+    if num_labels is None:
+        num_labels = _shapes_labels(family)
     labels = {} if num_labels is None else {"num_labels": num_labels}  # classifier / segmenter classes
     model = make_model(family, size=size, vocab_size=vocab, image_size=image_size, seed=seed, **labels)
     model.save_pretrained(out_dir)
