@@ -45,9 +45,11 @@ _TEMPLATE_WORDS = (
     "a an the is and one two three single just there picture image of that to left right above "
     "below with its it in on at top bottom middle next shapes objects between including"
 ).split()
-VOCABULARY: list[str] = sorted(set(_TEMPLATE_WORDS) | set(KINDS) | set(PLURALS.values())
+# words of VQA questions and answers and of NLVR2 statements (upop.data.shapes_vl)
+_QUESTION_WORDS = "what colour shape how many are or both images yes no".split()
+VOCABULARY: list[str] = sorted(set(_TEMPLATE_WORDS) | set(_QUESTION_WORDS) | set(KINDS) | set(PLURALS.values())
                                | set(COLOURS) | set(SIZES))
-"""Every word any caption can contain, sorted."""
+"""Every word any Shapes text (caption, question, answer, statement) can contain, sorted."""
 
 
 @dataclass
