@@ -2,8 +2,8 @@
 
 A mask is a 1-D parameter per group, initialised to 1. It multiplies the outputs of the group's
 producers (channel ``j`` of every head of Q, K and V; MLP neuron ``i`` after fc1, before the
-activation) through forward hooks, which is the same as multiplying the producing weight rows and
-works with fused kernels. Masks live in :class:`Masks`, not in the model, so
+activation): the producing Linear layers run a masked forward (:class:`_MaskedLinear`) that
+costs no more memory than the plain Linear and works with fused attention kernels. Masks live in :class:`Masks`, not in the model, so
 ``model.parameters()`` (and hence any optimizer built from it) never contains them.
 """
 
@@ -39,8 +39,7 @@ class Masks(nn.Module):
         self._handles = []
         for group, mask in zip(self.groups, self._params):
             for name in group.producers:
-                hook = _make_hook(mask, group.mask_expansion())
-                self._handles.append(model.get_submodule(name).register_forward_hook(hook))
+                self._handles.append(_MaskedForward(model.get_submodule(name), mask, group.mask_expansion()))
 
     # mapping-like access -------------------------------------------------------------------
     def __getitem__(self, name: str) -> nn.Parameter:
@@ -115,12 +114,65 @@ class Masks(nn.Module):
             self.grad_sum[group.name] = sums[group.name].to(self.grad_sum[group.name].device, torch.float64).clone()
 
 
-def _make_hook(mask: nn.Parameter, repeat: int):
-    def hook(module, inputs, output):
-        scale = mask.repeat(repeat) if repeat > 1 else mask
-        return output * scale.to(output.dtype)
+class _MaskedLinear(torch.autograd.Function):
+    """``y = (x W^T + b) * s`` with the memory of a plain Linear.
 
-    return hook
+    Autograd of ``linear(x) * s`` would keep the unmasked output alive for ``dL/ds``. Here
+    ``dL/ds_j = sum_i W_ji G_ji + b_j sum(g_j)`` with ``G = g^T x``, the matrix the weight
+    gradient needs anyway: only ``x`` is saved, as by ``nn.Linear``, and no extra matmul runs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale):
+        out = torch.nn.functional.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, scale)
+        ctx.out_dtype = out.dtype
+        return out * scale.to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias, scale = ctx.saved_tensors
+        dtype = torch.promote_types(g.dtype, x.dtype)
+        g2 = g.reshape(-1, g.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        s = scale.to(dtype)
+        grad_x = grad_w = grad_b = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((g2 * s) @ weight.to(dtype)).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            big_g = g2.t() @ x2  # dL/d(x W^T) summed over tokens, before the mask
+            if ctx.needs_input_grad[1]:
+                grad_w = (big_g * s.unsqueeze(1)).to(weight.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_s = (big_g * weight.to(dtype)).sum(1)
+                if bias is not None:
+                    grad_s = grad_s + g2.sum(0) * bias.to(dtype)
+                grad_s = grad_s.to(scale.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_b = (g2.sum(0) * s).to(bias.dtype)
+        return grad_x, grad_w, grad_b, grad_s
+
+
+class _MaskedForward:
+    """Replaces a Linear's forward by the masked one; ``remove()`` restores the class forward."""
+
+    def __init__(self, module: nn.Linear, mask: nn.Parameter, repeat: int):
+        self.module, self.mask, self.repeat = module, mask, repeat
+        module.forward = self.forward  # instance attribute: shadows nn.Linear.forward
+
+    def forward(self, x):
+        lin = self.module
+        scale = self.mask.repeat(self.repeat) if self.repeat > 1 else self.mask
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                bias = lin.bias.to(dtype) if lin.bias is not None else None
+                return _MaskedLinear.apply(x.to(dtype), lin.weight.to(dtype), bias, scale)
+        return _MaskedLinear.apply(x, lin.weight, lin.bias, scale)
+
+    def remove(self) -> None:
+        if "forward" in vars(self.module):
+            del self.module.forward
 
 
 def _device(model: nn.Module) -> torch.device:
