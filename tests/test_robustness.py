@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -66,7 +67,7 @@ def test_resume_of_a_finished_run_only_rewrites_the_report(world, reference, tmp
     shutil.copytree(reference, out)
     result = _compress(world, out, resume=True)
     assert upop.read_plan(out / "compressed").groups == upop.read_plan(reference / "compressed").groups
-    assert result.report["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert result.report["achieved_ratio"] == json.loads((reference / "report.json").read_text())["achieved_ratio"]
 
 
 class _NaNAt(RetrievalTask):
