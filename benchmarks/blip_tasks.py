@@ -149,7 +149,8 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and data (< 3 minutes)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
+    parser.add_argument("--out", default=os.environ.get("UPOP_BENCH_RESULTS") or str(Path(__file__).parent / "results"),
+                        help="results folder (default: $UPOP_BENCH_RESULTS or benchmarks/results)")
     parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--threads", type=int, default=1,
