@@ -366,11 +366,7 @@ class Run:
         return PhaseResult(plan=plan, best_metrics=best_metrics, history=history)
 
 
-def load_best(out_dir: str | os.PathLike) -> nn.Module:
-    return load_compressed(Path(out_dir) / "compressed")
-
-
-__all__ = ["Run", "TrainingError", "batch_indices", "check_output_dir", "load_best", "steps_per_epoch"]
+__all__ = ["Run", "TrainingError", "batch_indices", "check_output_dir", "finetune", "steps_per_epoch"]
 
 
 def finetune(
