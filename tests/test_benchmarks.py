@@ -31,6 +31,14 @@ def test_quick_benchmark_writes_results(name, tmp_path):
     assert "Command:" in md and "|" in md
 
 
-def test_summarize_rebuilds_the_readme_section(tmp_path):
+def test_readme_results_section_is_the_results_files():
+    """The README section equals what summarize.py builds from benchmarks/results (no hand edits),
+    and it holds every full-size results file with its command line."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
     text = (ROOT / "README.md").read_text()
-    assert "<!-- results:start -->" in text and "<!-- results:end -->" in text
+    section = text.split(summarize.START, 1)[1].split(summarize.END, 1)[0].strip()
+    assert section == summarize.section().strip()
+    full = [p for p in (ROOT / "benchmarks" / "results").glob("*.md") if not p.stem.endswith("quick")]
+    assert full and section.count("Command:") == len(full)

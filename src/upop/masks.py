@@ -87,10 +87,6 @@ class Masks(nn.Module):
             offset += n
         return True
 
-    @torch.no_grad()
-    def set_(self, name: str, values: torch.Tensor) -> None:
-        self[name].copy_(values)
-
     def remove(self) -> None:
         """Detach the hooks: the model computes as if it had no masks."""
         for handle in self._handles:

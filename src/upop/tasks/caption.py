@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.retrieval import RetrievalCollator, RetrievalDataset, _parts, load_retrieval_split
+from ..data.retrieval import _parts
 from ._blip import decoder_inputs, generate_texts
 from .base import Task
 from .caption_metrics import bleu, cider_d
+from .retrieval import RetrievalTask
 
 
 class CaptionTask(Task):
@@ -23,11 +24,9 @@ class CaptionTask(Task):
     main_metric = "cider"
     max_caption_tokens = 24
 
-    def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
-        return {s: RetrievalDataset(load_retrieval_split(data_dir, s, image_root)) for s in splits}
-
-    def collator(self, processor, seed: int = 0):
-        return RetrievalCollator(processor, seed=seed, padding="longest")
+    # the caption data is the retrieval data (Karpathy JSON): same reader, same collator
+    load_splits = RetrievalTask.load_splits
+    collator = RetrievalTask.collator
 
     def _inputs(self, model, batch) -> dict:
         ids, labels = decoder_inputs(batch["input_ids"], batch["attention_mask"], model)
