@@ -10,10 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned to the CPU wheel, so nothing pulls a CUDA build.
+# torch first, pinned to the CPU wheel, so nothing pulls a CUDA build; [peer] is Torch-Pruning,
+# the side-by-side of benchmarks/ablations.py (pure Python, tested by tests/test_peer_pruning.py).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,peer]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,7 +25,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/upop demo
 
-# every benchmark at full size (about an hour on 2 cores); rewrites benchmarks/results and the README section
+# every benchmark at full size (about an hour on 2 cores); rewrites benchmarks/results and the README section.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 

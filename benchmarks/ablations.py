@@ -6,7 +6,10 @@ at p = 0.5 and 0.75, over seeds, with the same total training steps for every me
 - uniform     the same ratio in every layer (ranked within it): the non-unified ablation;
 - magnitude   per-layer L2 norm of each unit's weights, pruned at once, then retrained for the
               search + retrain steps;
-- random, no retraining (4x): how much a careless cut loses (the benchmark must discriminate).
+- random, no retraining (4x): how much a careless cut loses (the benchmark must discriminate);
+- torch-pruning (optional, when ``torch_pruning`` is installed: ``pip install -e .[peer]``): the
+  Torch-Pruning library's global Taylor importance, whole attention heads and MLP neurons, the
+  same parameter budget, then the same retraining as "magnitude".
 
     python benchmarks/ablations.py            # full: 3 seeds, both tasks (about an hour on 2 cores)
     python benchmarks/ablations.py --tasks retrieval --name ablations-retrieval   # one task
@@ -16,12 +19,16 @@ at p = 0.5 and 0.75, over seeds, with the same total training steps for every me
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
@@ -29,7 +36,7 @@ from _common import write_results  # noqa: E402
 import upop  # noqa: E402
 from upop.api import compress  # noqa: E402
 from upop.tasks import TASKS, get_task  # noqa: E402
-from upop.train import finetune  # noqa: E402
+from upop.train import batch_indices, finetune, steps_per_epoch  # noqa: E402
 
 METHODS = {
     "upop": dict(method="upop", allocation="unified"),
@@ -60,6 +67,237 @@ def prune_by(model, ratio: float, score_fn) -> upop.PruningPlan:
         order = torch.argsort(score_fn(model, g))[: min(g.num_units - 1, round(ratio * g.num_units))]
         masks[g.name][order] = 0.0
     return upop.prune(model, masks)
+
+
+# Torch-Pruning side-by-side (optional extra: pip install -e .[peer]) ---------------------------
+
+PEER_SKIPPED = "torch-pruning not installed: side-by-side skipped (pip install -e .[peer])"
+PEER_LABELS = {"taylor": "torch-pruning (global Taylor)", "magnitude": "torch-pruning (global magnitude)"}
+PEER_TAYLOR_BATCHES = 4  # training batches whose loss gradients feed the Taylor importance
+
+
+def torch_pruning_version() -> str | None:
+    """Installed Torch-Pruning version (the distribution's; the module's ``__version__`` can lag),
+    or None when it is not installed."""
+    try:
+        import torch_pruning
+    except ImportError:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:
+        return getattr(torch_pruning, "__version__", "unknown")
+
+
+def task_gradients(task, processor, train, batch_size: int, seed: int, batches: int = PEER_TAYLOR_BATCHES):
+    """``grad_fn(model)``: backward of the task loss on the first ``batches`` training batches of
+    epoch 0, in the order ``finetune`` uses for ``seed`` (gradients accumulate)."""
+    collate = task.collator(processor, seed=seed)
+
+    def grad_fn(model: nn.Module) -> None:
+        if hasattr(collate, "set_epoch"):
+            collate.set_epoch(0)
+        model.train()
+        for pos in range(min(batches, steps_per_epoch(len(train), batch_size))):
+            batch = collate([train[i] for i in batch_indices(len(train), batch_size, seed, 0, pos)])
+            task.loss(model, batch).backward()
+
+    return grad_fn
+
+
+def _peer_layers(model: nn.Module, groups) -> tuple[dict, dict, list]:
+    """What Torch-Pruning may prune, from UPop's own groups: the q/k/v Linears (whole heads) and
+    the fc1 Linears (neurons). Every other root layer (out-proj, fc2, patch embedding, projections,
+    classifier) is ignored, so the residual width never changes.
+
+    Returns ({q/k/v Linear: heads}, {root Linear: channels per unit}, ignored layers)."""
+    heads, unit = {}, {}
+    for g in groups:
+        if g.fused_qkv:
+            raise ValueError(f"{g.name}: fused QKV is not wired for the Torch-Pruning side-by-side")
+        size = g.num_units if g.kind == "attention" else 1  # head_dim channels per head, or 1 neuron
+        for name in (*g.producers, g.consumer):
+            unit[model.get_submodule(name)] = size
+        if g.kind == "attention":
+            heads.update({model.get_submodule(name): g.num_heads for name in g.producers})
+    keep = set(heads) | {model.get_submodule(g.producers[0]) for g in groups if g.kind == "mlp"}
+    roots = (nn.Linear, nn.modules.conv._ConvNd, nn.LSTM)
+    ignored = [m for m in model.modules() if isinstance(m, roots) and m not in keep]
+    return heads, unit, ignored
+
+
+def _set_heads(model: nn.Module, groups) -> None:
+    """Make each attention forward match its pruned q/k/v: head_dim (and the stored scale) stay,
+    the head count is q's rows / head_dim (CLIP: ``num_heads``; ViT: ``num_attention_heads``;
+    BERT-style ``all_head_size`` if present)."""
+    for g in groups:
+        if g.kind != "attention":
+            continue
+        module = model.get_submodule(g.module)
+        heads = model.get_submodule(g.producers[0]).out_features // g.num_units
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, heads)
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = heads * g.num_units
+
+
+def _peer_importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if kind == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    raise ValueError(f"importance must be 'taylor' or 'magnitude', not {kind!r}")
+
+
+def _prune_once(dense: nn.Module, groups, example_inputs: dict, grads: dict, kind: str, head_ratio: float,
+                channel_ratio: float) -> tuple[nn.Module, int]:
+    """A pruned copy of ``dense``: one global Torch-Pruning step with ``head_ratio`` of the heads
+    and ``channel_ratio`` of the channels. A layer is never emptied: when the step would remove
+    all of a layer's heads (neurons), its most important one (same importance) is kept.
+    Returns the copy and how many layers that guard saved."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(dense)
+    heads, unit, ignored = _peer_layers(model, groups)
+    with warnings.catch_warnings():
+        # class embedding / logit scale / position embeddings carry the residual width, which no
+        # root layer may prune here (all ignored), so Torch-Pruning's guess for them never applies
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs, importance=_peer_importance(kind), global_pruning=True,
+            pruning_ratio=channel_ratio, head_pruning_ratio=head_ratio, num_heads=heads,
+            prune_num_heads=True, prune_head_dims=False, ignored_layers=ignored,
+            in_channel_groups={}, out_channel_groups={},  # fresh dicts: the library's defaults are shared
+        )
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone() if name in grads else None
+    saved, dg = 0, pruner.DG
+    # The library drops a group that would empty its layer (all of a layer's heads under the global
+    # threshold), leaving that layer whole: the removed share then falls as the ratio rises. Let
+    # such groups through and keep the layer's most important unit instead (checked again below).
+    check = type(dg).check_pruning_group.__get__(dg)
+    dg.check_pruning_group = lambda group: True
+    for group in pruner.step(interactive=True):
+        root, fn, idxs = group[0].dep.target.module, group[0].dep.handler, sorted(set(group[0].idxs))
+        n = dg.get_out_channels(root) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(root)
+        if len(idxs) >= n:
+            size = unit[root]
+            imp = pruner.estimate_importance(dg.get_pruning_group(root, fn, list(range(n))))
+            best = int(imp.view(-1, size).mean(1).argmax())
+            group = dg.get_pruning_group(root, fn, [i for i in idxs if i // size != best])
+            saved += 1
+        if check(group):
+            group.prune()
+    model.zero_grad(set_to_none=True)
+    _set_heads(model, groups)
+    return model, saved
+
+
+def _check_peer(dense: nn.Module, model: nn.Module, groups, example_inputs: dict) -> None:
+    """Hidden sizes kept, whole heads removed, only prunable parameters gone, forward runs with
+    the dense output shapes."""
+    for g in groups:
+        d_lin, p_lin = dense.get_submodule(g.consumer), model.get_submodule(g.consumer)
+        if p_lin.out_features != d_lin.out_features:
+            raise RuntimeError(f"{g.consumer}: residual width changed ({d_lin.out_features} -> {p_lin.out_features})")
+        widths = {model.get_submodule(n).out_features for n in g.producers} | {p_lin.in_features}
+        if len(widths) != 1 or not all(dense.get_submodule(n).in_features == model.get_submodule(n).in_features
+                                       for n in g.producers):
+            raise RuntimeError(f"{g.name}: inconsistent widths after pruning {sorted(widths)}")
+        if g.kind == "attention" and widths.pop() % g.num_units:
+            raise RuntimeError(f"{g.name}: not whole heads of {g.num_units} channels")
+    removed = upop.count_params(dense) - upop.count_params(model)
+    pruned_cost = upop.prunable_cost(groups) - upop.prunable_cost(upop.find_groups(model))
+    if removed != pruned_cost:
+        raise RuntimeError(f"{removed} parameters removed but {pruned_cost} of them prunable: something outside "
+                           "the attention heads and MLP neurons was pruned")
+    modes = dense.training, model.training
+    with torch.no_grad():
+        dense_out, out = dense.eval()(**example_inputs), model.eval()(**example_inputs)
+    dense.train(modes[0]), model.train(modes[1])
+
+    def same_shapes(a, b, where: str) -> None:
+        for key, value in a.items():
+            other = b.get(key) if hasattr(b, "get") else None
+            if hasattr(value, "items"):
+                same_shapes(value, other if other is not None else {}, f"{where}{key}.")
+            elif torch.is_tensor(value) and (not torch.is_tensor(other) or other.shape != value.shape):
+                raise RuntimeError(f"output {where}{key}: shape {tuple(value.shape)} dense, "
+                                   f"{tuple(getattr(other, 'shape', ()))} pruned")
+
+    same_shapes(dense_out, out, "")
+
+
+def torch_pruning_prune(dense: nn.Module, ratio: float, example_inputs: dict,
+                        grad_fn: Callable[[nn.Module], None] | None = None, importance: str = "taylor",
+                        tol: float = 1e-3, iters: int = 14) -> tuple[nn.Module, dict]:
+    """Prune a copy of ``dense`` with Torch-Pruning to ``ratio`` of UPop's prunable parameters.
+
+    Torch-Pruning ranks whole attention heads globally (``head_pruning_ratio``, heads of every
+    layer and tower together) and MLP neurons globally (``pruning_ratio``), both in units, not
+    parameters. The budget match: bisect one ratio used for both until the removed share of the
+    prunable parameters (q/k/v/o and fc1/fc2 weights and biases, ``upop.prunable_cost``) is within
+    ``tol`` of ``ratio``; heads are coarse, so then keep that head ratio and bisect the neuron ratio
+    alone. Each try prunes a fresh copy (same importance: ``grad_fn(model)`` runs the backward the
+    Taylor importance needs once, on a copy; its gradients are given to every try).
+
+    Returns the pruned model (hidden sizes unchanged, forward checked) and an info dict: the
+    achieved ratio (defined like UPop's ``achieved_ratio``), the two Torch-Pruning ratios, the heads
+    and neurons kept, the importance, the tries and how many layers the keep-one guard saved.
+    """
+    groups = upop.find_groups(dense)
+    grads = {}
+    if importance == "taylor":
+        if grad_fn is None:
+            raise ValueError("the Taylor importance needs grad_fn (a backward of the task loss)")
+        probe = copy.deepcopy(dense)
+        probe.zero_grad(set_to_none=True)
+        grad_fn(probe)
+        grads = {n: p.grad.detach().clone() for n, p in probe.named_parameters() if p.grad is not None}
+        del probe
+    total = upop.prunable_cost(groups)
+    best: dict = {}  # the try closest to the budget
+    tries = 0
+
+    def attempt(head_ratio: float, channel_ratio: float) -> float:
+        nonlocal tries
+        model, saved = _prune_once(dense, groups, example_inputs, grads, importance, head_ratio, channel_ratio)
+        achieved = 1 - upop.prunable_cost(upop.find_groups(model)) / total
+        tries += 1
+        if not best or abs(achieved - ratio) < abs(best["achieved"] - ratio):
+            best.update(achieved=achieved, head_ratio=head_ratio, channel_ratio=channel_ratio, layers_saved=saved,
+                        model=model)
+        return achieved
+
+    def bisect(fn: Callable[[float], float]) -> None:
+        lo, hi = 0.0, 0.999
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            achieved = fn(mid)
+            if abs(achieved - ratio) <= tol:
+                return
+            lo, hi = (mid, hi) if achieved < ratio else (lo, mid)
+
+    bisect(lambda r: attempt(r, r))
+    if abs(best["achieved"] - ratio) > tol:
+        head_ratio = best["head_ratio"]
+        bisect(lambda c: attempt(head_ratio, c))
+    model = best.pop("model")
+    _check_peer(dense, model, groups, example_inputs)
+    pruned = upop.find_groups(model)
+
+    def count(gs, kind: str) -> int:
+        return sum(g.num_heads if kind == "attention" else g.num_units for g in gs if g.kind == kind)
+
+    info = {**best, "importance": importance, "tries": tries,
+            "heads_kept": f"{count(pruned, 'attention')}/{count(groups, 'attention')}",
+            "neurons_kept": f"{count(pruned, 'mlp')}/{count(groups, 'mlp')}"}
+    return model.train(), info
 
 
 def setup(task_name: str, quick: bool, work: Path):
@@ -95,9 +333,9 @@ def setup(task_name: str, quick: bool, work: Path):
     return task, model, processor, splits, work / "classification"
 
 
-def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float], work: Path) -> list[dict]:
-    import copy
-
+def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float], work: Path,
+             peer: str | None = None) -> list[dict]:
+    """Every method on one task; ``peer`` ("taylor" or "magnitude") adds the Torch-Pruning row."""
     task, dense, processor, splits, data = setup(task_name, quick, work)
     metric = task.main_metric
     rows = [{"task": task_name, "method": "dense", "ratio": 0.0, "seed": 0,
@@ -126,6 +364,18 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
             rows.append({"task": task_name, "method": "magnitude", "ratio": ratio, "seed": seed,
                          "metric": task.evaluate(model, splits["test"], processor)[metric]})
             print(rows[-1], flush=True)
+            if peer:
+                torch.manual_seed(seed)
+                model, info = torch_pruning_prune(
+                    dense, ratio, task.example_inputs(dense, processor, splits["train"], 2),
+                    task_gradients(task, processor, splits["train"], batch, seed), importance=peer)
+                model, _ = finetune(model, task, splits["train"], splits["val"], processor, epochs=sum(epochs),
+                                    lr=lr[1], batch_size=batch, seed=seed, weight_decay=0.0, progress=False,
+                                    log=lambda m: None)
+                rows.append({"task": task_name, "method": PEER_LABELS[peer], "ratio": ratio, "seed": seed,
+                             "metric": task.evaluate(model, splits["test"], processor)[metric],
+                             "achieved": info.pop("achieved"), "torch_pruning": info})
+                print(rows[-1], flush=True)
     for seed in seeds:
         model = copy.deepcopy(dense)
         g = torch.Generator().manual_seed(seed)
@@ -158,19 +408,32 @@ def main() -> None:
     args = parser.parse_args()
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     ratios = [0.5] if args.quick else [0.5, 0.75]
+    tp_version = torch_pruning_version()
+    peer = "taylor" if tp_version else None
+    if peer is None:
+        print(PEER_SKIPPED)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for task_name in args.tasks:
             if task_name not in TASKS:
                 print(f"skipping {task_name}: no such task in this version")
                 continue
-            rows += run_task(task_name, args.quick, seeds, ratios, Path(work))
+            rows += run_task(task_name, args.quick, seeds, ratios, Path(work), peer)
     text = table(rows)
     print(text)
     metric_names = {"retrieval": "R-mean (%)", "classification": "top-1 (%)"}
     note = ("\n\nMetrics: " + ", ".join(f"{t}: {m}" for t, m in metric_names.items() if t in args.tasks) +
             ". Every method trains for the same number of steps (search + retrain, or retrain only).")
-    write_results(args.name + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},
+    if any(r["method"] in PEER_LABELS.values() for r in rows):
+        how = {"taylor": f"Taylor importance (loss gradients of {PEER_TAYLOR_BATCHES} training batches)",
+               "magnitude": "L2 magnitude importance"}[peer]
+        note += (f" The {PEER_LABELS[peer]} row is Torch-Pruning {tp_version}: its {how} prunes whole attention "
+                 "heads (head dim kept) and MLP neurons, each ranked globally over every layer and tower (a layer "
+                 "keeps at least one); its head and neuron ratios are bisected to remove the same share of the "
+                 "prunable parameters as UPop (achieved share in the JSON rows); then it is retrained exactly like "
+                 "magnitude.")
+    write_results(args.name + ("-quick" if args.quick else ""),
+                  {"rows": rows, "quick": args.quick, "torch_pruning": tp_version},
                   "## Quality with the paper's ablations\n\n" + text + note)
 
 
