@@ -8,6 +8,7 @@ the machine it ran on under it; nothing is typed by hand.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,14 @@ def section() -> str:
         parts.append(text)
     if not parts:
         return "No results yet: run `make bench`."
+    timing = RESULTS / "run_all.json"
+    if timing.is_file():
+        run = json.loads(timing.read_text())
+        m = run["machine"]
+        each = ", ".join(f"{n} {r['seconds'] / 60:.0f}" for n, r in run["benchmarks"].items())
+        parts.insert(0, f"The last `{run['command']}` ({run['jobs']} quality benchmarks at a time) regenerated every "
+                        f"table below in {run['minutes']:.0f} minutes on {m['cpu_count']} CPU cores ({m['processor']}), "
+                        f"{run['date']}; minutes each: {each}.")
     return "\n\n".join(parts)
 
 

@@ -7,7 +7,7 @@ For each task it writes Shapes data in the real format (ImageFolder / ADE20K), t
 model with ``upop.train.finetune`` until it is clearly better than chance, then compresses copies
 of it with ``upop.compress`` at ratios 0.1, 0.3 and 0.5 of the prunable parameters (short search
 and retraining), and records per ratio the metrics, parameters, FLOPs and latency (paired with the
-dense model, from the run's report). Results: ``benchmarks/results/vision_ratios{,_quick}.json``
+dense model, from the run's report). Results: ``benchmarks/results/vision_ratios{,-quick}.json``
 and ``.md`` (with the exact command and the machine).
 """
 
@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +27,9 @@ from upop.data.shapes_vision import write_classification, write_segmentation
 from upop.models import make_model, make_processor
 from upop.tasks import get_task
 from upop.train import finetune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
 
 RATIOS = (0.1, 0.3, 0.5)
 # setting -> per-task (family, writer, num_labels, chance-level note)
@@ -92,13 +92,11 @@ def _cells(side: dict) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Vision ratios ({results['setting']})", "",
-             f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
-             f"Total time: {results['seconds']:.0f} s", ""]
+    lines = [f"## Vision ratios ({results['setting']})", "", f"Total time {results['seconds']:.0f} s.", ""]
     for task_name, res in results["tasks"].items():
         metric = res["main_metric"]
         others = [k for k in res["rows"][0]["metrics"] if k != metric]
-        lines += [f"## {task_name}: {res['model_class']}", "",
+        lines += [f"### {task_name}: {res['model_class']}", "",
                   f"Dense validation {metric}: {res['dense_val'][metric]:.1f} (bar {res['bar']}); "
                   "metrics on the test split; latency: batch 1, paired with the dense model.", "",
                   f"| target ratio | removed (prunable params) | {metric} | " + " | ".join(others)
@@ -116,8 +114,6 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and data (< 2 minutes)")
-    parser.add_argument("--out", default=os.environ.get("UPOP_BENCH_RESULTS") or str(Path(__file__).parent / "results"),
-                        help="results folder (default: $UPOP_BENCH_RESULTS or benchmarks/results)")
     parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--threads", type=int, default=1,
@@ -128,22 +124,16 @@ def main(argv=None) -> int:
     setting = SETTINGS[setting_name]
     torch.manual_seed(0)
     start = time.perf_counter()
-    results = {"setting": setting_name, "settings": setting, "ratios": list(RATIOS),
-               "command": "python benchmarks/vision_ratios.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
-               "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                          f"Python {platform.python_version()}, {platform.machine()}",
-               "tasks": {}}
+    results = {"setting": setting_name, "settings": setting, "ratios": list(RATIOS), "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="upop-vision-") as tmp:
         work = Path(args.work or tmp)
         for task_name in args.tasks:
             results["tasks"][task_name] = run_task(task_name, setting, work, print)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "vision_ratios" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results) + "\n")
-    print(f"wrote {out / stem}.json and .md in {results['seconds']:.0f}s")
+    payload = {**{k: v for k, v in results.items() if k != "tasks"},
+               "rows": [{"task": name, **res} for name, res in results["tasks"].items()]}
+    js, _ = write_results("vision_ratios" + ("-quick" if args.quick else ""), payload, markdown(results))
+    print(f"wrote {js} and .md in {results['seconds']:.0f}s")
     return 0
 
 
