@@ -54,6 +54,8 @@ def test_compress_then_evaluate_reproduces_the_report(world, tmp_path, capsys):
     assert set(report["compressed"]["metrics"]) == {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
     assert (out / "report.md").is_file() and (out / "allocation.png").stat().st_size > 1000
     assert (out / "log.jsonl").read_text().count('"phase": "search"') == 16
+    # the dense model for the paired latency was kept on disk during the run, not in memory, and is gone
+    assert not (out / "state" / "dense-model").exists()
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", "retrieval", "--data", str(world / "data")]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -118,6 +120,7 @@ def test_sigkill_then_resume_gives_the_same_result(where, world, sigkill_referen
     lines = log.read_text().count(f'"phase": "{phase}"')
     assert at <= lines < total, f"the kill must land {where}"
     assert not (tmp_path / "killed" / "report.json").exists()
+    assert (tmp_path / "killed" / "state" / "dense-model" / "config.json").is_file()  # the resume measures against it
     proc = _run_cli([*args, "--resume"])
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
     ref, killed = sigkill_reference / "compressed", tmp_path / "killed" / "compressed"

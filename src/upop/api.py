@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_compressed
+from .checkpoint import load_compressed, write_dir_atomic
 from .config import UPopConfig
 from .cost import count_flops, count_params, measure_latency
 from .errors import ConfigError
@@ -77,26 +76,32 @@ def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds
     return min(d), min(c)
 
 
+DENSE_DIR = "dense-model"
+"""Under ``out/state``: the dense model, saved at the start of a run for the paired latency
+measurement at its end (on disk, not a second copy in memory); removed when the run finishes."""
+
+
 def _dense_baseline(model, task, processor, test, config, out: Path, resume: bool, base_model: str, data,
-                    write: bool = True):
-    """Dense metrics, params and FLOPs (measured once; kept in ``dense.json`` for resume) and a
-    copy of the dense model for the paired latency measurement at the end."""
+                    write: bool = True) -> dict:
+    """Dense metrics, params and FLOPs (measured once; kept in ``dense.json`` for resume); the
+    main process (``write``) also saves the dense model under ``state/dense-model``."""
     dense_file = out / "dense.json"
-    dense_copy = copy.deepcopy(model).eval()
+    if write and not (out / "state" / DENSE_DIR / "config.json").is_file():
+        write_dir_atomic(out / "state" / DENSE_DIR, model.save_pretrained)
     if resume and dense_file.is_file():
-        return json.loads(dense_file.read_text()), dense_copy
+        return json.loads(dense_file.read_text())
     if write:
         print(f"evaluating the dense model on {len(test)} test samples")
     dense = {**measure(model, task, processor, test),
              "metrics": task.evaluate(model, test, processor, config.eval_batch_size)}
     if not write:
-        return dense, dense_copy
+        return dense
     run_info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict()}
     (out / "run.json").write_text(json.dumps(run_info, indent=1, sort_keys=True) + "\n")
     tmp = out / ".dense.json.tmp"
     tmp.write_text(json.dumps(dense, indent=1, sort_keys=True))
     os.replace(tmp, dense_file)
-    return dense, dense_copy
+    return dense
 
 
 def compress(
@@ -147,8 +152,10 @@ def compress(
         if state.is_main_process:
             check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + 50 * 2**20)
         state.wait_for_everyone()
-        dense, dense_copy = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data,
-                                            write=state.is_main_process)
+        dense_class = type(model)
+        dense = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data,
+                                write=state.is_main_process)
+        state.wait_for_everyone()
     except BaseException:
         if created:  # nothing of a rejected run is left behind
             shutil.rmtree(out, ignore_errors=True)
@@ -163,7 +170,9 @@ def compress(
     comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size)}
     inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
     torch.manual_seed(0)
-    dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_copy, compressed, inputs, seconds=config.latency_time)
+    dense_model = dense_class.from_pretrained(str(out / "state" / DENSE_DIR)).eval()
+    dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time)
+    del dense_model
     report = build_report(
         task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio, cost=config.cost,
         settings=config.to_dict(),
@@ -175,6 +184,8 @@ def compress(
     if state.is_main_process:
         write_report(report, out)
     state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(out / "state" / DENSE_DIR, ignore_errors=True)
     return CompressResult(model=compressed, plan=result.plan, report=report, out_dir=out)
 
 

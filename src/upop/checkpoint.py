@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -52,10 +53,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
     plan = plan or getattr(model, "upop_plan", None)
     if plan is None:
         raise CheckpointError("this model has no pruning plan: call upop.prune(model, masks) before save_compressed")
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
@@ -69,6 +67,18 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
                 src = Path(plan.base_model) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
+
+    return write_dir_atomic(out_dir, fill)
+
+
+def write_dir_atomic(out_dir: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Write a folder atomically: ``fill(tmp)`` writes into a temporary sibling folder, which then
+    replaces ``out_dir``; a failure or kill leaves the previous ``out_dir`` (or none) intact."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
