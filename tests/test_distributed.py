@@ -47,3 +47,51 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert single == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
     # each process takes its own shard of every batch: an epoch is 8 steps of 2 x 4 samples = 64 images
     assert sum(1 for r in records if r["phase"] == "search") == 16
+    # the weights are compared after the search and after every retrain epoch
+    syncs = [r for r in records if r["phase"] == "sync"]
+    assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
+
+
+def test_blip_retrieval_loss_synchronises_gradients_across_processes(tmp_path):
+    """BLIP retrieval's loss calls sub-modules; it runs as the wrapper's forward, so DDP averages
+    the gradients and both processes keep the same weights (the run stops if they differ)."""
+    data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "run"
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(data), "--train", "32", "--val", "8",
+                 "--test", "8", "--image-size", "32"]) == 0
+    assert main(["make-model", "blip-retrieval", "--out", str(model), "--image-size", "32"]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", "-m", "upop", "compress",
+           "--model", str(model), "--task", "retrieval", "--data", str(data), "--out", str(out),
+           "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "2",
+           "--no-progress", "--latency-time", "0.02", "--eval-batch-size", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    syncs = [r for r in records if r["phase"] == "sync"]
+    assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
+    assert json.loads((out / "report.json").read_text())["processes"] == 2
+
+
+def test_through_wrapper_runs_the_loss_as_the_wrappers_forward():
+    import torch
+    from torch import nn
+
+    from upop.tasks._blip import through_wrapper
+
+    class Wrapper(nn.Module):  # stands in for DistributedDataParallel: hooks live in its forward
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.module(*args)
+
+    inner = nn.Linear(3, 2)
+    wrapped = Wrapper(inner)
+    x = torch.randn(4, 3)
+    loss = through_wrapper(wrapped, lambda m, t: m.weight.sum() * t.sum(), x)
+    assert wrapped.calls == 1 and torch.allclose(loss, inner.weight.sum() * x.sum())
+    assert "forward" not in inner.__dict__ and inner(x).shape == (4, 2)  # the real forward is back
+    assert through_wrapper(inner, lambda m, t: t.sum(), x) == x.sum()  # no wrapper: a plain call
+    assert wrapped.calls == 1

@@ -180,14 +180,27 @@ class Run:
         # weights_only: a state file can hold tensors and plain data, never code.
         return torch.load(file, map_location="cpu", weights_only=True)
 
-    def _masks_identical(self, masks) -> bool:
-        """True if every process holds exactly the same mask values (checked at each update)."""
+    def _identical(self, tensors) -> bool:
+        """True if every process holds exactly the same values in ``tensors`` (a digest is compared)."""
         from accelerate.utils import gather_object
 
-        mine = torch.cat([m.detach().double().cpu().flatten() for _, m in masks.items()])
+        mine = torch.cat([t.detach().double().cpu().flatten() for t in tensors])
         digest = [float(mine @ torch.arange(1, mine.numel() + 1, dtype=torch.float64)), float(mine.sum())]
         gathered = gather_object([digest])
         return all(d == gathered[0] for d in gathered)
+
+    def _check_same_weights(self, model: nn.Module, phase: str, step: int) -> None:
+        """Every process must hold the same weights (data parallelism averages the gradients); a
+        task whose loss bypasses the wrapped model's forward would let them drift apart."""
+        if self.acc.num_processes == 1:
+            return
+        identical = self._identical(p for p in model.parameters())
+        self._log({"phase": "sync", "after": phase, "step": step, "processes": self.acc.num_processes,
+                   "weights_identical": identical})
+        if not identical:
+            raise TrainingError(f"the {self.acc.num_processes} processes hold different weights after {phase} step "
+                                f"{step}: task {self.task.name!r} does not synchronise its gradients; this is a bug, "
+                                "please report it")
 
     def _check_same_plan(self, plan: PruningPlan) -> None:
         """Every process must have chosen the same plan (masks are kept identical by averaging
@@ -279,7 +292,7 @@ class Run:
             if update:
                 record["removed"] = update.removed
                 if self.acc.num_processes > 1:
-                    record["masks_identical"] = self._masks_identical(masks)
+                    record["masks_identical"] = self._identical(m for _, m in masks.items())
             self._log(record)
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < self.search_steps:
@@ -289,6 +302,7 @@ class Run:
         bar.close()
         model = self.acc.unwrap_model(wrapped)
         settings = {**search.settings(), "search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": self.task.name}
+        self._check_same_weights(model, "search", self.search_steps)
         plan = prune(model, masks, base_model=self.base_model, search=settings)
         self._check_same_plan(plan)
         self.model = model
@@ -340,6 +354,7 @@ class Run:
             self._log({"phase": "retrain", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
             done = step + 1
             if done % self.spe == 0 or done == self.retrain_steps:
+                self._check_same_weights(self.acc.unwrap_model(wrapped), "retrain", done)
                 metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor, cfg.eval_batch_size)
                 value = metrics[self.task.main_metric]
                 history.append({"step": done, **metrics})

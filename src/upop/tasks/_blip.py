@@ -1,12 +1,38 @@
 """Helpers shared by the BLIP tasks: decoder inputs, generation, unwrapping."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 
 def unwrap(model):
     """The model under a DistributedDataParallel / accelerate wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+def through_wrapper(model, fn: Callable[..., Any], *args):
+    """``fn(inner_model, *args)``, run as the forward of ``model``'s data-parallel wrapper.
+
+    A loss that calls sub-modules of the model (vision tower, text encoder, heads) must still go
+    through the wrapper's forward, or DistributedDataParallel never prepares its gradient
+    all-reduce and each process trains its own weights. For the duration of the call the inner
+    model's ``forward`` is ``fn``, so ``model(*args)`` runs the wrapper's hooks around it. Without
+    a wrapper this is just ``fn(model, *args)``.
+    """
+    inner = unwrap(model)
+    if inner is model:
+        return fn(model, *args)
+    had = "forward" in inner.__dict__
+    saved = inner.__dict__.get("forward")
+    inner.forward = lambda *a: fn(inner, *a)
+    try:
+        return model(*args)
+    finally:
+        if had:
+            inner.forward = saved
+        else:
+            del inner.forward
 
 
 def decoder_inputs(ids: torch.Tensor, mask: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor]:

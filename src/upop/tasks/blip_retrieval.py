@@ -12,9 +12,9 @@ Loss, as BLIP's retrieval fine-tuning:
   every image, a hard negative text, sampled with probability ``softmax(similarity)`` over the
   other samples of the batch (BLIP's hard-negative mining). Skipped for a batch of one image.
 
-The loss calls the model's submodules (vision tower, text encoder, heads) on the unwrapped
-model, so it runs in one process; data-parallel training of this task would need one fused
-forward (not done).
+The loss calls the model's submodules (vision tower, text encoder, heads); it runs as the
+forward of the data-parallel wrapper (:func:`._blip.through_wrapper`), so multi-process training
+synchronises the gradients like every other task.
 
 Evaluation, as BLIP: ITC similarity for every (image, text) pair, then for each image its top
 ``k`` texts, and for each text its top ``k`` images, are re-scored with ``ITM logit(match) +
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._blip import unwrap
+from ._blip import through_wrapper, unwrap
 
 ITC_TEMPERATURE = 0.07
 ITM_K = 16
@@ -54,12 +54,16 @@ def _itm_logits(m, input_ids, attention_mask, image_embeds) -> torch.Tensor:
 
 
 def loss(model, batch) -> torch.Tensor:
-    """ITC + ITM loss of a batch ``{"pixel_values", "input_ids", "attention_mask", "index"}``."""
-    m = unwrap(model)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    f = _features(m, batch["pixel_values"], ids, mask)
+    """ITC + ITM loss of a batch ``{"pixel_values", "input_ids", "attention_mask", "index"}``,
+    run as the forward of the (possibly data-parallel) ``model``."""
+    return through_wrapper(model, _loss, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                           batch.get("index"))
+
+
+def _loss(m, pixel_values, ids, mask, index) -> torch.Tensor:
+    f = _features(m, pixel_values, ids, mask)
     sim_i2t = f["image_feat"] @ f["text_feat"].t() / ITC_TEMPERATURE
-    idx = batch["index"] if "index" in batch else torch.arange(len(ids))
+    idx = index if index is not None else torch.arange(len(ids))
     idx = idx.view(-1, 1).to(sim_i2t.device)
     same = idx == idx.t()
     targets = same.float() / same.float().sum(dim=1, keepdim=True)
