@@ -10,7 +10,7 @@ Two phases:
 1. the *quality* benchmarks (ablations, vision ratios, BLIP tasks) train models and report
    metrics, not times, so they run ``--jobs`` at a time (default: one per core, up to 2), each
    with one torch thread;
-2. the *timing* benchmarks (speed, overhead, scaling) then run one at a time on the otherwise
+2. the *timing* benchmarks (speed, overhead, scaling, data loading) then run one at a time on the otherwise
    idle machine, so their ratios are not disturbed by the training runs.
 
 Each benchmark writes results/NAME.json and results/NAME.md; results/run_all.json records how
@@ -42,6 +42,7 @@ BENCHMARKS = {
     "speed": (["speed.py"], "timing"),
     "overhead": (["overhead.py"], "timing"),
     "scaling": (["scaling.py"], "timing"),
+    "dataloading": (["dataloading.py"], "timing"),
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ["speed", "overhead", "ablations-retrieval", "ablations-classification", "vision_ratios", "blip_tasks", "scaling"]
+ORDER = ["speed", "overhead", "ablations-retrieval", "ablations-classification", "vision_ratios", "blip_tasks", "scaling", "dataloading"]
 
 
 def section() -> str:

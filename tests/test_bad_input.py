@@ -79,6 +79,7 @@ CLI = {
     "zero search epochs": (lambda w, t: ["--search-epochs", "0"], "search_epochs=0"),
     "negative retrain epochs": (lambda w, t: ["--retrain-epochs", "-1"], "retrain_epochs=-1"),
     "zero interval": (lambda w, t: ["--interval", "0"], "interval=0"),
+    "negative workers": (lambda w, t: ["--workers", "-1"], "workers=-1"),
     "ratio not numeric": (lambda w, t: ["--ratio", "half"], "half"),
     "unknown method": (lambda w, t: ["--method", "magic"], "magic"),
     "unknown cost": (lambda w, t: ["--cost", "watts"], "watts"),

@@ -17,6 +17,7 @@ QUICK = {
     "overhead": ["benchmarks/overhead.py", "--quick", "--steps", "1", "--models", "clip-vit-b16"],
     "ablations": ["benchmarks/ablations.py", "--quick", "--tasks", "retrieval"],
     "scaling": ["benchmarks/scaling.py", "--quick"],
+    "dataloading": ["benchmarks/dataloading.py", "--quick"],
     # NLVR2 starts from the VQA model: both, to cover that path
     "blip_tasks": ["benchmarks/blip_tasks.py", "--quick", "--tasks", "vqa", "nlvr"],
     "vision_ratios": ["benchmarks/vision_ratios.py", "--quick", "--tasks", "classification"],

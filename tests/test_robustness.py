@@ -28,10 +28,17 @@ CFG = dict(ratio=0.5, search_epochs=2, retrain_epochs=2, batch_size=8, lr=1e-3, 
            latency_time=0.02)
 
 
-def _compress(world, out, task="retrieval", **kw):
+def _compress(world, out, task="retrieval", workers=None, **kw):
     model, processor = load_any(world / "model")
-    return compress(model, task, world / "data", processor=processor, config=upop.UPopConfig(**CFG), out_dir=out,
-                    progress=False, log=lambda msg: None, **kw)
+    return compress(model, task, world / "data", processor=processor, config=upop.UPopConfig(**CFG, workers=workers),
+                    out_dir=out, progress=False, log=lambda msg: None, **kw)
+
+
+def _same_result(a_dir, b_dir) -> bool:
+    a = load_file(str(a_dir / "compressed" / "model.safetensors"))
+    b = load_file(str(b_dir / "compressed" / "model.safetensors"))
+    return (upop.read_plan(a_dir / "compressed").groups == upop.read_plan(b_dir / "compressed").groups
+            and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
 
 
 # search: 2 epochs x 6 steps = 12 steps; step 13 is pruning; retrain: 12 steps
@@ -58,6 +65,17 @@ def test_stop_anywhere_then_resume_gives_identical_result(where, world, referenc
     a = load_file(str(reference / "compressed" / "model.safetensors"))
     b = load_file(str(out / "compressed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dataloader_workers_give_the_same_run(world, reference, tmp_path):
+    """Batches built by 2 DataLoader workers are the in-process ones: same plan, same weights,
+    also when a run with workers is stopped and resumed without them."""
+    _compress(world, tmp_path / "workers", workers=2)
+    assert _same_result(reference, tmp_path / "workers")
+    with pytest.raises(KeyboardInterrupt):
+        _compress(world, tmp_path / "mixed", workers=2, stop_after=STOPS["during retrain"])
+    _compress(world, tmp_path / "mixed", workers=0, resume=True)
+    assert _same_result(reference, tmp_path / "mixed")
 
 
 def test_resume_of_a_finished_run_only_rewrites_the_report(world, reference, tmp_path):

@@ -26,7 +26,7 @@ EXIT_USER_ERROR = 2
 def _type_for(name: str, default):
     if name in ("retrain_lr", "max_grad_norm"):
         return float
-    if name == "interval":
+    if name in ("interval", "workers"):
         return int
     return type(default) if default is not None else str
 

@@ -40,6 +40,9 @@ class UPopConfig:
     round_to: int = _f(1, "every group keeps a multiple of this many units (e.g. 8 for fast kernels); 1 = any width")
     seed: int = _f(0, "random seed (data order, caption choice, dropout)")
     checkpoint_every: int = _f(200, "steps between resumable checkpoints")
+    workers: int | None = _f(None, "DataLoader worker processes that read, decode and collate training batches ahead "
+                             "of the step (the batches are the same for any value); default: 0 on CPU, where they "
+                             "would compete with the compute threads, min(4, cores per process - 1) with a GPU")
     precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
     max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")
     latency_batch_size: int = _f(1, "batch size of the latency measurement in the report")
@@ -65,6 +68,8 @@ class UPopConfig:
                 bad(name, f"need an integer >= {low}")
         if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1):
             bad("interval", "need an integer >= 1 (or leave unset)")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
+            bad("workers", "need an integer >= 0 (or leave unset)")
         for name in ("lr", "retrain_lr"):
             value = getattr(self, name)
             if value is None and name == "retrain_lr":
@@ -77,6 +82,18 @@ class UPopConfig:
                 bad(name, "need a finite number >= 0")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             bad("max_grad_norm", "need a positive number (or leave unset)")
+
+    def resolved_workers(self, processes: int = 1) -> int:
+        """``workers``, or the default: 0 without a GPU, else min(4, cores per process - 1)."""
+        if self.workers is not None:
+            return self.workers
+        import os
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+        return max(0, min(4, (os.cpu_count() or 1) // max(1, processes) - 1))
 
     def resolved_interval(self, total_steps: int) -> int:
         """``interval``, or the steps per 1% of compression (METHOD §5 rule of thumb)."""

@@ -22,7 +22,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -58,6 +58,45 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int, position: int,
     global_bs = batch_size * world
     chunk = perm[position * global_bs : (position + 1) * global_bs]
     return chunk[rank::world].tolist()
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the collated training batch of step ``start + i``: the samples of
+    :func:`batch_indices` for that step's (epoch, position), collated after ``set_epoch(epoch)``.
+    A pure function of the step, so DataLoader workers produce exactly the in-process batches."""
+
+    def __init__(self, dataset, collate, *, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1):
+        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.spe = steps_per_epoch(len(dataset), batch_size, world)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> dict:
+        epoch, pos = divmod(self.start + i, self.spe)
+        idx = batch_indices(len(self.dataset), self.batch_size, self.seed, epoch, pos, self.rank, self.world)
+        if hasattr(self.collate, "set_epoch"):
+            self.collate.set_epoch(epoch)
+        return self.collate([self.dataset[j] for j in idx])
+
+
+def step_batches(dataset, collate, *, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1, workers: int = 0) -> Iterator[dict]:
+    """The training batches of steps ``start .. stop-1`` in order, built in this process
+    (``workers=0``) or ahead of time by ``workers`` DataLoader processes."""
+    steps = StepBatches(dataset, collate, batch_size=batch_size, seed=seed, start=start, stop=stop, rank=rank,
+                        world=world)
+    if workers == 0 or len(steps) == 0:
+        return (steps[i] for i in range(len(steps)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after tokenizer use
+    # the generator keeps the DataLoader from drawing its worker seed from the global RNG, so a
+    # run with workers draws the same dropout masks as one without (and a resume stays identical)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), prefetch_factor=2,
+                                         generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
 
 
 def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
@@ -150,16 +189,13 @@ class Run:
         self._steps_done = 0
 
     # helpers ---------------------------------------------------------------------------------
-    def _batch(self, step: int) -> dict[str, torch.Tensor]:
-        epoch, pos = divmod(step, self.spe)
-        idx = batch_indices(
-            len(self.train_set), self.config.batch_size, self.config.seed, epoch, pos,
-            self.acc.process_index, self.acc.num_processes,
-        )
-        if hasattr(self.collate, "set_epoch"):
-            self.collate.set_epoch(epoch)
-        batch = self.collate([self.train_set[i] for i in idx])
-        return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def _batches(self, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's training batches of steps ``start .. stop-1``, on the device."""
+        for batch in step_batches(self.train_set, self.collate, batch_size=self.config.batch_size,
+                                  seed=self.config.seed, start=start, stop=stop, rank=self.acc.process_index,
+                                  world=self.acc.num_processes,
+                                  workers=self.config.resolved_workers(self.acc.num_processes)):
+            yield {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _log(self, record: dict) -> None:
         if self.acc.is_main_process:
@@ -268,8 +304,7 @@ class Run:
         masks.to(self.acc.device)
         wrapped.train()
         bar = self._bar(self.search_steps, start, "search")
-        for step in range(start, self.search_steps):
-            batch = self._batch(step)
+        for step, batch in zip(range(start, self.search_steps), self._batches(start, self.search_steps)):
             with self.acc.autocast():
                 task_loss = self.task.loss(wrapped, batch)
                 loss = task_loss + search.sparsity_loss()
@@ -338,8 +373,7 @@ class Run:
         wrapped, optimizer = self.acc.prepare(model, optimizer)
         wrapped.train()
         bar = self._bar(self.retrain_steps, start, "retrain")
-        for step in range(start, self.retrain_steps):
-            batch = self._batch(step)
+        for step, batch in zip(range(start, self.retrain_steps), self._batches(start, self.retrain_steps)):
             with self.acc.autocast():
                 loss = self.task.loss(wrapped, batch)
             self._check_finite(loss, "retrain", step)
@@ -387,7 +421,7 @@ __all__ = ["Run", "TrainingError", "batch_indices", "check_output_dir", "finetun
 def finetune(
     model: nn.Module, task: Task, train, val, processor, *, epochs: int, lr: float, batch_size: int,
     seed: int = 0, weight_decay: float = 0.05, warmup_steps: int = 0, log: Callable[[str], None] = print,
-    progress: bool = True,
+    progress: bool = True, workers: int = 0,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Plain training of ``model`` on ``task`` (AdamW, warm-up then cosine), keeping the best
     weights on validation. Used to train the demo model and as the baseline in benchmarks."""
@@ -407,11 +441,10 @@ def finetune(
     torch.manual_seed(seed)
     best, best_state, best_metrics = None, None, {}
     bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
-    for step in range(total):
-        epoch, pos = divmod(step, spe)
-        collate.set_epoch(epoch) if hasattr(collate, "set_epoch") else None
+    for step, batch in enumerate(step_batches(train, collate, batch_size=batch_size, seed=seed, start=0, stop=total,
+                                              workers=workers)):
+        epoch = step // spe
         model.train()
-        batch = collate([train[i] for i in batch_indices(len(train), batch_size, seed, epoch, pos)])
         loss = task.loss(model, batch)
         loss.backward()
         optimizer.step()
