@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,6 +77,21 @@ def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds
     return min(d), min(c)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers progress bars ("Writing model shards", "Loading weights") for the run's own
+    save and reload of the dense model; the previous setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 DENSE_DIR = "dense-model"
 """Under ``out/state``: the dense model, saved at the start of a run for the paired latency
 measurement at its end (on disk, not a second copy in memory); removed when the run finishes."""
@@ -87,7 +103,8 @@ def _dense_baseline(model, task, processor, test, config, out: Path, resume: boo
     main process (``write``) also saves the dense model under ``state/dense-model``."""
     dense_file = out / "dense.json"
     if write and not (out / "state" / DENSE_DIR / "config.json").is_file():
-        write_dir_atomic(out / "state" / DENSE_DIR, model.save_pretrained)
+        with _quiet_transformers():
+            write_dir_atomic(out / "state" / DENSE_DIR, model.save_pretrained)
     if resume and dense_file.is_file():
         return json.loads(dense_file.read_text())
     if write:
@@ -170,7 +187,8 @@ def compress(
     comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size)}
     inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
     torch.manual_seed(0)
-    dense_model = dense_class.from_pretrained(str(out / "state" / DENSE_DIR)).eval()
+    with _quiet_transformers():
+        dense_model = dense_class.from_pretrained(str(out / "state" / DENSE_DIR)).eval()
     dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time)
     del dense_model
     report = build_report(
