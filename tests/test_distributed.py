@@ -27,7 +27,7 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "upop", "compress",
            "--model", str(world / "model"), "--task", "retrieval", "--data", str(world / "data"), "--out", str(out),
            "--search-epochs", "2", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "2",
-           "--no-progress", "--latency-time", "0.02"]
+           "--no-progress", "--latency-time", "0.02", "--eval-batch-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,7 +40,8 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert proc.stdout.count("Compressed model:") == 1
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
-    # metrics over the whole test set equal a single-process evaluation of the same checkpoint
+    # metrics over the whole test set (each process evaluated half the batches) equal a
+    # single-process evaluation of the same checkpoint
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", "retrieval", "--data", str(world / "data")]) == 0
     single = json.loads(capsys.readouterr().out)
@@ -52,7 +53,7 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
 
 
-def test_blip_retrieval_loss_synchronises_gradients_across_processes(tmp_path):
+def test_blip_retrieval_loss_synchronises_gradients_across_processes(tmp_path, capsys):
     """BLIP retrieval's loss calls sub-modules; it runs as the wrapper's forward, so DDP averages
     the gradients and both processes keep the same weights (the run stops if they differ)."""
     data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "run"
@@ -69,7 +70,13 @@ def test_blip_retrieval_loss_synchronises_gradients_across_processes(tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     syncs = [r for r in records if r["phase"] == "sync"]
     assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
-    assert json.loads((out / "report.json").read_text())["processes"] == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2
+    # the evaluation (ITC embedding and ITM re-ranking) was split across the 2 processes and
+    # gives what one process computing everything gives
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "compressed"), "--task", "retrieval", "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
 
 
 def test_through_wrapper_runs_the_loss_as_the_wrappers_forward():
@@ -95,3 +102,51 @@ def test_through_wrapper_runs_the_loss_as_the_wrappers_forward():
     assert "forward" not in inner.__dict__ and inner(x).shape == (4, 2)  # the real forward is back
     assert through_wrapper(inner, lambda m, t: t.sum(), x) == x.sum()  # no wrapper: a plain call
     assert wrapped.calls == 1
+
+
+DIST_EVAL = """
+import json, sys
+from pathlib import Path
+import torch
+from accelerate import PartialState
+from upop.data import shapes_writer
+from upop.models import _shapes_labels, make_model, make_processor
+from upop.tasks import get_task
+
+state = PartialState(cpu=True)
+root, out = Path(sys.argv[1]), {}
+cases = {"classification": "vit", "segmentation": "segmenter", "vqa": "blip-vqa", "caption": "blip-caption",
+         "nlvr": "blip-nlvr", "retrieval": "clip"}
+for task_name, family in cases.items():
+    data = root / task_name
+    if state.is_main_process:
+        n = 21 if task_name == "classification" else 7  # classification: every class needs an image
+        shapes_writer(task_name)(data, train=n, val=n, test=n, image_size=32, seed=0)
+    state.wait_for_everyone()
+    task = get_task(task_name)
+    test = task.load_splits(data, splits=("test",))["test"]
+    processor = make_processor(family, 32)
+    vocab = len(processor.tokenizer) if hasattr(processor, "tokenizer") else 128
+    model = make_model(family, vocab_size=vocab, image_size=32, num_labels=_shapes_labels(family) or 10)
+    sharded = task.evaluate(model, test, processor, batch_size=2, accelerator=state)
+    if state.is_main_process:
+        out[task_name] = {"sharded": sharded, "single": task.evaluate(model, test, processor, batch_size=2)}
+    state.wait_for_everyone()
+if state.is_main_process:
+    (root / "metrics.json").write_text(json.dumps(out))
+"""
+
+
+def test_every_task_evaluates_split_across_processes_like_one_process(tmp_path):
+    """Each task's evaluation, split over 2 processes (7 or 21 samples in batches of 2: uneven shards),
+    gives exactly the single-process metrics."""
+    script = tmp_path / "dist_eval.py"
+    script.write_text(DIST_EVAL)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29535", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(metrics) == ["caption", "classification", "nlvr", "retrieval", "segmentation", "vqa"]
+    for task_name, m in metrics.items():
+        assert m["sharded"] == m["single"], task_name

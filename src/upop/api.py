@@ -98,7 +98,7 @@ measurement at its end (on disk, not a second copy in memory); removed when the 
 
 
 def _dense_baseline(model, task, processor, test, config, out: Path, resume: bool, base_model: str, data,
-                    write: bool = True) -> dict:
+                    write: bool = True, dist_state=None) -> dict:
     """Dense metrics, params and FLOPs (measured once; kept in ``dense.json`` for resume); the
     main process (``write``) also saves the dense model under ``state/dense-model``."""
     dense_file = out / "dense.json"
@@ -110,7 +110,7 @@ def _dense_baseline(model, task, processor, test, config, out: Path, resume: boo
     if write:
         print(f"evaluating the dense model on {len(test)} test samples")
     dense = {**measure(model, task, processor, test),
-             "metrics": task.evaluate(model, test, processor, config.eval_batch_size)}
+             "metrics": task.evaluate(model, test, processor, config.eval_batch_size, accelerator=dist_state)}
     if not write:
         return dense
     run_info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict()}
@@ -171,7 +171,7 @@ def compress(
         state.wait_for_everyone()
         dense_class = type(model)
         dense = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data,
-                                write=state.is_main_process)
+                                write=state.is_main_process, dist_state=state)
         state.wait_for_everyone()
     except BaseException:
         if created:  # nothing of a rejected run is left behind
@@ -184,7 +184,8 @@ def compress(
 
     compressed = load_compressed(out / "compressed")
     log(f"evaluating the compressed model on {len(test)} test samples")
-    comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size)}
+    comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size,
+                                                                             accelerator=state)}
     inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
     torch.manual_seed(0)
     with _quiet_transformers():

@@ -389,7 +389,8 @@ class Run:
             done = step + 1
             if done % self.spe == 0 or done == self.retrain_steps:
                 self._check_same_weights(self.acc.unwrap_model(wrapped), "retrain", done)
-                metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor, cfg.eval_batch_size)
+                metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor, cfg.eval_batch_size,
+                                             accelerator=self.acc)
                 value = metrics[self.task.main_metric]
                 history.append({"step": done, **metrics})
                 self._log({"phase": "val", "step": done, **metrics})
@@ -406,7 +407,7 @@ class Run:
         bar.close()
         model = self.acc.unwrap_model(wrapped)
         if self.retrain_steps == 0 or not (compressed_dir / "upop_plan.json").is_file():
-            best_metrics = self.task.evaluate(model, self.val_set, self.processor, cfg.eval_batch_size)
+            best_metrics = self.task.evaluate(model, self.val_set, self.processor, cfg.eval_batch_size, accelerator=self.acc)
             if self.acc.is_main_process:
                 save_compressed(model, compressed_dir, processor=self.processor, plan=plan)
         self._save_state({"phase": "done", "step": self.retrain_steps, "plan": plan.to_dict(), "model": {},

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._blip import through_wrapper, unwrap
+from ._shard import map_batches
 
 ITC_TEMPERATURE = 0.07
 ITM_K = 16
@@ -84,29 +85,37 @@ def _loss(m, pixel_values, ids, mask, index) -> torch.Tensor:
     return itc + F.cross_entropy(logits, labels)
 
 
-def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+           map_rows: Callable | None = None):
     """BLIP's re-ranking of an (images x texts) ITC similarity matrix.
 
     ``itm_score(image_idx, text_idx)`` returns the ITM match score of each pair. Returns
     ``(i2t, t2i)``: (images x texts) and (texts x images) score matrices where each query's top
-    ``k`` candidates score ``itm + sim`` and every other pair -100.
+    ``k`` candidates score ``itm + sim`` and every other pair -100. ``map_rows(n, fn)`` returns
+    ``[fn(lo, hi), ...]`` over blocks of the ``n`` queries (default: one block, this process).
     """
     n_img, n_txt = sim.shape
-    i2t = torch.full((n_img, n_txt), -100.0)
-    t2i = torch.full((n_txt, n_img), -100.0)
-    k_t, k_i = min(k, n_txt), min(k, n_img)
-    for i in range(n_img):
-        top_sim, top = sim[i].topk(k_t)
-        i2t[i, top] = itm_score(torch.full((k_t,), i), top).float().cpu() + top_sim.float().cpu()
-    for t in range(n_txt):
-        top_sim, top = sim[:, t].topk(k_i)
-        t2i[t, top] = itm_score(top, torch.full((k_i,), t)).float().cpu() + top_sim.float().cpu()
+    map_rows = map_rows or (lambda n, fn: [fn(0, n)])
+
+    def rows(scores: torch.Tensor, k_: int, pair: Callable) -> torch.Tensor:
+        def block(lo: int, hi: int) -> torch.Tensor:
+            out = torch.full((hi - lo, scores.shape[1]), -100.0)
+            for q in range(lo, hi):
+                top_sim, top = scores[q].topk(k_)
+                out[q - lo, top] = itm_score(*pair(q, top)).float().cpu() + top_sim.float().cpu()
+            return out
+
+        return torch.cat(map_rows(scores.shape[0], block))
+
+    i2t = rows(sim, min(k, n_txt), lambda i, top: (torch.full((len(top),), i), top))
+    t2i = rows(sim.t(), min(k, n_img), lambda t, top: (top, torch.full((len(top),), t)))
     return i2t, t2i
 
 
 @torch.no_grad()
-def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K) -> dict[str, float]:
-    """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates."""
+def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K, accelerator=None) -> dict[str, float]:
+    """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates (the embedding and
+    the re-ranking split across the processes of ``accelerator``)."""
     from .retrieval import METRICS, RetrievalTask, recall_at_k
 
     m = unwrap(model)
@@ -114,19 +123,21 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K) ->
     device = next(m.parameters()).device
     was_training = m.training
     m.eval()
-    embeds, img_feat = [], []
-    for start in range(0, len(dataset), batch_size):
-        px = collate.collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        f = _features(m, pixel_values=px["pixel_values"].to(device))
-        embeds.append(f["image_embeds"])
-        img_feat.append(f["image_feat"])
+
+    def run_images(lo: int, hi: int):
+        f = _features(m, pixel_values=collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device))
+        return f["image_embeds"].cpu(), f["image_feat"].float().cpu()
+
     texts, txt2img, img2txt = dataset.flat_captions()
     enc = {key: v.to(device) for key, v in collate.encode_texts(texts).items()}
-    txt_feat = torch.cat([_features(m, input_ids=enc["input_ids"][s:s + batch_size],
-                                    attention_mask=enc["attention_mask"][s:s + batch_size])["text_feat"]
-                          for s in range(0, len(texts), batch_size)])
-    image_embeds = torch.cat(embeds)
-    sim = (torch.cat(img_feat) @ txt_feat.t()).float().cpu()
+
+    def run_texts(lo: int, hi: int) -> torch.Tensor:
+        return _features(m, input_ids=enc["input_ids"][lo:hi], attention_mask=enc["attention_mask"][lo:hi])["text_feat"].float().cpu()
+
+    embeds, img_feat = zip(*map_batches(len(dataset), batch_size, run_images, accelerator))
+    txt_feat = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator))
+    image_embeds = torch.cat(embeds).to(device)
+    sim = torch.cat(img_feat) @ txt_feat.t()
 
     def itm_score(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
         out = []
@@ -135,7 +146,8 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K) ->
             out.append(_itm_logits(m, enc["input_ids"][tt], enc["attention_mask"][tt], image_embeds[ii])[:, 1])
         return torch.cat(out)
 
-    i2t, t2i = rerank(sim, k, itm_score)
+    rows_per_block = max(1, batch_size // max(1, k))
+    i2t, t2i = rerank(sim, k, itm_score, lambda n, fn: map_batches(n, rows_per_block, fn, accelerator))
     m.train(was_training)
     txt = recall_at_k(i2t, img2txt, txt2img)
     img = recall_at_k(t2i.t().contiguous(), img2txt, txt2img)

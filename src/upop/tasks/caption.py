@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.retrieval import _parts
 from ._blip import decoder_inputs, generate_texts
+from ._shard import map_batches
 from .base import Task
 from .caption_metrics import bleu, cider_d
 from .retrieval import RetrievalTask
@@ -37,23 +38,24 @@ class CaptionTask(Task):
         return model(**self._inputs(model, batch)).loss
 
     @torch.no_grad()
-    def predict(self, model, dataset, processor, batch_size: int = 64) -> list[str]:
+    def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:
         """A generated caption for every image of ``dataset``, in order."""
         collate = self.collator(processor)
         _, tokenizer = _parts(processor)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        out: list[str] = []
-        for start in range(0, len(dataset), batch_size):
-            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            pixels = collate.encode_images(samples).to(device)
-            out += generate_texts(model, tokenizer, self.max_caption_tokens, pixel_values=pixels)
+
+        def run(lo: int, hi: int) -> list[str]:
+            pixels = collate.encode_images([dataset[i] for i in range(lo, hi)]).to(device)
+            return generate_texts(model, tokenizer, self.max_caption_tokens, pixel_values=pixels)
+
+        out = [text for part in map_batches(len(dataset), batch_size, run, accelerator) for text in part]
         model.train(was_training)
         return out
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
-        hyps = self.predict(model, dataset, processor, batch_size)
+        hyps = self.predict(model, dataset, processor, batch_size, accelerator)
         refs = [item.captions for item in dataset.items]
         return {"bleu4": 100.0 * bleu(hyps, refs)[3], "cider": 100.0 * cider_d(hyps, refs)}
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
 from ..errors import DataError
+from ._shard import map_batches
 from .base import Task
 
 WITH_TEACHER = "DeiTForImageClassificationWithTeacher"
@@ -79,12 +80,13 @@ class ClassificationTask(Task):
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        logits, labels = [], []
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+        def run(lo: int, hi: int):
+            batch = collate([dataset[i] for i in range(lo, hi)])
             check_labels(model, batch["labels"])
-            logits.append(self.logits(model, batch["pixel_values"].to(device)).float().cpu())
-            labels.append(batch["labels"])
+            return self.logits(model, batch["pixel_values"].to(device)).float().cpu(), batch["labels"]
+
+        logits, labels = zip(*map_batches(len(dataset), batch_size, run, accelerator))
         model.train(was_training)
         return topk_accuracy(torch.cat(logits), torch.cat(labels))
 

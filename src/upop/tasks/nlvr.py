@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
+from ._shard import map_batches
 from .base import Task
 
 
@@ -31,12 +32,14 @@ class NLVRTask(Task):
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        correct = 0
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+        def run(lo: int, hi: int) -> int:
+            batch = collate([dataset[i] for i in range(lo, hi)])
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            correct += int((logits.argmax(dim=-1) == labels).sum())
+            return int((logits.argmax(dim=-1) == labels).sum())
+
+        correct = sum(map_batches(len(dataset), batch_size, run, accelerator))
         model.train(was_training)
         return {"accuracy": 100.0 * correct / len(dataset)}
 

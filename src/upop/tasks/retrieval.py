@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.retrieval import RetrievalCollator, RetrievalDataset, load_retrieval_split
 from . import blip_retrieval
+from ._shard import map_batches
 from .base import Task
 
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -69,16 +70,19 @@ class RetrievalTask(Task):
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        images = []
-        for start in range(0, len(dataset), batch_size):
-            batch = collate.collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            images.append(model.get_image_features(pixel_values=batch["pixel_values"].to(device)).pooler_output)
+
+        def run_images(lo: int, hi: int) -> torch.Tensor:
+            batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
+            return model.get_image_features(pixel_values=batch["pixel_values"].to(device)).pooler_output.float().cpu()
+
         texts, txt2img, img2txt = dataset.flat_captions()
-        text_emb = []
-        for start in range(0, len(texts), batch_size):
-            enc = collate.encode_texts(texts[start : start + batch_size])
-            enc = {k: v.to(device) for k, v in enc.items()}
-            text_emb.append(model.get_text_features(**enc).pooler_output)
+
+        def run_texts(lo: int, hi: int) -> torch.Tensor:
+            enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
+            return model.get_text_features(**enc).pooler_output.float().cpu()
+
+        images = map_batches(len(dataset), batch_size, run_images, accelerator)
+        text_emb = map_batches(len(texts), batch_size, run_texts, accelerator)
         model.train(was_training)
         image_emb = F.normalize(torch.cat(images).float(), dim=-1)
         text_emb = F.normalize(torch.cat(text_emb).float(), dim=-1)
@@ -86,7 +90,7 @@ class RetrievalTask(Task):
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         if _is_blip(model):
-            return blip_retrieval.evaluate(model, dataset, processor, batch_size)
+            return blip_retrieval.evaluate(model, dataset, processor, batch_size, accelerator=accelerator)
         image_emb, text_emb, txt2img, img2txt = self.embed(model, dataset, processor, batch_size, accelerator)
         return recall_at_k((image_emb @ text_emb.t()).cpu(), img2txt, txt2img)
 

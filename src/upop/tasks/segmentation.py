@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
 from ..errors import DataError
+from ._shard import map_batches
 from .base import Task
 
 
@@ -79,11 +80,15 @@ class SegmentationTask(Task):
         conf = torch.zeros(n, n, dtype=torch.long)
         was_training = model.training
         model.eval()
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+        def run(lo: int, hi: int) -> torch.Tensor:
+            batch = collate([dataset[i] for i in range(lo, hi)])
             check_labels(model, batch["labels"])
             pred = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(1).cpu()
-            conf += confusion_matrix(pred, batch["labels"], n)
+            return confusion_matrix(pred, batch["labels"], n)
+
+        for part in map_batches(len(dataset), batch_size, run, accelerator):
+            conf += part
         model.train(was_training)
         return segmentation_metrics(conf)
 

@@ -18,6 +18,7 @@ from torch import nn
 from ..data.retrieval import _parts
 from ..data.vqa import VQACollator, VQADataset, load_vqa_split
 from ._blip import decoder_inputs, generate_texts
+from ._shard import map_batches
 from .base import Task
 from .vqa_metrics import vqa_accuracy
 
@@ -47,7 +48,7 @@ class VQATask(Task):
                 "decoder_attention_mask": batch["answer_mask"]}
 
     @torch.no_grad()
-    def predict(self, model, dataset, processor, batch_size: int = 64) -> list[str]:
+    def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:
         """Generated answers for every question of ``dataset``, in order."""
         collate = self.collator(processor)
         _, tokenizer = _parts(processor)
@@ -58,26 +59,34 @@ class VQATask(Task):
         # questions are batched by token length: no padding, same answers as one at a time
         lengths = [len(tokenizer(it.question)["input_ids"]) for it in dataset.items]
         order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and len(groups[-1]) < batch_size and lengths[groups[-1][0]] == lengths[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+
+        def run(lo: int, hi: int) -> list[tuple[int, str]]:
+            out = []
+            for idx in groups[lo:hi]:
+                samples = [dataset[i] for i in idx]
+                q = collate.encode_questions(samples)
+                texts = generate_texts(model, tokenizer, self.max_answer_tokens,
+                                       pixel_values=collate.encode_images(samples).to(device),
+                                       input_ids=q["input_ids"].to(device),
+                                       attention_mask=q["attention_mask"].to(device))
+                out += list(zip(idx, texts))
+            return out
+
         answers: list[str] = [""] * len(dataset)
-        start = 0
-        while start < len(order):
-            stop = start
-            while stop < len(order) and stop - start < batch_size and lengths[order[stop]] == lengths[order[start]]:
-                stop += 1
-            idx = order[start:stop]
-            samples = [dataset[i] for i in idx]
-            q = collate.encode_questions(samples)
-            texts = generate_texts(model, tokenizer, self.max_answer_tokens,
-                                   pixel_values=collate.encode_images(samples).to(device),
-                                   input_ids=q["input_ids"].to(device), attention_mask=q["attention_mask"].to(device))
-            for i, t in zip(idx, texts):
-                answers[i] = t
-            start = stop
+        for part in map_batches(len(groups), 1, run, accelerator):
+            for i, text in part:
+                answers[i] = text
         model.train(was_training)
         return answers
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
-        preds = self.predict(model, dataset, processor, batch_size)
+        preds = self.predict(model, dataset, processor, batch_size, accelerator)
         accs = [vqa_accuracy(p, dataset.items[i].answers) for i, p in enumerate(preds)]
         return {"vqa_acc": 100.0 * sum(accs) / len(accs)}
 
