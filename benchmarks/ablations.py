@@ -6,6 +6,8 @@ at p = 0.5 and 0.75, over seeds, with the same total training steps for every me
 - uniform     the same ratio in every layer (ranked within it): the non-unified ablation;
 - magnitude   per-layer L2 norm of each unit's weights, pruned at once, then retrained for the
               search + retrain steps;
+- random + retraining: random units pruned per layer, then the same retraining as "magnitude" (the
+  control: a criterion only matters where it beats this);
 - random, no retraining (4x): how much a careless cut loses (the benchmark must discriminate);
 - torch-pruning (optional, when ``torch_pruning`` is installed: ``pip install -e .[peer]``): the
   Torch-Pruning library's global Taylor importance, whole attention heads and MLP neurons, the
@@ -356,26 +358,31 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
                              "metric": result.report["compressed"]["metrics"][metric],
                              "achieved": result.report["achieved_ratio"]})
                 print(rows[-1], flush=True)
+            def retrained(model, method: str, **extra) -> None:
+                """Retrain a pruned model for the search + retrain steps, evaluate, add its row."""
+                model, _ = finetune(model, task, splits["train"], splits["val"], processor, epochs=sum(epochs),
+                                    lr=lr[1], batch_size=batch, seed=seed, weight_decay=0.0, progress=False,
+                                    log=lambda m: None)
+                rows.append({"task": task_name, "method": method, "ratio": ratio, "seed": seed,
+                             "metric": task.evaluate(model, splits["test"], processor)[metric], **extra})
+                print(rows[-1], flush=True)
+
             model = copy.deepcopy(dense)
             prune_by(model, ratio, unit_norms)
             torch.manual_seed(seed)
-            model, _ = finetune(model, task, splits["train"], splits["val"], processor, epochs=sum(epochs),
-                                lr=lr[1], batch_size=batch, seed=seed, weight_decay=0.0, progress=False, log=lambda m: None)
-            rows.append({"task": task_name, "method": "magnitude", "ratio": ratio, "seed": seed,
-                         "metric": task.evaluate(model, splits["test"], processor)[metric]})
-            print(rows[-1], flush=True)
+            retrained(model, "magnitude")
+            # control: which units go matters only if this is clearly worse than the criteria above
+            model = copy.deepcopy(dense)
+            g = torch.Generator().manual_seed(1000 + seed)
+            prune_by(model, ratio, lambda m, grp: torch.rand(grp.num_units, generator=g))
+            torch.manual_seed(seed)
+            retrained(model, "random + retraining")
             if peer:
                 torch.manual_seed(seed)
                 model, info = torch_pruning_prune(
                     dense, ratio, task.example_inputs(dense, processor, splits["train"], 2),
                     task_gradients(task, processor, splits["train"], batch, seed), importance=peer)
-                model, _ = finetune(model, task, splits["train"], splits["val"], processor, epochs=sum(epochs),
-                                    lr=lr[1], batch_size=batch, seed=seed, weight_decay=0.0, progress=False,
-                                    log=lambda m: None)
-                rows.append({"task": task_name, "method": PEER_LABELS[peer], "ratio": ratio, "seed": seed,
-                             "metric": task.evaluate(model, splits["test"], processor)[metric],
-                             "achieved": info.pop("achieved"), "torch_pruning": info})
-                print(rows[-1], flush=True)
+                retrained(model, PEER_LABELS[peer], achieved=info.pop("achieved"), torch_pruning=info)
     for seed in seeds:
         model = copy.deepcopy(dense)
         g = torch.Generator().manual_seed(seed)
