@@ -181,3 +181,15 @@ def test_user_spec(tmp_path):
     assert len(groups) == 4
     with pytest.raises(UnsupportedModelError):
         upop.find_groups(model, spec=spec)
+    # prune with it, save, and load back: with the spec given, or with a one-line error naming the fix
+    masks = upop.attach_masks(clip_text, groups, spec=spec)
+    for g in masks.groups:
+        masks[g.name].data[: g.num_units // 2] = 0.0
+    plan = upop.prune(clip_text, masks)
+    assert plan.spec == "my-clip-text"
+    upop.save_compressed(clip_text, tmp_path / "c", plan=plan)
+    with pytest.raises(CheckpointError, match="spec=your_spec"):
+        upop.load_compressed(tmp_path / "c")
+    loaded = upop.load_compressed(tmp_path / "c", spec=spec)
+    ids = torch.randint(5, 60, (2, 7))
+    assert torch.allclose(loaded(input_ids=ids).last_hidden_state, clip_text(input_ids=ids).last_hidden_state, atol=1e-6)

@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .arch import get_spec, spec_by_name
-from .errors import CheckpointError
+from .arch import ArchSpec, get_spec, spec_by_name
+from .errors import CheckpointError, UnsupportedModelError
 from .prune import PruningPlan, apply_plan
 
 PLAN_FILE = "upop_plan.json"
@@ -123,11 +123,13 @@ def model_class(name: str):
     return cls
 
 
-def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    spec: ArchSpec | None = None) -> nn.Module:
     """Load a compressed checkpoint folder: same class as the dense model, in eval mode.
 
     The model is built from ``config.json`` (no weights), shaped by the plan with the same
-    slicing code as :func:`upop.prune`, then the weights are loaded strictly.
+    slicing code as :func:`upop.prune`, then the weights are loaded strictly. A model pruned with
+    a spec of your own needs that spec: pass it as ``spec`` (or ``register_spec`` it first).
     """
     path = Path(path)
     if not path.is_dir():
@@ -147,7 +149,14 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         )
     cls = model_class(plan.model_class)
     model = cls(config)
-    spec = spec_by_name(plan.spec) if plan.spec else get_spec(model)
+    if spec is not None and plan.spec and spec.name != plan.spec:
+        raise CheckpointError(f"{path}: the plan was made with spec {plan.spec!r}, not the given {spec.name!r}")
+    if spec is None:
+        try:
+            spec = spec_by_name(plan.spec) if plan.spec else get_spec(model)
+        except UnsupportedModelError as exc:
+            raise CheckpointError(f"{path}: {exc}; a model pruned with your own spec loads with "
+                                  "load_compressed(path, spec=your_spec) or after register_spec(your_spec)") from None
     apply_plan(model, plan, spec=spec)
     try:
         state = load_file(str(path / WEIGHTS_FILE))
