@@ -74,3 +74,26 @@ def blip_base_config(image_size: int = 224):
                          encoder_hidden_size=768, vocab_size=30524, max_position_embeddings=512),
         image_text_hidden_size=256, projection_dim=512,
     )
+
+
+def task_bench_args(description: str, tasks, quick_help: str, argv=None):
+    """The options of a per-task quality benchmark (``--quick --work --tasks --threads``), parsed;
+    the torch thread count is set."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
+    parser.add_argument("--tasks", nargs="+", default=list(tasks), choices=list(tasks))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine more threads contend and run slower)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def report_cells(side: dict) -> dict:
+    """Metrics (rounded), params, FLOPs and latency of one side (dense or compressed) of a report."""
+    return {"metrics": {k: round(v, 2) for k, v in side["metrics"].items()}, "params": side["params"],
+            "flops": side["flops"], "latency_ms": round(side["latency_ms"], 3)}
+

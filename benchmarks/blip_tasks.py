@@ -15,7 +15,6 @@ model beats it. Results: ``benchmarks/results/blip_tasks{,-quick}.json`` and ``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -35,7 +34,7 @@ from upop.tasks.vqa_metrics import vqa_accuracy
 from upop.train import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import report_cells, task_bench_args, write_results  # noqa: E402
 
 # task -> make-model family
 TASKS = {"retrieval": "blip-retrieval", "vqa": "blip-vqa", "caption": "blip-caption", "nlvr": "blip-nlvr"}
@@ -132,13 +131,8 @@ def run_task(task_name: str, setting: dict, work: Path, log, init: dict | None =
             "_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "dense_val": val_metrics, "dense_beats_blind": rep["dense"]["metrics"][metric] > blind[metric],
             "achieved_ratio": round(rep["achieved_ratio"], 4), "kept_fraction_by_modality": by_mod,
-            "dense": {**_cells(rep["dense"]), "seconds": round(train_s, 1)},
-            "compressed": {**_cells(rep["compressed"]), "seconds": round(seconds, 1)}}
-
-
-def _cells(side: dict) -> dict:
-    return {"metrics": {k: round(v, 2) for k, v in side["metrics"].items()}, "params": side["params"],
-            "flops": side["flops"], "latency_ms": round(side["latency_ms"], 3)}
+            "dense": {**report_cells(rep["dense"]), "seconds": round(train_s, 1)},
+            "compressed": {**report_cells(rep["compressed"]), "seconds": round(seconds, 1)}}
 
 
 def markdown(results: dict) -> str:
@@ -163,14 +157,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models and data (< 3 minutes)")
-    parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared machine more threads contend and run slower)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = task_bench_args(__doc__.splitlines()[0], TASKS, "tiny models and data (< 3 minutes)", argv)
     setting_name = "quick" if args.quick else "full"
     setting = SETTINGS[setting_name]
     start = time.perf_counter()
@@ -184,10 +171,9 @@ def main(argv=None) -> int:
             dense_states[task_name] = row.pop("_state")
             results["tasks"][task_name] = row
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["rows"] = [{"task": k, **v} for k, v in results.pop("tasks").items()]
-    results["tasks"] = {r["task"]: r for r in results["rows"]}
-    js, _ = write_results("blip_tasks" + ("-quick" if args.quick else ""), {k: v for k, v in results.items() if k != "tasks"},
-                          markdown(results))
+    payload = {**{k: v for k, v in results.items() if k != "tasks"},
+               "rows": [{"task": name, **res} for name, res in results["tasks"].items()]}
+    js, _ = write_results("blip_tasks" + ("-quick" if args.quick else ""), payload, markdown(results))
     print(f"wrote {js} and .md in {results['seconds']:.0f}s")
     return 0
 

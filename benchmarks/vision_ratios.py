@@ -13,7 +13,6 @@ and ``.md`` (with the exact command and the machine).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from upop.tasks import get_task
 from upop.train import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import report_cells, task_bench_args, write_results  # noqa: E402
 
 RATIOS = (0.1, 0.3, 0.5)
 # setting -> per-task (family, writer, num_labels, chance-level note)
@@ -77,18 +76,13 @@ def run_task(task_name: str, setting: dict, work: Path, log) -> dict:
         seconds = time.perf_counter() - start
         report = result.report
         if dense is None:
-            dense = {"ratio": 0.0, "achieved_ratio": 0.0, **_cells(report["dense"]), "seconds": round(train_s, 1)}
+            dense = {"ratio": 0.0, "achieved_ratio": 0.0, **report_cells(report["dense"]), "seconds": round(train_s, 1)}
         rows.append({"ratio": ratio, "achieved_ratio": round(report["achieved_ratio"], 4),
-                     **_cells(report["compressed"]), "seconds": round(seconds, 1)})
+                     **report_cells(report["compressed"]), "seconds": round(seconds, 1)})
         log(f"  ratio {ratio}: {metric} {report['compressed']['metrics'][metric]:.1f} "
             f"(dense {report['dense']['metrics'][metric]:.1f}), params {report['compressed']['params']:,}, {seconds:.0f}s")
     return {"model_class": type(model).__name__, "family": family, "main_metric": metric, "bar": bar,
             "dense_val": val_metrics, "dense_better_than_bar": val_metrics[metric] >= bar, "rows": [dense, *rows]}
-
-
-def _cells(side: dict) -> dict:
-    return {"metrics": {k: round(v, 2) for k, v in side["metrics"].items()}, "params": side["params"],
-            "flops": side["flops"], "latency_ms": round(side["latency_ms"], 3)}
 
 
 def markdown(results: dict) -> str:
@@ -112,14 +106,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models and data (< 2 minutes)")
-    parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared machine more threads contend and run slower)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = task_bench_args(__doc__.splitlines()[0], TASKS, "tiny models and data (< 2 minutes)", argv)
     setting_name = "quick" if args.quick else "full"
     setting = SETTINGS[setting_name]
     torch.manual_seed(0)

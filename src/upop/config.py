@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import ConfigError
 from .search import ALLOCATIONS, COSTS, METHODS
@@ -87,10 +90,6 @@ class UPopConfig:
         """``workers``, or the default: 0 without a GPU, else min(4, cores per process - 1)."""
         if self.workers is not None:
             return self.workers
-        import os
-
-        import torch
-
         if not torch.cuda.is_available():
             return 0
         return max(0, min(4, (os.cpu_count() or 1) // max(1, processes) - 1))

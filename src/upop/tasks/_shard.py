@@ -1,4 +1,4 @@
-"""Evaluation split across the processes of a multi-process run.
+"""Evaluation helpers: the eval-mode block and the split across the processes of a run.
 
 Every task's evaluation is a loop over fixed batches of its data followed by a metric. With
 ``map_batches`` each process computes a contiguous run of those batches and the per-batch
@@ -7,8 +7,22 @@ process computing every batch would get: the metrics are identical, the work is 
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; its previous mode is restored after, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _world(dist_state) -> tuple[int, int]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._blip import through_wrapper, unwrap
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 
 ITC_TEMPERATURE = 0.07
 ITM_K = 16
@@ -121,8 +121,6 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K, ac
     m = unwrap(model)
     collate = RetrievalTask().collator(processor)
     device = next(m.parameters()).device
-    was_training = m.training
-    m.eval()
 
     def run_images(lo: int, hi: int):
         f = _features(m, pixel_values=collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device))
@@ -134,8 +132,9 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K, ac
     def run_texts(lo: int, hi: int) -> torch.Tensor:
         return _features(m, input_ids=enc["input_ids"][lo:hi], attention_mask=enc["attention_mask"][lo:hi])["text_feat"].float().cpu()
 
-    embeds, img_feat = zip(*map_batches(len(dataset), batch_size, run_images, accelerator))
-    txt_feat = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator))
+    with evaluating(m):
+        embeds, img_feat = zip(*map_batches(len(dataset), batch_size, run_images, accelerator))
+        txt_feat = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator))
     image_embeds = torch.cat(embeds).to(device)
     sim = torch.cat(img_feat) @ txt_feat.t()
 
@@ -147,8 +146,8 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K, ac
         return torch.cat(out)
 
     rows_per_block = max(1, batch_size // max(1, k))
-    i2t, t2i = rerank(sim, k, itm_score, lambda n, fn: map_batches(n, rows_per_block, fn, accelerator))
-    m.train(was_training)
+    with evaluating(m):
+        i2t, t2i = rerank(sim, k, itm_score, lambda n, fn: map_batches(n, rows_per_block, fn, accelerator))
     txt = recall_at_k(i2t, img2txt, txt2img)
     img = recall_at_k(t2i.t().contiguous(), img2txt, txt2img)
     out = {name: (txt if name.startswith("txt") else img)[name] for name in METRICS[:-1]}

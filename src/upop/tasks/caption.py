@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.retrieval import _parts
 from ._blip import decoder_inputs, generate_texts
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 from .base import Task
 from .caption_metrics import bleu, cider_d
 from .retrieval import RetrievalTask
@@ -43,16 +43,13 @@ class CaptionTask(Task):
         collate = self.collator(processor)
         _, tokenizer = _parts(processor)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
 
         def run(lo: int, hi: int) -> list[str]:
             pixels = collate.encode_images([dataset[i] for i in range(lo, hi)]).to(device)
             return generate_texts(model, tokenizer, self.max_caption_tokens, pixel_values=pixels)
 
-        out = [text for part in map_batches(len(dataset), batch_size, run, accelerator) for text in part]
-        model.train(was_training)
-        return out
+        with evaluating(model):
+            return [text for part in map_batches(len(dataset), batch_size, run, accelerator) for text in part]
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         hyps = self.predict(model, dataset, processor, batch_size, accelerator)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
 from ..errors import DataError
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 from .base import Task
 
 WITH_TEACHER = "DeiTForImageClassificationWithTeacher"
@@ -78,16 +78,14 @@ class ClassificationTask(Task):
         self.check_data(model, dataset)
         collate = self.collator(processor)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
 
         def run(lo: int, hi: int):
             batch = collate([dataset[i] for i in range(lo, hi)])
             check_labels(model, batch["labels"])
             return self.logits(model, batch["pixel_values"].to(device)).float().cpu(), batch["labels"]
 
-        logits, labels = zip(*map_batches(len(dataset), batch_size, run, accelerator))
-        model.train(was_training)
+        with evaluating(model):
+            logits, labels = zip(*map_batches(len(dataset), batch_size, run, accelerator))
         return topk_accuracy(torch.cat(logits), torch.cat(labels))
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):

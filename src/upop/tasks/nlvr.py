@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 from .base import Task
 
 
@@ -30,8 +30,6 @@ class NLVRTask(Task):
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         collate = self.collator(processor)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
 
         def run(lo: int, hi: int) -> int:
             batch = collate([dataset[i] for i in range(lo, hi)])
@@ -39,8 +37,8 @@ class NLVRTask(Task):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             return int((logits.argmax(dim=-1) == labels).sum())
 
-        correct = sum(map_batches(len(dataset), batch_size, run, accelerator))
-        model.train(was_training)
+        with evaluating(model):
+            correct = sum(map_batches(len(dataset), batch_size, run, accelerator))
         return {"accuracy": 100.0 * correct / len(dataset)}
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.retrieval import RetrievalCollator, RetrievalDataset, load_retrieval_split
 from . import blip_retrieval
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 from .base import Task
 
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
@@ -68,8 +68,6 @@ class RetrievalTask(Task):
         """Normalised image and caption embeddings of ``dataset`` (all captions, flattened)."""
         collate = self.collator(processor)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
 
         def run_images(lo: int, hi: int) -> torch.Tensor:
             batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
@@ -81,9 +79,9 @@ class RetrievalTask(Task):
             enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
             return model.get_text_features(**enc).pooler_output.float().cpu()
 
-        images = map_batches(len(dataset), batch_size, run_images, accelerator)
-        text_emb = map_batches(len(texts), batch_size, run_texts, accelerator)
-        model.train(was_training)
+        with evaluating(model):
+            images = map_batches(len(dataset), batch_size, run_images, accelerator)
+            text_emb = map_batches(len(texts), batch_size, run_texts, accelerator)
         image_emb = F.normalize(torch.cat(images).float(), dim=-1)
         text_emb = F.normalize(torch.cat(text_emb).float(), dim=-1)
         return image_emb, text_emb, txt2img, img2txt

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
 from ..errors import DataError
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 from .base import Task
 
 
@@ -78,8 +78,6 @@ class SegmentationTask(Task):
         device = next(model.parameters()).device
         n = int(model.config.num_labels)
         conf = torch.zeros(n, n, dtype=torch.long)
-        was_training = model.training
-        model.eval()
 
         def run(lo: int, hi: int) -> torch.Tensor:
             batch = collate([dataset[i] for i in range(lo, hi)])
@@ -87,9 +85,9 @@ class SegmentationTask(Task):
             pred = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(1).cpu()
             return confusion_matrix(pred, batch["labels"], n)
 
-        for part in map_batches(len(dataset), batch_size, run, accelerator):
-            conf += part
-        model.train(was_training)
+        with evaluating(model):
+            for part in map_batches(len(dataset), batch_size, run, accelerator):
+                conf += part
         return segmentation_metrics(conf)
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):

@@ -18,7 +18,7 @@ from torch import nn
 from ..data.retrieval import _parts
 from ..data.vqa import VQACollator, VQADataset, load_vqa_split
 from ._blip import decoder_inputs, generate_texts
-from ._shard import map_batches
+from ._shard import evaluating, map_batches
 from .base import Task
 from .vqa_metrics import vqa_accuracy
 
@@ -53,8 +53,6 @@ class VQATask(Task):
         collate = self.collator(processor)
         _, tokenizer = _parts(processor)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         # HF generate() lets the decoder attend to every question position (padding too), so
         # questions are batched by token length: no padding, same answers as one at a time
         lengths = [len(tokenizer(it.question)["input_ids"]) for it in dataset.items]
@@ -79,10 +77,11 @@ class VQATask(Task):
             return out
 
         answers: list[str] = [""] * len(dataset)
-        for part in map_batches(len(groups), 1, run, accelerator):
+        with evaluating(model):
+            parts = map_batches(len(groups), 1, run, accelerator)
+        for part in parts:
             for i, text in part:
                 answers[i] = text
-        model.train(was_training)
         return answers
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
