@@ -54,7 +54,7 @@ def compress_widths(model, ratio: float, round_to: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     for name in masks.keys():
         masks.grad_sum[name] = torch.randn(masks[name].numel(), generator=g, dtype=torch.float64)
-    search = UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to)
+    search = UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to, method="one-shot")
     search.update(0)
     upop.prune(pruned, masks)
     return pruned.eval()

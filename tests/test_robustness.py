@@ -119,7 +119,7 @@ def test_mask_gradients_accumulate_under_autocast(dtype):
     torch.manual_seed(0)
     model = FAMILIES["clip"][0]().train()
     masks = upop.attach_masks(model)
-    search = upop.UPopSearch(masks, ratio=0.5, total_steps=100, interval=1000)
+    search = upop.UPopSearch(masks, ratio=0.5, total_steps=100, interval=50)
     expected = {n: torch.zeros(m.numel(), dtype=torch.float64) for n, m in masks.items()}
     for step in range(3):
         g = torch.Generator().manual_seed(step)
@@ -141,7 +141,7 @@ def test_mask_gradients_accumulate_under_autocast(dtype):
 def test_overflowing_fp16_steps_are_skipped_not_fatal():
     model = FAMILIES["clip"][0]().train()
     masks = upop.attach_masks(model)
-    search = upop.UPopSearch(masks, ratio=0.5, total_steps=10, interval=1000)
+    search = upop.UPopSearch(masks, ratio=0.5, total_steps=10, interval=5)
     name = masks.groups[0].name
     masks[name].grad = torch.full_like(masks[name], math.inf)
     assert search.step(0, grad_scale=65536.0, skip_nonfinite=True) is None

@@ -153,7 +153,7 @@ def test_bad_search_settings(kwargs, field):
 def test_mask_grads_accumulate_in_float64_and_nonfinite_is_caught():
     model = FAMILIES["clip"][0]().train()
     masks = upop.attach_masks(model)
-    search = UPopSearch(masks, ratio=0.5, total_steps=10, interval=100)
+    search = UPopSearch(masks, ratio=0.5, total_steps=10, interval=3)
     for t in range(2):
         _clip_loss(model, _batch(t)).backward()
         first = masks.groups[0].name

@@ -22,7 +22,8 @@ class Masks(nn.Module):
     """Masks of every group of one model, with their accumulated gradients.
 
     ``masks[name]`` is the mask parameter of group ``name``; ``masks.groups`` the groups in model
-    order; ``masks.grad_sum[name]`` the sum of that mask's gradients over all accumulated steps.
+    order; ``masks.grad_sum[name]`` the sum of that mask's gradients over all accumulated steps,
+    in float64 on the masks' device (``masks.to(device)`` moves both).
     """
 
     def __init__(self, model: nn.Module, groups: list[Group], spec: ArchSpec):
@@ -34,7 +35,8 @@ class Masks(nn.Module):
         )
         self._index = {g.name: i for i, g in enumerate(self.groups)}
         self.grad_sum: dict[str, torch.Tensor] = {
-            g.name: torch.zeros(g.num_units, dtype=torch.float64, device=_device(model)) for g in self.groups
+            g.name: torch.zeros(g.num_units, dtype=torch.float64, device=p.device)
+            for g, p in zip(self.groups, self._params)
         }
         self._handles = []
         for group, mask in zip(self.groups, self._params):
@@ -62,30 +64,43 @@ class Masks(nn.Module):
 
     # gradients -----------------------------------------------------------------------------
     @torch.no_grad()
-    def accumulate_grads(self, average_across_processes: bool = True, grad_scale: float = 1.0) -> bool:
+    def accumulate_grads(
+        self, average_across_processes: bool = True, grad_scale: float | torch.Tensor = 1.0
+    ) -> torch.Tensor:
         """Add every mask's current gradient to ``grad_sum`` and clear the gradient.
 
         Gradients are accumulated in float64, whatever the training precision, so the score is a
         true sum over steps (the reference code's mixed-precision path reset it every step).
-        ``grad_scale`` is the loss scale of fp16 training (the gradients are divided by it).
+        ``grad_scale`` is the loss scale of fp16 training (the gradients are divided by it); a
+        tensor (a scaler's scale on the device) is used where it lies, without reading it.
         Across processes the gradients are averaged first, so every process holds the same sums.
-        Returns False (and accumulates nothing) if any gradient is not finite.
+
+        Returns a 0-dim bool tensor on the masks' device: False if any gradient was not finite,
+        in which case nothing of this step is added. Nothing here reads a value back to the host,
+        so a training step is not stalled waiting for the device; callers that must act on a
+        non-finite step read the flag when they need to (see :meth:`UPopSearch.step`).
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads]) / float(grad_scale)
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
+        flat = flat / (grad_scale.to(flat.device, torch.float64) if torch.is_tensor(grad_scale) else float(grad_scale))
         if average_across_processes and _world_size() > 1:
             torch.distributed.all_reduce(flat)
             flat /= _world_size()
         for p in self._params:
             p.grad = None
-        if not torch.isfinite(flat).all():
-            return False
-        offset = 0
-        for group in self.groups:
-            n = group.num_units
-            self.grad_sum[group.name] += flat[offset : offset + n].to(self.grad_sum[group.name].device)
-            offset += n
-        return True
+        finite = torch.isfinite(flat).all()
+        flat = torch.where(finite, flat, 0.0)
+        for group, part in zip(self.groups, flat.split([g.num_units for g in self.groups])):
+            self.grad_sum[group.name] += part
+        return finite
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``masks.to(device)`` (and ``.cuda()``, ``.cpu()``) moves the gradient sums along with the
+        masks, keeping them in float64, so accumulating never copies between devices."""
+        super()._apply(fn, recurse)
+        for group, p in zip(self.groups, self._params):
+            self.grad_sum[group.name] = self.grad_sum[group.name].to(p.device)
+        return self
 
     def remove(self) -> None:
         """Detach the hooks: the model computes as if it had no masks."""
@@ -107,7 +122,7 @@ class Masks(nn.Module):
             raise ValueError("mask state does not match the model's groups")
         for group, p in zip(self.groups, self._params):
             p.copy_(values[group.name].to(p.device))
-            self.grad_sum[group.name] = sums[group.name].to(self.grad_sum[group.name].device, torch.float64).clone()
+            self.grad_sum[group.name] = sums[group.name].to(p.device, torch.float64).clone()
 
 
 class _MaskedLinear(torch.autograd.Function):

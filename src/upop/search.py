@@ -1,13 +1,15 @@
 """The UPop search (METHOD §2): accumulate mask gradients, score, select, project.
 
-Usage inside any training loop::
+Usage inside any training loop (it must run all ``T`` steps: only the last update sets the masks
+to exactly 0 or 1, and :func:`upop.prune` refuses masks in between)::
 
-    search = UPopSearch(masks, ratio=0.5, total_steps=T, interval=50)
+    search = UPopSearch(masks, ratio=0.5, total_steps=T, interval=50)   # interval < T
     for t in range(T):
         loss = task_loss(model, batch) + search.sparsity_loss()
         loss.backward()
         search.step(t)            # accumulate dL/dzeta; every `interval` steps re-select
         optimizer.step(); optimizer.zero_grad()
+    assert search.done
     plan = upop.prune(model, masks)
 
 The state (accumulated scores, step, masks, history) round-trips through ``state_dict()`` /
@@ -17,6 +19,7 @@ The state (accumulated scores, step, masks, history) round-trips through ``state
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,31 @@ def ratio_at(ratio: float, step: int, total_steps: int) -> float:
     return ratio * math.sqrt((1.0 - math.cos(math.pi * (step + 1) / total_steps)) / 2.0)
 
 
+def _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to) -> None:
+    """Refuse settings the search cannot run as asked, each with a one-line :class:`ConfigError`."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio < 1.0:
+        raise ConfigError(f"ratio must be a number in (0, 1), e.g. 0.5 for 2x, got {ratio!r}")
+    for name, value in (("total_steps", total_steps), ("interval", interval)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if cost not in COSTS:
+        raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "upop" and interval >= total_steps:
+        raise ConfigError(
+            f"interval={interval!r} with total_steps={total_steps!r}: the progressive search needs "
+            "interval < total_steps (else its only update is the last step, a one-shot cut); "
+            "lower interval, raise total_steps, or ask for method='one-shot'"
+        )
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if allocation == "uniform" and round_to != 1:
+        raise ConfigError("round_to applies to the unified allocation only")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
+
+
 @dataclass
 class SearchUpdate:
     """What one update chose: the step, the current ratio and the prune set's cost share."""
@@ -52,8 +80,10 @@ class UPopSearch:
     Args:
         masks: the masks from :func:`upop.attach_masks`.
         ratio: ``p``, the share of the prunable cost to remove, in (0, 1).
-        total_steps: ``T``, the number of search steps.
-        interval: re-select every ``interval`` steps (and at the last step).
+        total_steps: ``T``, the number of search steps; the loop must run all of them (see
+            :attr:`done`) before :func:`upop.prune`.
+        interval: re-select every ``interval`` steps (and at the last step); below ``T`` for
+            ``method="upop"``, any value >= 1 for one-shot.
         cost: ``"params"`` (exact parameter counts, default) or ``"flops"``.
         method: ``"upop"`` (progressive projection) or ``"one-shot"`` (masks stay 1 during the
             search and the final prune set is cut to 0 at the last step).
@@ -73,22 +103,7 @@ class UPopSearch:
         round_to: int = 1,
         allocation: str = "unified",
     ):
-        if not 0.0 < ratio < 1.0:
-            raise ConfigError(f"ratio must be in (0, 1), got {ratio}")
-        if total_steps < 1:
-            raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
-        if interval < 1:
-            raise ConfigError(f"interval must be >= 1, got {interval}")
-        if cost not in COSTS:
-            raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        if allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-        if allocation == "uniform" and round_to != 1:
-            raise ConfigError("round_to applies to the unified allocation only")
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
+        _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to)
         self.masks = masks
         self.ratio, self.total_steps, self.interval = ratio, total_steps, interval
         self.cost, self.method = cost, method
@@ -96,7 +111,9 @@ class UPopSearch:
         self.round_to = round_to
         self.allocation = allocation
         self.step_count = 0
-        self.skipped_steps = 0
+        # device-side bookkeeping of non-finite mask gradients (read only at update steps)
+        self._skipped = torch.zeros((), dtype=torch.int64)
+        self._first_bad = torch.full((), -1, dtype=torch.int64)
         self.history: list[SearchUpdate] = []
         groups = masks.groups
         self._unit_cost = torch.cat(
@@ -129,27 +146,55 @@ class UPopSearch:
     def is_update_step(self, step: int) -> bool:
         return (step + 1) % self.interval == 0 or step == self.total_steps - 1
 
-    def step(self, step: int | None = None, grad_scale: float = 1.0, skip_nonfinite: bool = False) -> SearchUpdate | None:
+    def step(
+        self, step: int | None = None, grad_scale: float | torch.Tensor = 1.0, skip_nonfinite: bool = False
+    ) -> SearchUpdate | None:
         """Call after ``loss.backward()``: accumulate mask gradients; update masks when due.
 
-        ``grad_scale``: the fp16 loss scale, divided out before accumulating. A non-finite mask
-        gradient raises ``FloatingPointError`` (nothing is accumulated), or with
-        ``skip_nonfinite`` (fp16 with a dynamic loss scale, whose overflowing steps the scaler
-        skips too) leaves the sums unchanged for this step and counts it in ``skipped_steps``.
+        ``grad_scale``: the fp16 loss scale, divided out before accumulating (a float, or the
+        scaler's scale tensor on the device). A step whose mask gradients are not all finite adds
+        nothing to the sums. With ``skip_nonfinite`` (fp16 with a dynamic loss scale, whose
+        overflowing steps the scaler skips too) it is counted in :attr:`skipped_steps`; without
+        it, it raises ``FloatingPointError`` naming that step, at the latest at the next update
+        step (every ``interval`` steps and the last) or :meth:`state_dict`, whichever comes first.
+        The check waits for those points because reading the flag back would stall every step
+        until the device has finished it; between update steps nothing is read from the device.
         """
         step = self.step_count if step is None else step
-        if not self.masks.accumulate_grads(grad_scale=grad_scale):
-            if not skip_nonfinite:
-                raise FloatingPointError(f"non-finite mask gradient at search step {step}")
-            self.skipped_steps += 1
+        finite = self.masks.accumulate_grads(grad_scale=grad_scale)
+        self._note_nonfinite(finite, step, skip_nonfinite)
         self.step_count = step + 1
         if self.is_update_step(step):
+            self._raise_if_nonfinite(f"the update of step {step}")
             return self.update(step)
         return None
 
+    def _note_nonfinite(self, finite: torch.Tensor, step: int, skip: bool) -> None:
+        """Count a skipped step, or remember the first fatal one, with device-side ops only."""
+        if self._skipped.device != finite.device:  # once, after the masks moved to their device
+            self._skipped, self._first_bad = self._skipped.to(finite.device), self._first_bad.to(finite.device)
+        bad = ~finite
+        if skip:
+            self._skipped += bad
+        else:
+            self._first_bad.masked_fill_(bad & (self._first_bad < 0), step)
+
+    def _raise_if_nonfinite(self, checked_at: str) -> None:
+        """Raise ``FloatingPointError`` if a step without ``skip_nonfinite`` had non-finite mask
+        gradients (reads one number from the device)."""
+        bad = int(self._first_bad)
+        if bad >= 0:
+            raise FloatingPointError(f"non-finite mask gradient at search step {bad} (found at {checked_at})")
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite mask gradients under ``skip_nonfinite`` (reading it waits
+        for the device)."""
+        return int(self._skipped)
+
     def scores(self) -> torch.Tensor:
         """Accumulated gradients standardised per structure type (attention, MLP), all modalities."""
-        s = torch.cat([self.masks.grad_sum[g.name].cpu() for g in self.masks.groups])
+        s = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
         out = torch.empty_like(s)
         for kind_mask in (self._is_attn, ~self._is_attn):
             part = s[kind_mask]
@@ -248,10 +293,10 @@ class UPopSearch:
             flat = torch.where(chosen, torch.tensor(value, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
         else:  # one-shot: masks stay 1 until the end, then the prune set is cut at once
             flat = torch.where(chosen & last, torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-        offset = 0
-        for g in self.masks.groups:
-            self.masks[g.name].copy_(flat[offset : offset + g.num_units].to(self.masks[g.name].dtype))
-            offset += g.num_units
+        first = self.masks[self.masks.groups[0].name]
+        values = flat.to(first.device, first.dtype).split([g.num_units for g in self.masks.groups])
+        for g, value in zip(self.masks.groups, values):
+            self.masks[g.name].copy_(value)
         removed = float(self._unit_cost[chosen].sum()) / self.total_cost
         update = SearchUpdate(step=step, ratio=p_t, removed=removed, selected=int(chosen.sum()))
         self.history.append(update)
@@ -259,6 +304,7 @@ class UPopSearch:
 
     @property
     def done(self) -> bool:
+        """True once all ``total_steps`` steps ran: the masks are then exactly 0 or 1."""
         return self.step_count >= self.total_steps
 
     # resume ----------------------------------------------------------------------------------
@@ -276,6 +322,12 @@ class UPopSearch:
         }
 
     def state_dict(self) -> dict:
+        """Settings, step, history and masks (on the CPU), for :meth:`load_state_dict`.
+
+        Raises ``FloatingPointError`` if a step since the last update had non-finite mask
+        gradients without ``skip_nonfinite``, so no checkpoint is taken after such a step.
+        """
+        self._raise_if_nonfinite("saving the search state")
         return {
             "settings": self.settings(),
             "step_count": self.step_count,
@@ -290,6 +342,7 @@ class UPopSearch:
                 f"search state was saved with settings {state['settings']}, this run has {self.settings()}"
             )
         self.step_count = int(state["step_count"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._skipped = torch.tensor(int(state.get("skipped_steps", 0)), device=self._skipped.device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self._first_bad.device)
         self.history = [SearchUpdate(**u) for u in state["history"]]
         self.masks.load_state_dict(state["masks"])
