@@ -1,6 +1,6 @@
 """Physical pruning: slice the kept units out of every group (METHOD §3).
 
-:func:`prune` folds the masks into the weights, slices every unit whose mask is exactly 0 and
+:func:`prune` takes masks that are exactly 0 or 1, slices every unit whose mask is 0 and
 returns the :class:`PruningPlan` (kept unit indices per group). :func:`apply_plan` replays a plan
 on a freshly built dense model with the same slicing code; that is how
 :func:`upop.load_compressed` rebuilds a compressed model before loading its weights.
@@ -9,19 +9,47 @@ on a freshly built dense model with the same slicing code; that is how
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec, find_groups, get_spec
 from .arch._spec import fold_query_scale
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, show
 from .groups import Group
 from .masks import Masks
 
 FORMAT_VERSION = 1
+_KINDS = ("attention", "mlp")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _checked(data: dict[str, Any], key: str, ok: Callable[[Any], bool], need: str, where: str) -> Any:
+    """``data[key]`` if ``ok(value)``, else a one-line CheckpointError showing the (escaped) value."""
+    value = data[key]
+    if not ok(value):
+        raise CheckpointError(f"{where}: {key} is {show(value, 60)}; need {need}")
+    return value
+
+
+def _check_keys(data: Any, required: tuple[str, ...], allowed: tuple[str, ...], where: str, what: str) -> None:
+    """``data`` is a JSON object with every ``required`` key and no key outside ``allowed``."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: is {show(data, 60)}; need {what} with {', '.join(required)}")
+    missing = [k for k in required if k not in data]
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if missing or unknown:
+        found = f"missing {', '.join(missing)}" if missing else f"unknown {show(unknown, 80)}"
+        raise CheckpointError(f"{where}: {found}; {what} has {', '.join(allowed)}")
 
 
 @dataclass
@@ -33,6 +61,24 @@ class GroupPlan:
     layer: int
     dense_units: int
     kept: list[int]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "GroupPlan":
+        """Parse one group of a plan, checking every field's type and range (one-line
+        CheckpointError naming the group, the field and its value)."""
+        names = tuple(f.name for f in fields(cls))
+        _check_keys(data, names, names, where, "a group")
+        kind = _checked(data, "kind", lambda v: v in _KINDS, "'attention' or 'mlp'", where)
+        modality = _checked(data, "modality", _is_name, "a non-empty string", where)
+        layer = _checked(data, "layer", lambda v: _is_int(v) and v >= 0, "an integer >= 0", where)
+        dense = _checked(data, "dense_units", lambda v: _is_int(v) and v >= 1, "an integer >= 1", where)
+        kept = _checked(data, "kept", lambda v: isinstance(v, list) and v and all(_is_int(i) for i in v)
+                        and all(a < b for a, b in zip(v, v[1:])), "a non-empty sorted list of distinct unit indices",
+                        where)
+        outside = kept[0] if kept[0] < 0 else kept[-1]
+        if outside < 0 or outside >= dense:
+            raise CheckpointError(f"{where}: kept index {outside} is outside [0, {dense}) (dense_units {dense})")
+        return cls(kind, modality, layer, dense, list(kept))
 
 
 @dataclass
@@ -62,23 +108,33 @@ class PruningPlan:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "upop_plan.json") -> "PruningPlan":
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{source}: format_version {version!r} is not supported (this upop reads {FORMAT_VERSION})")
-        missing = [k for k in ("model_class", "model_type", "spec", "groups") if k not in data]
-        if missing:
-            raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}")
-        groups = {}
-        for name, g in data["groups"].items():
-            try:
-                groups[name] = GroupPlan(**g)
-            except TypeError as exc:
-                raise CheckpointError(f"{source}: group {name}: {exc}") from None
-        fields = {k: data[k] for k in ("base_model", "achieved_ratio", "search") if k in data}
-        return cls(data["model_class"], data["model_type"], data["spec"], groups, **fields)
+    def from_dict(cls, data: Any, source: str = "upop_plan.json") -> "PruningPlan":
+        """Parse a plan (``upop_plan.json`` or a run's saved state), checking every field's type,
+        so a damaged or tampered plan is a one-line CheckpointError rather than a failure later."""
+        where = show(source)
+        allowed = tuple(f.name for f in fields(cls))
+        _check_keys(data, ("format_version", "model_class", "model_type", "spec", "groups"), allowed, where,
+                    "a upop plan")
+        version = data["format_version"]
+        if not _is_int(version) or version != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: format_version {show(version, 60)} is not supported "
+                                  f"(this upop reads {FORMAT_VERSION})")
+        text = {key: _checked(data, key, _is_name, "a non-empty string", where) for key in ("model_class", "model_type")}
+        text["spec"] = _checked(data, "spec", lambda v: isinstance(v, str), "a string", where)
+        groups = _checked(data, "groups", lambda v: isinstance(v, dict) and v and all(_is_name(k) for k in v),
+                          "an object of group name -> kept units, with at least one group", where)
+        extra = {}
+        if "base_model" in data:
+            extra["base_model"] = _checked(data, "base_model", lambda v: isinstance(v, str), "a string", where)
+        if "achieved_ratio" in data:
+            extra["achieved_ratio"] = _checked(
+                data, "achieved_ratio", lambda v: isinstance(v, dict)
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in v.values()),
+                "an object of cost kind -> number", where)
+        if "search" in data:
+            extra["search"] = _checked(data, "search", lambda v: isinstance(v, dict), "an object of settings", where)
+        parsed = {name: GroupPlan.from_dict(g, f"{where}: group {show(name, 80)}") for name, g in groups.items()}
+        return cls(text["model_class"], text["model_type"], text["spec"], parsed, **extra)
 
 
 def removed_cost(groups: list[Group], kept: dict[str, int], kind: str = "params") -> tuple[int, int]:
@@ -90,21 +146,16 @@ def removed_cost(groups: list[Group], kept: dict[str, int], kind: str = "params"
 
 @torch.no_grad()
 def prune(model: nn.Module, masks: Masks, base_model: str = "", search: dict | None = None) -> PruningPlan:
-    """Slice every unit whose mask is exactly 0, in place; remove the masks; return the plan.
+    """Slice every unit whose mask is 0, in place; remove the masks; return the plan.
 
-    Mask values other than 0 are folded into the producing weights first, so the pruned model
-    computes exactly what the masked model computed (up to float rounding). Every group keeps at
-    least one unit: a group whose mask is all zeros is an error.
+    Every mask must be exactly 0 or 1, as the search leaves them after its last step. A value in
+    between means the search stopped early (its loop ran fewer than ``total_steps`` steps):
+    pruning then would remove less than asked, or nothing, so it is a :class:`ConfigError`.
+    All masks are checked before anything changes, so a refused call leaves the model and its
+    masks as they were. Every group keeps at least one unit.
     """
     spec = masks.spec
-    kept: dict[str, list[int]] = {}
-    for group in masks.groups:
-        mask = masks[group.name]
-        idx = torch.nonzero(mask.detach() != 0).flatten().tolist()
-        if not idx:
-            raise ValueError(f"group {group.name}: every unit is masked to 0; keep at least one")
-        kept[group.name] = idx
-        _fold_mask(model, group, mask.detach())
+    kept = _kept_units(masks)
     masks.remove()
     object.__setattr__(model, "_upop_masks", None)
     plan = PruningPlan(
@@ -126,15 +177,24 @@ def prune(model: nn.Module, masks: Masks, base_model: str = "", search: dict | N
     return plan
 
 
-def _fold_mask(model: nn.Module, group: Group, mask: torch.Tensor) -> None:
-    if bool((mask == 1).all()):
-        return
-    scale = mask.repeat(group.mask_expansion())
-    for name in group.producers:
-        lin = model.get_submodule(name)
-        lin.weight.mul_(scale.to(lin.weight.dtype).unsqueeze(1))
-        if lin.bias is not None:
-            lin.bias.mul_(scale.to(lin.bias.dtype))
+def _kept_units(masks: Masks) -> dict[str, list[int]]:
+    """Per group, the indices of the units whose mask is 1; refuses masks that are not all 0/1
+    and groups masked entirely to 0 (one-line :class:`ConfigError` naming the group)."""
+    kept: dict[str, list[int]] = {}
+    for group in masks.groups:
+        values = masks[group.name].detach().cpu()
+        odd = torch.nonzero((values != 0) & (values != 1)).flatten().tolist()
+        if odd:
+            shown = ", ".join(f"unit {i} = {values[i].item():.4g}" for i in odd[:2])
+            raise ConfigError(
+                f"group {group.name!r} has masks that are not exactly 0 or 1 ({shown}; {len(odd)} of "
+                f"{group.num_units} units), so the search has not finished: run the search to its last step "
+                "(UPopSearch.done is True) before prune, or set every mask to 0 or 1"
+            )
+        kept[group.name] = torch.nonzero(values == 1).flatten().tolist()
+        if not kept[group.name]:
+            raise ConfigError(f"group {group.name!r}: every unit's mask is 0; a group must keep at least one unit")
+    return kept
 
 
 @torch.no_grad()
