@@ -11,12 +11,10 @@ leaves a half-written checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -24,9 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from ._safe_load import check_dtypes, check_folder, read_config, read_json, reason, scan_safetensors
 from .arch import ArchSpec, get_spec, spec_by_name
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError, show
 from .prune import PruningPlan, apply_plan
+from .rundir import write_dir_atomic
 
 PLAN_FILE = "upop_plan.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -71,41 +71,12 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
     return write_dir_atomic(out_dir, fill)
 
 
-def write_dir_atomic(out_dir: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
-    """Write a folder atomically: ``fill(tmp)`` writes into a temporary sibling folder, which then
-    replaces ``out_dir``; a failure or kill leaves the previous ``out_dir`` (or none) intact."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def read_plan(path: str | os.PathLike) -> PruningPlan:
-    """The :class:`PruningPlan` of a compressed checkpoint folder."""
+    """The :class:`PruningPlan` of a compressed checkpoint folder (size-, depth- and type-checked)."""
     file = Path(path) / PLAN_FILE
     if not file.is_file():
-        raise CheckpointError(f"{path}: no {PLAN_FILE}; is this a upop compressed checkpoint?")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
-    return PruningPlan.from_dict(data, source=str(file))
+        raise CheckpointError(f"{show(path)}: no {PLAN_FILE}; is this a upop compressed checkpoint?")
+    return PruningPlan.from_dict(read_json(file), source=str(file))
 
 
 def model_class(name: str):
@@ -114,7 +85,7 @@ def model_class(name: str):
 
     known = {c for spec in _REGISTRY.values() for c in spec.classes}
     if name not in known:
-        raise CheckpointError(f"model class {name!r} is not one upop knows; known: {', '.join(sorted(known))}")
+        raise CheckpointError(f"model class {show(name, 80)} is not one upop knows; known: {', '.join(sorted(known))}")
     cls = getattr(transformers, name, None)
     if cls is None:
         from . import models  # project-defined classes (e.g. task models) register here
@@ -127,63 +98,88 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
                     spec: ArchSpec | None = None) -> nn.Module:
     """Load a compressed checkpoint folder: same class as the dense model, in eval mode.
 
-    The model is built from ``config.json`` (no weights), shaped by the plan with the same
-    slicing code as :func:`upop.prune`, then the weights are loaded strictly. A model pruned with
-    a spec of your own needs that spec: pass it as ``spec`` (or ``register_spec`` it first).
+    Everything is checked before a model is built: the plan, that nothing in the folder asks for
+    its own code (upop never runs it), that the plan's class and model type are the ones
+    ``config.json`` records, and every stored tensor (readable, finite). The model is then built
+    from ``config.json`` (no weights), shaped by the plan with the same slicing code as
+    :func:`upop.prune`, and the weights are loaded strictly (names, shapes and dtype kinds). A
+    model pruned with a spec of your own needs that spec: pass it as ``spec`` (or
+    ``register_spec`` it first).
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
+        raise CheckpointError(f"{show(path)}: not a directory")
     plan = read_plan(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json")
-    if not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'config.json'}: cannot be read ({str(exc).splitlines()[0]})") from None
-    if config.model_type != plan.model_type:
-        raise CheckpointError(
-            f"{path}: config model_type {config.model_type!r} does not match the plan's {plan.model_type!r}"
-        )
+    _check_config_matches_plan(check_folder(path), plan, path)
     cls = model_class(plan.model_class)
-    model = cls(config)
-    if spec is not None and plan.spec and spec.name != plan.spec:
-        raise CheckpointError(f"{path}: the plan was made with spec {plan.spec!r}, not the given {spec.name!r}")
-    if spec is None:
-        try:
-            spec = spec_by_name(plan.spec) if plan.spec else get_spec(model)
-        except UnsupportedModelError as exc:
-            raise CheckpointError(f"{path}: {exc}; a model pruned with your own spec loads with "
-                                  "load_compressed(path, spec=your_spec) or after register_spec(your_spec)") from None
-    apply_plan(model, plan, spec=spec)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{show(path)}: no {WEIGHTS_FILE}")
+    found = scan_safetensors([weights])
+    model = _build(cls, read_config(path, cls), path)
+    apply_plan(model, plan, spec=_plan_spec(plan, spec, model, path))
+    check_dtypes(found, model.state_dict())
     try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot be read ({exc})") from None
-    _load_strict(model, state, path / WEIGHTS_FILE)
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:  # changed since it was scanned
+        raise CheckpointError(f"{show(weights)}: cannot be read ({reason(exc)})") from None
+    _load_strict(model, state, weights)
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
+
+
+def _check_config_matches_plan(config: dict[str, Any], plan: PruningPlan, path: Path) -> None:
+    """The plan's model type and class are the ones ``config.json`` records (its ``architectures``,
+    when present; the config class is checked when the model is built)."""
+    if config["model_type"] != plan.model_type:
+        raise CheckpointError(f"{show(path)}: config model_type {show(config['model_type'])} does not match the "
+                              f"plan's {show(plan.model_type, 80)}")
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and plan.model_class not in archs:
+        raise CheckpointError(f"{show(path)}: the plan's model_class {show(plan.model_class, 80)} is not the class "
+                              f"config.json records (architectures {show(archs, 120)})")
+
+
+def _build(cls: type, config: transformers.PretrainedConfig, path: Path) -> nn.Module:
+    """``cls(config)``, with a damaged config (sizes of the wrong type, ...) as a one-line error."""
+    try:
+        return cls(config)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{show(path / 'config.json')}: cannot build a {cls.__name__} from it "
+                              f"({reason(exc)})") from None
+
+
+def _plan_spec(plan: PruningPlan, spec: ArchSpec | None, model: nn.Module, path: Path) -> ArchSpec:
+    """The spec that replays the plan: the given one (it must be the plan's) or the registered one."""
+    if spec is not None:
+        if plan.spec and spec.name != plan.spec:
+            raise CheckpointError(f"{show(path)}: the plan was made with spec {show(plan.spec, 80)}, not the given "
+                                  f"{show(spec.name, 80)}")
+        return spec
+    try:
+        return spec_by_name(plan.spec) if plan.spec else get_spec(model)
+    except UnsupportedModelError as exc:
+        raise CheckpointError(f"{show(path)}: {exc}; a model pruned with your own spec loads with "
+                              "load_compressed(path, spec=your_spec) or after register_spec(your_spec)") from None
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise CheckpointError(f"{file}: unexpected tensor {unexpected[0]} (and {len(unexpected) - 1} more) for this plan")
+        raise CheckpointError(f"{show(file)}: unexpected tensor {show(unexpected[0], 120)} (and "
+                              f"{len(unexpected) - 1} more) for this plan")
     for key, tensor in state.items():
         if tuple(own[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the plan gives {tuple(own[key].shape)}"
-            )
+            raise CheckpointError(f"{show(file)}: tensor {show(key, 120)} has shape {tuple(tensor.shape)} but the "
+                                  f"plan gives {tuple(own[key].shape)}")
     result = model.load_state_dict(state, strict=False)
     # Tied weights are stored once; a missing key that aliases a stored tensor is fine.
     tied = set(_tied_keys(model))
     really_missing = [k for k in result.missing_keys if k not in tied]
     if really_missing:
-        raise CheckpointError(f"{file}: missing tensor {really_missing[0]} (and {len(really_missing) - 1} more)")
+        raise CheckpointError(f"{show(file)}: missing tensor {really_missing[0]} (and {len(really_missing) - 1} more)")
 
 
 def _tied_keys(model: nn.Module) -> list[str]:

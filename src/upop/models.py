@@ -7,13 +7,16 @@ Each entry is a (class, config) pair in one table, like timm's tiny test models.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers
 from torch import nn
 
-from .errors import ConfigError
+from ._safe_load import (check_dtypes, check_folder, local_folder, quiet_transformers, read_config, reason,
+                         scan_safetensors, weight_files)
+from .errors import CheckpointError, ConfigError, show
 
 # Per-size widths: (hidden, layers, heads, intermediate).
 _SIZES = {
@@ -138,10 +141,8 @@ def project_class(name: str):
     """A model class defined in this project, by name."""
     from importlib import import_module
 
-    from .errors import CheckpointError
-
     if name not in PROJECT_CLASSES:
-        raise CheckpointError(f"model class {name!r} is not available in this version of transformers or upop")
+        raise CheckpointError(f"model class {show(name, 80)} is not available in this version of transformers or upop")
     module, cls = PROJECT_CLASSES[name].split(":")
     return getattr(import_module(module), cls)
 
@@ -220,43 +221,71 @@ def _known_class(name: str):
     return model_class(name)
 
 
-def load_any(path):
+def load_any(path: str | Path) -> tuple[nn.Module, object]:
     """Load a dense Hugging Face folder or a upop compressed folder, with its processor.
 
-    Returns ``(model, processor)``; the processor is None if the folder has none.
+    ``path`` is a local folder or a Hugging Face Hub id. Returns ``(model, processor)``; the
+    processor is None if the folder has none. No code from the folder is ever run and weights
+    come from safetensors only (:mod:`upop._safe_load`).
     """
-    from pathlib import Path
-
     from .checkpoint import PLAN_FILE, load_compressed
-    from .errors import CheckpointError
 
     transformers.utils.logging.disable_progress_bar()
-    folder = Path(path)
-    if (folder / PLAN_FILE).is_file():
-        model = load_compressed(folder)
-    else:
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
-        archs = getattr(config, "architectures", None) or []
-        if not archs:
-            raise CheckpointError(f"{path}: config.json names no model class (architectures is empty)")
-        cls = _known_class(archs[0])
-        try:
-            model = cls.from_pretrained(str(path)).eval()
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
-    return model, load_processor_or_none(path)
+    folder = local_folder(path)
+    model = load_compressed(folder) if (folder / PLAN_FILE).is_file() else _load_dense(folder)
+    return model, load_processor_or_none(folder)
 
 
-def load_processor_or_none(path):
-    """The processor saved in ``path`` (PIL image backend, no torchvision), or None."""
+def _load_dense(folder: Path) -> nn.Module:
+    """A dense Hugging Face model folder, checked before and after ``from_pretrained``.
+
+    Before: nothing in the folder asks for its own code, ``config.json`` names a class upop
+    knows and holds that class's config, and the safetensors weights are readable and finite.
+    After: no tensor was missing or of another shape (transformers would leave those randomly
+    initialised) and none was cast from bool/integer to float.
+    """
+    archs = check_folder(folder).get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise CheckpointError(f"{show(folder)}: config.json names no model class (architectures is "
+                              f"{show(archs, 80)})")
+    cls = _known_class(archs[0])
+    found = scan_safetensors(weight_files(folder, cls))
+    config = read_config(folder, cls)
     try:
-        return transformers.AutoProcessor.from_pretrained(str(path), backend="pil")
+        with quiet_transformers():
+            model, info = cls.from_pretrained(str(folder), config=config, use_safetensors=True, trust_remote_code=False,
+                                              ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load model {show(folder)}: {reason(exc)}") from None
+    _check_loading_info(info, folder, cls)
+    check_dtypes(found, model.state_dict())
+    return model.eval()
+
+
+def _check_loading_info(info: dict, folder: Path, cls: type) -> None:
+    """Refuse weights of another shape or with tensors missing (``from_pretrained``'s report)."""
+    mismatched = sorted(info["mismatched_keys"])
+    if mismatched:
+        key, stored, own = mismatched[0]
+        raise CheckpointError(f"{show(folder)}: tensor {show(key, 120)} has shape {tuple(stored)} but a {cls.__name__} "
+                              f"with this config.json has {tuple(own)} ({len(mismatched)} tensor(s) differ): the "
+                              "weights are of a different-size model")
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise CheckpointError(f"{show(folder)}: the weights have no tensor {show(missing[0], 120)} (and "
+                              f"{len(missing) - 1} more) that {cls.__name__} needs")
+
+
+def load_processor_or_none(path: str | Path):
+    """The processor saved in ``path`` (PIL image backend, no torchvision), or None.
+
+    Never runs code from the folder (``trust_remote_code=False``).
+    """
+    try:
+        return transformers.AutoProcessor.from_pretrained(str(path), backend="pil", trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError):
         pass
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path))
+        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError):
         return None

@@ -119,7 +119,8 @@ class PruningPlan:
         if not _is_int(version) or version != FORMAT_VERSION:
             raise CheckpointError(f"{where}: format_version {show(version, 60)} is not supported "
                                   f"(this upop reads {FORMAT_VERSION})")
-        text = {key: _checked(data, key, _is_name, "a non-empty string", where) for key in ("model_class", "model_type")}
+        text = {key: _checked(data, key, _is_name, "a non-empty string", where)
+                for key in ("model_class", "model_type")}
         text["spec"] = _checked(data, "spec", lambda v: isinstance(v, str), "a string", where)
         groups = _checked(data, "groups", lambda v: isinstance(v, dict) and v and all(_is_name(k) for k in v),
                           "an object of group name -> kept units, with at least one group", where)
