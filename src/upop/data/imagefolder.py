@@ -1,10 +1,14 @@
 """ImageFolder classification data: ``DIR/{train,val,test}/<class_name>/*.png|jpg|jpeg``.
 
-Each sub-folder of a split is a class; classes are sorted by name and numbered from 0, and every
-split must have the same classes. Only the files directly inside a class folder with an image
-extension (``.png``, ``.jpg``, ``.jpeg``, any case) are read; other files are ignored. Images are
-opened (and checked) when a sample is read. Every mistake is a one-line
-:class:`~upop.errors.DataError` naming the file or folder.
+Each sub-folder of a split is a class; classes are sorted by name, and every split must have the
+same classes. Only the files directly inside a class folder with an image extension (``.png``,
+``.jpg``, ``.jpeg``, any case) are read; other files are ignored. Images are decoded by
+:mod:`upop.data.images` when a sample is read.
+
+A sample's ``label`` is the model's id of its class: the position of the class in the sorted
+folder list until :meth:`ImageFolderDataset.set_label_ids` maps class positions to the model's
+``id2label`` ids (the classification task does this, :mod:`upop.data.labels`). Every mistake is
+a one-line :class:`~upop.errors.DataError` naming the file or folder.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
-from .retrieval import load_rgb_image
+from ..errors import ConfigError, DataError, show
+from ._problems import report
+from .images import load_rgb_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -24,29 +29,47 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 def _split_dir(data_dir, split: str) -> Path:
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data_dir {root} is not a directory (need DIR/{{train,val,test}}/<class>/*.png|jpg)")
+        raise DataError(f"data_dir {show(root)} is not a directory (need DIR/{{train,val,test}}/<class>/*.png|jpg)")
     if not isinstance(split, str) or not split or "/" in split or "\\" in split:
-        raise ConfigError(f"split={split!r} is not allowed (need a name such as 'train', 'val' or 'test')")
+        raise ConfigError(f"split={show(split)} is not allowed (need a name such as 'train', 'val' or 'test')")
     folder = root / split
     if not folder.is_dir():
-        raise DataError(f"split folder {folder} does not exist (ImageFolder layout: {root}/{split}/<class_name>/*.png)")
+        raise DataError(f"split folder {show(folder)} does not exist (ImageFolder layout: "
+                        f"{show(root)}/{split}/<class_name>/*.png)")
     return folder
 
 
-def load_imagefolder_split(data_dir, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``(items, classes)`` of one split: items are ``(image path, class index)`` sorted by class, file."""
+def load_imagefolder_split(data_dir, split: str,
+                           problems: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``(items, classes)`` of one split: items are ``(image path, class index)`` sorted by class, file.
+
+    A class folder without images is an error (recorded in ``problems`` when it is a list).
+    """
     folder = _split_dir(data_dir, split)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"split folder {folder} has no class sub-folders (need {folder}/<class_name>/*.png)")
+        raise DataError(f"split folder {show(folder)} has no class sub-folders (need {show(folder)}/<class_name>/"
+                        "*.png)")
     items = []
     for index, name in enumerate(classes):
         files = sorted(p for p in (folder / name).iterdir()
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         if not files:
-            raise DataError(f"class folder {folder / name} has no images (need *.png, *.jpg or *.jpeg files)")
+            report(problems, f"class folder {show(folder / name)} has no images (need *.png, *.jpg or *.jpeg files)")
         items.extend((p, index) for p in files)
     return items, classes
+
+
+def class_difference(split_dir: Path, classes: Sequence[str], first_split: str, first: Sequence[str]) -> str | None:
+    """The one-line problem when a split's classes differ from the first split's, else None."""
+    if list(classes) == list(first):
+        return None
+    extra = sorted(set(classes) - set(first))
+    missing = sorted(set(first) - set(classes))
+    what = (f"has class {show(extra[0])} that {show(first_split)} lacks" if extra
+            else f"lacks class {show(missing[0])} of {show(first_split)}")
+    return (f"split folder {show(split_dir)} {what} (every split needs the same class folders; {show(first_split)} "
+            f"has {len(first)}, {show(split_dir.name)} has {len(classes)})")
 
 
 class ImageFolderDataset(Dataset):
@@ -54,19 +77,26 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, items: Sequence[tuple[Path, int]], classes: Sequence[str], split: str = ""):
         self.items, self.classes, self.split = list(items), list(classes), split
+        self.label_ids = list(range(len(self.classes)))
         if not self.items:
-            raise DataError(f"image folder split {split!r} has no images")
+            raise DataError(f"image folder split {show(split)} has no images")
+
+    def set_label_ids(self, label_ids: Sequence[int]) -> None:
+        """Label sample ``i`` with ``label_ids[class position]`` (the model's id of the class)."""
+        if len(label_ids) != len(self.classes):
+            raise ValueError(f"need one label id per class ({len(self.classes)}), got {len(label_ids)}")
+        self.label_ids = [int(x) for x in label_ids]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        path, label = self.items[i]
-        return {"image": load_rgb_image(path), "label": int(label), "index": int(i)}
+        path, index = self.items[i]
+        return {"image": load_rgb_image(path), "label": self.label_ids[index], "index": int(i)}
 
     @property
     def labels(self) -> list[int]:
-        return [label for _, label in self.items]
+        return [self.label_ids[index] for _, index in self.items]
 
 
 def load_imagefolder(data_dir, splits=("train", "val", "test")) -> dict[str, ImageFolderDataset]:
@@ -76,13 +106,9 @@ def load_imagefolder(data_dir, splits=("train", "val", "test")) -> dict[str, Ima
         items, classes = load_imagefolder_split(data_dir, split)
         if out:
             first_split, first = next(iter(out.items()))
-            if classes != first.classes:
-                extra = sorted(set(classes) - set(first.classes))
-                missing = sorted(set(first.classes) - set(classes))
-                what = f"has class {extra[0]!r} that {first_split!r} lacks" if extra else \
-                    f"lacks class {missing[0]!r} of {first_split!r}"
-                raise DataError(f"split folder {Path(data_dir) / split} {what} (every split needs the same class "
-                                f"folders; {first_split!r} has {len(first.classes)}, {split!r} has {len(classes)})")
+            problem = class_difference(Path(data_dir) / split, classes, first_split, first.classes)
+            if problem:
+                raise DataError(problem)
         out[split] = ImageFolderDataset(items, classes, split)
     return out
 
@@ -101,5 +127,5 @@ class ImageClassificationCollator:
                 "index": torch.tensor([s["index"] for s in batch], dtype=torch.long)}
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageClassificationCollator", "ImageFolderDataset", "load_imagefolder",
-           "load_imagefolder_split"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageClassificationCollator", "ImageFolderDataset", "class_difference",
+           "load_imagefolder", "load_imagefolder_split"]

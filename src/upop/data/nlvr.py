@@ -10,7 +10,8 @@ Supported layouts for split ``S`` of ``data_dir`` (searched directly and in ``an
   ``images/S/{identifier without the last part}-img0.png`` and ``-img1.png`` (the layout of the
   NLVR2 image archives); the URLs ``left_url``/``right_url`` are not downloaded.
 
-Every problem raises a one-line :class:`~upop.errors.DataError` naming the file and the entry.
+Every problem raises a one-line :class:`~upop.errors.DataError` naming the file and the entry
+(or, given ``problems=[]``, is recorded there and the entry skipped: ``upop data check``).
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
-from .retrieval import ANNOTATION_DIRS, _parts, _read_json, load_rgb_image
+from ..errors import ConfigError, DataError, show
+from ._problems import collect
+from .images import load_rgb_image
+from .retrieval import ANNOTATION_DIRS, _parts, _read_json, check_images_exist
 
 _LABELS = {"true": 1, "false": 0}
 
@@ -42,62 +45,71 @@ def _label(path: Path, where: str, value) -> int:
         return int(value)
     if isinstance(value, str) and value.strip().lower() in _LABELS:
         return _LABELS[value.strip().lower()]
-    raise DataError(f"annotation file {path}: {where} has label {value!r} (need 'True' or 'False')")
+    raise DataError(f"annotation file {show(path)}: {where} has label {show(value, 40)} (need 'True' or 'False')")
 
 
 def _sentence(path: Path, where: str, value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"annotation file {path}: {where} has sentence {value!r} (need a non-empty string)")
+        raise DataError(f"annotation file {show(path)}: {where} has sentence {show(value, 80)} (need a non-empty "
+                        "string)")
     return " ".join(value.split())
 
 
-def _blip_items(path: Path, data, root: Path) -> list[NLVRItem]:
+def _blip_item(path: Path, i: int, entry, root: Path) -> NLVRItem:
+    where = f"entry {i}"
+    if not isinstance(entry, dict):
+        raise DataError(f"annotation file {show(path)}: {where} is {type(entry).__name__} (need an object)")
+    for key in ("images", "sentence", "label"):
+        if key not in entry:
+            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'images', 'sentence' "
+                            "and 'label')")
+    imgs = entry["images"]
+    if not isinstance(imgs, list) or len(imgs) != 2 or not all(isinstance(p, str) and p for p in imgs):
+        raise DataError(f"annotation file {show(path)}: {where} has images {show(imgs, 120)} (need a list of two "
+                        "paths)")
+    return NLVRItem((root / imgs[0], root / imgs[1]), _sentence(path, where, entry["sentence"]),
+                    _label(path, where, entry["label"]))
+
+
+def _blip_items(path: Path, data, root: Path, problems: list[str] | None = None) -> list[NLVRItem]:
     if not isinstance(data, list):
-        raise DataError(f"annotation file {path}: top level is {type(data).__name__} (need a JSON list of "
+        raise DataError(f"annotation file {show(path)}: top level is {type(data).__name__} (need a JSON list of "
                         "{'images', 'sentence', 'label'} entries)")
-    items = []
-    for i, entry in enumerate(data):
-        where = f"entry {i}"
-        if not isinstance(entry, dict):
-            raise DataError(f"annotation file {path}: {where} is {type(entry).__name__} (need an object)")
-        for key in ("images", "sentence", "label"):
-            if key not in entry:
-                raise DataError(f"annotation file {path}: {where} has no {key!r} field (need 'images', 'sentence' "
-                                "and 'label')")
-        imgs = entry["images"]
-        if not isinstance(imgs, list) or len(imgs) != 2 or not all(isinstance(p, str) and p for p in imgs):
-            raise DataError(f"annotation file {path}: {where} has images {imgs!r} (need a list of two paths)")
-        items.append(NLVRItem((root / imgs[0], root / imgs[1]), _sentence(path, where, entry["sentence"]),
-                              _label(path, where, entry["label"])))
-    return items
+    items = (collect(problems, _blip_item, path, i, entry, root) for i, entry in enumerate(data))
+    return [it for it in items if it is not None]
 
 
-def _jsonl_items(path: Path, text: str, root: Path, split: str) -> list[NLVRItem]:
-    items = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {n}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"annotation file {path}: {where} is not valid JSON ({exc.msg})") from None
-        if not isinstance(entry, dict) or not all(k in entry for k in ("identifier", "sentence", "label")):
-            raise DataError(f"annotation file {path}: {where} has no 'identifier', 'sentence' or 'label' field")
-        ident = str(entry["identifier"]).rsplit("-", 1)[0]
-        folder = root / "images" / split
-        items.append(NLVRItem((folder / f"{ident}-img0.png", folder / f"{ident}-img1.png"),
-                              _sentence(path, where, entry["sentence"]), _label(path, where, entry["label"])))
-    return items
+def _jsonl_item(path: Path, n: int, line: str, folder: Path) -> NLVRItem:
+    where = f"line {n}"
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"annotation file {show(path)}: {where} is not valid JSON ({exc.msg})") from None
+    if not isinstance(entry, dict) or not all(k in entry for k in ("identifier", "sentence", "label")):
+        raise DataError(f"annotation file {show(path)}: {where} has no 'identifier', 'sentence' or 'label' field")
+    ident = str(entry["identifier"]).rsplit("-", 1)[0]
+    return NLVRItem((folder / f"{ident}-img0.png", folder / f"{ident}-img1.png"),
+                    _sentence(path, where, entry["sentence"]), _label(path, where, entry["label"]))
 
 
-def load_nlvr_split(data_dir, split: str, image_root=None) -> list[NLVRItem]:
-    """Read split ``split`` of an NLVR2 dataset (either layout, see the module doc) into items."""
+def _jsonl_items(path: Path, text: str, root: Path, split: str, problems: list[str] | None = None) -> list[NLVRItem]:
+    folder = root / "images" / split
+    items = (collect(problems, _jsonl_item, path, n, line, folder)
+             for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+    return [it for it in items if it is not None]
+
+
+def load_nlvr_split(data_dir, split: str, image_root=None, problems: list[str] | None = None) -> list[NLVRItem]:
+    """Read split ``split`` of an NLVR2 dataset (either layout, see the module doc) into items.
+
+    With ``problems`` (a list), bad entries and missing images are recorded there and left out.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data_dir {data_dir} is not an existing directory (need a folder with the annotation files)")
+        raise DataError(f"data_dir {show(data_dir)} is not an existing directory (need a folder with the annotation "
+                        "files)")
     if not isinstance(split, str) or not split or "/" in split:
-        raise ConfigError(f"split={split!r} is not allowed (need a name such as 'train', 'val' or 'test')")
+        raise ConfigError(f"split={show(split)} is not allowed (need a name such as 'train', 'val' or 'test')")
     root = Path(image_root) if image_root is not None else data_dir
     path = None
     for folder in (data_dir / sub if sub else data_dir for sub in ANNOTATION_DIRS):
@@ -108,21 +120,22 @@ def load_nlvr_split(data_dir, split: str, image_root=None) -> list[NLVRItem]:
         if path:
             break
     if path is None:
-        raise DataError(f"data_dir {data_dir}: no NLVR2 annotation file for split {split!r} (looked for "
+        raise DataError(f"data_dir {show(data_dir)}: no NLVR2 annotation file for split {show(split)} (looked for "
                         f"{split}.json, nlvr_{split}.json and {split}.jsonl)")
     text = path.read_text(encoding="utf-8-sig", errors="replace")
     if path.suffix == ".jsonl" or (text.lstrip().startswith("{") and "\n{" in text.strip()):
-        items = _jsonl_items(path, text, root, split)
+        items = _jsonl_items(path, text, root, split, problems)
     else:
-        items = _blip_items(path, _read_json(path), root)
+        items = _blip_items(path, _read_json(path), root, problems)
     if not items:
-        raise DataError(f"annotation file {path}: split {split!r} has no statements")
+        raise DataError(f"annotation file {show(path)}: split {show(split)} has no "
+                        f"{'usable ' if problems else ''}statements")
+    first_use: dict[Path, str] = {}
     for i, it in enumerate(items):
         for img in it.images:
-            if not img.is_file():
-                raise DataError(f"annotation file {path}: entry {i} names image file {img}, which does not exist "
-                                f"(paths relative to {root})")
-    return items
+            first_use.setdefault(img, f"statement {i}")
+    missing = check_images_exist(path, list(first_use.items()), root, problems)
+    return [it for it in items if not missing.intersection(it.images)]
 
 
 class NLVRDataset(Dataset):

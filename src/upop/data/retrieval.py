@@ -7,7 +7,8 @@ Two real annotation formats are read (see :func:`load_retrieval_split`):
 * The original Karpathy file ``dataset_coco.json`` / ``dataset_flickr30k.json`` / ``dataset_*.json``:
   ``{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw": ...}]}]}``.
 
-Every user mistake raises a one-line :class:`~upop.errors.DataError` naming the file.
+Every user mistake raises a one-line :class:`~upop.errors.DataError` naming the file; images are
+read by :mod:`upop.data.images`.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, show
+from ._problems import collect, report
+from .images import load_rgb_image
 
 ANNOTATION_DIRS = ("", "annotation", "annotations")
 """Folders (relative to ``data_dir``) searched for annotation files, in order."""
@@ -33,10 +35,6 @@ class RetrievalItem:
 
     image: Path
     captions: list[str]
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 def split_file_names(split: str) -> list[str]:
@@ -54,152 +52,165 @@ def _find_annotation(data_dir: Path, split: str) -> tuple[Path, str]:
     for folder in folders:
         found = sorted(p for p in folder.glob("dataset_*.json") if p.is_file()) if folder.is_dir() else []
         if len(found) > 1:
-            raise DataError(f"data_dir {data_dir}: several Karpathy files {[p.name for p in found]} and no split "
-                            f"file for split {split!r} (keep one dataset_*.json or add {split}.json)")
+            raise DataError(f"data_dir {show(data_dir)}: several Karpathy files {show([p.name for p in found])} and "
+                            f"no split file for split {show(split)} (keep one dataset_*.json or add {split}.json)")
         if found:
             return found[0], "karpathy"
     names = ", ".join(split_file_names(split) + ["dataset_*.json"])
-    raise DataError(f"data_dir {data_dir}: no annotation file for split {split!r} (looked for {names} in the "
-                    f"folder and in its {' and '.join(d + '/' for d in ANNOTATION_DIRS if d)} subfolders)")
+    raise DataError(f"data_dir {show(data_dir)}: no annotation file for split {show(split)} (looked for {names} in "
+                    f"the folder and in its {' and '.join(d + '/' for d in ANNOTATION_DIRS if d)} subfolders)")
 
 
 def _read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"annotation file {path}: not UTF-8 text ({_one_line(exc)})") from exc
+        raise DataError(f"annotation file {show(path)}: not UTF-8 text ({show(str(exc))})") from exc
     except OSError as exc:
-        raise DataError(f"annotation file {path}: cannot be read ({_one_line(exc)})") from exc
+        raise DataError(f"annotation file {show(path)}: cannot be read ({show(str(exc))})") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"annotation file {path}: invalid JSON at line {exc.lineno} column {exc.colno} "
+        raise DataError(f"annotation file {show(path)}: invalid JSON at line {exc.lineno} column {exc.colno} "
                         f"({exc.msg})") from exc
 
 
 def _clean_caption(path: Path, where: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise DataError(f"annotation file {path}: {where} has caption {_one_line(repr(value))[:80]} "
-                        "(need a string)")
-    text = _one_line(value)
+        raise DataError(f"annotation file {show(path)}: {where} has caption {show(value, 80)} (need a string)")
+    text = " ".join(value.split())
     if not text:
-        raise DataError(f"annotation file {path}: {where} has an empty caption (need non-empty text)")
+        raise DataError(f"annotation file {show(path)}: {where} has an empty caption (need non-empty text)")
     return text
 
 
-def _parse_split_file(path: Path, data: Any) -> list[tuple[str, list[str], str]]:
-    """Entries of a BLIP split file as ``(image, captions, where)``."""
+def _split_entry(path: Path, i: int, entry: Any) -> tuple[str, list[str], str]:
+    """One entry of a BLIP split file as ``(image, captions, where)``."""
+    where = f"entry {i}"
+    if not isinstance(entry, dict):
+        raise DataError(f"annotation file {show(path)}: {where} is {type(entry).__name__} (need an object with "
+                        "'image' and 'caption')")
+    for key in ("image", "caption"):
+        if key not in entry:
+            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'image' and 'caption')")
+    image = entry["image"]
+    if not isinstance(image, str) or not image.strip():
+        raise DataError(f"annotation file {show(path)}: {where} has image {show(image, 80)} (need a non-empty path "
+                        "string)")
+    caps = entry["caption"]
+    if isinstance(caps, list):
+        if not caps:
+            raise DataError(f"annotation file {show(path)}: {where} has an empty caption list (need at least one "
+                            "caption)")
+        caps = [_clean_caption(path, where, c) for c in caps]
+    else:
+        caps = [_clean_caption(path, where, caps)]
+    return image.strip(), caps, where
+
+
+def _parse_split_file(path: Path, data: Any, problems: list[str] | None = None) -> list[tuple[str, list[str], str]]:
+    """Entries of a BLIP split file as ``(image, captions, where)`` (bad ones skipped into ``problems``)."""
     if not isinstance(data, list):
-        raise DataError(f"annotation file {path}: top level is {type(data).__name__} (need a JSON list of "
+        raise DataError(f"annotation file {show(path)}: top level is {type(data).__name__} (need a JSON list of "
                         "{'image', 'caption'} entries)")
-    out = []
-    for i, entry in enumerate(data):
-        where = f"entry {i}"
-        if not isinstance(entry, dict):
-            raise DataError(f"annotation file {path}: {where} is {type(entry).__name__} (need an object with "
-                            "'image' and 'caption')")
-        for key in ("image", "caption"):
-            if key not in entry:
-                raise DataError(f"annotation file {path}: {where} has no {key!r} field (need 'image' and "
-                                "'caption')")
-        image = entry["image"]
-        if not isinstance(image, str) or not image.strip():
-            raise DataError(f"annotation file {path}: {where} has image {image!r} (need a non-empty path string)")
-        caps = entry["caption"]
-        if isinstance(caps, list):
-            if not caps:
-                raise DataError(f"annotation file {path}: {where} has an empty caption list (need at least "
-                                "one caption)")
-            caps = [_clean_caption(path, where, c) for c in caps]
+    parsed = (collect(problems, _split_entry, path, i, entry) for i, entry in enumerate(data))
+    return [entry for entry in parsed if entry is not None]
+
+
+def _karpathy_entry(path: Path, i: int, img: Any, wanted: set[str]) -> tuple[str, list[str], str] | None:
+    """One image of a Karpathy file as ``(image, captions, where)``; None if it is in another split."""
+    where = f"images[{i}]"
+    if not isinstance(img, dict):
+        raise DataError(f"annotation file {show(path)}: {where} is {type(img).__name__} (need an object)")
+    for key in ("filename", "split", "sentences"):
+        if key not in img:
+            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'filename', 'split' "
+                            "and 'sentences')")
+    if img["split"] not in wanted:
+        return None
+    sentences = img["sentences"]
+    if not isinstance(sentences, list) or not sentences:
+        raise DataError(f"annotation file {show(path)}: {where} has no sentences (need a non-empty list of "
+                        "{'raw': caption})")
+    caps = []
+    for j, s in enumerate(sentences):
+        if isinstance(s, dict) and "raw" in s:
+            raw = s["raw"]
+        elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
+            raw = " ".join(str(t) for t in s["tokens"])
         else:
-            caps = [_clean_caption(path, where, caps)]
-        out.append((image.strip(), caps, where))
-    return out
+            raise DataError(f"annotation file {show(path)}: {where}.sentences[{j}] has no 'raw' text (need "
+                            "{'raw': caption})")
+        caps.append(_clean_caption(path, f"{where}.sentences[{j}]", raw))
+    rel = Path(str(img.get("filepath") or "")) / str(img["filename"])
+    return rel.as_posix(), caps, where
 
 
-def _parse_karpathy(path: Path, data: Any, split: str) -> list[tuple[str, list[str], str]]:
+def _parse_karpathy(path: Path, data: Any, split: str,
+                    problems: list[str] | None = None) -> list[tuple[str, list[str], str]]:
     """Images of ``split`` in a Karpathy ``dataset_*.json`` (``restval`` counts as train)."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"annotation file {path}: no 'images' list at the top level (need the Karpathy "
+        raise DataError(f"annotation file {show(path)}: no 'images' list at the top level (need the Karpathy "
                         "layout {'images': [{'filename', 'split', 'sentences'}]})")
     wanted = {split, "restval"} if split == "train" else {split}
-    out = []
-    for i, img in enumerate(data["images"]):
-        where = f"images[{i}]"
-        if not isinstance(img, dict):
-            raise DataError(f"annotation file {path}: {where} is {type(img).__name__} (need an object)")
-        for key in ("filename", "split", "sentences"):
-            if key not in img:
-                raise DataError(f"annotation file {path}: {where} has no {key!r} field (need 'filename', "
-                                "'split' and 'sentences')")
-        if img["split"] not in wanted:
-            continue
-        sentences = img["sentences"]
-        if not isinstance(sentences, list) or not sentences:
-            raise DataError(f"annotation file {path}: {where} has no sentences (need a non-empty list of "
-                            "{'raw': caption})")
-        caps = []
-        for j, s in enumerate(sentences):
-            if isinstance(s, dict) and "raw" in s:
-                raw = s["raw"]
-            elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
-                raw = " ".join(str(t) for t in s["tokens"])
-            else:
-                raise DataError(f"annotation file {path}: {where}.sentences[{j}] has no 'raw' text (need "
-                                "{'raw': caption})")
-            caps.append(_clean_caption(path, f"{where}.sentences[{j}]", raw))
-        rel = Path(str(img.get("filepath") or "")) / str(img["filename"])
-        out.append((rel.as_posix(), caps, where))
-    return out
+    parsed = (collect(problems, _karpathy_entry, path, i, img, wanted) for i, img in enumerate(data["images"]))
+    return [entry for entry in parsed if entry is not None]
 
 
-def load_retrieval_split(data_dir, split: str, image_root=None) -> list[RetrievalItem]:
+def check_images_exist(path: Path, images: Sequence[tuple[Path, str]], root: Path,
+                       problems: list[str] | None) -> set[Path]:
+    """The image files of ``(image, where)`` pairs that do not exist, each reported.
+
+    Loading for a run stops at the first with a count; a check (``problems`` given) lists every one.
+    """
+    missing = [(image, where) for image, where in images if not image.is_file()]
+    if missing and problems is None:
+        first, where = missing[0]
+        raise DataError(f"annotation file {show(path)}: image file {show(first)} ({where}) does not exist "
+                        f"({len(missing)} of {len(images)} images missing; paths are relative to {show(root)}, "
+                        "pass image_root=...)")
+    for image, where in missing:
+        report(problems, f"annotation file {show(path)}: image file {show(image)} ({where}) does not exist "
+                         f"(paths are relative to {show(root)})")
+    return {image for image, _ in missing}
+
+
+def load_retrieval_split(data_dir, split: str, image_root=None,
+                         problems: list[str] | None = None) -> list[RetrievalItem]:
     """Read one split of a retrieval dataset into items (one per image, captions grouped).
 
     ``data_dir`` holds the annotation file (directly or in ``annotation/`` / ``annotations/``).
     Image paths are relative to ``image_root`` (default ``data_dir``). Entries naming the same
     image are merged, keeping the first-seen order of images and captions. Every image file
-    must exist.
+    must exist. With ``problems`` (a list), bad entries and missing images are recorded there and
+    left out instead of raising; a missing or unreadable annotation file still raises.
     """
     data_dir = Path(data_dir)
     if not data_dir.exists():
-        raise DataError(f"data_dir {data_dir} does not exist (need a folder with the annotation files)")
+        raise DataError(f"data_dir {show(data_dir)} does not exist (need a folder with the annotation files)")
     if not data_dir.is_dir():
-        raise DataError(f"data_dir {data_dir} is not a directory (need a folder with the annotation files)")
+        raise DataError(f"data_dir {show(data_dir)} is not a directory (need a folder with the annotation files)")
     if not isinstance(split, str) or not split or "/" in split or "\\" in split:
-        raise ConfigError(f"split={split!r} is not allowed (need a name such as 'train', 'val' or 'test')")
+        raise ConfigError(f"split={show(split)} is not allowed (need a name such as 'train', 'val' or 'test')")
     root = Path(image_root) if image_root is not None else data_dir
     if image_root is not None and not root.is_dir():
-        raise DataError(f"image_root {root} is not a directory (need the folder the image paths are relative to)")
+        raise DataError(f"image_root {show(root)} is not a directory (need the folder the image paths are "
+                        "relative to)")
     path, kind = _find_annotation(data_dir, split)
     data = _read_json(path)
-    entries = _parse_split_file(path, data) if kind == "split" else _parse_karpathy(path, data, split)
-    if not entries:
-        raise DataError(f"annotation file {path}: split {split!r} has no items (need at least one image)")
+    entries = (_parse_split_file(path, data, problems) if kind == "split"
+               else _parse_karpathy(path, data, split, problems))
     grouped: dict[str, tuple[RetrievalItem, str]] = {}
     for image, caps, where in entries:
         if image in grouped:
             grouped[image][0].captions.extend(caps)
         else:
             grouped[image] = (RetrievalItem(image=root / image, captions=list(caps)), where)
-    missing = [(item.image, where) for item, where in grouped.values() if not item.image.is_file()]
-    if missing:
-        first, where = missing[0]
-        raise DataError(f"annotation file {path}: image file {first} ({where}) does not exist ({len(missing)} of "
-                        f"{len(grouped)} images missing; paths are relative to {root}, pass image_root=...)")
-    return [item for item, _ in grouped.values()]
-
-
-def load_rgb_image(path) -> Image.Image:
-    """Open ``path`` fully (truncation is detected) as an RGB image, else raise DataError."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as exc:
-        raise DataError(f"image file {path} cannot be read ({type(exc).__name__}: {_one_line(exc)[:200]}); "
-                        "need a valid image (PNG, JPEG, ...)") from exc
+    if not grouped:
+        raise DataError(f"annotation file {show(path)}: split {show(split)} has no "
+                        f"{'usable ' if problems else ''}items (need at least one image)")
+    missing = check_images_exist(path, [(item.image, where) for item, where in grouped.values()], root, problems)
+    return [item for item, _ in grouped.values() if item.image not in missing]
 
 
 class RetrievalDataset(Dataset):
@@ -266,7 +277,8 @@ class RetrievalCollator:
                  seed: int = 0):
         self.image_processor, self.tokenizer = _parts(processor_or_parts)
         if padding not in ("max_length", "longest"):
-            raise ConfigError(f"RetrievalCollator: padding={padding!r} is not allowed (need 'max_length' or 'longest')")
+            raise ConfigError(f"RetrievalCollator: padding={show(padding)} is not allowed (need 'max_length' or "
+                              "'longest')")
         if max_length is None:
             max_length = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77), 77)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
@@ -330,5 +342,5 @@ def load_processor(path):
 
     path = Path(path)
     if not path.is_dir():
-        raise DataError(f"processor folder {path} does not exist (need a folder written by save_pretrained)")
-    return AutoProcessor.from_pretrained(str(path), backend="pil")
+        raise DataError(f"processor folder {show(path)} does not exist (need a folder written by save_pretrained)")
+    return AutoProcessor.from_pretrained(str(path), backend="pil", trust_remote_code=False)

@@ -12,7 +12,8 @@ Supported layouts for split ``S`` of ``data_dir`` (searched directly and in ``an
   ``data_dir/{image_pattern % image_id}`` with ``image_pattern`` defaulting to
   ``"S2014/COCO_S2014_%012d.jpg"`` (COCO's naming); pass ``image_pattern=`` for other layouts.
 
-Every problem raises a one-line :class:`~upop.errors.DataError` naming the file and the entry.
+Every problem raises a one-line :class:`~upop.errors.DataError` naming the file and the entry
+(or, given ``problems=[]``, is recorded there and the entry skipped: ``upop data check``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
-from .retrieval import ANNOTATION_DIRS, _parts, _read_json, load_rgb_image
+from ..errors import ConfigError, DataError, show
+from ._problems import collect
+from .images import load_rgb_image
+from .retrieval import ANNOTATION_DIRS, _parts, _read_json, check_images_exist
 
 
 @dataclass
@@ -41,7 +44,8 @@ class VQAItem:
 def _check_dir(data_dir) -> Path:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data_dir {data_dir} is not an existing directory (need a folder with the annotation files)")
+        raise DataError(f"data_dir {show(data_dir)} is not an existing directory (need a folder with the annotation "
+                        "files)")
     return data_dir
 
 
@@ -51,86 +55,103 @@ def _folders(data_dir: Path) -> list[Path]:
 
 def _text(path: Path, where: str, key: str, value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"annotation file {path}: {where} has {key} {value!r} (need a non-empty string)")
+        raise DataError(f"annotation file {show(path)}: {where} has {key} {show(value, 80)} (need a non-empty string)")
     return " ".join(value.split())
 
 
-def _blip_entries(path: Path, data, root: Path) -> list[VQAItem]:
+def _blip_entry(path: Path, i: int, entry, root: Path) -> VQAItem:
+    where = f"entry {i}"
+    if not isinstance(entry, dict):
+        raise DataError(f"annotation file {show(path)}: {where} is {type(entry).__name__} (need an object)")
+    for key in ("image", "question", "answer"):
+        if key not in entry:
+            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'image', 'question' "
+                            "and 'answer')")
+    answers = entry["answer"] if isinstance(entry["answer"], list) else [entry["answer"]]
+    if not answers:
+        raise DataError(f"annotation file {show(path)}: {where} has no answers (need 'answer': a string or a "
+                        "non-empty list of strings)")
+    answers = [_text(path, where, "answer", a) for a in answers]
+    return VQAItem(str(entry.get("question_id", i)), root / _text(path, where, "image", entry["image"]),
+                   _text(path, where, "question", entry["question"]), answers)
+
+
+def _blip_entries(path: Path, data, root: Path, problems: list[str] | None = None) -> list[VQAItem]:
     if not isinstance(data, list):
-        raise DataError(f"annotation file {path}: top level is {type(data).__name__} (need a JSON list of "
+        raise DataError(f"annotation file {show(path)}: top level is {type(data).__name__} (need a JSON list of "
                         "{'image', 'question', 'answer'} entries)")
-    items = []
-    for i, entry in enumerate(data):
-        where = f"entry {i}"
-        if not isinstance(entry, dict):
-            raise DataError(f"annotation file {path}: {where} is {type(entry).__name__} (need an object)")
-        for key in ("image", "question", "answer"):
-            if key not in entry:
-                raise DataError(f"annotation file {path}: {where} has no {key!r} field (need 'image', 'question' "
-                                "and 'answer')")
-        answers = entry["answer"] if isinstance(entry["answer"], list) else [entry["answer"]]
-        if not answers:
-            raise DataError(f"annotation file {path}: {where} has no answers (need 'answer': a string or a "
-                            "non-empty list of strings)")
-        answers = [_text(path, where, "answer", a) for a in answers]
-        items.append(VQAItem(str(entry.get("question_id", i)), root / _text(path, where, "image", entry["image"]),
-                             _text(path, where, "question", entry["question"]), answers))
-    return items
+    items = (collect(problems, _blip_entry, path, i, entry, root) for i, entry in enumerate(data))
+    return [it for it in items if it is not None]
 
 
-def _official_entries(qpath: Path, apath: Path, root: Path, pattern: str) -> list[VQAItem]:
+def _official_answers(apath: Path, i: int, ann) -> tuple[str, list[str]]:
+    where = f"annotations[{i}]"
+    if not isinstance(ann, dict) or "question_id" not in ann or "answers" not in ann:
+        raise DataError(f"annotation file {show(apath)}: {where} has no 'question_id' or 'answers' field")
+    if not isinstance(ann["answers"], list) or not ann["answers"]:
+        raise DataError(f"annotation file {show(apath)}: {where} (question_id {show(ann['question_id'], 40)}) has "
+                        "no answers (need a non-empty list of {'answer': ...})")
+    got = []
+    for j, a in enumerate(ann["answers"]):
+        if not isinstance(a, dict) or "answer" not in a:
+            raise DataError(f"annotation file {show(apath)}: {where}.answers[{j}] has no 'answer' field")
+        got.append(_text(apath, f"{where}.answers[{j}]", "answer", a["answer"]))
+    return str(ann["question_id"]), got
+
+
+def _official_question(qpath: Path, apath: Path, i: int, q, answers: dict[str, list[str]], root: Path,
+                       pattern: str) -> VQAItem:
+    where = f"questions[{i}]"
+    if not isinstance(q, dict):
+        raise DataError(f"annotation file {show(qpath)}: {where} is {type(q).__name__} (need an object)")
+    for key in ("image_id", "question", "question_id"):
+        if key not in q:
+            raise DataError(f"annotation file {show(qpath)}: {where} has no {key!r} field (need 'image_id', "
+                            "'question' and 'question_id')")
+    qid = str(q["question_id"])
+    if qid not in answers:
+        raise DataError(f"annotation file {show(qpath)}: {where} (question_id {show(qid, 40)}) has no answers in "
+                        f"{show(apath.name)}")
+    try:
+        rel = pattern % int(q["image_id"])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"annotation file {show(qpath)}: {where} has image_id {show(q['image_id'], 40)} that does not "
+                        f"fit image_pattern {show(pattern)} ({show(str(exc))})") from None
+    return VQAItem(qid, root / rel, _text(qpath, where, "question", q["question"]), answers[qid])
+
+
+def _official_entries(qpath: Path, apath: Path, root: Path, pattern: str,
+                      problems: list[str] | None = None) -> list[VQAItem]:
     qdata, adata = _read_json(qpath), _read_json(apath)
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise DataError(f"annotation file {qpath}: no 'questions' list at the top level (need the VQAv2 layout)")
+        raise DataError(f"annotation file {show(qpath)}: no 'questions' list at the top level (need the VQAv2 "
+                        "layout)")
     if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-        raise DataError(f"annotation file {apath}: no 'annotations' list at the top level (need the VQAv2 layout)")
-    answers: dict[str, list[str]] = {}
-    for i, ann in enumerate(adata["annotations"]):
-        where = f"annotations[{i}]"
-        if not isinstance(ann, dict) or "question_id" not in ann or "answers" not in ann:
-            raise DataError(f"annotation file {apath}: {where} has no 'question_id' or 'answers' field")
-        if not isinstance(ann["answers"], list) or not ann["answers"]:
-            raise DataError(f"annotation file {apath}: {where} (question_id {ann['question_id']}) has no answers "
-                            "(need a non-empty list of {'answer': ...})")
-        got = []
-        for j, a in enumerate(ann["answers"]):
-            if not isinstance(a, dict) or "answer" not in a:
-                raise DataError(f"annotation file {apath}: {where}.answers[{j}] has no 'answer' field")
-            got.append(_text(apath, f"{where}.answers[{j}]", "answer", a["answer"]))
-        answers[str(ann["question_id"])] = got
-    items = []
-    for i, q in enumerate(qdata["questions"]):
-        where = f"questions[{i}]"
-        if not isinstance(q, dict):
-            raise DataError(f"annotation file {qpath}: {where} is {type(q).__name__} (need an object)")
-        for key in ("image_id", "question", "question_id"):
-            if key not in q:
-                raise DataError(f"annotation file {qpath}: {where} has no {key!r} field (need 'image_id', "
-                                "'question' and 'question_id')")
-        qid = str(q["question_id"])
-        if qid not in answers:
-            raise DataError(f"annotation file {qpath}: {where} (question_id {qid}) has no answers in {apath.name}")
-        try:
-            rel = pattern % int(q["image_id"])
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"annotation file {qpath}: {where} has image_id {q['image_id']!r} that does not fit "
-                            f"image_pattern {pattern!r} ({exc})") from None
-        items.append(VQAItem(qid, root / rel, _text(qpath, where, "question", q["question"]), answers[qid]))
-    return items
+        raise DataError(f"annotation file {show(apath)}: no 'annotations' list at the top level (need the VQAv2 "
+                        "layout)")
+    pairs = (collect(problems, _official_answers, apath, i, ann) for i, ann in enumerate(adata["annotations"]))
+    answers = dict(p for p in pairs if p is not None)
+    items = (collect(problems, _official_question, qpath, apath, i, q, answers, root, pattern)
+             for i, q in enumerate(qdata["questions"]))
+    return [it for it in items if it is not None]
 
 
-def load_vqa_split(data_dir, split: str, image_root=None, image_pattern: str | None = None) -> list[VQAItem]:
-    """Read split ``split`` of a VQA dataset (either layout, see the module doc) into items."""
+def load_vqa_split(data_dir, split: str, image_root=None, image_pattern: str | None = None,
+                   problems: list[str] | None = None) -> list[VQAItem]:
+    """Read split ``split`` of a VQA dataset (either layout, see the module doc) into items.
+
+    With ``problems`` (a list), bad entries and missing images are recorded there and left out.
+    """
     data_dir = _check_dir(data_dir)
     if not isinstance(split, str) or not split or "/" in split:
-        raise ConfigError(f"split={split!r} is not allowed (need a name such as 'train', 'val' or 'test')")
+        raise ConfigError(f"split={show(split)} is not allowed (need a name such as 'train', 'val' or 'test')")
     root = Path(image_root) if image_root is not None else data_dir
     items = None
     for folder in _folders(data_dir):
         for name in (f"{split}.json", f"vqa_{split}.json", f"vqa_{split}2014.json"):
             if (folder / name).is_file():
                 path = folder / name
-                items = _blip_entries(path, _read_json(path), root)
+                items = _blip_entries(path, _read_json(path), root, problems)
                 break
         if items is not None:
             break
@@ -141,22 +162,24 @@ def load_vqa_split(data_dir, split: str, image_root=None, image_pattern: str | N
             apath = apath if apath.is_file() else qpath.with_name(
                 qpath.name.replace("OpenEnded_", "").replace("_questions.json", "_annotations.json"))
             if not apath.is_file():
-                raise DataError(f"annotation file {qpath}: no matching annotations file next to it (need "
-                                f"{apath.name}; test-dev/test questions have no answers and cannot be evaluated)")
+                raise DataError(f"annotation file {show(qpath)}: no matching annotations file next to it (need "
+                                f"{show(apath.name)}; test-dev/test questions have no answers and cannot be "
+                                "evaluated)")
             path = qpath
             pattern = image_pattern or f"{split}2014/COCO_{split}2014_%012d.jpg"
-            items = _official_entries(qpath, apath, root, pattern)
+            items = _official_entries(qpath, apath, root, pattern, problems)
             break
     if items is None:
-        raise DataError(f"data_dir {data_dir}: no VQA annotation file for split {split!r} (looked for {split}.json, "
-                        f"vqa_{split}.json or *_{split}2014_questions.json + *_annotations.json)")
+        raise DataError(f"data_dir {show(data_dir)}: no VQA annotation file for split {show(split)} (looked for "
+                        f"{split}.json, vqa_{split}.json or *_{split}2014_questions.json + *_annotations.json)")
     if not items:
-        raise DataError(f"annotation file {path}: split {split!r} has no questions")
-    missing = [it for it in items if not it.image.is_file()]
-    if missing:
-        raise DataError(f"annotation file {path}: image file {missing[0].image} (question {missing[0].question_id}) "
-                        f"does not exist ({len(missing)} of {len(items)} questions; paths relative to {root})")
-    return items
+        raise DataError(f"annotation file {show(path)}: split {show(split)} has no "
+                        f"{'usable ' if problems else ''}questions")
+    first_use: dict[Path, str] = {}
+    for it in items:
+        first_use.setdefault(it.image, f"question_id {show(it.question_id, 40)}")
+    missing = check_images_exist(path, list(first_use.items()), root, problems)
+    return [it for it in items if it.image not in missing]
 
 
 class VQADataset(Dataset):

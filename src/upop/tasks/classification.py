@@ -4,7 +4,9 @@
 the mean of the cross-entropies of ``cls_logits`` and ``distillation_logits`` against the labels
 (hard-label training of both heads, no teacher at hand), and its ``logits`` (their mean) are
 evaluated. Data: ImageFolder (:mod:`upop.data.imagefolder`); the number of class folders must
-equal ``model.config.num_labels``.
+equal ``model.config.num_labels``, and :meth:`ClassificationTask.check_data` gives each class
+the model's ``id2label`` id of its name, or names a new classifier's classes
+(:func:`upop.data.labels.align_classes`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
-from ..errors import DataError
+from ..data.labels import align_classes
+from ..errors import DataError, show
 from ._shard import evaluating, map_batches
-from .base import Task
+from .base import Task, unwrap
 
 WITH_TEACHER = "DeiTForImageClassificationWithTeacher"
 
@@ -31,7 +34,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 
 def _num_labels(model: nn.Module) -> int:
-    return int(model.config.num_labels)
+    return int(unwrap(model).config.num_labels)
 
 
 def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
@@ -54,12 +57,26 @@ class ClassificationTask(Task):
         return ImageClassificationCollator(processor)
 
     def check_data(self, model: nn.Module, dataset) -> None:
-        """The dataset's classes must be the model's classes (same number)."""
+        """The dataset's classes must be the model's classes; label the dataset with the model's ids.
+
+        Same number of classes as ``num_labels``; then each class folder's samples are labelled
+        with the model's ``id2label`` id of its name, or a model with default ``LABEL_i`` names
+        takes the folder names (see :mod:`upop.data.labels`). Call it on every split before
+        training or evaluating: it changes the labels the dataset yields.
+        """
         classes = getattr(dataset, "classes", None)
-        if classes is not None and len(classes) != _num_labels(model):
-            where = getattr(dataset, "split", "") or "the dataset"
-            raise DataError(f"the data ({where}) has {len(classes)} class folders but the model has "
+        if classes is None:
+            return
+        split = show(getattr(dataset, "split", "") or "dataset")
+        if len(classes) != _num_labels(model):
+            raise DataError(f"the data ({split}) has {len(classes)} class folders but the model has "
                             f"num_labels={_num_labels(model)}; they must be equal")
+        label_ids = align_classes(unwrap(model).config, classes, f"the class folders of {split}")
+        if hasattr(dataset, "set_label_ids"):
+            dataset.set_label_ids(label_ids)
+        elif label_ids != list(range(len(classes))):
+            raise DataError(f"the classes of {split} are numbered differently from the model's config.id2label and "
+                            f"a {type(dataset).__name__} cannot be relabelled (order its classes like the model)")
 
     @staticmethod
     def logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

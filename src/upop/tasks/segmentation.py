@@ -1,10 +1,11 @@
 """Semantic segmentation with the Segmenter model: per-pixel cross-entropy; mIoU and pixel accuracy.
 
-Labels are class ids with 255 = ignore (:mod:`upop.data.ade20k`). Evaluation accumulates a
-confusion matrix over the split at the model's input resolution (label maps are resized with
-nearest-neighbour sampling); ``miou`` is the mean IoU over the classes that occur in the ground
-truth or the prediction, ``pixel_acc`` the share of non-ignored pixels predicted right, both in
-percent.
+Labels are class ids with 255 = ignore (:mod:`upop.data.ade20k`); when the data names its
+classes they are the model's ``id2label`` ids (:meth:`SegmentationTask.check_data`). Evaluation
+accumulates a confusion matrix over the split at the model's input resolution (label maps are
+resized with nearest-neighbour sampling); ``miou`` is the mean IoU over the classes that occur
+in the ground truth or the prediction, ``pixel_acc`` the share of non-ignored pixels predicted
+right, both in percent.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
-from ..errors import DataError
+from ..data.labels import align_classes
+from ..errors import DataError, show
 from ._shard import evaluating, map_batches
-from .base import Task
+from .base import Task, unwrap
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -39,7 +41,7 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
 
 
 def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
-    n = int(model.config.num_labels)
+    n = int(unwrap(model).config.num_labels)
     valid = labels[labels != IGNORE_INDEX]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= n):
         raise DataError(f"label id {int(valid.max())} does not fit the model: it has num_labels={n} (ids 0..{n - 1})")
@@ -57,11 +59,25 @@ class SegmentationTask(Task):
         return SegmentationCollator(processor)
 
     def check_data(self, model: nn.Module, dataset) -> None:
-        """The dataset's number of classes must be the model's ``num_labels``."""
+        """The dataset's classes must be the model's; label the dataset with the model's ids.
+
+        The number of classes must be ``num_labels``. When the data names its classes
+        (``classes.json`` / ``objectInfo150``), each gets the model's ``id2label`` id of its name,
+        or a model with default ``LABEL_i`` names takes the data's names (see
+        :mod:`upop.data.labels`). Call it on every split before training or evaluating.
+        """
         n = getattr(dataset, "num_classes", None)
-        if n is not None and n != int(model.config.num_labels):
-            raise DataError(f"the data has {n} classes but the model has num_labels={model.config.num_labels}; "
-                            "they must be equal (the class count comes from DIR/classes.json, else 150 for ADE20K)")
+        if n is None:
+            return
+        num_labels = int(unwrap(model).config.num_labels)
+        if n != num_labels:
+            raise DataError(f"the data has {n} classes but the model has num_labels={num_labels}; they must be "
+                            "equal (the class count comes from DIR/classes.json or objectInfo150, else 150 for "
+                            "ADE20K)")
+        class_file = getattr(dataset, "class_file", None)
+        if class_file is not None:
+            dataset.set_label_ids(align_classes(unwrap(model).config, dataset.classes,
+                                                f"the class list {show(class_file)}"))
 
     def loss(self, model: nn.Module, batch):
         labels = batch["labels"]
@@ -76,7 +92,7 @@ class SegmentationTask(Task):
         self.check_data(model, dataset)
         collate = self.collator(processor)
         device = next(model.parameters()).device
-        n = int(model.config.num_labels)
+        n = int(unwrap(model).config.num_labels)
         conf = torch.zeros(n, n, dtype=torch.long)
 
         def run(lo: int, hi: int) -> torch.Tensor:

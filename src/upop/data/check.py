@@ -1,0 +1,186 @@
+"""``upop data check``: every problem of a data set, found in one pass, before a run starts.
+
+:func:`check_data` reads the ``train``, ``val`` and ``test`` splits of a task's format with the
+same readers a run uses, but records each bad entry instead of stopping at the first, and then
+checks every referenced file once:
+
+* ``images="header"`` (fast, the default; ``compress`` runs it before training): each image is
+  opened and its header checked (supported mode, size limit, Pillow's verification: PNG chunk
+  checksums and completeness) without decoding pixels;
+* ``images="full"``: each image is decoded through :func:`upop.data.images.load_rgb_image`, as
+  training will (this also finds damaged JPEG data).
+
+Segmentation annotation maps are always decoded (their values are the labels): mode, size equal
+to the image's, values in ``[0, N]``. Every problem is one line naming the file and what is
+wrong; a fault that appears later (a file changed on disk) still raises a DataError naming the
+file when the sample is read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError, DataError, show
+from .ade20k import ADE20K_CLASSES, check_annotation_values, load_ade20k_split, read_classes
+from .images import load_label_map, load_rgb_image, probe_image
+from .imagefolder import class_difference, load_imagefolder_split
+from .nlvr import load_nlvr_split
+from .retrieval import load_retrieval_split
+from .vqa import load_vqa_split
+
+SPLITS = ("train", "val", "test")
+IMAGE_CHECKS = ("header", "full")
+
+
+@dataclass
+class DataReport:
+    """What :func:`check_data` found: a summary per split and every problem, one line each."""
+
+    task: str
+    data_dir: Path
+    images: str
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> list[str]:
+        """One line per split read: ``train: 8 items, 8 images, 40 captions``."""
+        return [f"{split}: " + ", ".join(f"{n} {what}" for what, n in counts.items())
+                for split, counts in self.splits.items()]
+
+    def raise_for_problems(self) -> None:
+        """Raise one DataError line (the count and the first problem) if there is any problem."""
+        if self.problems:
+            raise DataError(f"{len(self.problems)} problem{'s' if len(self.problems) > 1 else ''} in "
+                            f"{show(self.data_dir)}, the first: {self.problems[0]} (list them all with: upop data "
+                            f"check --task {self.task} --data DIR)")
+
+
+class _Files:
+    """Checks each image file once (header or full decode) and records its problems."""
+
+    def __init__(self, mode: str, problems: list[str]):
+        self.mode, self.problems = mode, problems
+        self.sizes: dict[Path, tuple[int, int] | None] = {}
+
+    def image(self, path: Path) -> tuple[int, int] | None:
+        """``(width, height)`` of a usable image, None (problem recorded) otherwise."""
+        if path not in self.sizes:
+            try:
+                self.sizes[path] = probe_image(path) if self.mode == "header" else load_rgb_image(path).size
+            except DataError as exc:
+                self.problems.append(str(exc))
+                self.sizes[path] = None
+        return self.sizes[path]
+
+    def images(self, paths) -> int:
+        """Check ``paths``; the number of distinct files."""
+        unique = list(dict.fromkeys(paths))
+        for path in unique:
+            self.image(path)
+        return len(unique)
+
+
+def _retrieval(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+    items = load_retrieval_split(root, split, problems=problems)
+    return {"items": len(items), "images": files.images(it.image for it in items),
+            "captions": sum(len(it.captions) for it in items)}
+
+
+def _vqa(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+    items = load_vqa_split(root, split, problems=problems)
+    return {"items": len(items), "images": files.images(it.image for it in items),
+            "answers": len({a for it in items for a in it.answers})}
+
+
+def _nlvr(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+    items = load_nlvr_split(root, split, problems=problems)
+    labels = Counter(it.label for it in items)
+    return {"items": len(items), "images": files.images(p for it in items for p in it.images),
+            "true": labels[1], "false": labels[0]}
+
+
+def _classification(root: Path, split: str, files: _Files, problems: list[str],
+                    seen: dict[str, list[str]]) -> dict[str, int]:
+    items, classes = load_imagefolder_split(root, split, problems=problems)
+    if seen:
+        first_split, first = next(iter(seen.items()))
+        difference = class_difference(root / split, classes, first_split, first)
+        if difference:
+            problems.append(difference)
+    seen.setdefault(split, classes)
+    return {"items": len(items), "images": files.images(path for path, _ in items), "classes": len(classes)}
+
+
+def _segmentation(root: Path, split: str, files: _Files, problems: list[str],
+                  num_classes: int | None) -> dict[str, int]:
+    pairs = load_ade20k_split(root, split, problems=problems)
+    for image, annotation in pairs:
+        size = files.image(image)
+        try:
+            values = load_label_map(annotation, "annotation")
+            if num_classes is not None:
+                check_annotation_values(annotation, values, num_classes)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        if size is not None and (values.shape[1], values.shape[0]) != size:
+            problems.append(f"annotation {show(annotation)} is {values.shape[1]}x{values.shape[0]} but its image "
+                            f"{show(image)} is {size[0]}x{size[1]} (need the same size)")
+    return {"items": len(pairs), "images": len(pairs), **({"classes": num_classes} if num_classes else {})}
+
+
+def _task_context(task: str, root: Path, problems: list[str]) -> dict:
+    """Extra arguments of a task's checker, read once for all splits."""
+    if task == "classification":
+        return {"seen": {}}
+    if task != "segmentation":
+        return {}
+    try:
+        named = read_classes(root)
+    except DataError as exc:  # label values cannot be range-checked without a class count
+        problems.append(str(exc))
+        return {"num_classes": None}
+    return {"num_classes": len(named[0]) if named else ADE20K_CLASSES}
+
+
+CHECKERS: dict[str, Callable] = {
+    "retrieval": _retrieval, "caption": _retrieval, "vqa": _vqa, "nlvr": _nlvr,
+    "classification": _classification, "segmentation": _segmentation,
+}
+"""Task name -> checker of one split: ``(data_dir, split, files, problems) -> summary counts``."""
+
+
+def check_data(task: str, data_dir, images: str = "header") -> DataReport:
+    """Check the ``train``/``val``/``test`` splits of ``data_dir`` in ``task``'s format, in one pass.
+
+    Returns a :class:`DataReport`; a problem with a split, an entry or a file is a line of
+    ``report.problems`` (never an exception). Raises ConfigError for an unknown task or
+    ``images`` value and DataError when ``data_dir`` is not a folder.
+    """
+    if task not in CHECKERS:
+        raise ConfigError(f"task={show(task)} has no data checker; available: {', '.join(sorted(CHECKERS))}")
+    if images not in IMAGE_CHECKS:
+        raise ConfigError(f"images={show(images)} is not allowed (need 'header' or 'full')")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder {show(root)} is not a directory (need a folder in the {task} format, see "
+                        "docs/data.md)")
+    report = DataReport(task=task, data_dir=root, images=images)
+    files = _Files(images, report.problems)
+    extra = _task_context(task, root, report.problems)
+    for split in SPLITS:
+        try:
+            report.splits[split] = CHECKERS[task](root, split, files, report.problems, **extra)
+        except DataError as exc:
+            report.problems.append(str(exc))
+    return report
+
+
+__all__ = ["CHECKERS", "DataReport", "IMAGE_CHECKS", "check_data"]
