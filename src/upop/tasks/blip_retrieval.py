@@ -10,9 +10,12 @@ Loss, as BLIP's retrieval fine-tuning:
 * ITM: the text encoder with cross-attention into the image, ``itm_head`` on [CLS], binary
   cross-entropy over the B positive pairs plus, for every text, a hard negative image and, for
   every image, a hard negative text, sampled with probability ``softmax(similarity)`` over the
-  other samples of the batch (BLIP's hard-negative mining). Skipped for a batch of one image.
+  samples of other images in the batch (BLIP's hard-negative mining), drawn with a generator
+  seeded from the batch's sample indices. Skipped for a batch of one image.
 
-The loss calls the model's submodules (vision tower, text encoder, heads); it runs as the
+Under N processes the batch is the global one, as in BLIP: features, texts and sample indices
+are gathered from all processes (:mod:`._gather`), so N processes at batch B train like one at
+N x B. The loss calls the model's submodules (vision tower, text encoder, heads); it runs as the
 forward of the data-parallel wrapper (:func:`._blip.through_wrapper`), so multi-process training
 synchronises the gradients like every other task.
 
@@ -23,12 +26,14 @@ metric names (:func:`upop.tasks.retrieval.recall_at_k`).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ._blip import through_wrapper, unwrap
+from ._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to
 from ._shard import evaluating, map_batches
 
 ITC_TEMPERATURE = 0.07
@@ -62,27 +67,51 @@ def loss(model, batch) -> torch.Tensor:
 
 
 def _loss(m, pixel_values, ids, mask, index) -> torch.Tensor:
+    """The global-batch loss: features, texts and sample indices of all processes are gathered
+    (:mod:`._gather`), ITC runs over the whole N x B batch on every process, and each process
+    scores the ITM pairs of its own rows, with hard negatives mined from the whole batch."""
+    rows, length = batch_shapes(len(ids), ids.shape[1], ids.device)
     f = _features(m, pixel_values, ids, mask)
-    sim_i2t = f["image_feat"] @ f["text_feat"].t() / ITC_TEMPERATURE
-    idx = index if index is not None else torch.arange(len(ids))
-    idx = idx.view(-1, 1).to(sim_i2t.device)
+    image_feat, text_feat = gather_with_grad(f["image_feat"]), gather_with_grad(f["text_feat"])
+    sim_i2t = image_feat @ text_feat.t() / ITC_TEMPERATURE
+    idx = gather(index.to(ids.device)) if index is not None else torch.arange(len(sim_i2t), device=ids.device)
+    idx = idx.view(-1, 1)
     same = idx == idx.t()
     targets = same.float() / same.float().sum(dim=1, keepdim=True)
     itc = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(1).mean() - (F.log_softmax(sim_i2t.t(), dim=1) * targets).sum(1).mean()
     itc = itc / 2
     if bool(same.all()):
         return itc
-    with torch.no_grad():
-        w_i2t = (F.softmax(sim_i2t.float(), dim=1) + 1e-4).masked_fill(same, 0)
-        w_t2i = (F.softmax(sim_i2t.t().float(), dim=1) + 1e-4).masked_fill(same, 0)
-        neg_img = torch.multinomial(w_t2i, 1).squeeze(1)  # a hard negative image for every text
-        neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)  # a hard negative text for every image
-    images = f["image_embeds"]
-    logits = _itm_logits(m, torch.cat([ids, ids, ids[neg_txt]]), torch.cat([mask, mask, mask[neg_txt]]),
-                         torch.cat([images, images[neg_img], images]))
-    n = len(ids)
-    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(logits.device)
-    return itc + F.cross_entropy(logits, labels)
+    neg_img, neg_txt = _hard_negatives(sim_i2t, same, idx)
+    own = own_rows(rows)
+    neg_img, neg_txt = neg_img[own].to(ids.device), neg_txt[own].to(ids.device)
+    images, all_images = f["image_embeds"], gather_with_grad(f["image_embeds"])
+    all_ids, all_mask = gather(pad_to(ids, length)), gather(pad_to(mask, length))
+    ids, mask = all_ids[own], all_mask[own]
+    logits = _itm_logits(m, torch.cat([ids, ids, all_ids[neg_txt]]), torch.cat([mask, mask, all_mask[neg_txt]]),
+                         torch.cat([images, all_images[neg_img], images]))
+    labels = torch.cat([torch.ones(rows, dtype=torch.long), torch.zeros(2 * rows, dtype=torch.long)]).to(logits.device)
+    itm = gather_with_grad(F.cross_entropy(logits, labels, reduction="none")).mean()
+    return itc + itm
+
+
+@torch.no_grad()
+def _hard_negatives(sim_i2t: torch.Tensor, same: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's hard-negative mining over the (global) batch: for every text an image and for every
+    image a text, drawn with probability ``softmax(similarity)`` among the samples of other images.
+
+    The draw uses its own CPU generator seeded from the batch's sample indices: a pure function
+    of the batch (the same for N x B and 1 x N*B, and on every process), and no global random
+    state is consumed, so a resumed run draws the same negatives."""
+    seed = int.from_bytes(hashlib.blake2b(idx.flatten().cpu().numpy().astype("<i8").tobytes(),
+                                          digest_size=8).digest(), "little")
+    gen = torch.Generator().manual_seed(seed)
+    same = same.cpu()
+    w_i2t = (F.softmax(sim_i2t.float().cpu(), dim=1) + 1e-4).masked_fill(same, 0)
+    w_t2i = (F.softmax(sim_i2t.t().float().cpu(), dim=1) + 1e-4).masked_fill(same, 0)
+    neg_img = torch.multinomial(w_t2i, 1, generator=gen).squeeze(1)  # a hard negative image for every text
+    neg_txt = torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)  # a hard negative text for every image
+    return neg_img, neg_txt
 
 
 def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -13,6 +13,8 @@ from torch import nn
 
 from ..data.retrieval import RetrievalCollator, RetrievalDataset, load_retrieval_split
 from . import blip_retrieval
+from ._blip import unwrap
+from ._gather import batch_shapes, gather_with_grad, world
 from ._shard import evaluating, map_batches
 from .base import Task
 
@@ -55,13 +57,22 @@ class RetrievalTask(Task):
         return RetrievalCollator(processor, seed=seed, padding="longest")
 
     def loss(self, model: nn.Module, batch):
+        """Symmetric InfoNCE over the global batch: under N processes the normalised embeddings of
+        all processes are gathered (gradients flow back, see :mod:`._gather`), so every caption of
+        the N x B batch is a negative, as with one process at batch N x B."""
         if _is_blip(model):
             return blip_retrieval.loss(model, batch)
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
         )
-        labels = torch.arange(out.logits_per_image.shape[0], device=out.logits_per_image.device)
-        return (F.cross_entropy(out.logits_per_image, labels) + F.cross_entropy(out.logits_per_text, labels)) / 2
+        if world()[1] == 1:
+            logits_per_text = out.logits_per_text
+        else:  # the product CLIPModel.forward computes, over the gathered embeddings
+            batch_shapes(len(out.text_embeds), device=out.text_embeds.device)
+            text, image = gather_with_grad(out.text_embeds), gather_with_grad(out.image_embeds)
+            logits_per_text = (text @ image.t()) * unwrap(model).logit_scale.exp()
+        labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+        return (F.cross_entropy(logits_per_text.t(), labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
     @torch.no_grad()
     def embed(self, model, dataset: RetrievalDataset, processor, batch_size: int = 64, accelerator=None):
