@@ -119,7 +119,7 @@ def _compress_into(w, out):
 
 API = {
     "output folder not writable": (lambda w, t: _compress_into(w, _write(t / "file", "x") / "out"), upop.ConfigError,
-                                   "not writable"),
+                                   "cannot be created"),
     "config ratio out of range": (lambda w, t: upop.UPopConfig(ratio=1.2), upop.ConfigError, "ratio=1.2"),
     "config batch size zero": (lambda w, t: upop.UPopConfig(batch_size=0), upop.ConfigError, "batch_size=0"),
     "unsupported model": (

@@ -53,30 +53,66 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
 
 
-def test_blip_retrieval_loss_synchronises_gradients_across_processes(tmp_path, capsys):
-    """BLIP retrieval's loss calls sub-modules; it runs as the wrapper's forward, so DDP averages
-    the gradients and both processes keep the same weights (the run stops if they differ)."""
-    data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "run"
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(data), "--train", "32", "--val", "8",
-                 "--test", "8", "--image-size", "32"]) == 0
-    assert main(["make-model", "blip-retrieval", "--out", str(model), "--image-size", "32"]) == 0
+# (family, task, master port): every family with a task, each on its own port so that a case
+# left hanging cannot block the next one
+COMPRESS_CASES = [
+    ("clip", "retrieval", 29571),
+    ("blip-retrieval", "retrieval", 29572),
+    ("blip-vqa", "vqa", 29573),
+    ("blip-caption", "caption", 29574),
+    ("blip-nlvr", "nlvr", 29575),
+    ("vit", "classification", 29576),
+    ("deit", "classification", 29577),
+    ("segmenter", "segmentation", 29578),
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """``folders(family, task) -> (model, data)``: a tiny random model per family and a tiny
+    Shapes data set per task (16 training items: 2 steps of 2 x 4 per epoch; val 10 so that every
+    classification class has an image; test 16: an evaluation batch of 8 per process), written
+    through the CLI once and shared by the cases."""
+    root = tmp_path_factory.mktemp("families")
+
+    def make(family: str, task: str) -> tuple[Path, Path]:
+        model, data = root / "models" / family, root / "data" / task
+        if not data.is_dir():
+            assert main(["data", "shapes", "--task", task, "--out", str(data), "--train", "16", "--val", "10",
+                         "--test", "16", "--image-size", "32"]) == 0
+        if not model.is_dir():
+            assert main(["make-model", family, "--out", str(model), "--image-size", "32"]) == 0
+        return model, data
+
+    return make
+
+
+@pytest.mark.parametrize("family,task,port", COMPRESS_CASES, ids=[f"{f}-{t}" for f, t, _ in COMPRESS_CASES])
+def test_every_family_compresses_under_torchrun_like_one_process(family, task, port, folders, tmp_path, capsys):
+    """Two processes compress each family end to end: the loss runs through the data-parallel
+    wrapper (same weights on both after every phase), both choose the same plan, and the report's
+    metrics (evaluation split across the processes) equal one process evaluating the checkpoint."""
+    model, data = folders(family, task)
+    out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", "-m", "upop", "compress",
-           "--model", str(model), "--task", "retrieval", "--data", str(data), "--out", str(out),
-           "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "2",
-           "--no-progress", "--latency-time", "0.02", "--eval-batch-size", "32"]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "upop", "compress",
+           "--model", str(model), "--task", task, "--data", str(data), "--out", str(out),
+           "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "1",
+           "--no-progress", "--latency-time", "0.02", "--eval-batch-size", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Compressed model:") == 1  # the summary comes from the main process only
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     syncs = [r for r in records if r["phase"] == "sync"]
     assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
+    assert [r for r in records if r["phase"] == "prune"] == [{"phase": "prune", "processes": 2, "plans_identical": True}]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
-    # the evaluation (ITC embedding and ITM re-ranking) was split across the 2 processes and
-    # gives what one process computing everything gives
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(out / "compressed"), "--task", "retrieval", "--data", str(data)]) == 0
-    assert json.loads(capsys.readouterr().out) == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
+    assert main(["evaluate", "--model", str(out / "compressed"), "--task", task, "--data", str(data),
+                 "--batch-size", "8"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
 
 
 def test_through_wrapper_runs_the_loss_as_the_wrappers_forward():

@@ -13,17 +13,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_compressed, write_dir_atomic
+from .checkpoint import load_compressed
 from .config import UPopConfig
 from .cost import count_flops, count_params, measure_latency
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, UPopError
 from .report import build_report, write_report
+from .resume import check_same_run, fingerprint
+from .rundir import RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
-from .train import Run, check_output_dir
-
-# Files a upop run writes; only a folder holding nothing else may be overwritten.
-RUN_FILES = {"report.json", "report.md", "allocation.png", "log.jsonl", "run.json", "state", "compressed", "dense.json"}
-
+from .train import PhaseClock, Run, device_record
 
 @dataclass
 class CompressResult:
@@ -33,27 +31,6 @@ class CompressResult:
     plan: Any
     report: dict[str, Any]
     out_dir: Path
-
-
-def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds another run unless resuming or overwriting it."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a folder")
-    entries = {p.name for p in out.iterdir()}
-    if not entries or resume:
-        return
-    if not overwrite:
-        raise ConfigError(f"output folder {out} already holds files ({', '.join(sorted(entries)[:3])}); "
-                          "pass --resume to continue that run or --overwrite to replace it")
-    foreign = sorted(entries - RUN_FILES - {e for e in entries if e.startswith(".")})
-    if foreign:
-        raise ConfigError(f"output folder {out} holds files upop did not write ({', '.join(foreign[:3])}); "
-                          "refusing to overwrite it, choose another --out")
-    for name in entries:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -69,7 +46,7 @@ def measure(model: nn.Module, task: Task, processor, dataset) -> dict:
 def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds: int = 3,
                    seconds: float = 0.5) -> tuple[float, float]:
     """Latency of both models, interleaved over ``rounds`` and the best median kept for each,
-    so machine noise hits both alike."""
+    so machine noise hits both alike (CUDA is synchronised by the timer)."""
     d, c = [], []
     for _ in range(rounds):
         d.append(measure_latency(dense, inputs, min_run_time=seconds))
@@ -97,28 +74,130 @@ DENSE_DIR = "dense-model"
 measurement at its end (on disk, not a second copy in memory); removed when the run finishes."""
 
 
-def _dense_baseline(model, task, processor, test, config, out: Path, resume: bool, base_model: str, data,
-                    write: bool = True, dist_state=None) -> dict:
-    """Dense metrics, params and FLOPs (measured once; kept in ``dense.json`` for resume); the
-    main process (``write``) also saves the dense model under ``state/dense-model``."""
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def _shared(fn: Callable[[], Any], dist) -> Any:
+    """Run ``fn`` on the main process only; an error there is raised on every process (the
+    others mark it ``shared`` so only the main process prints it)."""
+    error = None
+    result = None
+    if dist.is_main_process:
+        try:
+            result = fn()
+        except UPopError as exc:
+            error = exc
+    if dist.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [None if error is None else (type(error), str(error))]
+        broadcast_object_list(box)
+        if box[0] is not None and error is None:
+            cls, message = box[0]
+            error = cls(message)
+            error.shared = True
+    if error is not None:
+        raise error
+    return result
+
+
+def _check_shared_folder(out: Path, dist) -> None:
+    """Multi-node runs need ``out`` on a disk every process sees (the main process writes the
+    state and the checkpoint, every process reads them): refuse a node-local folder at once."""
+    if dist.num_processes == 1:
+        return
+    import secrets
+    import socket
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [secrets.token_hex(6) if dist.is_main_process else None]
+    broadcast_object_list(token)
+    with shared_marker(out, token[0]) if dist.is_main_process else contextlib.nullcontext():
+        dist.wait_for_everyone()
+        seen = gather_object([(sees_marker(out, token[0]), socket.gethostname())])
+        dist.wait_for_everyone()
+    blind = [(rank, host) for rank, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        rank, host = blind[0]
+        error = ConfigError(f"output folder {out} is not shared: process {rank} on host {host} cannot see the files "
+                            "process 0 writes there; multi-node runs need --out on a file system every node mounts")
+        error.shared = not dist.is_main_process
+        raise error
+
+
+def _append_log(out: Path, record: dict, dist) -> None:
+    if dist.is_main_process:
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _phase(name: str, model: nn.Module, out: Path, config: UPopConfig, dist):
+    """Log where phase ``name`` runs and how long it took (for make gpu-check and the report)."""
+    _append_log(out, device_record(name, model, "fp32"), dist)
+    clock = PhaseClock(name, dist.device)
+    yield clock
+    _append_log(out, clock.record(), dist)
+
+
+def _dense_baseline(model, task, processor, test, config, out: Path, dist) -> dict:
+    """Dense metrics, params and FLOPs on the run's device (measured once; kept in ``dense.json``
+    for resume); the main process also saves the dense model under ``state/dense-model`` for the
+    paired latency at the end."""
     dense_file = out / "dense.json"
-    if write and not (out / "state" / DENSE_DIR / "config.json").is_file():
+    if dist.is_main_process and not (out / "state" / DENSE_DIR / "config.json").is_file():
         with _quiet_transformers():
             write_dir_atomic(out / "state" / DENSE_DIR, model.save_pretrained)
-    if resume and dense_file.is_file():
+    if dense_file.is_file():
         return json.loads(dense_file.read_text())
-    if write:
+    if dist.is_main_process:
         print(f"evaluating the dense model on {len(test)} test samples")
-    dense = {**measure(model, task, processor, test),
-             "metrics": task.evaluate(model, test, processor, config.eval_batch_size, accelerator=dist_state)}
-    if not write:
-        return dense
-    run_info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict()}
-    (out / "run.json").write_text(json.dumps(run_info, indent=1, sort_keys=True) + "\n")
-    tmp = out / ".dense.json.tmp"
-    tmp.write_text(json.dumps(dense, indent=1, sort_keys=True))
-    os.replace(tmp, dense_file)
+    with _phase("dense_eval", model, out, config, dist):
+        dense = {**measure(model, task, processor, test),
+                 "metrics": task.evaluate(model, test, processor, config.eval_batch_size, accelerator=dist)}
+    if dist.is_main_process:
+        write_json_atomic(dense_file, dense)
+    dist.wait_for_everyone()
     return dense
+
+
+#: what a run writes in its folder (besides the lock and the set-aside previous run)
+RUN_OUTPUTS = ("report.json", "report.md", "allocation.png", "log.jsonl", "run.json", "state", "compressed",
+               "dense.json")
+
+
+def _start_run(rundir: RunDir, *, resume: bool, overwrite: bool, restart_if_missing: bool, info: dict,
+               min_free: int) -> bool:
+    """Main process: take the folder for this run (lock, overwrite rules, resume checks, temp
+    files of killed writes removed). Returns True if this is a fresh start."""
+    out = rundir.path
+    rundir.create()
+    rundir.acquire()
+    rundir.check_overwrite(resume, overwrite)
+    rundir.clean_temp()
+    run_file = out / "run.json"
+    if resume:
+        if run_file.is_file():
+            try:
+                saved = json.loads(run_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                raise CheckpointError(f"{run_file}: damaged (not JSON); start again with --overwrite") from None
+            check_same_run(saved.get("fingerprint") if isinstance(saved, dict) else None, info["fingerprint"], out)
+            return False
+        if not restart_if_missing:
+            raise ConfigError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start a "
+                              "new run there, or pass --restart-if-missing")
+        rundir.check_free(min_free)
+    else:
+        rundir.check_free(min_free)
+        if overwrite:
+            rundir.set_aside_previous()
+    write_json_atomic(run_file, info)
+    return True
 
 
 def compress(
@@ -134,6 +213,8 @@ def compress(
     out_dir: str | os.PathLike = "upop-out",
     resume: bool = False,
     overwrite: bool = False,
+    restart_if_missing: bool = False,
+    check_images: str = "header",
     base_model: str = "",
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -141,8 +222,12 @@ def compress(
 ) -> CompressResult:
     """Compress ``model`` with UPop on ``task`` and write the checkpoint and report to ``out_dir``.
 
-    Give ``data`` (a folder in the task's format) or the ``train``/``val``/``test`` datasets.
+    Give ``data`` (a folder in the task's format; checked first, see ``upop data check``, with
+    ``check_images`` "header", "full" or "none") or the ``train``/``val``/``test`` datasets.
     ``processor`` turns images and text into model inputs (saved with the checkpoint).
+    Everything that can be checked is checked before ``out_dir`` is touched; an existing run there
+    is only replaced with ``overwrite`` and kept in ``out_dir/.upop-previous`` until the new run
+    finished. ``resume`` continues the run in ``out_dir`` if model, data and settings are the same.
     Returns the compressed model (loaded back from ``out_dir/compressed``), its plan and the report.
     """
     config = config or UPopConfig()
@@ -151,71 +236,129 @@ def compress(
     task.check_model(model)
     if processor is None:
         raise ConfigError("processor is required (the model's image processor and tokenizer)")
+    if check_images not in ("header", "full", "none"):
+        raise ConfigError(f"check_images={check_images!r} is not allowed; choose header, full or none")
     if data is not None:
+        if check_images != "none":
+            _check_data(task.name, data, check_images)
         splits = task.load_splits(data)
         train, val, test = splits["train"], splits["val"], splits["test"]
     if train is None or val is None:
         raise ConfigError("give data=FOLDER or train= and val= datasets")
     test = test if test is not None else val
+    for dataset in (train, val, test):
+        task.check_data(model, dataset)
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    dist = PartialState(cpu=not torch.cuda.is_available())
     out = Path(out_dir)
-    created = not out.exists()
-    if state.is_main_process:  # only the main process touches the output folder
-        prepare_output(out, resume, overwrite)
     base_model = base_model or str(getattr(model.config, "_name_or_path", "") or "")
+    info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict(),
+            "fingerprint": fingerprint(task=task.name, settings=config.to_dict(), model=model,
+                                       datasets={"train": train, "val": val, "test": test},
+                                       processes=dist.num_processes)}
+    # the run's length and settings are checked before the output folder is touched
+    run = Run(model, task, train, val, config, processor, out, resume=resume, base_model=base_model,
+              log=log, progress=progress, stop_after=stop_after, fingerprint=info["fingerprint"])
+    rundir = RunDir(out)
+    fresh = None
     try:
-        if state.is_main_process:
-            check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + 50 * 2**20)
-        state.wait_for_everyone()
-        dense_class = type(model)
-        dense = _dense_baseline(model, task, processor, test, config, out, resume, base_model, data,
-                                write=state.is_main_process, dist_state=state)
-        state.wait_for_everyone()
+        fresh = _shared(lambda: _start_run(rundir, resume=resume, overwrite=overwrite,
+                                           restart_if_missing=restart_if_missing, info=info,
+                                           min_free=4 * _model_bytes(model) + 50 * 2**20), dist)
+        _check_shared_folder(out, dist)
+        model.to(dist.device)
+        run.resume = resume and not fresh
+        dense = _dense_baseline(model, task, processor, test, config, out, dist)
     except BaseException:
-        if created:  # nothing of a rejected run is left behind
-            shutil.rmtree(out, ignore_errors=True)
+        if dist.is_main_process:
+            if fresh:  # a rejected fresh run: what it wrote goes, the previous run comes back
+                _abandon(rundir)
+            rundir.release()
+            rundir.discard_created()
         raise
+    try:
+        result = run.run()
+        compressed, report = _finish(run, result, task, processor, test, config, rundir, dense, dist)
+    except UPopError as exc:
+        if "--resume" not in str(exc) and not getattr(exc, "shared", False):
+            exc = type(exc)(f"{exc}; the run is saved in {out}: once fixed, run the same command with --resume")
+            raise exc from None
+        raise
+    finally:
+        if dist.is_main_process:
+            rundir.release()
+    return CompressResult(model=compressed, plan=result.plan, report=report, out_dir=out)
 
-    run = Run(model, task, train, val, config, processor, out, resume=resume, base_model=base_model, log=log,
-              progress=progress, stop_after=stop_after)
-    result = run.run()
 
-    compressed = load_compressed(out / "compressed")
-    log(f"evaluating the compressed model on {len(test)} test samples")
-    comp = {**measure(compressed, task, processor, test), "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size,
-                                                                             accelerator=state)}
+def _abandon(rundir: RunDir) -> None:
+    """Remove what a rejected fresh run wrote (only names a run writes) and bring back the
+    previous run that ``--overwrite`` set aside."""
+    for name in sorted(RUN_OUTPUTS):
+        path = rundir.path / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    rundir.restore_previous()
+
+
+def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, rundir: RunDir, dense: dict,
+            dist) -> tuple[nn.Module, dict]:
+    """Evaluate and time the compressed model on the run's device; write the report; the
+    previous run set aside by ``--overwrite`` goes only now."""
+    out = rundir.path
+    compressed = load_compressed(out / "compressed", device=dist.device)
+    if dist.is_main_process:
+        run.log(f"evaluating the compressed model on {len(test)} test samples")
+    with _phase("final_eval", compressed, out, config, dist):
+        comp = {**measure(compressed, task, processor, test),
+                "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size, accelerator=dist)}
     inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
-    torch.manual_seed(0)
     with _quiet_transformers():
-        dense_model = dense_class.from_pretrained(str(out / "state" / DENSE_DIR)).eval()
-    dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time)
+        dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR), trust_remote_code=False,
+                                                       use_safetensors=True).to(dist.device).eval()
+    with _phase("latency", compressed, out, config, dist):
+        dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_model, compressed, inputs,
+                                                                 seconds=config.latency_time)
     del dense_model
+    p = next(compressed.parameters())
     report = build_report(
-        task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio, cost=config.cost,
-        settings=config.to_dict(),
-        latency_input=f"FLOPs: one test sample; latency: batch {config.latency_batch_size} of the test split, "
-        + (f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()),
+        task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
+        cost=config.cost, settings=config.to_dict(),
+        latency_input=f"FLOPs: one test sample; latency: batch {config.latency_batch_size} of the test split on "
+        f"{_device_name(p.device)}, {str(p.dtype).replace('torch.', '')}",
     )
     report["validation"] = {"best": result.best_metrics, "history": result.history}
-    report["processes"] = state.num_processes
-    if state.is_main_process:
+    report["device"] = str(p.device)
+    report["processes"] = dist.num_processes
+    if dist.is_main_process:
         write_report(report, out)
-    state.wait_for_everyone()
-    if state.is_main_process:
         shutil.rmtree(out / "state" / DENSE_DIR, ignore_errors=True)
-    return CompressResult(model=compressed, plan=result.plan, report=report, out_dir=out)
+        rundir.drop_previous()
+    dist.wait_for_everyone()
+    return compressed, report
+
+
+def _check_data(task: str, data, images: str) -> None:
+    """The data set's check (``upop data check``): any problem refuses the run up front."""
+    from .data.check import check_data
+
+    check_data(task, data, images=images).raise_for_problems()
 
 
 def evaluate(model_or_path, task: str | Task, data, split: str = "test", processor=None, batch_size: int = 64) -> dict[str, float]:
     """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``."""
     from .models import load_any
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is not allowed; need an integer >= 1")
     task = get_task(task)
     if isinstance(model_or_path, (str, os.PathLike)):
         model, loaded_processor = load_any(model_or_path)
         processor = processor or loaded_processor
+        if torch.cuda.is_available():  # the same device a run evaluates on
+            model.to("cuda")
     else:
         model = model_or_path
     task.check_model(model)

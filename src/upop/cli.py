@@ -23,7 +23,18 @@ from .errors import ConfigError, UPopError
 EXIT_USER_ERROR = 2
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"need true or false, got {text!r}")
+
+
 def _type_for(name: str, default):
+    if isinstance(default, bool):
+        return _bool
     if name in ("retrain_lr", "max_grad_norm"):
         return float
     if name in ("interval", "workers"):
@@ -78,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="dataset folder in the task's format (see docs/data.md)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--config", help="YAML file of UPop settings")
-    c.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    c.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; refused if the model, data or a "
+                   "setting that changes the result differs from the run's")
+    c.add_argument("--restart-if-missing", action="store_true",
+                   help="with --resume: start a new run if --out holds none (default: refuse)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a previous upop run in --out (kept in OUT/.upop-previous until the new run "
+                   "finished); a folder holding files upop did not write is never overwritten")
+    c.add_argument("--check-images", choices=["header", "full", "none"], default="header",
+                   help="before training, check every image of the data set: header (open and verify the "
+                   "headers; fast), full (decode every image) or none (default: header)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_options(c)
 
@@ -90,15 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--batch-size", type=int, default=64)
 
-    d = sub.add_parser("data", help="write a synthetic dataset in the real formats")
-    d.add_argument("source", choices=["shapes"], help="generator (shapes: the Shapes world)")
-    d.add_argument("--task", required=True, choices=sorted(WRITERS), help="dataset format to write")
-    d.add_argument("--out", required=True)
+    d = sub.add_parser("data", help="write the synthetic Shapes data set, or check a data set before a run",
+                       description="shapes: write the Shapes world in a task's format to --out. check: read the "
+                       "data set in --data as a run will and print every problem, one per line (exit 2 if any).")
+    d.add_argument("source", choices=["shapes", "check"],
+                   help="shapes: write the Shapes world; check: check the data set in --data")
+    d.add_argument("--task", required=True, choices=sorted(WRITERS), help="dataset format")
+    d.add_argument("--out", help="shapes: folder to write")
+    d.add_argument("--data", help="check: dataset folder to check")
+    d.add_argument("--images", choices=["header", "full"], default="header",
+                   help="check: 'header' opens and verifies each image without decoding it (fast); 'full' "
+                   "decodes every image as training will (default: header)")
     d.add_argument("--train", type=int, default=2000)
     d.add_argument("--val", type=int, default=200)
     d.add_argument("--test", type=int, default=200)
     d.add_argument("--image-size", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true",
+                   help="shapes: replace a Shapes data set in --out (default: refuse a non-empty --out)")
 
     m = sub.add_parser("make-model", help="write a randomly initialised model with the Shapes tokenizer")
     m.add_argument("family", choices=FAMILIES, help="model family")
@@ -108,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--num-labels", type=int, default=None,
                    help="classes of a classifier / segmenter (default: those of the Shapes data set of its task)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a model folder upop wrote (default: refuse a non-empty --out, so a fine-tuned "
+                   "model is never replaced by a random one)")
 
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")
     demo.add_argument("--out", default="upop-demo", help="folder for the data and the run (default: upop-demo)")
@@ -128,13 +160,13 @@ def cmd_compress(args) -> int:
     from .tasks import get_task
 
     config = _config_from_args(args)
-    splits = get_task(args.task).load_splits(args.data)  # cheap checks first: bad data fails fast
+    get_task(args.task).load_splits(args.data)  # cheap checks first: bad annotations fail fast
     model, processor = load_any(args.model)
     if processor is None:
         raise ConfigError(f"model folder {args.model} has no tokenizer/processor files; save them next to the model")
-    result = compress(model, args.task, train=splits["train"], val=splits["val"], test=splits["test"], processor=processor, config=config, out_dir=args.out,
-                      resume=args.resume, overwrite=args.overwrite, base_model=str(args.model),
-                      progress=not args.no_progress)
+    result = compress(model, args.task, args.data, processor=processor, config=config, out_dir=args.out,
+                      resume=args.resume, overwrite=args.overwrite, restart_if_missing=args.restart_if_missing,
+                      check_images=args.check_images, base_model=str(args.model), progress=not args.no_progress)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -152,20 +184,71 @@ def cmd_evaluate(args) -> int:
 
 def cmd_data(args) -> int:
     from .data import shapes_writer
+    from .errors import DataError, show
 
-    info = shapes_writer(args.task)(args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size,
-                           seed=args.seed)
+    if args.source == "check":
+        from .data.check import check_data
+
+        if not args.data or args.out:
+            raise ConfigError("upop data check needs --data DIR (the folder to check) and writes nothing (no --out)")
+        report = check_data(args.task, args.data, images=args.images)
+        print("\n".join(report.summary() + report.problems), flush=True)
+        if report.problems:
+            raise DataError(f"{len(report.problems)} problems in {show(args.data)}")
+        print(f"no problems in {show(args.data)} ({args.task}, {args.images} check of the images)")
+        return 0
+    if not args.out or args.data:
+        raise ConfigError("upop data shapes needs --out DIR (the folder to write) and reads no --data")
+    info = _write_owned(Path(args.out), "data", SHAPES_FILES, args.overwrite, lambda: shapes_writer(args.task)(
+        args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size, seed=args.seed))
     print(f"{'reused' if info.get('reused') else 'wrote'} Shapes {args.task} data in {args.out}: "
           + ", ".join(f"{s} {v['images']} images" for s, v in info["splits"].items()))
     return 0
+
+
+#: what ``data shapes`` writes, for every task's format
+SHAPES_FILES = ("images", "annotations", "train", "val", "test", "train.json", "val.json", "test.json", "shapes.json",
+                "classes.json")
+
+#: what ``make-model`` writes (a model folder holding anything else is never overwritten)
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+               "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.json")
+
+
+def _write_owned(out: Path, kind: str, files, overwrite: bool, write):
+    """Run ``write()`` into ``out`` under the run-folder rules: a non-empty folder needs
+    ``overwrite`` and may hold only what this command writes; the previous files are set aside
+    and come back if ``write`` fails."""
+    from .rundir import RunDir
+
+    rundir = RunDir(out, kind=kind, files=files)
+    rundir.create()
+    try:
+        with rundir.lock():
+            rundir.check_overwrite(False, overwrite)
+            rundir.clean_temp()
+            if overwrite:
+                rundir.set_aside_previous()
+            try:
+                result = write()
+            except BaseException:
+                rundir.restore_previous()
+                raise
+            rundir.drop_previous()
+    except BaseException:
+        rundir.discard_created()
+        raise
+    return result
 
 
 def cmd_make_model(args) -> int:
     from .models import make_model_folder
     from .cost import count_params
 
-    model, _ = make_model_folder(args.family, args.out, size=args.size, image_size=args.image_size, seed=args.seed,
-                                 num_labels=args.num_labels)
+    model = _write_owned(Path(args.out), "model", MODEL_FILES, args.overwrite, lambda: make_model_folder(
+        args.family, args.out, size=args.size, image_size=args.image_size, seed=args.seed,
+        num_labels=args.num_labels)[0])
     print(f"wrote a random {args.size} {args.family} ({type(model).__name__}, {count_params(model):,} params) to {args.out}")
     return 0
 
@@ -186,6 +269,47 @@ COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "data": cmd_data
             "demo": cmd_demo}
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (newline, NUL, escape sequences...) shown escaped, so a
+    user value inside a message can neither cut the line nor drive the terminal."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _error(message: str, exc: BaseException | None = None) -> None:
+    """One line on stderr, on a line of its own, printed by one process (an error every process
+    raised together is printed by the main process only)."""
+    if exc is not None and getattr(exc, "shared", False) and not _is_main_process():
+        return
+    sys.stdout.flush()
+    print(printable(message), file=sys.stderr, flush=True)
+
+
+def _run(args) -> int:
+    from .train import RunStopped, TrainingError
+
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingError as exc:
+        _error(f"upop: error: {exc}", exc)
+        return 1
+    except UPopError as exc:
+        _error(f"upop: error: {exc or type(exc).__name__}", exc)
+        return EXIT_USER_ERROR
+    except RunStopped as exc:
+        _error(f"upop: {exc}")
+        _error("upop: continue with the same command and --resume")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("upop: interrupted; continue with the same command and --resume")
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,19 +317,38 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from .train import TrainingError
-
     try:
-        return COMMANDS[args.command](args)
-    except TrainingError as exc:
-        print(f"upop: error: {exc}", file=sys.stderr)
-        return 1
-    except UPopError as exc:
-        print(f"upop: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("upop: interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
+        code = _run(args)
+    except BaseException as exc:
+        if not _distributed():
+            raise
+        if not _peer_lost(exc):  # a peer's failure is reported by that peer (and by the launcher)
+            import traceback
+
+            traceback.print_exc()
+        code = 1
+    if _distributed() and code != 0:
+        # another process may be blocked in a collective: leave at once (no teardown that waits
+        # for it); the launcher (torchrun, accelerate launch) then stops the others
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """True if ``exc`` says another process of the run went away (it reports its own error)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(
+        clue in text for clue in ("Connection closed by peer", "remote worker crashing", "Connection reset by peer"))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 if __name__ == "__main__":  # pragma: no cover

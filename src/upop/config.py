@@ -47,6 +47,8 @@ class UPopConfig:
                              "of the step (the batches are the same for any value); default: 0 on CPU, where they "
                              "would compete with the compute threads, min(4, cores per process - 1) with a GPU")
     precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
+    tf32: bool = _f(True, "on CUDA (Ampere and newer), fp32 matmuls and convolutions use TF32: much faster, about "
+                    "1e-3 relative precision; false keeps exact fp32 (no effect on CPU)")
     max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")
     latency_batch_size: int = _f(1, "batch size of the latency measurement in the report")
     latency_time: float = _f(0.5, "seconds per latency measurement (3 interleaved rounds of dense and compressed)")
@@ -83,6 +85,8 @@ class UPopConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 bad(name, "need a finite number >= 0")
+        if not isinstance(self.tf32, bool):
+            bad("tf32", "need true or false")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             bad("max_grad_norm", "need a positive number (or leave unset)")
 
@@ -98,7 +102,8 @@ class UPopConfig:
         """``interval``, or the steps per 1% of compression (METHOD §5 rule of thumb)."""
         if self.interval is not None:
             return self.interval
-        return max(1, round(total_steps / (100 * self.ratio)))
+        # a progressive search needs at least one update before its last step
+        return max(1, min(round(total_steps / (100 * self.ratio)), total_steps - 1))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

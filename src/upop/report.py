@@ -110,14 +110,16 @@ def plot_allocation(report: dict[str, Any], path: str | os.PathLike) -> None:
     labels = [m for m in colours if any(r["modality"] == m for r in layers)]
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=100)
+    from .rundir import write_file_atomic
+
+    write_file_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
+    from .rundir import write_text_atomic
+
     out = Path(out_dir)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out / "report.json")
-    (out / "report.md").write_text(markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
     plot_allocation(report, out / "allocation.png")

@@ -19,7 +19,8 @@ import json
 import math
 import os
 import random
-import shutil
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,9 +32,11 @@ from torch import nn
 from .arch import find_groups
 from .checkpoint import load_compressed, save_compressed
 from .config import UPopConfig
-from .errors import ConfigError, UPopError
+from .errors import ConfigError, DataError, UPopError
 from .masks import attach_masks
 from .prune import PruningPlan, apply_plan, prune
+from .resume import read_state
+from .rundir import torch_save_atomic
 from .search import UPopSearch
 from .tasks import Task
 
@@ -44,20 +47,32 @@ class TrainingError(UPopError):
     """The run cannot go on (non-finite loss or mask gradient); the last checkpoint is intact."""
 
 
-def _accelerator(precision: str):
+def _accelerator(config: UPopConfig):
+    """The run's Accelerator: its device is the one device of every phase of the run."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    if cuda:  # TF32 matmuls for fp32 on Ampere and newer (--tf32 false keeps exact fp32)
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    # gradients live in DDP's all-reduce buckets: no second copy of every gradient
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp])
 
 
 def batch_indices(n: int, batch_size: int, seed: int, epoch: int, position: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Sample indices of batch ``position`` of ``epoch`` for process ``rank`` (a pure function)."""
+    """Sample indices of batch ``position`` of ``epoch`` for process ``rank`` (a pure function).
+
+    Process ``rank`` takes the ``rank``-th contiguous slice of the global batch, so the features
+    gathered from all processes in rank order are the batch one process would see at
+    ``batch_size * world`` (what the global-batch contrastive losses rely on)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
     global_bs = batch_size * world
     chunk = perm[position * global_bs : (position + 1) * global_bs]
-    return chunk[rank::world].tolist()
+    return chunk[rank * batch_size:(rank + 1) * batch_size].tolist()
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -104,28 +119,6 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return max(1, n // (batch_size * world))
 
 
-def check_output_dir(out: Path, min_free_bytes: int) -> None:
-    """Fail before training if ``out`` cannot be written or its disk is nearly full."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".upop-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output folder {out} is not writable ({exc.strerror or exc})") from None
-    free = shutil.disk_usage(out).free
-    if free < min_free_bytes:
-        raise ConfigError(
-            f"output folder {out}: only {free / 2**20:.0f} MiB free on its disk, need about {min_free_bytes / 2**20:.0f} MiB"
-        )
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
@@ -145,6 +138,15 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+class RunStopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM, SIGINT) after saving its state at a step
+    boundary; the same command with ``--resume`` continues it. ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass
 class PhaseResult:
     plan: PruningPlan
@@ -152,11 +154,77 @@ class PhaseResult:
     history: list[dict]
 
 
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for process ``rank``: each process gets its
+    own stream (``seed + rank``), so dropout differs across the shards of a batch and the same
+    seed reproduces every process's draws."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)  # also seeds every CUDA device
+
+
+def device_record(phase: str, model: nn.Module, precision: str) -> dict:
+    """The log record that says where and in which dtype ``phase`` runs (read by make gpu-check)."""
+    p = next(model.parameters())
+    return {"phase": "device", "of": phase, "device": str(p.device), "dtype": str(p.dtype), "precision": precision}
+
+
+class PhaseClock:
+    """Wall time and peak accelerator memory of one phase, for its ``phase_end`` log record."""
+
+    def __init__(self, phase: str, device: torch.device):
+        self.phase, self.device, self.steps = phase, torch.device(device), None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+
+    def record(self) -> dict:
+        peak = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return {"phase": "phase_end", "of": self.phase, "seconds": time.perf_counter() - self.start,
+                "steps": self.steps, "peak_memory_mb": peak}
+
+
+class _Signals:
+    """While active, SIGTERM and SIGINT ask the training loop to stop at the end of the current
+    step (``requested``); outside a loop (``in_loop`` False) they stop at once. The previous
+    handlers are restored on exit. Only the main thread can install handlers: elsewhere this is
+    a no-op and signals keep their default behaviour."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self.in_loop = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.in_loop and self.requested is None:
+            self.requested = signum
+            return
+        name = signal.Signals(signum).name
+        raise RunStopped(f"stopped by {name}", 128 + signum)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class Run:
     """One search -> prune -> retrain run writing into ``out_dir``.
 
     ``model`` must be the dense model, as loaded from ``base_model`` (also on resume: the run
-    rebuilds the pruned model from it and the saved plan).
+    rebuilds the pruned model from it and the saved plan). ``fingerprint`` (see
+    :mod:`upop.resume`) is stored with every state and a resumed state must carry the same.
     """
 
     def __init__(
@@ -173,6 +241,7 @@ class Run:
         log: Callable[[str], None] = print,
         progress: bool = True,
         stop_after: int | None = None,
+        fingerprint: dict | None = None,
     ):
         self.model, self.task, self.train_set, self.val_set = model, task, train, val
         self.config, self.processor = config, processor
@@ -180,13 +249,21 @@ class Run:
         self.state_dir = self.out / "state"
         self.resume, self.base_model, self.log, self.progress = resume, base_model, log, progress
         self.stop_after = stop_after  # testing hook: stop (as if killed) after this many total steps
-        self.acc = _accelerator(config.precision)
+        self.fingerprint = fingerprint or {}
+        self.acc = _accelerator(config)
         self.collate = task.collator(processor, seed=config.seed)
         self.spe = steps_per_epoch(len(train), config.batch_size, self.acc.num_processes)
         self.search_steps = config.search_epochs * self.spe
         self.retrain_steps = config.retrain_epochs * self.spe
         self.interval = config.resolved_interval(self.search_steps)
+        if config.method == "upop" and self.interval >= self.search_steps:
+            raise ConfigError(
+                f"the search has {self.search_steps} steps ({config.search_epochs} epochs of {self.spe}: "
+                f"{len(train)} samples / ({config.batch_size} x {self.acc.num_processes} processes)) and interval="
+                f"{self.interval}: a progressive search needs more steps than its interval; use more data or "
+                "--search-epochs, a smaller --batch-size or --interval, or --method one-shot")
         self._steps_done = 0
+        self.signals = _Signals()
 
     # helpers ---------------------------------------------------------------------------------
     def _batches(self, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -195,7 +272,7 @@ class Run:
                                   seed=self.config.seed, start=start, stop=stop, rank=self.acc.process_index,
                                   world=self.acc.num_processes,
                                   workers=self.config.resolved_workers(self.acc.num_processes)):
-            yield {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield {k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _log(self, record: dict) -> None:
         if self.acc.is_main_process:
@@ -203,27 +280,50 @@ class Run:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
 
     def _save_state(self, state: dict) -> None:
+        """Write ``state/run.pt`` atomically (main process), with every process's RNG state."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([_rng_state()]) if self.acc.num_processes > 1 else [_rng_state()]
         if self.acc.is_main_process:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            state["rng"] = _rng_state()
-            _atomic_torch_save(state, self.state_dir / STATE_FILE)
+            state["rng"] = rng
+            state["fingerprint"] = self.fingerprint
+            state["totals"] = {"search": self.search_steps, "retrain": self.retrain_steps}
+            torch_save_atomic(state, self.state_dir / STATE_FILE)
         self.acc.wait_for_everyone()
 
     def load_state(self) -> dict | None:
-        file = self.state_dir / STATE_FILE
-        if not file.is_file():
-            return None
-        # weights_only: a state file can hold tensors and plain data, never code.
-        return torch.load(file, map_location="cpu", weights_only=True)
+        """The saved run state (checked: see :func:`upop.resume.read_state`), or None."""
+        return read_state(self.state_dir / STATE_FILE, self.fingerprint,
+                          {"search": self.search_steps, "retrain": self.retrain_steps})
+
+    def _restore_rng(self, state: dict) -> None:
+        rng = state["rng"]
+        _set_rng_state(rng[self.acc.process_index] if isinstance(rng, list) else rng)
+
+    def _scaler_state(self) -> dict | None:
+        scaler = getattr(self.acc, "scaler", None)
+        return scaler.state_dict() if scaler is not None else None
+
+    def _load_scaler(self, state: dict) -> None:
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
 
     def _identical(self, tensors) -> bool:
-        """True if every process holds exactly the same values in ``tensors`` (a digest is compared)."""
-        from accelerate.utils import gather_object
-
-        mine = torch.cat([t.detach().double().cpu().flatten() for t in tensors])
-        digest = [float(mine @ torch.arange(1, mine.numel() + 1, dtype=torch.float64)), float(mine.sum())]
-        gathered = gather_object([digest])
-        return all(d == gathered[0] for d in gathered)
+        """True if every process holds exactly the same values in ``tensors``: a position-weighted
+        float64 digest is computed on the device, one tensor at a time (no copy of the model),
+        and the two numbers of each process are compared."""
+        digest = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        offset = 0
+        for t in tensors:
+            flat = t.detach().reshape(-1).to(torch.float64)
+            weights = torch.arange(offset + 1, offset + 1 + flat.numel(), dtype=torch.float64, device=flat.device)
+            digest[0] += flat @ weights
+            digest[1] += flat.sum()
+            offset += flat.numel()
+        gathered = self.acc.gather(digest.unsqueeze(0))
+        return bool((gathered == gathered[0]).all())
 
     def _check_same_weights(self, model: nn.Module, phase: str, step: int) -> None:
         """Every process must hold the same weights (data parallelism averages the gradients); a
@@ -257,12 +357,75 @@ class Run:
         if self.stop_after is not None and self._steps_done >= self.stop_after:
             raise KeyboardInterrupt(f"stopped after {self._steps_done} steps (stop_after)")
 
-    def _check_finite(self, loss: torch.Tensor, phase: str, step: int) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"non-finite loss ({float(loss.detach())}) at {phase} step {step}; "
-                f"the last good checkpoint is in {self.state_dir}; lower --lr or use --precision fp32"
-            )
+    def _where(self, phase: str, step: int) -> str:
+        return f"{phase} step {step}" + (f" on process {self.acc.process_index} of {self.acc.num_processes}"
+                                         if self.acc.num_processes > 1 else "")
+
+    def _failure(self, exc: BaseException, phase: str, step: int) -> BaseException:
+        """``exc`` raised at a step, as the user should see it: a user error keeps its type and
+        says where it happened and how to continue; anything else (a bug) is left as it is."""
+        if isinstance(exc, UPopError) and not isinstance(exc, TrainingError) and not getattr(exc, "located", False):
+            message = str(exc).strip()
+            if "\n" in message:  # re-raised from a DataLoader worker: the original message is the last line
+                message = message.splitlines()[-1].split(": ", 1)[-1]
+            error = type(exc)(f"{message} (at {self._where(phase, step)}); the run is saved in {self.out}: once "
+                              "fixed, run the same command with --resume")
+            error.located = True
+            return error
+        return exc
+
+    def _forward(self, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], phase: str, step: int):
+        """Run one step's forward and agree with the other processes on how it went.
+
+        ``compute()`` returns ``(loss to backpropagate, task loss to log)``. An exception in it is
+        raised at once, on this process only: the others may be inside a collective of the
+        forward, so this process must not enter another one; it leaves (the CLI exits at once)
+        and the launcher stops the others. Otherwise every process all-reduces (task loss,
+        non-finite count, stop requests) in ONE collective: a non-finite loss on any process
+        stops every process at this step, before backward, with one line naming the step (the
+        last checkpoint stays as it was); a stop request (SIGTERM / SIGINT) on any process makes
+        every process finish this step and stop after it.
+        Returns (loss, mean task loss over processes, stop requested).
+        """
+        try:
+            with self.acc.autocast():
+                loss, task_loss = compute()
+        except Exception as exc:
+            raise self._failure(exc, phase, step) from None
+        value = task_loss.detach().float().reshape(())
+        finite = torch.isfinite(value) & torch.isfinite(loss.detach().float().reshape(()))
+        stats = torch.stack([torch.where(finite, value, torch.zeros_like(value)), (~finite).float(),
+                             torch.tensor(float(self.signals.requested is not None), device=value.device)])
+        if self.acc.num_processes > 1:
+            stats = self.acc.reduce(stats, reduction="sum")
+        loss_sum, nonfinite, stop = stats.tolist()
+        if nonfinite:
+            self._stop_nonfinite(task_loss, phase, step)
+        return loss, loss_sum / self.acc.num_processes, bool(stop)
+
+    def _stop_nonfinite(self, task_loss: torch.Tensor, phase: str, step: int) -> None:
+        from accelerate.utils import gather_object
+
+        mine = None if torch.isfinite(task_loss.detach()).all() else float(task_loss.detach())
+        values = gather_object([mine]) if self.acc.num_processes > 1 else [mine]
+        rank, value = next((r, v) for r, v in enumerate(values) if v is not None)
+        where = f"{phase} step {step}" + (f" on process {rank} of {self.acc.num_processes}"
+                                          if self.acc.num_processes > 1 else "")
+        hint = "lower --lr" + (" or use --precision fp32" if self.config.precision != "fp32" else "")
+        error = TrainingError(f"non-finite loss ({value}) at {where}; the last good checkpoint is in {self.state_dir}; "
+                              f"{hint}")
+        error.shared = True
+        raise error
+
+    def _after_step(self, stop: bool, phase: str, done: int, total: int, save: Callable[[], None]) -> None:
+        """At a step boundary: on a stop request, save the state and raise :class:`RunStopped`."""
+        if not stop or done >= total:
+            return
+        save()
+        signum = self.signals.requested or signal.SIGTERM
+        name = signal.Signals(signum).name if self.signals.requested else "a stop request on another process"
+        raise RunStopped(f"stopped by {name} after {phase} step {done}/{total}; the run is saved in {self.out}",
+                         128 + int(signum))
 
     def _bar(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
@@ -273,21 +436,40 @@ class Run:
     # phases ----------------------------------------------------------------------------------
     def run(self) -> PhaseResult:
         """Run (or resume) every phase; returns the plan and the best validation metrics."""
-        state = self.load_state() if self.resume else None
-        if state is not None and state["phase"] == "done":
-            self.model = load_compressed(self.out / "compressed")
-            return PhaseResult(PruningPlan.from_dict(state["plan"]), state["best_metrics"], state["history"])
-        if state is None or state["phase"] == "search":
-            plan = self._search(state)
-            state = None
-        else:
-            plan = PruningPlan.from_dict(state["plan"])
-        return self._retrain(plan, state)
+        with self.signals:
+            state = self.load_state() if self.resume else None
+            if state is not None and state["phase"] == "done":
+                self.model = load_compressed(self.out / "compressed", device=self.acc.device)
+                return PhaseResult(PruningPlan.from_dict(state["plan"]), state["best_metrics"], state["history"])
+            if state is None or state["phase"] == "search":
+                plan = self._search(state)
+                state = None
+            else:
+                plan = PruningPlan.from_dict(state["plan"])
+            return self._retrain(plan, state)
+
+    def _loop(self, phase: str, start: int, total: int, body: Callable[[int, dict], None]) -> None:
+        """Steps ``start .. total-1`` of ``phase`` with a progress bar that is closed (cleared)
+        before anything else is printed, also when a step raises."""
+        bar = self._bar(total, start, phase)
+        self.bar = bar
+        self.signals.in_loop = True
+        step = start
+        try:
+            for step, batch in zip(range(start, total), self._batches(start, total)):
+                body(step, batch)
+                bar.update(1)
+        except DataError as exc:  # a file that changed on disk after the check, found by the reader
+            raise self._failure(exc, phase, step) from None
+        finally:
+            self.signals.in_loop = False
+            bar.close()
 
     def _search(self, state: dict | None) -> PruningPlan:
         cfg, model = self.config, self.model
         # text length of this data sets the FLOPs cost of text units (vision: from the config)
         groups = find_groups(model, text_tokens=self.task.text_tokens(self.processor, self.train_set))
+        model.to(self.acc.device)
         masks = attach_masks(model, groups)
         search = UPopSearch(masks, cfg.ratio, self.search_steps, self.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
                             round_to=cfg.round_to, allocation=cfg.allocation)
@@ -297,18 +479,34 @@ class Run:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             search.load_state_dict(state["search"])
-            _set_rng_state(state["rng"])
             start = state["step"]
             self.log(f"resuming the search at step {start}/{self.search_steps}")
+        else:
+            seed_everything(cfg.seed, self.acc.process_index)
         wrapped, optimizer = self.acc.prepare(model, optimizer)
         masks.to(self.acc.device)
+        if state is not None:
+            self._load_scaler(state)
+            self._restore_rng(state)
         wrapped.train()
-        bar = self._bar(self.search_steps, start, "search")
-        for step, batch in zip(range(start, self.search_steps), self._batches(start, self.search_steps)):
-            with self.acc.autocast():
+        self._log(device_record("search", model, cfg.precision))
+        clock = PhaseClock("search", self.acc.device)
+
+        def save(done: int) -> None:
+            try:
+                search_state = search.state_dict()
+            except FloatingPointError as exc:  # a non-finite mask gradient since the last update
+                raise TrainingError(f"{exc}; the last good checkpoint is in {self.state_dir}") from None
+            self._save_state({"phase": "search", "step": done, "model": self.acc.unwrap_model(wrapped).state_dict(),
+                              "optimizer": optimizer.state_dict(), "search": search_state,
+                              "scaler": self._scaler_state()})
+
+        def step_fn(step: int, batch: dict) -> None:
+            def compute():
                 task_loss = self.task.loss(wrapped, batch)
-                loss = task_loss + search.sparsity_loss()
-            self._check_finite(loss, "search", step)
+                return task_loss + search.sparsity_loss(), task_loss
+
+            loss, task_loss, stop = self._forward(compute, "search", step)
             self.acc.backward(loss)
             scaler = getattr(self.acc, "scaler", None)
             try:
@@ -321,9 +519,8 @@ class Run:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             p_t = update.ratio if update else (search.history[-1].ratio if search.history else 0.0)
-            bar.set_postfix(loss=f"{task_loss.item():.4f}", p_t=f"{p_t:.3f}")
-            bar.update(1)
-            record = {"phase": "search", "step": step, "loss": task_loss.item(), "p_t": p_t}
+            self.bar.set_postfix(loss=f"{task_loss:.4f}", p_t=f"{p_t:.3f}")
+            record = {"phase": "search", "step": step, "loss": task_loss, "p_t": p_t}
             if update:
                 record["removed"] = update.removed
                 if self.acc.num_processes > 1:
@@ -331,11 +528,18 @@ class Run:
             self._log(record)
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < self.search_steps:
-                self._save_state({"phase": "search", "step": done, "model": self.acc.unwrap_model(wrapped).state_dict(),
-                                  "optimizer": optimizer.state_dict(), "search": search.state_dict()})
+                save(done)
+            self._after_step(stop, "search", done, self.search_steps, lambda: save(done))
             self._tick()
-        bar.close()
+
+        self._loop("search", start, self.search_steps, step_fn)
+        clock.steps = self.search_steps - start
+        self._log(clock.record())
         model = self.acc.unwrap_model(wrapped)
+        # the search's optimizer (2x the weights in fp32) and Accelerate's references to it and
+        # to the wrapper are released before retraining builds its own
+        wrapped = optimizer = None  # noqa: F841 (dropped references)
+        self.acc.free_memory()
         settings = {**search.settings(), "search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": self.task.name}
         self._check_same_weights(model, "search", self.search_steps)
         plan = prune(model, masks, base_model=self.base_model, search=settings)
@@ -355,6 +559,7 @@ class Run:
             if getattr(model, "upop_plan", None) is None:
                 apply_plan(model, plan)
             model.load_state_dict(state["model"])
+        model.to(self.acc.device)
         lr = cfg.retrain_lr or cfg.lr
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         total = max(1, self.retrain_steps)
@@ -366,31 +571,44 @@ class Run:
             if "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
             if start:
                 self.log(f"resuming the retraining at step {start}/{self.retrain_steps}")
         compressed_dir = self.out / "compressed"
         wrapped, optimizer = self.acc.prepare(model, optimizer)
+        if state is not None:
+            self._load_scaler(state)
+            self._restore_rng(state)
         wrapped.train()
-        bar = self._bar(self.retrain_steps, start, "retrain")
-        for step, batch in zip(range(start, self.retrain_steps), self._batches(start, self.retrain_steps)):
-            with self.acc.autocast():
-                loss = self.task.loss(wrapped, batch)
-            self._check_finite(loss, "retrain", step)
+        self._log(device_record("retrain", model, cfg.precision))
+        clock = PhaseClock("retrain", self.acc.device)
+
+        def save(done: int) -> None:
+            self._save_state({"phase": "retrain", "step": done, "plan": plan.to_dict(),
+                              "model": self.acc.unwrap_model(wrapped).state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "scaler": self._scaler_state(),
+                              "best": best, "best_metrics": best_metrics, "history": history})
+
+        def step_fn(step: int, batch: dict) -> None:
+            nonlocal best, best_metrics
+            def compute():
+                task_loss = self.task.loss(wrapped, batch)
+                return task_loss, task_loss
+
+            loss, task_loss, stop = self._forward(compute, "retrain", step)
             self.acc.backward(loss)
             if cfg.max_grad_norm:
                 self.acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update(1)
-            self._log({"phase": "retrain", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+            self.bar.set_postfix(loss=f"{task_loss:.4f}")
+            self._log({"phase": "retrain", "step": step, "loss": task_loss, "lr": scheduler.get_last_lr()[0]})
             done = step + 1
             if done % self.spe == 0 or done == self.retrain_steps:
                 self._check_same_weights(self.acc.unwrap_model(wrapped), "retrain", done)
-                metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor, cfg.eval_batch_size,
-                                             accelerator=self.acc)
+                metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor,
+                                             cfg.eval_batch_size, accelerator=self.acc)
                 value = metrics[self.task.main_metric]
                 history.append({"step": done, **metrics})
                 self._log({"phase": "val", "step": done, **metrics})
@@ -399,13 +617,16 @@ class Run:
                     if self.acc.is_main_process:
                         save_compressed(self.acc.unwrap_model(wrapped), compressed_dir, processor=self.processor, plan=plan)
             if done % cfg.checkpoint_every == 0 or done % self.spe == 0:
-                self._save_state({"phase": "retrain", "step": done, "plan": plan.to_dict(),
-                                  "model": self.acc.unwrap_model(wrapped).state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "best": best, "best_metrics": best_metrics, "history": history})
+                save(done)
+            self._after_step(stop, "retrain", done, self.retrain_steps, lambda: save(done))
             self._tick()
-        bar.close()
+
+        self._loop("retrain", start, self.retrain_steps, step_fn)
+        clock.steps = self.retrain_steps - start
+        self._log(clock.record())
         model = self.acc.unwrap_model(wrapped)
+        wrapped = optimizer = scheduler = None  # noqa: F841 (dropped references)
+        self.acc.free_memory()
         if self.retrain_steps == 0 or not (compressed_dir / "upop_plan.json").is_file():
             best_metrics = self.task.evaluate(model, self.val_set, self.processor, cfg.eval_batch_size, accelerator=self.acc)
             if self.acc.is_main_process:
@@ -416,7 +637,8 @@ class Run:
         return PhaseResult(plan=plan, best_metrics=best_metrics, history=history)
 
 
-__all__ = ["Run", "TrainingError", "batch_indices", "check_output_dir", "finetune", "steps_per_epoch"]
+__all__ = ["Run", "RunStopped", "TrainingError", "batch_indices", "finetune", "seed_everything",
+           "steps_per_epoch"]
 
 
 def finetune(

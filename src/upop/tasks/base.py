@@ -10,6 +10,14 @@ from torch import nn
 from ..errors import TaskError
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a data-parallel wrapper (``DistributedDataParallel`` keeps it as
+    ``.module``); a task reads ``config`` and submodules from it, never through the wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
 class Task:
     """Base class of a task. Subclasses fill the class attributes and the methods."""
 
@@ -26,6 +34,10 @@ class Task:
             raise TaskError(
                 f"task {self.name!r} needs one of {', '.join(self.model_classes)}; the model is a {cls}"
             )
+
+    def check_data(self, model: nn.Module, dataset) -> None:
+        """Raise :class:`~upop.errors.DataError` if ``dataset`` does not fit ``model`` (e.g. its
+        classes); may align the dataset's label ids with the model's. Nothing to check by default."""
 
     def load_splits(self, data_dir, splits=("train", "val", "test")) -> dict[str, Any]:
         raise NotImplementedError
