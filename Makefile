@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-quick install clean
+.PHONY: test demo bench bench-quick gpu-check install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	UPOP_BENCH_RESULTS=$${UPOP_BENCH_RESULTS:-/tmp/upop-bench-quick} $(BIN)/python benchmarks/run_all.py --quick
+
+# on a CUDA machine: every family's task compressed on the GPU at fp32, bf16 and fp16 (about 5 minutes); writes gpu-check.json.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

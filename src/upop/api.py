@@ -16,12 +16,12 @@ from torch import nn
 from .checkpoint import load_compressed
 from .config import UPopConfig
 from .cost import count_flops, count_params, measure_latency
-from .errors import CheckpointError, ConfigError, UPopError
+from .errors import CheckpointError, ConfigError, UPopError, show
 from .report import build_report, write_report
 from .resume import check_same_run, fingerprint
 from .rundir import RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
-from .train import PhaseClock, Run, device_record
+from .train import PhaseClock, Run, device_record, eval_autocast
 
 @dataclass
 class CompressResult:
@@ -138,9 +138,10 @@ def _append_log(out: Path, record: dict, dist) -> None:
 @contextlib.contextmanager
 def _phase(name: str, model: nn.Module, out: Path, config: UPopConfig, dist):
     """Log where phase ``name`` runs and how long it took (for make gpu-check and the report)."""
-    _append_log(out, device_record(name, model, "fp32"), dist)
+    _append_log(out, device_record(name, model, config.eval_precision), dist)
     clock = PhaseClock(name, dist.device)
-    yield clock
+    with eval_autocast(dist.device, config.eval_precision):
+        yield clock
     _append_log(out, clock.record(), dist)
 
 
@@ -153,7 +154,16 @@ def _dense_baseline(model, task, processor, test, config, out: Path, dist) -> di
         with _quiet_transformers():
             write_dir_atomic(out / "state" / DENSE_DIR, model.save_pretrained)
     if dense_file.is_file():
-        return json.loads(dense_file.read_text())
+        try:
+            dense = json.loads(dense_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            dense = None
+        if not isinstance(dense, dict) or not isinstance(dense.get("metrics"), dict):
+            error = CheckpointError(f"{show(dense_file)}: damaged (not the dense model's metrics); start again "
+                                    "with --overwrite")
+            error.located = True
+            raise error
+        return dense
     if dist.is_main_process:
         print(f"evaluating the dense model on {len(test)} test samples")
     with _phase("dense_eval", model, out, config, dist):
@@ -281,7 +291,8 @@ def compress(
         result = run.run()
         compressed, report = _finish(run, result, task, processor, test, config, rundir, dense, dist)
     except UPopError as exc:
-        if "--resume" not in str(exc) and not getattr(exc, "shared", False):
+        if not any(("--resume" in str(exc), "--overwrite" in str(exc), getattr(exc, "shared", False),
+                    getattr(exc, "located", False))):
             exc = type(exc)(f"{exc}; the run is saved in {out}: once fixed, run the same command with --resume")
             raise exc from None
         raise
@@ -327,7 +338,8 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
         task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
         cost=config.cost, settings=config.to_dict(),
         latency_input=f"FLOPs: one test sample; latency: batch {config.latency_batch_size} of the test split on "
-        f"{_device_name(p.device)}, {str(p.dtype).replace('torch.', '')}",
+        f"{_device_name(p.device)}, {str(p.dtype).replace('torch.', '')}"
+        + (" with bf16 autocast" if config.eval_precision == "bf16" else ""),
     )
     report["validation"] = {"best": result.best_metrics, "history": result.history}
     report["device"] = str(p.device)

@@ -194,7 +194,8 @@ def cmd_data(args) -> int:
         report = check_data(args.task, args.data, images=args.images)
         print("\n".join(report.summary() + report.problems), flush=True)
         if report.problems:
-            raise DataError(f"{len(report.problems)} problems in {show(args.data)}")
+            count = len(report.problems)
+            raise DataError(f"{count} problem{'s' if count > 1 else ''} in {show(args.data)}")
         print(f"no problems in {show(args.data)} ({args.task}, {args.images} check of the images)")
         return 0
     if not args.out or args.data:

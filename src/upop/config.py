@@ -47,6 +47,8 @@ class UPopConfig:
                              "of the step (the batches are the same for any value); default: 0 on CPU, where they "
                              "would compete with the compute threads, min(4, cores per process - 1) with a GPU")
     precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
+    eval_precision: str = _f("fp32", "precision of evaluations (dense, validation, final) and of the latency: fp32, or "
+                             "bf16 autocast", choices=("fp32", "bf16"))
     tf32: bool = _f(True, "on CUDA (Ampere and newer), fp32 matmuls and convolutions use TF32: much faster, about "
                     "1e-3 relative precision; false keeps exact fp32 (no effect on CPU)")
     max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")

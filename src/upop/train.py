@@ -163,6 +163,15 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)  # also seeds every CUDA device
 
 
+def eval_autocast(device: torch.device | str, precision: str):
+    """The autocast of evaluation: none for fp32, bf16 autocast on the device for bf16."""
+    import contextlib
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 def device_record(phase: str, model: nn.Module, precision: str) -> dict:
     """The log record that says where and in which dtype ``phase`` runs (read by make gpu-check)."""
     p = next(model.parameters())
@@ -438,6 +447,8 @@ class Run:
         """Run (or resume) every phase; returns the plan and the best validation metrics."""
         with self.signals:
             state = self.load_state() if self.resume else None
+            if self.resume and state is None:
+                self.log("resuming: the run had no checkpoint yet, the search starts at step 0")
             if state is not None and state["phase"] == "done":
                 self.model = load_compressed(self.out / "compressed", device=self.acc.device)
                 return PhaseResult(PruningPlan.from_dict(state["plan"]), state["best_metrics"], state["history"])
@@ -607,8 +618,9 @@ class Run:
             done = step + 1
             if done % self.spe == 0 or done == self.retrain_steps:
                 self._check_same_weights(self.acc.unwrap_model(wrapped), "retrain", done)
-                metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor,
-                                             cfg.eval_batch_size, accelerator=self.acc)
+                with eval_autocast(self.acc.device, cfg.eval_precision):
+                    metrics = self.task.evaluate(self.acc.unwrap_model(wrapped), self.val_set, self.processor,
+                                                 cfg.eval_batch_size, accelerator=self.acc)
                 value = metrics[self.task.main_metric]
                 history.append({"step": done, **metrics})
                 self._log({"phase": "val", "step": done, **metrics})
@@ -628,7 +640,9 @@ class Run:
         wrapped = optimizer = scheduler = None  # noqa: F841 (dropped references)
         self.acc.free_memory()
         if self.retrain_steps == 0 or not (compressed_dir / "upop_plan.json").is_file():
-            best_metrics = self.task.evaluate(model, self.val_set, self.processor, cfg.eval_batch_size, accelerator=self.acc)
+            with eval_autocast(self.acc.device, cfg.eval_precision):
+                best_metrics = self.task.evaluate(model, self.val_set, self.processor, cfg.eval_batch_size,
+                                                  accelerator=self.acc)
             if self.acc.is_main_process:
                 save_compressed(model, compressed_dir, processor=self.processor, plan=plan)
         self._save_state({"phase": "done", "step": self.retrain_steps, "plan": plan.to_dict(), "model": {},
