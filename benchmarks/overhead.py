@@ -7,7 +7,11 @@ batch, on full-size architectures (random weights): time per step and peak memor
 Time: both modes alternate in one process (same machine state), median over steps after warm-up.
 Memory: each mode runs in its own fresh process and reports its peak resident memory (VmHWM),
 model, optimizer state and activations included — what a user's run needs.
-Goal (issue 6/7): search <= 1.15x the time and <= 1.10x the memory of fine-tuning.
+Retraining: the peak of the retraining steps in the process that ran the search (its optimizer
+and masks dropped, as a run does; the high-water mark is reset first) vs a fresh process
+fine-tuning the same compressed model.
+Goal: search <= 1.05x the time and the memory of fine-tuning; retraining <= 1.05x the memory of a
+plain fine-tune of the compressed model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import blip_base_config, clip_b16_config, peak_rss_mb, write_results  # noqa: E402
 
 import upop  # noqa: E402
+from upop.train import release_host_memory  # noqa: E402
 
 
 def _shrink(cfg) -> None:
@@ -100,8 +105,42 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def memory_child(name: str, quick: bool, batch: int, mode: str, steps: int) -> None:
-    stepper = Stepper(name, quick, batch, mode)
+def _reset_peak_rss() -> None:
+    """Start a new high-water mark of resident memory (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def memory_child(name: str, quick: bool, batch: int, mode: str, steps: int, plan_file: str = "") -> None:
+    """Peak resident memory of ``mode``: "finetune" or "search" (from a fresh process); "retrain"
+    (search as a run does it, prune, drop the search's optimizer and masks, then the peak of the
+    retraining steps alone, the plan written to ``plan_file``); "finetune-compressed" (a fresh
+    process fine-tuning the model pruned by ``plan_file``)."""
+    import gc
+
+    if mode in ("finetune", "search"):
+        stepper = Stepper(name, quick, batch, mode)
+        for _ in range(steps):
+            stepper.step()
+        print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+        return
+    if mode == "retrain":
+        stepper = Stepper(name, quick, batch, "search")
+        stepper.search = upop.UPopSearch(stepper.search.masks, ratio=0.5, total_steps=2, interval=1)
+        for _ in range(2):
+            stepper.step()
+        plan = upop.prune(stepper.model, stepper.search.masks)
+        Path(plan_file).write_text(plan.to_json())
+        stepper.search = None
+        stepper.opt = None
+        release_host_memory()  # what Run does between the search and retraining
+        stepper.opt = torch.optim.AdamW(stepper.model.parameters(), lr=1e-5)
+    else:
+        stepper = Stepper(name, quick, batch, "finetune")
+        upop.apply_plan(stepper.model, upop.PruningPlan.from_dict(json.loads(Path(plan_file).read_text())))
+        stepper.opt = torch.optim.AdamW(stepper.model.parameters(), lr=1e-5)
+        gc.collect()
+    _reset_peak_rss()
     for _ in range(steps):
         stepper.step()
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
@@ -117,14 +156,20 @@ def measure(name: str, quick: bool, batch: int, steps: int) -> dict:
                 times[mode].append(dt)
     del steppers
     memory = {}
-    for mode in ("finetune", "search"):
-        out = subprocess.run([sys.executable, __file__, "--child", name, mode, str(batch), str(min(steps, 2))]
-                             + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
+    import tempfile
+
+    plan_file = Path(tempfile.mkdtemp()) / "plan.json"
+    for mode in ("finetune", "search", "retrain", "finetune-compressed"):  # retrain writes the plan first
+        out = subprocess.run([sys.executable, __file__, "--child", name, mode, str(batch), str(min(steps, 2)),
+                              "--plan", str(plan_file)] + (["--quick"] if quick else []),
+                             capture_output=True, text=True, check=True)
         memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     t_ft, t_s = statistics.median(times["finetune"]), statistics.median(times["search"])
     return {"model": name, "batch": batch, "steps": steps, "finetune_step_s": t_ft, "search_step_s": t_s,
             "time_ratio": t_s / t_ft, "finetune_peak_mb": memory["finetune"], "search_peak_mb": memory["search"],
-            "memory_ratio": memory["search"] / memory["finetune"]}
+            "memory_ratio": memory["search"] / memory["finetune"],
+            "retrain_peak_mb": memory["retrain"], "finetune_compressed_peak_mb": memory["finetune-compressed"],
+            "retrain_memory_ratio": memory["retrain"] / memory["finetune-compressed"]}
 
 
 def main() -> None:
@@ -134,17 +179,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--models", nargs="+", default=["clip-vit-b16", "blip-base-retrieval"])
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "MODE", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--plan", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         name, mode, batch, steps = args.child
-        return memory_child(name, args.quick, int(batch), mode, int(steps))
+        return memory_child(name, args.quick, int(batch), mode, int(steps), args.plan)
     rows = [measure(name, args.quick, args.batch, args.steps) for name in args.models]
-    md = ["| model | batch | fine-tune step (s) | search step (s) | time ratio | fine-tune peak (MiB) | search peak (MiB) | memory ratio |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    md = ["| model | batch | fine-tune step (s) | search step (s) | time ratio | fine-tune peak (MiB) | search peak (MiB) "
+          "| memory ratio | retrain peak (MiB) | fine-tune of the compressed model (MiB) | retrain memory ratio |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         md.append(f"| {r['model']}{' (quick)' if args.quick else ''} | {r['batch']} | {r['finetune_step_s']:.3f} | "
                   f"{r['search_step_s']:.3f} | {r['time_ratio']:.3f}x | {r['finetune_peak_mb']:.0f} | "
-                  f"{r['search_peak_mb']:.0f} | {r['memory_ratio']:.3f}x |")
+                  f"{r['search_peak_mb']:.0f} | {r['memory_ratio']:.3f}x | {r['retrain_peak_mb']:.0f} | "
+                  f"{r['finetune_compressed_peak_mb']:.0f} | {r['retrain_memory_ratio']:.3f}x |")
     text = "\n".join(md)
     print(text)
     write_results("overhead" + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},

@@ -135,10 +135,14 @@ class _MaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale):
-        out = torch.nn.functional.linear(x, weight, bias)
+        s = scale.to(weight.dtype)
+        if x.numel() // x.shape[-1] > weight.shape[1]:
+            # more rows than input features: scaling the weight is the smaller product
+            out = torch.nn.functional.linear(x, weight * s.unsqueeze(1), None if bias is None else bias * s)
+        else:
+            out = torch.nn.functional.linear(x, weight, bias) * s.to(x.dtype)
         ctx.save_for_backward(x, weight, bias, scale)
-        ctx.out_dtype = out.dtype
-        return out * scale.to(out.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, g):
@@ -147,20 +151,24 @@ class _MaskedLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1]).to(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         s = scale.to(dtype)
+        w = weight.to(dtype)
         grad_x = grad_w = grad_b = grad_s = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((g2 * s) @ weight.to(dtype)).reshape(x.shape).to(x.dtype)
+            # (g * s) W == g (s W): scale whichever of the two is smaller
+            scaled = g2 @ (w * s.unsqueeze(1)) if g2.shape[0] > w.shape[1] else (g2 * s) @ w
+            grad_x = scaled.reshape(x.shape).to(x.dtype)
+        g_sum = g2.sum(0) if bias is not None else None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             big_g = g2.t() @ x2  # dL/d(x W^T) summed over tokens, before the mask
             if ctx.needs_input_grad[1]:
                 grad_w = (big_g * s.unsqueeze(1)).to(weight.dtype)
             if ctx.needs_input_grad[3]:
-                grad_s = (big_g * weight.to(dtype)).sum(1)
+                grad_s = (big_g * w).sum(1)
                 if bias is not None:
-                    grad_s = grad_s + g2.sum(0) * bias.to(dtype)
+                    grad_s = grad_s + g_sum * bias.to(dtype)
                 grad_s = grad_s.to(scale.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = (g2.sum(0) * s).to(bias.dtype)
+            grad_b = (g_sum * s).to(bias.dtype)
         return grad_x, grad_w, grad_b, grad_s
 
 

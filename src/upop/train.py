@@ -154,6 +154,21 @@ class PhaseResult:
     history: list[dict]
 
 
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so the
+    retraining's peak memory does not sit on top of what the search's optimizer left in the heap.
+    (Accelerate's ``free_memory`` empties the CUDA cache; this is the CPU side.)"""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for process ``rank``: each process gets its
     own stream (``seed + rank``), so dropout differs across the shards of a batch and the same
@@ -555,6 +570,7 @@ class Run:
         self._check_same_weights(model, "search", self.search_steps)
         plan = prune(model, masks, base_model=self.base_model, search=settings)
         self._check_same_plan(plan)
+        release_host_memory()  # the search's optimizer and the sliced-away weights
         self.model = model
         self.log(f"pruned: removed {plan.achieved_ratio['params']:.1%} of prunable params, "
                  f"{plan.achieved_ratio['flops']:.1%} of prunable FLOPs")
