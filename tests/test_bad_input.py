@@ -381,7 +381,7 @@ FOLDERS = {
     "data shapes with --data": (lambda w, t: ["data", "shapes", "--task", "retrieval", "--out", str(t / "d"), "--data",
                                               str(w / "data")], "reads no --data"),
     "data check finds a bad image": (
-        lambda w, t: ["data", "check", "--task", "retrieval", "--data", _data(w, t, _bad_image)], "1 problems"),
+        lambda w, t: ["data", "check", "--task", "retrieval", "--data", _data(w, t, _bad_image)], "1 problem in"),
     "data check without --data": (lambda w, t: ["data", "check", "--task", "retrieval"], "needs --data"),
     "newline in the data path": (lambda w, t: _compress(w, t, data=t / "my\ndata"), "my\\ndata"),
     "escape character in the data path": (lambda w, t: _compress(w, t, data=t / "my\x1b[31mdata"), "\\x1b"),
