@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from ..errors import DataError
+from ..errors import DataError, show
 
 T = TypeVar("T")
 
@@ -30,3 +30,14 @@ def report(problems: list[str] | None, message: str) -> None:
     if problems is None:
         raise DataError(message)
     problems.append(message)
+
+
+def require_fields(path, where: str, entry, keys: tuple[str, ...]) -> None:
+    """Refuse an annotation entry that is not an object or lacks one of ``keys`` (one line naming
+    the file, the entry and the fields needed)."""
+    if not isinstance(entry, dict):
+        raise DataError(f"annotation file {show(path)}: {where} is {type(entry).__name__} (need an object)")
+    for key in keys:
+        if key not in entry:
+            needed = ", ".join(repr(k) for k in keys[:-1]) + f" and {keys[-1]!r}"
+            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need {needed})")

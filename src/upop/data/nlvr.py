@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
-from ._problems import collect
+from ._problems import collect, require_fields
 from .images import load_rgb_image
 from .retrieval import ANNOTATION_DIRS, _parts, _read_json, check_images_exist
 
@@ -57,12 +57,7 @@ def _sentence(path: Path, where: str, value) -> str:
 
 def _blip_item(path: Path, i: int, entry, root: Path) -> NLVRItem:
     where = f"entry {i}"
-    if not isinstance(entry, dict):
-        raise DataError(f"annotation file {show(path)}: {where} is {type(entry).__name__} (need an object)")
-    for key in ("images", "sentence", "label"):
-        if key not in entry:
-            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'images', 'sentence' "
-                            "and 'label')")
+    require_fields(path, where, entry, ("images", "sentence", "label"))
     imgs = entry["images"]
     if not isinstance(imgs, list) or len(imgs) != 2 or not all(isinstance(p, str) and p for p in imgs):
         raise DataError(f"annotation file {show(path)}: {where} has images {show(imgs, 120)} (need a list of two "

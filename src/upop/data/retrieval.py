@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
-from ._problems import collect, report
+from ._problems import collect, report, require_fields
 from .images import load_rgb_image
 
 ANNOTATION_DIRS = ("", "annotation", "annotations")
@@ -120,12 +120,7 @@ def _parse_split_file(path: Path, data: Any, problems: list[str] | None = None) 
 def _karpathy_entry(path: Path, i: int, img: Any, wanted: set[str]) -> tuple[str, list[str], str] | None:
     """One image of a Karpathy file as ``(image, captions, where)``; None if it is in another split."""
     where = f"images[{i}]"
-    if not isinstance(img, dict):
-        raise DataError(f"annotation file {show(path)}: {where} is {type(img).__name__} (need an object)")
-    for key in ("filename", "split", "sentences"):
-        if key not in img:
-            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'filename', 'split' "
-                            "and 'sentences')")
+    require_fields(path, where, img, ("filename", "split", "sentences"))
     if img["split"] not in wanted:
         return None
     sentences = img["sentences"]

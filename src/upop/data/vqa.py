@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
-from ._problems import collect
+from ._problems import collect, require_fields
 from .images import load_rgb_image
 from .retrieval import ANNOTATION_DIRS, _parts, _read_json, check_images_exist
 
@@ -61,12 +61,7 @@ def _text(path: Path, where: str, key: str, value) -> str:
 
 def _blip_entry(path: Path, i: int, entry, root: Path) -> VQAItem:
     where = f"entry {i}"
-    if not isinstance(entry, dict):
-        raise DataError(f"annotation file {show(path)}: {where} is {type(entry).__name__} (need an object)")
-    for key in ("image", "question", "answer"):
-        if key not in entry:
-            raise DataError(f"annotation file {show(path)}: {where} has no {key!r} field (need 'image', 'question' "
-                            "and 'answer')")
+    require_fields(path, where, entry, ("image", "question", "answer"))
     answers = entry["answer"] if isinstance(entry["answer"], list) else [entry["answer"]]
     if not answers:
         raise DataError(f"annotation file {show(path)}: {where} has no answers (need 'answer': a string or a "
@@ -102,12 +97,7 @@ def _official_answers(apath: Path, i: int, ann) -> tuple[str, list[str]]:
 def _official_question(qpath: Path, apath: Path, i: int, q, answers: dict[str, list[str]], root: Path,
                        pattern: str) -> VQAItem:
     where = f"questions[{i}]"
-    if not isinstance(q, dict):
-        raise DataError(f"annotation file {show(qpath)}: {where} is {type(q).__name__} (need an object)")
-    for key in ("image_id", "question", "question_id"):
-        if key not in q:
-            raise DataError(f"annotation file {show(qpath)}: {where} has no {key!r} field (need 'image_id', "
-                            "'question' and 'question_id')")
+    require_fields(qpath, where, q, ("image_id", "question", "question_id"))
     qid = str(q["question_id"])
     if qid not in answers:
         raise DataError(f"annotation file {show(qpath)}: {where} (question_id {show(qid, 40)}) has no answers in "
