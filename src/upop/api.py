@@ -21,7 +21,7 @@ from .report import build_report, write_report
 from .resume import check_same_run, fingerprint
 from .rundir import RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
-from .train import PhaseClock, Run, device_record, eval_autocast
+from .train import PhaseClock, Run, append_log, device_record, eval_autocast
 
 @dataclass
 class CompressResult:
@@ -129,20 +129,14 @@ def _check_shared_folder(out: Path, dist) -> None:
         raise error
 
 
-def _append_log(out: Path, record: dict, dist) -> None:
-    if dist.is_main_process:
-        with open(out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 @contextlib.contextmanager
 def _phase(name: str, model: nn.Module, out: Path, config: UPopConfig, dist):
     """Log where phase ``name`` runs and how long it took (for make gpu-check and the report)."""
-    _append_log(out, device_record(name, model, config.eval_precision), dist)
+    append_log(out, device_record(name, model, config.eval_precision), dist.is_main_process)
     clock = PhaseClock(name, dist.device)
     with eval_autocast(dist.device, config.eval_precision):
         yield clock
-    _append_log(out, clock.record(), dist)
+    append_log(out, clock.record(), dist.is_main_process)
 
 
 def _dense_baseline(model, task, processor, test, config, out: Path, dist) -> dict:

@@ -187,6 +187,13 @@ def eval_autocast(device: torch.device | str, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
+def append_log(out: Path, record: dict, is_main: bool) -> None:
+    """Append ``record`` to ``out/log.jsonl`` (the main process writes, the others do nothing)."""
+    if is_main:
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
 def device_record(phase: str, model: nn.Module, precision: str) -> dict:
     """The log record that says where and in which dtype ``phase`` runs (read by make gpu-check)."""
     p = next(model.parameters())
@@ -299,9 +306,7 @@ class Run:
             yield {k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _log(self, record: dict) -> None:
-        if self.acc.is_main_process:
-            with open(self.out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        append_log(self.out, record, self.acc.is_main_process)
 
     def _save_state(self, state: dict) -> None:
         """Write ``state/run.pt`` atomically (main process), with every process's RNG state."""
