@@ -19,7 +19,7 @@ from .cost import count_flops, count_params, measure_latency
 from .errors import CheckpointError, ConfigError, UPopError, show
 from .report import build_report, write_report
 from .resume import check_same_run, fingerprint
-from .rundir import RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
+from .rundir import OWN_FILES, RUN_FILES, RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
 from .train import PhaseClock, Run, append_log, device_record, eval_autocast
 
@@ -169,11 +169,6 @@ def _dense_baseline(model, task, processor, test, config, out: Path, dist) -> di
     return dense
 
 
-#: what a run writes in its folder (besides the lock and the set-aside previous run)
-RUN_OUTPUTS = ("report.json", "report.md", "allocation.png", "log.jsonl", "run.json", "state", "compressed",
-               "dense.json")
-
-
 def _start_run(rundir: RunDir, *, resume: bool, overwrite: bool, restart_if_missing: bool, info: dict,
                min_free: int) -> bool:
     """Main process: take the folder for this run (lock, overwrite rules, resume checks, temp
@@ -299,7 +294,7 @@ def compress(
 def _abandon(rundir: RunDir) -> None:
     """Remove what a rejected fresh run wrote (only names a run writes) and bring back the
     previous run that ``--overwrite`` set aside."""
-    for name in sorted(RUN_OUTPUTS):
+    for name in sorted(RUN_FILES - OWN_FILES):
         path = rundir.path / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

@@ -303,8 +303,8 @@ def _run(args) -> int:
         _error(f"upop: error: {exc or type(exc).__name__}", exc)
         return EXIT_USER_ERROR
     except RunStopped as exc:
-        _error(f"upop: {exc}")
-        _error("upop: continue with the same command and --resume")
+        _error(f"upop: {exc}", exc)
+        _error("upop: continue with the same command and --resume", exc)
         return exc.exit_code
     except KeyboardInterrupt:
         _error("upop: interrupted; continue with the same command and --resume")

@@ -11,7 +11,6 @@ never code) and checks it is a state this run could have written.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -135,7 +134,3 @@ def read_state(file: Path, fingerprint: dict, totals: dict[str, int]) -> dict | 
         check_same_run(state["fingerprint"], fingerprint, file.parent.parent)
     return state
 
-
-def json_safe(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), for comparing with run.json."""
-    return json.loads(json.dumps(value))

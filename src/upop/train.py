@@ -386,8 +386,10 @@ class Run:
         if self.stop_after is not None and self._steps_done >= self.stop_after:
             raise KeyboardInterrupt(f"stopped after {self._steps_done} steps (stop_after)")
 
-    def _where(self, phase: str, step: int) -> str:
-        return f"{phase} step {step}" + (f" on process {self.acc.process_index} of {self.acc.num_processes}"
+    def _where(self, phase: str, step: int, rank: int | None = None) -> str:
+        """``"search step 3"``, naming the process (this one by default) when there are several."""
+        rank = self.acc.process_index if rank is None else rank
+        return f"{phase} step {step}" + (f" on process {rank} of {self.acc.num_processes}"
                                          if self.acc.num_processes > 1 else "")
 
     def _failure(self, exc: BaseException, phase: str, step: int) -> BaseException:
@@ -429,17 +431,19 @@ class Run:
             stats = self.acc.reduce(stats, reduction="sum")
         loss_sum, nonfinite, stop = stats.tolist()
         if nonfinite:
-            self._stop_nonfinite(task_loss, phase, step)
+            self._stop_nonfinite(loss, task_loss, phase, step)
         return loss, loss_sum / self.acc.num_processes, bool(stop)
 
-    def _stop_nonfinite(self, task_loss: torch.Tensor, phase: str, step: int) -> None:
+    def _stop_nonfinite(self, loss: torch.Tensor, task_loss: torch.Tensor, phase: str, step: int) -> None:
+        """Every process raises the same one-line error naming the first process whose loss (the
+        task loss, or the total with the sparsity term) is not finite."""
         from accelerate.utils import gather_object
 
-        mine = None if torch.isfinite(task_loss.detach()).all() else float(task_loss.detach())
+        bad = [float(t.detach()) for t in (task_loss, loss) if not torch.isfinite(t.detach()).all()]
+        mine = bad[0] if bad else None
         values = gather_object([mine]) if self.acc.num_processes > 1 else [mine]
         rank, value = next((r, v) for r, v in enumerate(values) if v is not None)
-        where = f"{phase} step {step}" + (f" on process {rank} of {self.acc.num_processes}"
-                                          if self.acc.num_processes > 1 else "")
+        where = self._where(phase, step, rank)
         hint = "lower --lr" + (" or use --precision fp32" if self.config.precision != "fp32" else "")
         error = TrainingError(f"non-finite loss ({value}) at {where}; the last good checkpoint is in {self.state_dir}; "
                               f"{hint}")
@@ -453,8 +457,10 @@ class Run:
         save()
         signum = self.signals.requested or signal.SIGTERM
         name = signal.Signals(signum).name if self.signals.requested else "a stop request on another process"
-        raise RunStopped(f"stopped by {name} after {phase} step {done}/{total}; the run is saved in {self.out}",
-                         128 + int(signum))
+        stopped = RunStopped(f"stopped by {name} after {phase} step {done}/{total}; the run is saved in {self.out}",
+                             128 + int(signum))
+        stopped.shared = True  # every process stops at this step: the main process says so
+        raise stopped
 
     def _bar(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
