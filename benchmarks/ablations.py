@@ -1,7 +1,8 @@
 """Quality with the paper's ablations, on Shapes retrieval (CLIP) and Shapes classification (ViT),
 at p = 0.5 and 0.75, over seeds, with the same total training steps for every method:
 
-- upop        unified + progressive (the default);
+- upop        unified + progressive, upop's defaults (kept widths rounded, ``round_to="auto"``);
+- upop, free widths   the same with ``round_to=1`` (the paper): what rounding costs in quality;
 - one-shot    same search, masks cut to 0 at once at the end of the search;
 - uniform     the same ratio in every layer (ranked within it): the non-unified ablation;
 - magnitude   per-layer L2 norm of each unit's weights, pruned at once, then retrained for the
@@ -41,7 +42,8 @@ from upop.tasks import TASKS, get_task  # noqa: E402
 from upop.train import batch_indices, finetune, steps_per_epoch  # noqa: E402
 
 METHODS = {
-    "upop": dict(method="upop", allocation="unified"),
+    "upop": dict(method="upop", allocation="unified"),  # upop's defaults: widths rounded (round_to "auto")
+    "upop, free widths": dict(method="upop", allocation="unified", round_to=1),  # the paper's widths
     "one-shot": dict(method="one-shot", allocation="unified"),
     "uniform": dict(method="upop", allocation="uniform"),
 }
@@ -304,12 +306,13 @@ def torch_pruning_prune(dense: nn.Module, ratio: float, example_inputs: dict,
 
 def setup(task_name: str, quick: bool, work: Path):
     """Dense model, processor and splits for a task (trained here when no shipped model exists)."""
-    task = get_task(task_name)
+    # no training augmentation: Shapes classes are colours, which RandAugment's colour ops change
+    task = get_task(task_name).configure(upop.UPopConfig(augment="none"))
     if task_name == "retrieval":
         from upop.data.shapes import write_retrieval
         from upop.demo import DEMO_DATA, demo_model_path
 
-        data = dict(DEMO_DATA) if not quick else dict(train=96, val=16, test=32, image_size=32, seed=0)
+        data = dict(DEMO_DATA) if not quick else dict(train=48, val=16, test=32, image_size=32, seed=0)  # 2 captions each
         write_retrieval(work / "retrieval", **data)
         if quick:
             upop.models.make_model_folder("clip", work / "clip", size="tiny", image_size=32)
@@ -349,7 +352,8 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
         for seed in seeds:
             for method, settings in METHODS.items():
                 cfg = upop.UPopConfig(ratio=ratio, search_epochs=epochs[0], retrain_epochs=epochs[1], batch_size=batch,
-                                      lr=lr[0], retrain_lr=lr[1], seed=seed, latency_time=0.05, **settings)
+                                      lr=lr[0], retrain_lr=lr[1], seed=seed, latency_time=0.05, augment="none",
+                                      **settings)
                 with tempfile.TemporaryDirectory() as out:
                     result = compress(copy.deepcopy(dense), task, train=splits["train"], val=splits["val"],
                                       test=splits["test"], processor=processor, config=cfg, out_dir=Path(out) / "run",

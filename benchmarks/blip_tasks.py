@@ -103,8 +103,13 @@ def run_task(task_name: str, setting: dict, work: Path, log, init: dict | None =
     vocab = len(processor.tokenizer)
     model = make_model(family, size=setting["size"], vocab_size=vocab, image_size=setting["image_size"], seed=0)
     if init is not None:
-        model.load_state_dict({k: v for k, v in init.items() if k.startswith(("vision_model.", "text_encoder."))},
-                              strict=False)
+        from upop.blip_nlvr import twin_cross_attention
+
+        state = {k: v for k, v in init.items() if k.startswith(("vision_model.", "text_encoder."))}
+        # BLIP's NLVR model starts both cross-attentions of a layer from the one of the VQA model
+        missing, _ = model.load_state_dict(twin_cross_attention(state) if family == "blip-nlvr" else state,
+                                           strict=False)
+        assert not [k for k in missing if k.startswith("text_encoder.encoder") and "merge_layer" not in k], missing[:3]
     lr = setting["lr"][task_name]
     start = time.perf_counter()
     model, val_metrics = finetune(model, task, splits["train"], splits["val"], processor,

@@ -10,6 +10,13 @@ model, optimizer state and activations included — what a user's run needs.
 Retraining: the peak of the retraining steps in the process that ran the search (its optimizer
 and masks dropped, as a run does; the high-water mark is reset first) vs a fresh process
 fine-tuning the same compressed model.
+Allocator: the memory children run with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc serves every
+tensor of 64 KiB and more with its own mapping and returns it on free. With glibc's default
+(a threshold that grows with the allocation history) freed tensors stay in the heap, and the peak
+resident memory depends on the order of allocations, not only on what is alive: the same two
+modes measured 1.026x and 1.087x in two runs that way, and 1.002x with the fixed threshold
+(CLIP-B/16, batch 8). The fixed threshold also lowers the peak itself (3.95 -> 3.59 GB for the
+fine-tune step): worth setting for CPU runs.
 Goal: search <= 1.05x the time and the memory of fine-tuning; retraining <= 1.05x the memory of a
 plain fine-tune of the compressed model.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +40,10 @@ from _common import blip_base_config, clip_b16_config, peak_rss_mb, write_result
 
 import upop  # noqa: E402
 from upop.train import release_host_memory  # noqa: E402
+
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"""Environment of the memory children: peak RSS that follows the live tensors (see the module doc)."""
 
 
 def _shrink(cfg) -> None:
@@ -162,7 +174,7 @@ def measure(name: str, quick: bool, batch: int, steps: int) -> dict:
     for mode in ("finetune", "search", "retrain", "finetune-compressed"):  # retrain writes the plan first
         out = subprocess.run([sys.executable, __file__, "--child", name, mode, str(batch), str(min(steps, 2)),
                               "--plan", str(plan_file)] + (["--quick"] if quick else []),
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env={**os.environ, **CHILD_ENV})
         memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     t_ft, t_s = statistics.median(times["finetune"]), statistics.median(times["search"])
     return {"model": name, "batch": batch, "steps": steps, "finetune_step_s": t_ft, "search_step_s": t_s,

@@ -7,9 +7,13 @@ the FLOPs reduction (the physical limit of this kind of pruning).
 
 Widths: a UPop selection (global ranking, per-type standardised) over random accumulated scores
 gives the uneven per-layer widths a search produces; speed depends only on the widths. Each
-ratio is measured with free widths and with ``round_to`` (kept units a multiple of N).
+ratio is measured with upop's defaults (``round_to="auto"``, budget in params), with free widths
+(``round_to=1``, the paper) and with ``cost="latency"`` (the budget in time per unit measured on
+this machine at the row's batch, :mod:`upop.latency_table`).
 Latency: ``torch.utils.benchmark`` median; the variants are measured in interleaved rounds and
 the best median of each is kept, so a burst of load on a shared machine cannot favour one.
+"speedup / params" is the speedup per factor of parameters removed: which budget buys more time
+for the parameters it removes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import clip_b16_config, write_results  # noqa: E402
 
 import upop  # noqa: E402
-from upop.search import UPopSearch  # noqa: E402
+from upop.latency_table import measure_table  # noqa: E402
+from upop.search import UPopSearch, resolve_round_to  # noqa: E402
 
 
 def models(quick: bool):
@@ -47,14 +52,17 @@ def models(quick: bool):
     yield "CLIP ViT-B/16 (224 px)", transformers.CLIPModel(clip_b16_config(224)).eval()
 
 
-def compress_widths(model, ratio: float, round_to: int, seed: int = 0):
-    """A copy of ``model`` pruned to a UPop selection over random scores."""
+def compress_widths(model, ratio: float, round_to: int | str, seed: int = 0, unit_costs=None):
+    """A copy of ``model`` pruned to a UPop selection over random scores (``unit_costs``: the
+    latency table's ms per unit, for ``cost="latency"``)."""
     pruned = copy.deepcopy(model)
     masks = upop.attach_masks(pruned)
+    round_to, _ = resolve_round_to(round_to, masks.groups)
     g = torch.Generator().manual_seed(seed)
     for name in masks.keys():
         masks.grad_sum[name] = torch.randn(masks[name].numel(), generator=g, dtype=torch.float64)
-    search = UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to, method="one-shot")
+    search = UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to, method="one-shot",
+                        cost="latency" if unit_costs else "params", unit_costs=unit_costs)
     search.update(0)
     upop.prune(pruned, masks)
     return pruned.eval()
@@ -76,10 +84,24 @@ PARTS = {
 }
 
 
+def variants_for(dense, batch: int, seconds: float):
+    """(name, ratio, round_to, model) of every variant measured at ``batch``."""
+    out = [("dense", 0.0, 1, dense)]
+    groups = upop.find_groups(dense, text_tokens=min(32, dense.config.text_config.max_position_embeddings))
+    auto, _ = resolve_round_to("auto", groups)
+    table = measure_table(dense, groups, batch, "cpu", round_to=auto, seconds=min(seconds, 0.05))
+    for ratio in (0.5, 0.75):
+        x = f"{1 / (1 - ratio):.0f}x"
+        out.append((f"{x} (defaults: round {auto})", ratio, auto, compress_widths(dense, ratio, "auto")))
+        out.append((f"{x} free widths", ratio, 1, compress_widths(dense, ratio, 1)))
+        out.append((f"{x} cost latency", ratio, auto, compress_widths(dense, ratio, "auto",
+                                                                     unit_costs=table["per_unit_ms"])))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--round-to", type=int, default=8, help="the rounded variant's multiple (default 8)")
     parser.add_argument("--seconds", type=float, default=None, help="min run time per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (best kept)")
     args = parser.parse_args()
@@ -87,15 +109,11 @@ def main() -> None:
     batches = (1, 32)
     rows = []
     for label, dense in models(args.quick):
-        variants = [("dense", 0.0, 1, dense)]
-        for ratio in (0.5, 0.75):
-            variants.append((f"{1 / (1 - ratio):.0f}x", ratio, 1, compress_widths(dense, ratio, 1)))
-            variants.append((f"{1 / (1 - ratio):.0f}x round {args.round_to}", ratio, args.round_to,
-                             compress_widths(dense, ratio, args.round_to)))
-        for part, fn in PARTS.items():
-            for batch in batches:
-                x = inputs_for(dense, batch)
-                base_ms = base_flops = None
+        for batch in batches:
+            variants = variants_for(dense, batch, seconds)
+            x = inputs_for(dense, batch)
+            for part, fn in PARTS.items():
+                base = {}
                 # rounds interleave the variants; the best median of each is kept (noise only slows)
                 best = {name: upop.measure_latency(model, x, forward=fn, min_run_time=seconds)
                         for name, _, _, model in variants}
@@ -103,22 +121,24 @@ def main() -> None:
                     for name, _, _, model in variants:
                         best[name] = min(best[name], upop.measure_latency(model, x, forward=fn, min_run_time=seconds))
                 for name, ratio, round_to, model in variants:
-                    flops = upop.count_flops(model, x, forward=fn)
-                    ms = best[name]
+                    flops, params, ms = upop.count_flops(model, x, forward=fn), upop.count_params(model), best[name]
                     if name == "dense":
-                        base_ms, base_flops = ms, flops
+                        base = {"ms": ms, "flops": flops, "params": params}
+                    speedup = base["ms"] / ms
                     rows.append({"model": label, "part": part, "batch": batch, "variant": name, "ratio": ratio,
-                                 "round_to": round_to, "params": upop.count_params(model), "flops": flops,
+                                 "round_to": round_to, "params": params, "flops": flops,
                                  "latency_ms": ms, "throughput_per_s": 1000.0 * batch / ms,
-                                 "speedup": base_ms / ms, "flops_ratio": base_flops / flops,
-                                 "speedup_over_flops_ratio": (base_ms / ms) / (base_flops / flops)})
-                    print(f"{label:45s} {part:9s} b{batch:<3d} {name:14s} {ms:9.2f} ms  speedup {base_ms / ms:5.2f}x "
-                          f"(FLOPs {base_flops / flops:5.2f}x)", flush=True)
-    md = ["| model | part | batch | variant | latency (ms) | throughput (/s) | speedup | FLOPs reduction | speedup / FLOPs |",
-          "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+                                 "speedup": speedup, "flops_ratio": base["flops"] / flops,
+                                 "speedup_over_flops_ratio": speedup / (base["flops"] / flops),
+                                 "speedup_over_params_ratio": speedup / (base["params"] / params)})
+                    print(f"{label:45s} {part:9s} b{batch:<3d} {name:28s} {ms:9.2f} ms  speedup {speedup:5.2f}x "
+                          f"(FLOPs {base['flops'] / flops:5.2f}x, params {base['params'] / params:5.2f}x)", flush=True)
+    md = ["| model | part | batch | variant | latency (ms) | throughput (/s) | speedup | FLOPs reduction | speedup / FLOPs "
+          "| speedup / params |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['part']} | {r['batch']} | {r['variant']} | {r['latency_ms']:.2f} | "
-                  f"{r['throughput_per_s']:.1f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.2f} |")
+                  f"{r['throughput_per_s']:.1f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | "
+                  f"{r['speedup_over_flops_ratio']:.2f} | {r['speedup_over_params_ratio']:.2f} |")
     write_results("speed" + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},
                   "## Speed of compressed CLIP (CPU)\n\n" + "\n".join(md))
 

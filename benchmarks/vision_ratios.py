@@ -49,7 +49,8 @@ BAR = {"classification": ("top1", 30.0), "segmentation": ("miou", 30.0)}
 
 def run_task(task_name: str, setting: dict, work: Path, log) -> dict:
     family, writer, num_labels = TASKS[task_name]
-    task = get_task(task_name)
+    # no training augmentation: Shapes classes are colours, which RandAugment's colour ops change
+    task = get_task(task_name).configure(upop.UPopConfig(augment="none"))
     train_n, val_n, test_n = setting["data"]
     image_size = setting["image_size"][task_name]
     writer(work / f"data-{task_name}", train=train_n, val=val_n, test=test_n, image_size=image_size, seed=0)
@@ -68,7 +69,7 @@ def run_task(task_name: str, setting: dict, work: Path, log) -> dict:
     for ratio in RATIOS:
         config = upop.UPopConfig(ratio=ratio, search_epochs=setting["search"], retrain_epochs=setting["retrain"],
                                  batch_size=setting["batch"], lr=setting["lr"] / 4, retrain_lr=setting["lr"] / 2,
-                                 eval_batch_size=64)
+                                 eval_batch_size=64, augment="none")
         start = time.perf_counter()
         result = upop.compress(copy.deepcopy(model), task, train=splits["train"], val=splits["val"],
                                test=splits["test"], processor=processor, config=config,

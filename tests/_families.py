@@ -84,7 +84,8 @@ FAMILIES = {
     "blip-nlvr": (
         lambda: M.make_model("blip-nlvr"),
         lambda m: [m(input_ids=_ids(), pixel_values=torch.stack([_pixels(), _pixels(seed=5)], dim=1)).logits],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 2, ("mlp", "text"): 2},
+        # two cross-attentions per layer (one per image), each its own group
+        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 4, ("mlp", "text"): 2},
     ),
     "vit": (lambda: M.make_model("vit"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
     "vit-model": (
@@ -103,6 +104,23 @@ FAMILIES = {
         lambda: M.make_model("segmenter"),
         lambda m: [m(pixel_values=_pixels()).logits],
         {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "decoder"): 2, ("mlp", "decoder"): 2},
+    ),
+    "siglip": (lambda: M.make_model("siglip"), _clip, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
+    "siglip-vision": (
+        lambda: _sub("siglip", "SiglipVisionModel", "vision_config"),
+        lambda m: [m(pixel_values=_pixels()).pooler_output],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
+    ),
+    "siglip-text": (
+        lambda: _sub("siglip", "SiglipTextModel", "text_config"),
+        lambda m: [m(input_ids=_ids()).pooler_output],
+        {("attention", "text"): 2, ("mlp", "text"): 2},
+    ),
+    "dinov2": (lambda: M.make_model("dinov2"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
+    "dinov2-model": (
+        lambda: _sub("dinov2", "Dinov2Model", None),
+        lambda m: [m(pixel_values=_pixels()).last_hidden_state],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
     ),
 }
 
@@ -129,10 +147,21 @@ def prunable_params(model, groups) -> int:
 
 def clip_world(root, train: int = 64, val: int = 16, test: int = 16):
     """A tiny Shapes retrieval data set (``root/data``) and a tiny random CLIP (``root/model``),
-    written through the CLI as a user would."""
+    written through the CLI as a user would. ``train`` counts training samples (image-caption
+    pairs: ``train // 2`` images of 2 captions); ``val`` and ``test`` count images."""
     from upop.cli import main
 
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", str(train),
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", str(train // 2),
                  "--val", str(val), "--test", str(test), "--image-size", "32"]) == 0
     assert main(["make-model", "clip", "--out", str(root / "model"), "--size", "tiny", "--image-size", "32"]) == 0
     return root
+
+
+def largest_chunk_share(model_dir, report) -> float:
+    """How far a run may overshoot its budget: one chunk of ``round_to`` units (the report says which
+    multiple the run used; ``"auto"`` by default) of the costliest group, as a share of the
+    prunable cost."""
+    import upop
+
+    groups = upop.find_groups(upop.load_model(model_dir)[0])
+    return report["round_to"]["used"] * max(g.param_cost for g in groups) / upop.prunable_cost(groups)

@@ -14,6 +14,8 @@ import torch
 import upop.api
 from upop.cli import main
 
+from ._families import largest_chunk_share
+
 # task -> (make-model family, model class, main metric, every metric)
 CASES = {
     "retrieval": ("blip-retrieval", "BlipForImageTextRetrieval", "r_mean",
@@ -28,14 +30,15 @@ TINY = ["--ratio", "0.5", "--search-epochs", "1", "--retrain-epochs", "1", "--ba
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    """Lazily built ``{task: folder}`` with ``data/`` (24/8/8 Shapes samples, 12/4/4 images for VQA; 32x32)
-    and ``model/``."""
+    """Lazily built ``{task: folder}`` with ``data/`` (24/8/8 Shapes samples: 12/4/4 images for VQA,
+    12/8/8 for retrieval and captioning, whose training samples are 2 captions per image; 32x32) and ``model/``."""
     root, built = tmp_path_factory.mktemp("blip"), {}
 
     def get(task: str):
         if task not in built:
             folder = root / task
-            sizes = ["12", "4", "4"] if task == "vqa" else ["24", "8", "8"]  # VQA: 3 questions per image
+            sizes = {"vqa": ["12", "4", "4"], "retrieval": ["12", "8", "8"], "caption": ["12", "8", "8"]}.get(
+                task, ["24", "8", "8"])  # 24 training samples: VQA 3 questions, retrieval/caption 2 captions per image
             assert main(["data", "shapes", "--task", task, "--out", str(folder / "data"), "--train", sizes[0],
                          "--val", sizes[1], "--test", sizes[2], "--image-size", "32"]) == 0
             assert main(["make-model", CASES[task][0], "--out", str(folder / "model"), "--image-size", "32"]) == 0
@@ -72,7 +75,7 @@ def test_compress_reload_evaluate(task, worlds, runs, capsys):
     assert report["model_class"] == cls and report["task"] == task
     assert set(report["compressed"]["metrics"]) == metrics and main_metric in metrics
     assert report["compressed"]["params"] < report["dense"]["params"]
-    assert abs(report["achieved_ratio"] - 0.5) <= 0.02
+    assert 0.5 <= report["achieved_ratio"] < 0.5 + largest_chunk_share(worlds(task) / "model", report)
 
     import upop
 
@@ -111,7 +114,7 @@ def test_vqa_normalisation(raw, expected):
     ("2", ["two"] * 2 + ["three"] * 8, 0.6),  # leave-one-out: 2 subsets give 1/3, 8 give 2/3
     ("three", ["two"] * 2 + ["three"] * 8, 1.0),
     ("one", ["one"] + ["two"] * 9, 0.9 * 1 / 3),  # only the 9 subsets that keep the "one" count
-    ("Red", ["red"], 1.0),  # fewer than 4 answers: correct if it matches one
+    ("red", ["red"], 0.0),  # one annotator: no other one to match (official rule, see test_vqa_eval.py)
     ("blue", ["red", "red"], 0.0),
 ])
 def test_vqa_accuracy(pred, answers, expected):

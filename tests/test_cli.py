@@ -17,7 +17,7 @@ import torch
 
 from upop.cli import main
 
-from ._families import clip_world
+from ._families import clip_world, largest_chunk_share
 
 TINY = ["--search-epochs", "2", "--retrain-epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--eval-batch-size", "32",
         "--latency-time", "0.02",
@@ -35,19 +35,13 @@ def _compress(world, out, *extra):
                  "--out", str(out), *TINY, *extra])
 
 
-def _largest_unit_share(model_dir) -> float:
-    """The budget is met within one unit: the largest unit's share of the prunable cost."""
-    import upop
-
-    groups = upop.find_groups(upop.load_model(model_dir)[0])
-    return max(g.param_cost for g in groups) / upop.prunable_cost(groups)
-
-
 def test_compress_then_evaluate_reproduces_the_report(world, tmp_path, capsys):
     out = tmp_path / "run"
     assert _compress(world, out, "--ratio", "0.5") == 0
     report = json.loads((out / "report.json").read_text())
-    assert 0.5 <= report["achieved_ratio"] < 0.5 + _largest_unit_share(world / "model")
+    assert 0.5 <= report["achieved_ratio"] < 0.5 + largest_chunk_share(world / "model", report)
+    assert report["round_to"] == {"setting": "auto", "used": 2, "why": report["round_to"]["why"]}
+    assert all(len(g["kept"]) % 2 == 0 for g in json.loads((out / "compressed" / "upop_plan.json").read_text())["groups"].values())
     for key in ("params", "flops", "latency_ms", "metrics"):
         assert key in report["dense"] and key in report["compressed"]
     assert report["compressed"]["params"] < report["dense"]["params"]
@@ -77,7 +71,7 @@ def test_python_api_does_the_same_in_three_lines(world, tmp_path):
     model, processor = load_any(world / "model")
     result = compress(model, "retrieval", world / "data", processor=processor, out_dir=tmp_path / "api",
                       config=upop.UPopConfig(search_epochs=1, retrain_epochs=0, batch_size=8, ratio=0.3), progress=False)
-    assert 0.3 <= result.report["achieved_ratio"] < 0.3 + _largest_unit_share(world / "model")
+    assert 0.3 <= result.report["achieved_ratio"] < 0.3 + largest_chunk_share(world / "model", result.report)
     assert type(result.model).__name__ == "CLIPModel"
 
 

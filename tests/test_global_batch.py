@@ -140,8 +140,9 @@ def test_hard_negatives_are_a_pure_function_of_the_batch(index):
 
 
 def _world(root: Path, family: str) -> Path:
-    """Tiny Shapes retrieval data (32 training images) and a tiny random model, written through the CLI."""
-    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "32", "--val", "8",
+    """Tiny Shapes retrieval data (16 training images, 32 image-caption samples) and a tiny random model,
+    written through the CLI."""
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", "16", "--val", "8",
                  "--test", "8", "--image-size", "32"]) == 0
     assert main(["make-model", family, "--out", str(root / "model"), "--image-size", "32"]) == 0
     return root

@@ -42,7 +42,8 @@ def test_cpu_dry_run_checks_every_phase_on_the_cpu(tmp_path):
         assert list(r["phases"]) == list(gpu_check.PHASES)
         assert all(p["device"] == "cpu" and p["peak_memory_mb"] is None and p["seconds"] > 0
                    for p in r["phases"].values()), r["phases"]
-        assert [r["phases"][p]["steps"] for p in ("search", "retrain")] == [8, 8]  # 32 items in batches of 4
+        # batches of 4: clip trains on 32 images x 2 captions (one sample per pair), vit on 32 images
+        assert [r["phases"][p]["steps"] for p in ("search", "retrain")] == ([16, 16] if r["family"] == "clip" else [8, 8])
         assert [r["phases"][p]["precision"] for p in gpu_check.PHASES] == ["fp32", r["precision"], r["precision"],
                                                                           "fp32", "fp32"]
         assert r["phases"]["search"]["steps_per_s"] > 0

@@ -9,10 +9,11 @@ import torch
 from upop.masks import _MaskedLinear
 
 
+@pytest.mark.parametrize("rows", [15, 2])  # more rows than input features (the weight is scaled), fewer
 @pytest.mark.parametrize("bias", [True, False])
-def test_masked_linear_gradients_are_exact(bias):
+def test_masked_linear_gradients_are_exact(bias, rows):
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 4, dtype=torch.double, requires_grad=True)
+    x = torch.randn(1, rows, 4, dtype=torch.double, requires_grad=True)
     w = torch.randn(6, 4, dtype=torch.double, requires_grad=True)
     b = torch.randn(6, dtype=torch.double, requires_grad=True) if bias else None
     s = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.3, 1.0], dtype=torch.double, requires_grad=True)

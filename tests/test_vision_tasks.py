@@ -12,6 +12,8 @@ import pytest
 import upop
 from upop.cli import main
 
+from ._families import largest_chunk_share
+
 TINY = ["--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "8", "--lr", "1e-3",
         "--eval-batch-size", "16", "--no-progress"]
 
@@ -42,7 +44,7 @@ def test_compress_reload_and_evaluate(world, tmp_path, capsys):
                  "--out", str(out), "--ratio", "0.3", *TINY])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert abs(report["achieved_ratio"] - 0.3) <= 0.02
+    assert 0.3 <= report["achieved_ratio"] < 0.3 + largest_chunk_share(root / "model", report)
     assert report["compressed"]["params"] < report["dense"]["params"]
     assert report["compressed"]["flops"] < report["dense"]["flops"]
     assert set(report["compressed"]["metrics"]) == metric_names

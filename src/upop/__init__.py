@@ -17,6 +17,7 @@ or, stage by stage:
 """
 
 from .api import CompressResult, compress, evaluate
+from .latency import time_models
 from .arch import ArchSpec, find_groups, get_spec, register_spec, supported_model_types
 from .checkpoint import load_compressed, read_plan, save_compressed
 from .config import UPopConfig
@@ -69,4 +70,5 @@ __all__ = [
     "register_spec",
     "save_compressed",
     "supported_model_types",
+    "time_models",
 ]

@@ -15,9 +15,10 @@ from torch import nn
 
 from .checkpoint import load_compressed
 from .config import UPopConfig
-from .cost import count_flops, count_params, measure_latency
+from .cost import count_flops, count_params
 from .errors import CheckpointError, ConfigError, UPopError, show
-from .report import build_report, write_report
+from .latency import paired_latency
+from .report import build_report, describe_setup, retime_command, write_report
 from .resume import check_same_run, fingerprint
 from .rundir import OWN_FILES, RUN_FILES, RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
@@ -43,17 +44,6 @@ def measure(model: nn.Module, task: Task, processor, dataset) -> dict:
     return {"params": count_params(model), "flops": count_flops(model, inputs)}
 
 
-def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds: int = 3,
-                   seconds: float = 0.5) -> tuple[float, float]:
-    """Latency of both models, interleaved over ``rounds`` and the best median kept for each,
-    so machine noise hits both alike (CUDA is synchronised by the timer)."""
-    d, c = [], []
-    for _ in range(rounds):
-        d.append(measure_latency(dense, inputs, min_run_time=seconds))
-        c.append(measure_latency(compressed, inputs, min_run_time=seconds))
-    return min(d), min(c)
-
-
 @contextlib.contextmanager
 def _quiet_transformers():
     """No transformers progress bars ("Writing model shards", "Loading weights") for the run's own
@@ -72,12 +62,6 @@ def _quiet_transformers():
 DENSE_DIR = "dense-model"
 """Under ``out/state``: the dense model, saved at the start of a run for the paired latency
 measurement at its end (on disk, not a second copy in memory); removed when the run finishes."""
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def _shared(fn: Callable[[], Any], dist) -> Any:
@@ -231,7 +215,7 @@ def compress(
     """
     config = config or UPopConfig()
     config.validate()
-    task = get_task(task)
+    task = get_task(task).configure(config)
     task.check_model(model)
     if processor is None:
         raise ConfigError("processor is required (the model's image processor and tokenizer)")
@@ -319,17 +303,25 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
         dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR), trust_remote_code=False,
                                                        use_safetensors=True).to(dist.device).eval()
     with _phase("latency", compressed, out, config, dist):
-        dense["latency_ms"], comp["latency_ms"] = paired_latency(dense_model, compressed, inputs,
-                                                                 seconds=config.latency_time)
+        latency = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time,
+                                 batch=config.latency_batch_size)
+    dense["latency_ms"], comp["latency_ms"] = latency["dense_ms"], latency["compressed_ms"]
     del dense_model
     p = next(compressed.parameters())
+    try:  # the data folder as the run was given it, for the re-time command
+        data = json.loads((out / "run.json").read_text()).get("data") or "DATA"
+    except (OSError, ValueError, AttributeError):
+        data = "DATA"
+    latency["retime_command"] = retime_command(
+        model=out / "compressed", baseline=result.plan.base_model or "DENSE_MODEL", task=task.name, data=data,
+        batch=config.latency_batch_size, seconds=config.latency_time, precision=config.eval_precision,
+        tf32=config.tf32)
     report = build_report(
         task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
-        cost=config.cost, settings=config.to_dict(),
-        latency_input=f"FLOPs: one test sample; latency: batch {config.latency_batch_size} of the test split on "
-        f"{_device_name(p.device)}, {str(p.dtype).replace('torch.', '')}"
-        + (" with bf16 autocast" if config.eval_precision == "bf16" else ""),
+        cost=config.cost, settings=config.to_dict(), latency=latency,
+        latency_input=f"FLOPs: one test sample; latency: {describe_setup(latency)}",
     )
+    report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
     report["validation"] = {"best": result.best_metrics, "history": result.history}
     report["device"] = str(p.device)
     report["processes"] = dist.num_processes
@@ -348,13 +340,17 @@ def _check_data(task: str, data, images: str) -> None:
     check_data(task, data, images=images).raise_for_problems()
 
 
-def evaluate(model_or_path, task: str | Task, data, split: str = "test", processor=None, batch_size: int = 64) -> dict[str, float]:
-    """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``."""
+def evaluate(model_or_path, task: str | Task, data, split: str = "test", processor=None, batch_size: int = 64,
+             config: UPopConfig | None = None) -> dict[str, float]:
+    """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``; the task
+    settings of ``config`` (e.g. ``vqa_inference``) apply, the defaults otherwise."""
     from .models import load_any
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is not allowed; need an integer >= 1")
-    task = get_task(task)
+    config = config or UPopConfig()
+    config.validate()
+    task = get_task(task).configure(config)
     if isinstance(model_or_path, (str, os.PathLike)):
         model, loaded_processor = load_any(model_or_path)
         processor = processor or loaded_processor

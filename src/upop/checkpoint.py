@@ -2,17 +2,21 @@
 
     out/config.json          the dense model's config, unchanged
     out/upop_plan.json       versioned, sorted JSON: kept units per group, provenance, ratios
-    out/model.safetensors    the compressed weights (no pickle: loading never executes code)
+    out/model.safetensors    the compressed weights (no pickle: loading never executes code),
+                             under the model's own parameter names; or shards and their index
     out/<tokenizer / processor files>
 
-The folder is written into a temporary sibling and renamed into place, so a killed save never
-leaves a half-written checkpoint.
+:func:`save_compressed` writes the folder into a temporary sibling and renames it into place, so
+a killed save never leaves a half-written checkpoint. ``save_pretrained`` of a pruned or loaded
+compressed model (what ``Trainer.save_model`` calls) writes the same folder: the plan sets that
+model's ``save_pretrained`` to also write ``upop_plan.json`` (see :func:`upop.prune.apply_plan`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from ._safe_load import check_dtypes, check_folder, read_config, read_json, reason, scan_safetensors
+from ._safe_load import (SAFE_INDEX, _shards, check_dtypes, check_folder, quiet_transformers, read_config, read_json,
+                         reason, scan_safetensors)
 from .arch import ArchSpec, get_spec, spec_by_name
-from .errors import CheckpointError, UnsupportedModelError, show
-from .prune import PruningPlan, apply_plan
+from .errors import CheckpointError, ConfigError, UnsupportedModelError, show
+from .prune import PLAN_FILE, PruningPlan, apply_plan
 from .rundir import write_dir_atomic
 
-PLAN_FILE = "upop_plan.json"
 WEIGHTS_FILE = "model.safetensors"
 _PROCESSOR_FILES = (
     "tokenizer.json",
@@ -79,6 +83,22 @@ def read_plan(path: str | os.PathLike) -> PruningPlan:
     return PruningPlan.from_dict(read_json(file), source=str(file))
 
 
+#: model classes defined in this project (task models without a transformers class), by name;
+#: their arch specs list them in ``classes`` so ``load_compressed`` can resolve them
+PROJECT_CLASSES: dict[str, str] = {
+    "BlipForNLVR": "upop.blip_nlvr:BlipForNLVR",
+    "SegmenterForSemanticSegmentation": "upop.segmenter:SegmenterForSemanticSegmentation",
+}
+
+
+def project_class(name: str):
+    """A model class defined in this project, by name."""
+    if name not in PROJECT_CLASSES:
+        raise CheckpointError(f"model class {show(name, 80)} is not available in this version of transformers or upop")
+    module, cls = PROJECT_CLASSES[name].split(":")
+    return getattr(import_module(module), cls)
+
+
 def model_class(name: str):
     """Resolve a model class name to a class, only among classes an arch spec declares."""
     from .arch import _REGISTRY
@@ -87,15 +107,14 @@ def model_class(name: str):
     if name not in known:
         raise CheckpointError(f"model class {show(name, 80)} is not one upop knows; known: {', '.join(sorted(known))}")
     cls = getattr(transformers, name, None)
-    if cls is None:
-        from . import models  # project-defined classes (e.g. task models) register here
-
-        cls = models.project_class(name)
-    return cls
+    return cls if cls is not None else project_class(name)
 
 
-def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    spec: ArchSpec | None = None) -> nn.Module:
+def load_compressed(path: str | os.PathLike, device: str | torch.device | None = None,
+                    dtype: torch.dtype | str | None = None, spec: ArchSpec | None = None, *,
+                    torch_dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+                    device_map: str | int | torch.device | dict | None = None,
+                    trust_remote_code: bool = False) -> nn.Module:
     """Load a compressed checkpoint folder: same class as the dense model, in eval mode.
 
     Everything is checked before a model is built: the plan, that nothing in the folder asks for
@@ -105,28 +124,178 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     :func:`upop.prune`, and the weights are loaded strictly (names, shapes and dtype kinds). A
     model pruned with a spec of your own needs that spec: pass it as ``spec`` (or
     ``register_spec`` it first).
+
+    The other keywords mean what they mean for ``from_pretrained``: ``dtype`` (alias
+    ``torch_dtype``) a float ``torch.dtype``, its name, or ``"auto"`` (the ``dtype`` that
+    ``config.json`` records, else the stored weights'); default float32. ``attn_implementation``
+    e.g. ``"eager"`` or ``"sdpa"`` (refused when the class does not support it).
+    ``device_map``: a device (``"cpu"``, ``"cuda:1"``, ``0``, a ``torch.device``), ``"auto"`` /
+    ``"balanced"`` / ``"balanced_low_0"`` / ``"sequential"`` (placed over the GPUs and the CPU by
+    accelerate), or a dict of module name -> device; ``device`` is the older spelling of a single
+    device. ``trust_remote_code`` may only be False.
     """
+    if trust_remote_code:
+        raise ConfigError("trust_remote_code=True is not accepted: upop never runs code from model folders; "
+                          "load_compressed builds only transformers' and upop's own classes")
+    dtype = _check_dtype(dtype if dtype is not None else torch_dtype)
+    if device is not None and device_map is not None:
+        raise ConfigError(f"device {show(device)} and device_map {show(device_map)} both given; give one")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{show(path)}: not a directory")
     plan = read_plan(path)
-    _check_config_matches_plan(check_folder(path), plan, path)
+    config_json = check_folder(path)
+    _check_config_matches_plan(config_json, plan, path)
     cls = model_class(plan.model_class)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{show(path)}: no {WEIGHTS_FILE}")
-    found = scan_safetensors([weights])
+    files = _weight_files(path)
+    found = scan_safetensors(files)
     model = _build(cls, read_config(path, cls), path)
+    if attn_implementation is not None:
+        _set_attention(model, attn_implementation)
     apply_plan(model, plan, spec=_plan_spec(plan, spec, model, path))
-    check_dtypes(found, model.state_dict())
+    names = _stored_names(model, found)
+    check_dtypes({names.get(k, k): v for k, v in found.items()}, model.state_dict())
+    target = _resolve_dtype(dtype, config_json, found)
+    if target is not None:
+        _cast(model, target)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update({names.get(k, k): t for k, t in load_file(str(file)).items()})
+        except (SafetensorError, OSError) as exc:  # changed since it was scanned
+            raise CheckpointError(f"{show(file)}: cannot be read ({reason(exc)})") from None
+    _load_strict(model, state, files[0] if len(files) == 1 else path)
+    return _place(model.eval(), device_map if device_map is not None else (device or "cpu"))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """``model.safetensors``, or the shards its index names (``save_pretrained`` of a large model)."""
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    if (path / SAFE_INDEX).is_file():
+        return _shards(path / SAFE_INDEX)
+    raise CheckpointError(f"{show(path)}: no {WEIGHTS_FILE} (upop loads weights from safetensors files only)")
+
+
+def _stored_names(model: nn.Module, found: dict[str, Any]) -> dict[str, str]:
+    """Stored tensor name -> the model's parameter name, for a folder whose weights transformers
+    saved under its original (older) names (``save_pretrained(..., save_original_format=True)``,
+    e.g. ViT's ``encoder.layer.N.attention.attention.query``). Empty when the names already match;
+    only pure renamings are mapped (a name that is not one stays and is refused as unexpected)."""
+    own = model.state_dict()
+    if all(k in own for k in found):
+        return {}
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:  # changed since it was scanned
-        raise CheckpointError(f"{show(weights)}: cannot be read ({reason(exc)})") from None
-    _load_strict(model, state, weights)
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device).eval()
+        from transformers.core_model_loading import revert_weight_conversion
+
+        original = revert_weight_conversion(model, dict(own))
+    except (ImportError, AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+        return {}
+    by_tensor = {id(t): k for k, t in own.items()}
+    return {old: by_tensor[id(t)] for old, t in original.items() if id(t) in by_tensor and old != by_tensor[id(t)]}
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, keeping the modules the class lists in ``_keep_in_fp32_modules`` in
+    float32 as ``from_pretrained`` does."""
+    model.to(dtype)
+    model.config.dtype = dtype  # what the config of a from_pretrained model records
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if keep and dtype in (torch.float16, torch.bfloat16):
+        for name, module in model.named_modules():
+            if any(k in name for k in keep):
+                module.float()
+
+
+_AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _float_dtype(value: Any) -> torch.dtype | None:
+    """``value`` (a ``torch.dtype`` or its name, with or without ``torch.``) as a float dtype, else None."""
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def _check_dtype(dtype: Any) -> torch.dtype | str | None:
+    """A ``dtype`` argument: None, ``"auto"`` or a float dtype (given as such or by name)."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    resolved = _float_dtype(dtype)
+    if resolved is None:
+        raise ConfigError(f"dtype {show(dtype)} is not a floating-point torch dtype; use e.g. torch.bfloat16, "
+                          "'float16', 'float32' or 'auto'")
+    return resolved
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: dict[str, Any],
+                  found: dict[str, tuple[Path, torch.dtype]]) -> torch.dtype | None:
+    """The dtype to load in: ``"auto"`` is the one ``config.json`` records (``dtype`` or
+    ``torch_dtype``), else the first stored float tensor's, like ``from_pretrained``."""
+    if dtype != "auto":
+        return dtype
+    for key in ("dtype", "torch_dtype"):
+        recorded = _float_dtype(config.get(key)) if isinstance(config.get(key), str) else None
+        if recorded is not None:
+            return recorded
+    return next((d for _, d in found.values() if d.is_floating_point), None)
+
+
+def _set_attention(model: nn.Module, implementation: str) -> None:
+    """Switch ``model`` to ``implementation`` (``from_pretrained``'s ``attn_implementation``), or a
+    one-line ConfigError when its class does not support it."""
+    if not isinstance(implementation, str):
+        raise ConfigError(f"attn_implementation {show(implementation)} is not a name; use e.g. 'eager' or 'sdpa'")
+    before = model.config._attn_implementation
+    try:
+        with quiet_transformers():
+            model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"attn_implementation {show(implementation)} is not available for "
+                          f"{type(model).__name__} ({reason(exc)})") from None
+    if implementation != before and model.config._attn_implementation == before:  # classes that cannot switch warn
+        raise ConfigError(f"attn_implementation {show(implementation)} is not supported by {type(model).__name__} "
+                          f"(it uses {show(model.config._attn_implementation)})")
+
+
+def _place(model: nn.Module, device_map: Any) -> nn.Module:
+    """Put ``model`` where ``device_map`` says (``from_pretrained``'s meanings): one device, an
+    automatic map computed by accelerate, or a dict of module name -> device."""
+    if isinstance(device_map, str) and device_map in _AUTO_MAPS:
+        device_map = _auto_map(model, device_map)
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if "disk" in devices:
+            raise ConfigError(f"device_map {show(device_map)} offloads to disk, which load_compressed does not do; "
+                              "place the model on GPUs and the CPU only")
+        if len(devices) > 1:
+            from accelerate import dispatch_model
+
+            try:
+                model = dispatch_model(model, device_map=device_map)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ConfigError(f"device_map {show(device_map)} cannot place this model ({reason(exc)})") from None
+            model.hf_device_map = device_map
+            return model
+        device_map = devices.pop() if devices else "cpu"
+    try:
+        return model.to(torch.device(device_map))
+    except (RuntimeError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"device_map {show(device_map)} is not a device, a dict or one of "
+                          f"{', '.join(_AUTO_MAPS)} ({reason(exc)})") from None
+
+
+def _auto_map(model: nn.Module, strategy: str) -> dict[str, Any]:
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or ())
+    if strategy == "sequential":
+        memory = get_max_memory()
+    else:
+        memory = get_balanced_memory(model, no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
 
 
 def _check_config_matches_plan(config: dict[str, Any], plan: PruningPlan, path: Path) -> None:

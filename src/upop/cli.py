@@ -4,6 +4,7 @@
     upop evaluate --model DIR --task retrieval --data DIR
     upop data shapes --task retrieval --out DIR
     upop make-model clip --out DIR
+    upop import blip-nlvr model_base_nlvr.pth --out DIR
     upop demo
 
 User mistakes print one line ``upop: error: ...`` and exit with code 2 (no traceback).
@@ -32,19 +33,32 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"need true or false, got {text!r}")
 
 
+def _round_to(text: str):
+    """``--round-to``: auto or an integer."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need auto or an integer >= 1, got {text!r}") from None
+
+
 def _type_for(name: str, default):
+    if name == "round_to":
+        return _round_to
     if isinstance(default, bool):
         return _bool
     if name in ("retrain_lr", "max_grad_norm"):
         return float
-    if name in ("interval", "workers"):
+    if name in ("interval", "workers", "itm_k"):
         return int
     return type(default) if default is not None else str
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("UPop settings (also settable in --config YAML; the command line wins)")
-    for name, default, help_text, choices in config_fields():
+def _add_config_options(parser: argparse.ArgumentParser, task_only: bool = False) -> None:
+    group = parser.add_argument_group("task settings" if task_only else
+                                      "UPop settings (also settable in --config YAML; the command line wins)")
+    for name, default, help_text, choices in config_fields(task_only):
         flag = "--" + name.replace("_", "-")
         kwargs = dict(dest=name, default=None, help=f"{help_text} (default: {default})".replace("%", "%%"))
         if choices:
@@ -103,12 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_options(c)
 
-    e = sub.add_parser("evaluate", help="print a model's metrics on a dataset split as JSON")
+    e = sub.add_parser("evaluate", help="print a model's metrics on a dataset split as JSON, or time it (--latency)",
+                       description="Print the metrics of --model on --split of --data as JSON. With --latency, time "
+                       "it instead (no metrics): alone, or against --baseline (e.g. the dense model) as a run's "
+                       "report does: warm-up, then 7 rounds timing each model on the same batch of real samples "
+                       "of --split (the order alternating), on the GPU if there is one. Prints JSON: the median "
+                       "latency (ms) of each model, the median per-round speedup (baseline / model) with its spread, "
+                       "latency_noisy (true when the interquartile range of the per-round speedups, or of a lone "
+                       "model's latencies, exceeds 10% of their median: re-time on a quieter machine), and the "
+                       "device, dtype, autocast, TF32, batch and CPU threads.")
     e.add_argument("--model", required=True, help="compressed (upop) or dense Hugging Face model folder")
     e.add_argument("--task", required=True, choices=sorted(TASKS))
     e.add_argument("--data", required=True, help="dataset folder")
-    e.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--split", default="test", help="split to evaluate, or to take the timed samples from "
+                   "(default: test)")
+    e.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (metrics; default: 64)")
+    timing = e.add_argument_group("latency (with --latency only)")
+    timing.add_argument("--latency", action="store_true",
+                        help="time --model (and --baseline) instead of computing metrics")
+    timing.add_argument("--baseline", help="a second model folder (e.g. the dense model) timed interleaved with "
+                        "--model; the speedup is baseline latency / model latency")
+    timing.add_argument("--latency-batch-size", type=int, default=None,
+                        help="samples per timed forward (default: 1, as a run)")
+    timing.add_argument("--latency-time", type=float, default=None,
+                        help="each model is timed 3 x this many seconds in all, over 7 rounds (default: 0.5, as a run)")
+    timing.add_argument("--eval-precision", choices=["fp32", "bf16"], default=None,
+                        help="fp32, or bf16 autocast as a run with --eval-precision bf16 (default: fp32)")
+    timing.add_argument("--tf32", type=_bool, default=None,
+                        help="on CUDA, TF32 matmuls and convolutions as a run with --tf32 (default: true, as a run)")
+    _add_config_options(e, task_only=True)
 
     d = sub.add_parser("data", help="write the synthetic Shapes data set, or check a data set before a run",
                        description="shapes: write the Shapes world in a task's format to --out. check: read the "
@@ -141,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a model folder upop wrote (default: refuse a non-empty --out, so a fine-tuned "
                    "model is never replaced by a random one)")
 
+    imp = sub.add_parser("import", help="convert a reference-code checkpoint (BLIP NLVR2 .pth) to a model folder")
+    imp.add_argument("source", choices=["blip-nlvr"], help="checkpoint kind")
+    imp.add_argument("checkpoint", help="the .pth file")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--tokenizer", default=None,
+                     help="local folder with bert-base-uncased's tokenizer files to copy (default: write none)")
+    imp.add_argument("--overwrite", action="store_true", help="replace a model folder upop wrote")
+
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")
     demo.add_argument("--out", default="upop-demo", help="folder for the data and the run (default: upop-demo)")
     demo.add_argument("--no-progress", action="store_true")
@@ -160,7 +205,7 @@ def cmd_compress(args) -> int:
     from .tasks import get_task
 
     config = _config_from_args(args)
-    get_task(args.task).load_splits(args.data)  # cheap checks first: bad annotations fail fast
+    get_task(args.task).configure(config).load_splits(args.data)  # cheap checks first: bad annotations fail fast
     model, processor = load_any(args.model)
     if processor is None:
         raise ConfigError(f"model folder {args.model} has no tokenizer/processor files; save them next to the model")
@@ -176,9 +221,30 @@ def cmd_compress(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .api import evaluate
+    from .latency import time_models
 
-    metrics = evaluate(args.model, args.task, args.data, split=args.split, batch_size=args.batch_size)
-    print(json.dumps(metrics, indent=1, sort_keys=True))
+    settings = {name: getattr(args, name) for name, *_ in config_fields(task_only=True) if getattr(args, name) is not None}
+    config = UPopConfig.from_dict(settings, source="options")
+    timing = {"--baseline": args.baseline, "--latency-batch-size": args.latency_batch_size,
+              "--latency-time": args.latency_time, "--eval-precision": args.eval_precision, "--tf32": args.tf32}
+    if not args.latency:
+        given = [flag for flag, value in timing.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is an option of the timing; add --latency (upop evaluate --latency "
+                              "--model DIR [--baseline DIR] ...)")
+        metrics = evaluate(args.model, args.task, args.data, split=args.split,
+                           batch_size=64 if args.batch_size is None else args.batch_size, config=config)
+        print(json.dumps(metrics, indent=1, sort_keys=True))
+        return 0
+    if args.batch_size is not None:
+        raise ConfigError("--batch-size is the metrics' batch size; with --latency use --latency-batch-size")
+    defaults = UPopConfig()
+    result = time_models(args.model, args.baseline, task=args.task, data=args.data, split=args.split,
+                         batch_size=defaults.latency_batch_size if args.latency_batch_size is None
+                         else args.latency_batch_size,
+                         seconds=defaults.latency_time if args.latency_time is None else args.latency_time,
+                         precision=args.eval_precision or "fp32", tf32=args.tf32 is not False, config=config)
+    print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 
@@ -254,6 +320,19 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .cost import count_params
+    from .importers import import_blip_nlvr
+
+    model = _write_owned(Path(args.out), "model", MODEL_FILES, args.overwrite,
+                         lambda: import_blip_nlvr(args.checkpoint, args.out, tokenizer=args.tokenizer))
+    print(f"imported {args.checkpoint} as {type(model).__name__} ({count_params(model):,} params) to {args.out}")
+    if args.tokenizer is None:
+        print("upop: the folder has no tokenizer; rerun with --tokenizer DIR (bert-base-uncased's vocab.txt and "
+              "tokenizer_config.json) to add BLIP's ([DEC] and [ENC] are added)", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -261,13 +340,20 @@ def cmd_demo(args) -> int:
 
 
 def _summary(report: dict, out: Path) -> str:
-    from .report import markdown
+    from .report import NOISE_LIMIT, markdown
 
-    return markdown(report) + f"\nReport: {out / 'report.md'}\nCompressed model: {out / 'compressed'}\n"
+    text = markdown(report) + f"\nReport: {out / 'report.md'}\nCompressed model: {out / 'compressed'}\n"
+    if report.get("latency_noisy"):
+        spread, latency = report["speedup_spread"], report["latency"]
+        rel = spread["relative_iqr"]
+        text += (f"upop: the machine was noisy while timing: per-round speedups {spread['min']:.2f}-{spread['max']:.2f}x, "
+                 f"interquartile range {'undefined' if rel is None else f'{rel:.0%}'} of the median (limit "
+                 f"{NOISE_LIMIT:.0%}); re-time on a quiet machine with: {latency['retime_command']}\n")
+    return text
 
 
 COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "data": cmd_data, "make-model": cmd_make_model,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "import": cmd_import}
 
 
 def printable(text: str) -> str:

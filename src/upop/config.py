@@ -29,7 +29,9 @@ class UPopConfig:
     method: str = _f("upop", "upop (progressive) or one-shot (masks cut to 0 at once after the search)", choices=METHODS)
     allocation: str = _f("unified", "unified (one ranking across modalities and layers, UPop) or uniform "
                          "(the same ratio in every layer: the paper's non-unified ablation)", choices=ALLOCATIONS)
-    cost: str = _f("params", "budget the ratio is measured in: params (exact counts) or flops", choices=COSTS)
+    cost: str = _f("params", "budget the ratio is measured in: params (exact counts), flops, or latency (time per "
+                   "unit measured at the run's start on its device, --latency-batch-size and --eval-precision; "
+                   "cached in the run folder)", choices=COSTS)
     search_epochs: int = _f(2, "epochs of the search phase (weights train, masks are searched)")
     retrain_epochs: int = _f(2, "epochs of retraining the compressed model (best on validation kept)")
     batch_size: int = _f(32, "training batch size per process")
@@ -40,7 +42,13 @@ class UPopConfig:
     interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression")
     w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
     w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
-    round_to: int = _f(1, "every group keeps a multiple of this many units (e.g. 8 for fast kernels); 1 = any width")
+    round_to: int | str = _f("auto", "every group keeps a multiple of this many units: auto (8, the width kernels "
+                             "are fast at, smaller only for groups too narrow for it; the report says which), or a "
+                             "number; 1 = any width (the paper)")
+    augment: str = _f("deit", "training augmentation of the vision tasks: deit (the papers' recipes: classification "
+                      "DeiT's crop, flip, RandAugment, random erasing, mixup/cutmix and label smoothing 0.1; "
+                      "segmentation mmseg's random resize, crop, flip and photometric distortion) or none (the "
+                      "processor's resize only)", choices=("deit", "none"))
     seed: int = _f(0, "random seed (data order, caption choice, dropout)")
     checkpoint_every: int = _f(200, "steps between resumable checkpoints")
     workers: int | None = _f(None, "DataLoader worker processes that read, decode and collate training batches ahead "
@@ -53,7 +61,19 @@ class UPopConfig:
                     "1e-3 relative precision; false keeps exact fp32 (no effect on CPU)")
     max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")
     latency_batch_size: int = _f(1, "batch size of the latency measurement in the report")
-    latency_time: float = _f(0.5, "seconds per latency measurement (3 interleaved rounds of dense and compressed)")
+    # task settings: how a task trains and evaluates (read by Task.configure; also options of `upop evaluate`)
+    itm_k: int | None = _f(None, "BLIP retrieval: ITC candidates per query re-ranked by ITM (BLIP's k_test); default: "
+                           "256 when the test split has more than 2,000 images (COCO-sized), else 128 (Flickr30K-sized)",
+                           task=True)
+    vqa_inference: str = _f("rank", "VQA evaluation: rank (BLIP: score the answer list, keep the best of the top "
+                            "--vqa-k) or generate (free decoding)", choices=("rank", "generate"), task=True)
+    vqa_k: int = _f(128, "VQA rank inference: answer candidates re-scored per question (BLIP's k_test)", task=True)
+    answer_list: str | None = _f(None, "VQA rank inference: JSON list of candidate answers (VQAv2's answer_list.json); "
+                                 "default: answer_list.json in the data folder, else the training answers", task=True)
+    caption_beams: int = _f(3, "captioning: beams of the decoding (BLIP: 3, prompt 'a picture of ', 5-20 tokens); "
+                            "1 = greedy", task=True)
+    latency_time: float = _f(0.5, "latency timing: each model (dense and compressed) is timed for 3 x this many "
+                             "seconds in all, over 7 interleaved rounds")
 
     def __post_init__(self):
         self.validate()
@@ -69,12 +89,22 @@ class UPopConfig:
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"choose one of: {', '.join(choices)}")
         for name, low in (("search_epochs", 1), ("retrain_epochs", 0), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("checkpoint_every", 1), ("latency_batch_size", 1), ("round_to", 1)):
+                          ("checkpoint_every", 1), ("latency_batch_size", 1), ("vqa_k", 1),
+                          ("caption_beams", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 bad(name, f"need an integer >= {low}")
         if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1):
             bad("interval", "need an integer >= 1 (or leave unset)")
+        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                        or self.round_to < 1):
+            bad("round_to", "need auto or an integer >= 1")
+        if self.allocation == "uniform" and self.round_to not in ("auto", 1):
+            bad("round_to", "the uniform allocation does not round widths; use auto or 1 with it")
+        if self.itm_k is not None and (isinstance(self.itm_k, bool) or not isinstance(self.itm_k, int) or self.itm_k < 1):
+            bad("itm_k", "need an integer >= 1 (or leave unset)")
+        if self.answer_list is not None and not isinstance(self.answer_list, (str, os.PathLike)):
+            bad("answer_list", "need a file path (or leave unset)")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
             bad("workers", "need an integer >= 0 (or leave unset)")
         for name in ("lr", "retrain_lr"):
@@ -135,8 +165,10 @@ class UPopConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def config_fields():
-    """(name, default, help, choices) of every setting, for the CLI."""
+def config_fields(task_only: bool = False):
+    """(name, default, help, choices) of every setting (or only the task settings), for the CLI."""
     for f in fields(UPopConfig):
+        if task_only and not f.metadata.get("task"):
+            continue
         default = f.default if f.default is not MISSING else None
         yield f.name, default, f.metadata.get("help", ""), f.metadata.get("choices")

@@ -15,8 +15,9 @@ from .config import UPopConfig
 #: the Shapes retrieval data of the demo (the demo model was trained on its train split)
 DEMO_DATA = dict(train=4000, val=200, test=500, image_size=64, seed=0)
 
-#: the demo's UPop settings: 2x, a short search and retraining that fit in a few CPU minutes
-DEMO_CONFIG = dict(ratio=0.5, search_epochs=4, retrain_epochs=6, batch_size=64, lr=1e-4, retrain_lr=5e-4,
+#: the demo's UPop settings: 2x, a short search and retraining that fit in a few CPU minutes (an epoch
+#: is 8,000 image-caption pairs: 2 captions of each of the 4,000 training images)
+DEMO_CONFIG = dict(ratio=0.5, search_epochs=2, retrain_epochs=3, batch_size=64, lr=1e-4, retrain_lr=5e-4,
                    checkpoint_every=100, seed=0, latency_batch_size=32)
 
 
@@ -51,6 +52,8 @@ def run_demo(out: Path, progress: bool = True) -> int:
 
 
 def table(report: dict) -> str:
+    from .report import speedup_words
+
     d, c = report["dense"], report["compressed"]
     rows = [("test R-mean", f"{d['metrics']['r_mean']:.2f}", f"{c['metrics']['r_mean']:.2f}",
              f"{c['metrics']['r_mean'] / d['metrics']['r_mean']:.1%} of dense"),
@@ -58,10 +61,15 @@ def table(report: dict) -> str:
             ("image R@1", f"{d['metrics']['img_r1']:.2f}", f"{c['metrics']['img_r1']:.2f}", ""),
             ("params", f"{d['params']:,}", f"{c['params']:,}", f"{d['params'] / c['params']:.2f}x smaller"),
             ("FLOPs", f"{d['flops']:,}", f"{c['flops']:,}", f"{d['flops'] / c['flops']:.2f}x fewer"),
-            ("latency (ms)", f"{d['latency_ms']:.2f}", f"{c['latency_ms']:.2f}", f"{report['speedup']:.2f}x faster")]
+            ("latency (ms)", f"{d['latency_ms']:.2f}", f"{c['latency_ms']:.2f}", speedup_words(report["speedup"]))]
     widths = [max(len(r[i]) for r in rows + [("", "dense", "compressed", "")]) for i in range(4)]
     line = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
     out = [line(("", "dense", "compressed", "")), *map(line, rows)]
     out.append(f"achieved ratio {report['achieved_ratio']:.4f} of prunable {report['cost']} "
                f"(target {report['target_ratio']}); {report['latency_input']}")
+    spread = report.get("speedup_spread")
+    if spread:
+        out.append(f"per-round speedups {spread['min']:.2f}-{spread['max']:.2f}x"
+                   + ("; the machine was noisy, the speedup is uncertain: re-time with "
+                      f"{report['latency']['retime_command']}" if report.get("latency_noisy") else ""))
     return "\n".join(out)

@@ -160,13 +160,15 @@ class _MaskedLinear(torch.autograd.Function):
         g_sum = g2.sum(0) if bias is not None else None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             big_g = g2.t() @ x2  # dL/d(x W^T) summed over tokens, before the mask
-            if ctx.needs_input_grad[1]:
-                grad_w = (big_g * s.unsqueeze(1)).to(weight.dtype)
+            # no weight-sized temporaries beyond big_g (each one is a fresh allocation per layer
+            # and step): the row dots as a batched product, the weight gradient scaled in place
             if ctx.needs_input_grad[3]:
-                grad_s = (big_g * w).sum(1)
+                grad_s = (big_g.unsqueeze(1) @ w.unsqueeze(2)).view(-1)
                 if bias is not None:
                     grad_s = grad_s + g_sum * bias.to(dtype)
                 grad_s = grad_s.to(scale.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = big_g.mul_(s.unsqueeze(1)).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_b = (g_sum * s).to(bias.dtype)
         return grad_x, grad_w, grad_b, grad_s

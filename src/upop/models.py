@@ -16,6 +16,7 @@ from torch import nn
 
 from ._safe_load import (check_dtypes, check_folder, local_folder, quiet_transformers, read_config, reason,
                          scan_safetensors, weight_files)
+from .checkpoint import PLAN_FILE, PROJECT_CLASSES, load_compressed, model_class  # noqa: F401 (PROJECT_CLASSES)
 from .errors import CheckpointError, ConfigError, show
 
 # Per-size widths: (hidden, layers, heads, intermediate).
@@ -63,8 +64,11 @@ def _blip_config(size: str, vocab: int, image_size: int):
 
 
 def _blip_nlvr(config):
+    """BLIP's NLVR layout: layers from the middle on merge their two cross-attentions by a Linear
+    (BLIP's 12-layer encoder: from layer 6), so a tiny model has both kinds of layer."""
     from .blip_nlvr import BlipForNLVR
 
+    config.text_config.nlvr_merge_from = config.text_config.num_hidden_layers // 2
     return BlipForNLVR(config)
 
 
@@ -91,6 +95,26 @@ def _bert(size: str, vocab: int, num_labels: int) -> nn.Module:
     return transformers.BertForSequenceClassification(cfg)
 
 
+def _siglip(size: str, vocab: int, image_size: int) -> nn.Module:
+    h, n, heads, inter = _SIZES[size]
+    common = dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter)
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=vocab, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                         projection_size=h, **common),
+        vision_config=dict(image_size=image_size, patch_size=8 if image_size <= 96 else 16, **common),
+    )
+    return transformers.SiglipModel(cfg)
+
+
+def _dinov2(size: str, image_size: int, num_labels: int) -> nn.Module:
+    h, n, heads, inter = _SIZES[size]
+    cfg = transformers.Dinov2Config(
+        hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, mlp_ratio=inter // h, image_size=image_size,
+        patch_size=8 if image_size <= 96 else 16, num_labels=num_labels,
+    )
+    return transformers.Dinov2ForImageClassification(cfg)
+
+
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "clip": lambda size, vocab, image_size, num_labels: _clip(size, vocab, image_size),
     "blip-retrieval": lambda size, vocab, image_size, num_labels: transformers.BlipForImageTextRetrieval(
@@ -111,6 +135,8 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     ),
     "bert": lambda size, vocab, image_size, num_labels: _bert(size, vocab, num_labels),
     "segmenter": lambda size, vocab, image_size, num_labels: _segmenter(size, image_size, num_labels),
+    "siglip": lambda size, vocab, image_size, num_labels: _siglip(size, vocab, image_size),
+    "dinov2": lambda size, vocab, image_size, num_labels: _dinov2(size, image_size, num_labels),
 }
 
 FAMILIES = tuple(_FACTORIES)
@@ -129,24 +155,6 @@ def make_model(
     return model.eval()
 
 
-#: model classes defined in this project (task models without a transformers class), by name;
-#: their arch specs list them in ``classes`` so ``load_compressed`` can resolve them
-PROJECT_CLASSES: dict[str, str] = {
-    "BlipForNLVR": "upop.blip_nlvr:BlipForNLVR",
-    "SegmenterForSemanticSegmentation": "upop.segmenter:SegmenterForSemanticSegmentation",
-}
-
-
-def project_class(name: str):
-    """A model class defined in this project, by name."""
-    from importlib import import_module
-
-    if name not in PROJECT_CLASSES:
-        raise CheckpointError(f"model class {show(name, 80)} is not available in this version of transformers or upop")
-    module, cls = PROJECT_CLASSES[name].split(":")
-    return getattr(import_module(module), cls)
-
-
 def _clip_processor(image_size: int, tokenizer):
     from .data.retrieval import make_clip_processor
 
@@ -159,6 +167,14 @@ def _blip_processor(image_size: int, tokenizer):
 
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _siglip_processor(image_size: int, tokenizer):
+    from transformers import SiglipProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _vit_processor(image_size: int, tokenizer):
@@ -177,6 +193,8 @@ PROCESSORS: dict[str, Callable] = {
     "vit": _vit_processor,
     "deit": _vit_processor,
     "segmenter": _vit_processor,
+    "siglip": _siglip_processor,
+    "dinov2": _vit_processor,
     "bert": lambda image_size, tokenizer: tokenizer,
 }
 
@@ -194,7 +212,8 @@ def _shapes_labels(family: str) -> int | None:
 
     return {"segmenter": len(shapes_vision.SEGMENTATION_CLASSES),
             "vit": len(shapes_vision.CLASSIFICATION_CLASSES),
-            "deit": len(shapes_vision.CLASSIFICATION_CLASSES)}.get(family)
+            "deit": len(shapes_vision.CLASSIFICATION_CLASSES),
+            "dinov2": len(shapes_vision.CLASSIFICATION_CLASSES)}.get(family)
 
 
 def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0,
@@ -215,12 +234,6 @@ def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int 
     return model, processor
 
 
-def _known_class(name: str):
-    from .checkpoint import model_class
-
-    return model_class(name)
-
-
 def load_any(path: str | Path) -> tuple[nn.Module, object]:
     """Load a dense Hugging Face folder or a upop compressed folder, with its processor.
 
@@ -228,8 +241,6 @@ def load_any(path: str | Path) -> tuple[nn.Module, object]:
     processor is None if the folder has none. No code from the folder is ever run and weights
     come from safetensors only (:mod:`upop._safe_load`).
     """
-    from .checkpoint import PLAN_FILE, load_compressed
-
     transformers.utils.logging.disable_progress_bar()
     folder = local_folder(path)
     model = load_compressed(folder) if (folder / PLAN_FILE).is_file() else _load_dense(folder)
@@ -248,7 +259,7 @@ def _load_dense(folder: Path) -> nn.Module:
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise CheckpointError(f"{show(folder)}: config.json names no model class (architectures is "
                               f"{show(archs, 80)})")
-    cls = _known_class(archs[0])
+    cls = model_class(archs[0])
     found = scan_safetensors(weight_files(folder, cls))
     config = read_config(folder, cls)
     try:
@@ -286,6 +297,8 @@ def load_processor_or_none(path: str | Path):
     except (OSError, ValueError, TypeError, KeyError):
         pass
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    # a folder without tokenizer files can still give an empty tokenizer of only its special tokens
+    return tokenizer if len(tokenizer) > len(tokenizer.all_special_tokens) else None

@@ -8,8 +8,10 @@ on a freshly built dense model with the same slicing code; that is how
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,6 +24,8 @@ from .groups import Group
 from .masks import Masks
 
 FORMAT_VERSION = 1
+#: the plan's file in a compressed checkpoint folder, next to ``config.json`` and the weights
+PLAN_FILE = "upop_plan.json"
 _KINDS = ("attention", "mlp")
 
 
@@ -225,7 +229,41 @@ def apply_plan(
         group = by_name[name]
         _check_group_plan(group, gplan)
         _slice_group(model, spec, group, gplan.kept, fold_scale)
+    _carry_plan(model, plan)
+
+
+def _carry_plan(model: nn.Module, plan: PruningPlan) -> None:
+    """Attach ``plan`` as ``model.upop_plan`` and, for a Hugging Face model, make this model's
+    ``save_pretrained`` write a compressed checkpoint (:class:`_SavePretrainedWithPlan`)."""
     object.__setattr__(model, "upop_plan", plan)
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        object.__setattr__(model, "save_pretrained", _SavePretrainedWithPlan(model))
+
+
+class _SavePretrainedWithPlan:
+    """``save_pretrained`` of a pruned model (what ``Trainer.save_model`` calls): the class's own,
+    plus ``upop_plan.json`` in the folder, and the weights under the model's own parameter names
+    (``save_original_format=False``: transformers would otherwise rename some, e.g. ViT's
+    ``layers.N.attention.q_proj`` to ``encoder.layer.N.attention.attention.query``), so the folder
+    is the one :func:`upop.save_compressed` writes and :func:`upop.load_compressed` reads.
+
+    An object rather than a bound function so that the model still pickles and deep-copies."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self.model
+        save = type(model).save_pretrained
+        if "save_original_format" in inspect.signature(save).parameters:
+            kwargs.setdefault("save_original_format", False)
+        main = args[0] if args else kwargs.get("is_main_process", True)
+        on_this_rank = getattr(model, "should_save_on_this_rank", lambda is_main: is_main)(main)
+        folder = Path(save_directory)
+        if on_this_rank and not folder.is_file():  # a file: transformers reports it and writes nothing
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / PLAN_FILE).write_text(model.upop_plan.to_json())  # first, so push_to_hub uploads it
+        return save(model, save_directory, *args, **kwargs)
 
 
 def _check_group_plan(group: Group, gplan: GroupPlan) -> None:

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .groups import Group
 from .masks import Masks
 
 METHODS = ("upop", "one-shot")
 ALLOCATIONS = ("unified", "uniform")
-COSTS = ("params", "flops")
+COSTS = ("params", "flops", "latency")
 
 
 def ratio_at(ratio: float, step: int, total_steps: int) -> float:
@@ -64,6 +65,35 @@ def _check_settings(ratio, total_steps, interval, cost, method, allocation, roun
         raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
 
 
+ROUND_TO_AUTO = 8
+"""The multiple ``round_to="auto"`` aims for: on CUDA, fp16/bf16 tensor-core tiles and fused attention
+kernels want widths (and head dims) that are multiples of 8; on CPU, ``benchmarks/speed.py`` measured
+free widths realising 0.82-0.92 of the FLOPs reduction of CLIP-B/16 at batch 32 and multiples of 8
+0.95-1.00 (the vector units work on 8 or 16 floats)."""
+
+
+def resolve_round_to(round_to: int | str, groups: list[Group], device_type: str = "cpu",
+                     allocation: str = "unified") -> tuple[int, str]:
+    """The multiple every group's kept width is rounded to, and why, for the setting ``round_to``.
+
+    An integer is used as given. ``"auto"`` takes :data:`ROUND_TO_AUTO` (8), halved until every group
+    has at least 4 chunks of it (a group of 16 units would otherwise only keep 8 or 16), and 1 for the
+    uniform allocation (which removes the same share everywhere and does not round).
+    """
+    if round_to != "auto":
+        return int(round_to), "as set"
+    if allocation != "unified":
+        return 1, "auto: the uniform allocation does not round"
+    device = "CUDA" if device_type == "cuda" else device_type.upper()
+    n = ROUND_TO_AUTO
+    smallest = min((g.num_units for g in groups), default=0)
+    while n > 1 and smallest < 4 * n:
+        n //= 2
+    if n == ROUND_TO_AUTO:
+        return n, f"auto: multiples of {n} suit {device} kernels"
+    return n, f"auto: {ROUND_TO_AUTO} would leave the narrowest group ({smallest} units) under 4 choices; {n} used"
+
+
 @dataclass
 class SearchUpdate:
     """What one update chose: the step, the current ratio and the prune set's cost share."""
@@ -84,7 +114,8 @@ class UPopSearch:
             :attr:`done`) before :func:`upop.prune`.
         interval: re-select every ``interval`` steps (and at the last step); below ``T`` for
             ``method="upop"``, any value >= 1 for one-shot.
-        cost: ``"params"`` (exact parameter counts, default) or ``"flops"``.
+        cost: ``"params"`` (exact parameter counts, default), ``"flops"``, or ``"latency"`` (measured
+            milliseconds per unit, given as ``unit_costs``; see :mod:`upop.latency_table`).
         method: ``"upop"`` (progressive projection) or ``"one-shot"`` (masks stay 1 during the
             search and the final prune set is cut to 0 at the last step).
         w_attn, w_mlp: weights of the L1 sparsity terms on attention and MLP masks.
@@ -102,8 +133,17 @@ class UPopSearch:
         w_mlp: float = 2e-4,
         round_to: int = 1,
         allocation: str = "unified",
+        unit_costs: dict[str, float] | None = None,
     ):
         _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to)
+        if (cost == "latency") != (unit_costs is not None):
+            raise ConfigError("cost='latency' needs unit_costs (the measured time per unit of every group), "
+                              "and unit_costs needs cost='latency'")
+        if unit_costs is not None:
+            missing = [g.name for g in masks.groups if not unit_costs.get(g.name, 0) > 0]
+            if missing:
+                raise ConfigError(f"unit_costs lacks a positive cost for group {missing[0]}")
+        self.unit_costs = dict(unit_costs) if unit_costs is not None else None
         self.masks = masks
         self.ratio, self.total_steps, self.interval = ratio, total_steps, interval
         self.cost, self.method = cost, method
@@ -117,7 +157,7 @@ class UPopSearch:
         self.history: list[SearchUpdate] = []
         groups = masks.groups
         self._unit_cost = torch.cat(
-            [torch.full((g.num_units,), float(g.cost(cost)), dtype=torch.float64) for g in groups]
+            [torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64) for g in groups]
         )
         self._is_attn = torch.cat(
             [torch.full((g.num_units,), g.kind == "attention", dtype=torch.bool) for g in groups]
@@ -125,13 +165,17 @@ class UPopSearch:
         sizes = [g.num_units for g in groups]
         self._group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
         self.total_cost = float(self._unit_cost.sum())
-        removable = sum(g.cost(cost) * max(0, g.num_units - round_to) for g in groups)
+        removable = sum(self._group_cost(g) * max(0, g.num_units - round_to) for g in groups)
         if removable < ratio * self.total_cost:
             raise ConfigError(
                 f"ratio={ratio} cannot be met with round_to={round_to}: groups must keep at least {round_to} units, "
                 f"so at most {removable / self.total_cost:.3f} of the prunable {cost} can be removed; "
                 "lower --ratio or --round-to"
             )
+
+    def _group_cost(self, g: Group) -> float:
+        """Cost of one unit of ``g`` under this search's budget."""
+        return float(self.unit_costs[g.name]) if self.unit_costs is not None else float(g.cost(self.cost))
 
     # the loss term ---------------------------------------------------------------------------
     def sparsity_loss(self) -> torch.Tensor:
@@ -226,7 +270,7 @@ class UPopSearch:
         idx = torch.nonzero(candidate).flatten()
         order = idx[torch.sort(score[idx], descending=True, stable=True).indices]
         cum_before = torch.cumsum(self._unit_cost[order], 0) - self._unit_cost[order]
-        take = order[cum_before < ratio * self.total_cost - 1e-9]
+        take = order[cum_before < ratio * self.total_cost * (1 - 1e-12)]
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[take] = True
         return chosen
@@ -241,7 +285,7 @@ class UPopSearch:
             order = torch.sort(s, descending=True, stable=True).indices[:-1] + offset
             cost = self._unit_cost[order]
             cum_before = torch.cumsum(cost, 0) - cost
-            chosen[order[cum_before < ratio * g.cost(self.cost) * g.num_units - 1e-9]] = True
+            chosen[order[cum_before < ratio * self._group_cost(g) * g.num_units * (1 - 1e-12)]] = True
             offset += g.num_units
         return chosen
 
@@ -278,7 +322,7 @@ class UPopSearch:
         rank = torch.sort(torch.tensor(scores, dtype=torch.float64), descending=True, stable=True).indices
         cost = torch.tensor(costs, dtype=torch.float64)[rank]
         cum_before = torch.cumsum(cost, 0) - cost
-        for i in rank[cum_before < ratio * self.total_cost - 1e-9].tolist():
+        for i in rank[cum_before < ratio * self.total_cost * (1 - 1e-12)].tolist():
             chosen[units[i]] = True
         return chosen
 
@@ -319,6 +363,7 @@ class UPopSearch:
             "w_mlp": self.w_mlp,
             "round_to": self.round_to,
             "allocation": self.allocation,
+            **({"unit_costs": self.unit_costs} if self.unit_costs is not None else {}),
         }
 
     def state_dict(self) -> dict:

@@ -12,8 +12,13 @@
 - class masks = L2-normalised patch features x L2-normalised class features, (B, K, h, w),
   upsampled bilinearly to the image size.
 
-``SegmenterConfig`` (``model_type="upop_segmenter"``) is registered with ``AutoConfig`` when this
-module is imported (``import upop`` does it), so ``from_pretrained`` on a saved folder works.
+Like transformers' models it takes ``output_attentions`` / ``output_hidden_states`` /
+``return_dict``, supports ``attn_implementation`` ``"eager"`` and ``"sdpa"`` (encoder and decoder)
+and gradient checkpointing (``gradient_checkpointing_enable()``: every ViT layer and decoder block).
+``SegmenterConfig`` (``model_type="upop_segmenter"``) and the model are registered with
+``AutoConfig`` and ``AutoModelForSemanticSegmentation`` when this module is imported (``import
+upop`` does it), so ``AutoModelForSemanticSegmentation.from_pretrained(folder)`` of a saved dense
+folder returns it, without any code from the folder.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import transformers
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, ViTConfig, ViTModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 IGNORE_INDEX = 255
@@ -69,34 +76,62 @@ transformers.AutoConfig.register(SegmenterConfig.model_type, SegmenterConfig, ex
 
 @dataclass
 class SemanticSegmenterOutput(ModelOutput):
-    """``logits`` (B, num_labels, H, W) at the image size; ``loss`` when labels were given."""
+    """``logits`` (B, num_labels, H, W) at the image size; ``loss`` when labels were given;
+    ``masks`` the class masks at the patch grid (B, num_labels, h, w).
+
+    With ``output_hidden_states``: ``hidden_states`` the encoder's (embeddings, then every ViT
+    layer: (B, tokens, hidden)) and ``decoder_hidden_states`` the decoder's (its input, then every
+    block: (B, patches + classes, decoder_hidden_size)). With ``output_attentions``:
+    ``attentions`` / ``decoder_attentions``, one (B, heads, tokens, tokens) tensor per layer, as
+    transformers' vision models return them (empty under ``sdpa``, which computes no weights).
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention with the transformers attention-function signature: the output
+    (B, tokens, heads, head_dim) and the weights (B, heads, tokens, tokens)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, dropout, module.training)
+    return torch.matmul(probs, value).transpose(1, 2), probs
 
 
 class SegmenterAttention(nn.Module):
-    """Multi-head self-attention with separate Q/K/V/out projections and a stored scale."""
+    """Multi-head self-attention with separate Q/K/V/out projections and a stored scale, computed
+    by the attention function ``config._attn_implementation`` names (eager or sdpa)."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float = 0.0):
+    def __init__(self, config: SegmenterConfig):
         super().__init__()
+        hidden, heads = config.decoder_hidden_size, config.decoder_heads
         if hidden % heads:
             raise ValueError(f"decoder_hidden_size {hidden} is not a multiple of decoder_heads {heads}")
+        self.config = config
         self.num_heads, self.head_dim = heads, hidden // heads
         self.scale = self.head_dim**-0.5  # dense scale, kept after pruning
-        self.dropout = dropout
+        self.dropout = config.decoder_dropout
+        self.is_causal = False
         self.q_proj, self.k_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
         self.v_proj, self.o_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
         q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-        probs = F.dropout(probs, self.dropout, self.training)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        out, probs = attend(self, q, k, v, None, dropout=self.dropout if self.training else 0.0, scaling=self.scale)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), probs
 
 
 class SegmenterMLP(nn.Module):
@@ -109,20 +144,22 @@ class SegmenterMLP(nn.Module):
         return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
 
 
-class SegmenterBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+class SegmenterBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``; returns the
+    new ``x`` and the attention weights (None under sdpa)."""
 
     def __init__(self, config: SegmenterConfig):
         super().__init__()
         h, eps = config.decoder_hidden_size, config.layer_norm_eps
         self.layernorm_before = nn.LayerNorm(h, eps=eps)
-        self.attention = SegmenterAttention(h, config.decoder_heads, config.decoder_dropout)
+        self.attention = SegmenterAttention(config)
         self.layernorm_after = nn.LayerNorm(h, eps=eps)
         self.mlp = SegmenterMLP(h, config.decoder_intermediate_size, config.decoder_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.layernorm_before(x))
-        return x + self.mlp(self.layernorm_after(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, probs = self.attention(self.layernorm_before(x))
+        x = x + attended
+        return x + self.mlp(self.layernorm_after(x)), probs
 
 
 class SegmenterMaskDecoder(nn.Module):
@@ -140,17 +177,22 @@ class SegmenterMaskDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.mask_norm = nn.LayerNorm(config.num_labels, eps=config.layer_norm_eps)
 
-    def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, list, list]:
+        """Class masks (B, K, *grid), the hidden states (input, then each block) and each block's
+        attention weights (None entries under sdpa)."""
         x = self.proj_dec(patches)
         n = x.shape[1]
         x = torch.cat([x, self.class_embeddings.expand(x.shape[0], -1, -1)], dim=1)
+        states, attentions = [x], []
         for layer in self.layers:
-            x = layer(x)
+            x, probs = layer(x)
+            states.append(x)
+            attentions.append(probs)
         x = self.decoder_norm(x)
         feats = F.normalize(self.proj_patch(x[:, :n]), dim=-1)
         classes = F.normalize(self.proj_classes(x[:, n:]), dim=-1)
         masks = self.mask_norm(feats @ classes.transpose(1, 2))  # (B, N, K)
-        return masks.transpose(1, 2).reshape(x.shape[0], self.num_labels, *grid)
+        return masks.transpose(1, 2).reshape(x.shape[0], self.num_labels, *grid), states, attentions
 
 
 class SegmenterPreTrainedModel(PreTrainedModel):
@@ -158,7 +200,9 @@ class SegmenterPreTrainedModel(PreTrainedModel):
     base_model_prefix = "segmenter"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["ViTLayer", "SegmenterBlock"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "SegmenterBlock"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -183,18 +227,32 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
         self.decoder = SegmenterMaskDecoder(config)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> SemanticSegmenterOutput:
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> SemanticSegmenterOutput | tuple:
+        """Logits at the image size; ``output_attentions`` / ``output_hidden_states`` /
+        ``return_dict`` default to the config's, as in transformers' models."""
+        config = self.config
+        attentions = config.output_attentions if output_attentions is None else output_attentions
+        hidden = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         height, width = pixel_values.shape[-2:]
-        patch = self.config.vision_config.patch_size
+        patch = config.vision_config.patch_size
         patch = patch if isinstance(patch, int) else patch[0]
         grid = (height // patch, width // patch)
-        tokens = self.vit(pixel_values=pixel_values).last_hidden_state
-        masks = self.decoder(tokens[:, -grid[0] * grid[1]:], grid)  # drop the class token
+        encoded = self.vit(pixel_values=pixel_values, output_attentions=attentions, output_hidden_states=hidden)
+        masks, dec_states, dec_attentions = self.decoder(encoded.last_hidden_state[:, -grid[0] * grid[1]:], grid)
         logits = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
-        return SemanticSegmenterOutput(loss=loss, logits=logits, masks=masks)
+        out = SemanticSegmenterOutput(
+            loss=loss, logits=logits, masks=masks,
+            hidden_states=encoded.hidden_states if hidden else None,
+            attentions=encoded.attentions if attentions else None,
+            decoder_hidden_states=tuple(dec_states) if hidden else None,
+            decoder_attentions=tuple(a for a in dec_attentions if a is not None) if attentions else None,
+        )
+        return out if (config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
 
 def make_segmenter(hidden: int, layers: int, heads: int, intermediate: int, image_size: int, num_labels: int,
@@ -210,5 +268,7 @@ def make_segmenter(hidden: int, layers: int, heads: int, intermediate: int, imag
     )
     return SegmenterForSemanticSegmentation(config)
 
+
+transformers.AutoModelForSemanticSegmentation.register(SegmenterConfig, SegmenterForSemanticSegmentation, exist_ok=True)
 
 __all__ = ["IGNORE_INDEX", "SegmenterConfig", "SegmenterForSemanticSegmentation", "make_segmenter"]

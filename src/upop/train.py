@@ -37,7 +37,7 @@ from .masks import attach_masks
 from .prune import PruningPlan, apply_plan, prune
 from .resume import read_state
 from .rundir import torch_save_atomic
-from .search import UPopSearch
+from .search import UPopSearch, resolve_round_to
 from .tasks import Task
 
 STATE_FILE = "run.pt"
@@ -293,6 +293,9 @@ class Run:
                 f"{len(train)} samples / ({config.batch_size} x {self.acc.num_processes} processes)) and interval="
                 f"{self.interval}: a progressive search needs more steps than its interval; use more data or "
                 "--search-epochs, a smaller --batch-size or --interval, or --method one-shot")
+        # the width multiple (round_to "auto" depends on the device and the narrowest group)
+        self.round_to, self.round_to_why = resolve_round_to(config.round_to, find_groups(model), self.acc.device.type,
+                                                            config.allocation)
         self._steps_done = 0
         self.signals = _Signals()
 
@@ -502,6 +505,24 @@ class Run:
             self.signals.in_loop = False
             bar.close()
 
+    def _latency_costs(self, model: nn.Module, groups) -> dict[str, float]:
+        """Milliseconds per unit of every group (``cost="latency"``), measured on the main process
+        on the run's device, latency batch and evaluation dtype, or read from the run's cache."""
+        from .latency_table import TABLE_FILE, load_or_measure
+
+        box = [None]
+        if self.acc.is_main_process:
+            dtype = torch.bfloat16 if self.config.eval_precision == "bf16" else torch.float32
+            table, reused = load_or_measure(self.state_dir / TABLE_FILE, model, groups, self.config.latency_batch_size,
+                                            self.acc.device, dtype, self.round_to)
+            self._log({"phase": "latency-table", "reused": reused, "per_unit_ms": table["per_unit_ms"]})
+            box = [table["per_unit_ms"]]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(box)
+        return box[0]
+
     def _search(self, state: dict | None) -> PruningPlan:
         cfg, model = self.config, self.model
         # text length of this data sets the FLOPs cost of text units (vision: from the config)
@@ -509,7 +530,8 @@ class Run:
         model.to(self.acc.device)
         masks = attach_masks(model, groups)
         search = UPopSearch(masks, cfg.ratio, self.search_steps, self.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
-                            round_to=cfg.round_to, allocation=cfg.allocation)
+                            round_to=self.round_to, allocation=cfg.allocation,
+                            unit_costs=self._latency_costs(model, groups) if cfg.cost == "latency" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         start = 0
         if state is not None:
@@ -526,7 +548,8 @@ class Run:
             self._load_scaler(state)
             self._restore_rng(state)
         wrapped.train()
-        self._log(device_record("search", model, cfg.precision))
+        self._log({**device_record("search", model, cfg.precision), "round_to": self.round_to,
+                   "round_to_why": self.round_to_why})
         clock = PhaseClock("search", self.acc.device)
 
         def save(done: int) -> None:
@@ -580,6 +603,11 @@ class Run:
         settings = {**search.settings(), "search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": self.task.name}
         self._check_same_weights(model, "search", self.search_steps)
         plan = prune(model, masks, base_model=self.base_model, search=settings)
+        if search.unit_costs is not None:  # the share of the measured latency removed
+            costs = search.unit_costs
+            total = sum(costs[name] * gp.dense_units for name, gp in plan.groups.items())
+            plan.achieved_ratio["latency"] = sum(costs[name] * (gp.dense_units - len(gp.kept))
+                                                 for name, gp in plan.groups.items()) / total
         self._check_same_plan(plan)
         release_host_memory()  # the search's optimizer and the sliced-away weights
         self.model = model

@@ -101,6 +101,9 @@ class ArchSpec:
     swap_class: Callable[[nn.Module], None] | None = None
     vision_extra_tokens: int = 1
     classes: tuple[str, ...] = field(default_factory=tuple)
+    #: ``(model) -> None``: raises :class:`~upop.errors.UnsupportedModelError` for a model of this
+    #: family that the spec cannot slice (e.g. a variant with another MLP)
+    check: Callable[[nn.Module], None] | None = None
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -137,6 +140,8 @@ def _bias(lin: nn.Linear) -> int:
 
 def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | None = None) -> list[Group]:
     """Every prunable group of ``model`` according to ``spec``, in model order."""
+    if spec.check is not None:
+        spec.check(model)
     vcfg = _vision_config(model, spec)
     n_vision = vision_tokens(vcfg, spec.vision_extra_tokens) if vcfg is not None else 0
     groups: list[Group] = []

@@ -1,11 +1,13 @@
 """BLIP (``BlipForImageTextRetrieval``, ``BlipForQuestionAnswering``,
-``BlipForConditionalGeneration``).
+``BlipForConditionalGeneration``, upop's ``BlipForNLVR``).
 
 - Vision tower: fused QKV attention whose forward reshapes with ``embed_dim // num_heads``; after
   pruning its class is swapped for :class:`ShapeGenericBlipAttention`, the same module with a
   forward that reads ``head_dim`` (same parameters, same names, same scale attribute).
 - Text encoder: self-attention and MLPs are ``text``; cross-attention into the image is
-  ``fusion``. Text decoder: every group is ``decoder``.
+  ``fusion``. ``BlipForNLVR`` has two cross-attentions per layer (``crossattention.self0`` /
+  ``self1``, one per image, consumed by ``output.dense0`` / ``dense1``): two ``fusion`` groups
+  (``crossattn0``, ``crossattn1``). Text decoder: every group is ``decoder``.
 - The text attention computes its scale from ``attention_head_size`` at every forward, so pruning
   folds ``sqrt(new / dense)`` into the query rows to keep the dense scale.
 """
@@ -53,13 +55,21 @@ _VISION_MLP = MlpSite(fc1="mlp.fc1", fc2="mlp.fc2")
 _TEXT_SELF = _attention("attention")
 _TEXT_CROSS = _attention("crossattention", site="crossattn", modality="fusion", cross=True, optional=True)
 _DEC_CROSS = _attention("crossattention", site="crossattn", cross=True, optional=True)
+# BlipForNLVR: one cross-attention per image, each its own fusion group (as UPop's NLVR code masks them)
+_NLVR_CROSS = tuple(
+    AttentionSite(module=f"crossattention.self{k}", q=f"crossattention.self{k}.query", k=f"crossattention.self{k}.key",
+                  v=f"crossattention.self{k}.value", out=f"crossattention.output.dense{k}", site=f"crossattn{k}",
+                  modality="fusion", cross=True, optional=True)
+    for k in (0, 1)
+)
 
 SPEC = ArchSpec(
     name="blip",
     model_types=("blip",),
     towers=(
         Tower(("vision_model.encoder.layers",), "vision", (_VISION_ATTN,), _VISION_MLP, config="vision_config"),
-        Tower(("text_encoder.encoder.layer",), "text", (_TEXT_SELF, _TEXT_CROSS), TEXT_MLP, config="text_config"),
+        Tower(("text_encoder.encoder.layer",), "text", (_TEXT_SELF, _TEXT_CROSS, *_NLVR_CROSS), TEXT_MLP,
+              config="text_config"),
         Tower(("text_decoder.bert.encoder.layer",), "decoder", (_TEXT_SELF, _DEC_CROSS), TEXT_MLP, config="text_config"),
     ),
     set_head_dim=_set_head_dim,

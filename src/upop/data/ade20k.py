@@ -35,7 +35,9 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
 from ._problems import report
+from .augment import check_augment, input_size
 from .images import load_label_map, load_rgb_image
+from .seg_augment import segmentation_train_sample
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150
@@ -198,21 +200,34 @@ class ADE20KDataset(Dataset):
 class SegmentationCollator:
     """Samples -> ``{"pixel_values", "labels" (B, H, W) long, "index"}``.
 
-    Images go through the model's image processor (which must resize without cropping); label maps
-    are resized to the same ``H x W`` with nearest-neighbour sampling.
+    ``augment="none"``: images go through the model's image processor (which must resize without
+    cropping) and label maps are resized to the same ``H x W`` with nearest-neighbour sampling.
+    ``augment="deit"`` (the papers' recipe; for segmentation mmseg's ADE20K pipeline, see
+    :mod:`upop.data.seg_augment`): random resize, ``S x S`` crop, flip and photometric
+    distortion, drawn from ``(seed, epoch, sample index)``; ``S`` is the processor's input size.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, augment: str = "none", seed: int = 0):
         self.image_processor = getattr(processor, "image_processor", processor)
         if not callable(self.image_processor):
             raise ConfigError(f"segmentation needs an image processor, got {type(processor).__name__}")
+        self.augment, self.seed, self.epoch = check_augment(augment), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the augmentation's seed."""
+        self.epoch = int(epoch)
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
+        index = torch.tensor([s["index"] for s in batch], dtype=torch.long)
+        if self.augment != "none":
+            size = min(input_size(self.image_processor))
+            pixels, labels = zip(*(segmentation_train_sample(s["image"], s["label"], self.image_processor, size,
+                                                             self.seed, self.epoch, s["index"]) for s in batch))
+            return {"pixel_values": torch.stack(pixels), "labels": torch.stack(labels), "index": index}
         pixels = self.image_processor(images=[s["image"] for s in batch], return_tensors="pt")["pixel_values"]
         h, w = pixels.shape[-2:]
         labels = [np.asarray(s["label"].resize((w, h), Image.Resampling.NEAREST), dtype=np.int64) for s in batch]
-        return {"pixel_values": pixels, "labels": torch.from_numpy(np.stack(labels)),
-                "index": torch.tensor([s["index"] for s in batch], dtype=torch.long)}
+        return {"pixel_values": pixels, "labels": torch.from_numpy(np.stack(labels)), "index": index}
 
 
 __all__ = ["ADE20KDataset", "ADE20K_CLASSES", "CLASS_FILES", "IGNORE_INDEX", "SegmentationCollator",

@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
 from ._problems import report
+from .augment import (center_crop_eval, check_augment, deit_train_image, input_size, mix_pairs, normalize,
+                      sample_rng)
 from .images import load_rgb_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -114,17 +116,52 @@ def load_imagefolder(data_dir, splits=("train", "val", "test")) -> dict[str, Ima
 
 
 class ImageClassificationCollator:
-    """Samples -> ``{"pixel_values", "labels", "index"}`` through the model's image processor."""
+    """Samples -> ``{"pixel_values", "labels", "index"}`` through the model's image processor.
 
-    def __init__(self, processor):
+    ``augment="none"``: every image is resized by the processor (training and evaluation alike).
+    ``augment="deit"``: training batches get DeiT's augmentation (:mod:`upop.data.augment`),
+    drawn from ``(seed, epoch, sample index)``, and two more entries: ``"mix_partner"`` (B,) the
+    batch position each sample is mixed with and ``"mix_weight"`` (B,) the weight of its own
+    label (the loss builds the smoothed targets). :meth:`collate_eval` is the evaluation batch.
+    """
+
+    def __init__(self, processor, augment: str = "none", seed: int = 0):
         self.image_processor = getattr(processor, "image_processor", processor)
         if not callable(self.image_processor):
             raise ConfigError(f"classification needs an image processor, got {type(processor).__name__}")
+        self.augment, self.seed, self.epoch = check_augment(augment), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the augmentation's seed."""
+        self.epoch = int(epoch)
+
+    @staticmethod
+    def _labels(batch: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return {"labels": torch.tensor([s["label"] for s in batch], dtype=torch.long),
+                "index": torch.tensor([s["index"] for s in batch], dtype=torch.long)}
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
-        pixels = self.image_processor(images=[s["image"] for s in batch], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels, "labels": torch.tensor([s["label"] for s in batch], dtype=torch.long),
-                "index": torch.tensor([s["index"] for s in batch], dtype=torch.long)}
+        if self.augment == "none":
+            pixels = self.image_processor(images=[s["image"] for s in batch], return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixels, **self._labels(batch)}
+        size = input_size(self.image_processor)
+        pixels = torch.stack([deit_train_image(s["image"], self.image_processor, size,
+                                               sample_rng(self.seed, self.epoch, s["index"])) for s in batch])
+        pixels, partner, weight = mix_pairs(pixels, [s["index"] for s in batch], self.seed, self.epoch)
+        return {"pixel_values": pixels, **self._labels(batch), "mix_partner": partner, "mix_weight": weight}
+
+    def collate_eval(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Evaluation batch: DeiT's resize and centre crop for images larger than the input
+        (:func:`~upop.data.augment.center_crop_eval`), the processor's resize for the others."""
+        size = input_size(self.image_processor)
+        crops = [center_crop_eval(s["image"], size) for s in batch]
+        if all(c is None for c in crops):  # one processor call, as in training without augmentation
+            pixels = self.image_processor(images=[s["image"] for s in batch], return_tensors="pt")["pixel_values"]
+        else:
+            pixels = torch.stack([normalize(self.image_processor, [c])[0] if c is not None else
+                                  self.image_processor(images=[s["image"]], return_tensors="pt")["pixel_values"][0]
+                                  for c, s in zip(crops, batch)])
+        return {"pixel_values": pixels, **self._labels(batch)}
 
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageClassificationCollator", "ImageFolderDataset", "class_difference",

@@ -7,8 +7,10 @@ Two real annotation formats are read (see :func:`load_retrieval_split`):
 * The original Karpathy file ``dataset_coco.json`` / ``dataset_flickr30k.json`` / ``dataset_*.json``:
   ``{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw": ...}]}]}``.
 
-Every user mistake raises a one-line :class:`~upop.errors.DataError` naming the file; images are
-read by :mod:`upop.data.images`.
+Evaluation uses :class:`RetrievalDataset` (one sample per image, captions grouped); training uses
+:class:`RetrievalPairs` (one sample per (image, caption) pair, carrying its image index). Every
+user mistake raises a one-line :class:`~upop.errors.DataError` naming the file; images are read
+by :mod:`upop.data.images`.
 """
 from __future__ import annotations
 
@@ -241,6 +243,30 @@ class RetrievalDataset(Dataset):
         return texts, txt2img, img2txt
 
 
+class RetrievalPairs(Dataset):
+    """Training view of a split: one sample per (image, caption) pair, as BLIP's
+    ``coco_karpathy_train``, so an epoch covers every caption.
+
+    ``ds[j] == {"image": PIL RGB, "caption": str, "index": image index, "sample": j}``; samples
+    with the same ``index`` show the same image (the contrastive losses count them as positives).
+    ``items`` keeps the per-image items (captions grouped).
+    """
+
+    def __init__(self, items: Sequence[RetrievalItem]):
+        self.items = list(items)
+        if not self.items:
+            raise DataError("retrieval dataset has no items (need at least one image with captions)")
+        self.pairs = [(i, c) for i, item in enumerate(self.items) for c in range(len(item.captions))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j: int) -> dict:
+        i, c = self.pairs[j]
+        item = self.items[i]
+        return {"image": load_rgb_image(item.image), "caption": item.captions[c], "index": i, "sample": int(j)}
+
+
 def _parts(processor_or_parts) -> tuple[Any, Any]:
     if isinstance(processor_or_parts, dict):
         ip, tok = processor_or_parts.get("image_processor"), processor_or_parts.get("tokenizer")
@@ -259,17 +285,22 @@ def _parts(processor_or_parts) -> tuple[Any, Any]:
 class RetrievalCollator:
     """Turn dataset samples into model batches.
 
-    ``collator(batch)`` (training) picks ONE caption per image with ``random.Random`` seeded by
-    ``(seed, epoch, index)`` - deterministic, and different each epoch after :meth:`set_epoch` -
-    and returns ``{"pixel_values", "input_ids", "attention_mask", "index"}``. For evaluation,
-    :meth:`collate_images` batches images only, and :meth:`encode_texts` tokenizes any captions.
+    ``collator(batch)`` (training) returns ``{"pixel_values", "input_ids", "attention_mask",
+    "index", "sample"}``: a :class:`RetrievalPairs` sample brings its caption; a per-image sample
+    (:class:`RetrievalDataset`) gets ONE of its captions, picked with ``random.Random`` seeded by
+    ``(seed, epoch, index)`` - deterministic, and different each epoch after :meth:`set_epoch`.
+    ``index`` is the image index, ``sample`` the sample's position in its dataset. With a
+    ``prompt`` (captioning: BLIP's ``"a picture of "``) each training caption is prefixed with it
+    and ``"prompt_length"`` (B,) is its token count without the end token (start token + words).
+    For evaluation, :meth:`collate_images` batches images only, and :meth:`encode_texts`
+    tokenizes any captions (no prompt).
 
     ``max_length`` defaults to ``min(tokenizer.model_max_length, 77)``; ``padding`` is
     ``"max_length"`` (fixed shapes) or ``"longest"``.
     """
 
     def __init__(self, processor_or_parts, *, max_length: int | None = None, padding: str = "max_length",
-                 seed: int = 0):
+                 seed: int = 0, prompt: str = ""):
         self.image_processor, self.tokenizer = _parts(processor_or_parts)
         if padding not in ("max_length", "longest"):
             raise ConfigError(f"RetrievalCollator: padding={show(padding)} is not allowed (need 'max_length' or "
@@ -279,6 +310,11 @@ class RetrievalCollator:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ConfigError(f"RetrievalCollator: max_length={max_length!r} is not allowed (need an integer >= 2)")
         self.max_length, self.padding, self.seed, self.epoch = max_length, padding, seed, 0
+        if not isinstance(prompt, str):
+            raise ConfigError(f"RetrievalCollator: prompt={prompt!r} is not allowed (need a string)")
+        self.prompt = prompt
+        # BLIP's prompt length: the prompt's tokens without the end token (start token + words)
+        self.prompt_length = len(self.tokenizer(prompt)["input_ids"]) - 1 if prompt else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch used in the caption-choice seed."""
@@ -305,8 +341,12 @@ class RetrievalCollator:
                 "index": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long)}
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
-        texts = [self.choose_caption(s["captions"], s["index"]) for s in batch]
-        return {**self.collate_images(batch), **self.encode_texts(texts)}
+        texts = [s["caption"] if "caption" in s else self.choose_caption(s["captions"], s["index"]) for s in batch]
+        out = {**self.collate_images(batch), **self.encode_texts([self.prompt + t for t in texts]),
+               "sample": torch.tensor([int(s.get("sample", s["index"])) for s in batch], dtype=torch.long)}
+        if self.prompt:
+            out["prompt_length"] = torch.full((len(batch),), self.prompt_length, dtype=torch.long)
+        return out
 
 
 def make_clip_processor(image_size: int, tokenizer):

@@ -14,10 +14,17 @@ Supported layouts for split ``S`` of ``data_dir`` (searched directly and in ``an
 
 Every problem raises a one-line :class:`~upop.errors.DataError` naming the file and the entry
 (or, given ``problems=[]``, is recorded there and the entry skipped: ``upop data check``).
+Answers are kept verbatim (the official accuracy compares them raw when the annotators agree).
+
+Candidate answers for rank inference: :func:`load_answer_list` reads a JSON list of strings
+(VQAv2/BLIP ``answer_list.json``, :data:`ANSWER_LIST`); :func:`frequent_answers` lists the distinct
+answers of a split, most frequent first.
 """
 from __future__ import annotations
 
+import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,9 +61,15 @@ def _folders(data_dir: Path) -> list[Path]:
 
 
 def _text(path: Path, where: str, key: str, value) -> str:
+    return " ".join(_nonempty(path, where, value, key).split())
+
+
+def _nonempty(path: Path, where: str, value, key: str = "answer") -> str:
+    """A non-empty string, kept verbatim (the official accuracy compares raw answers when the
+    annotators agree)."""
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"annotation file {show(path)}: {where} has {key} {show(value, 80)} (need a non-empty string)")
-    return " ".join(value.split())
+    return value
 
 
 def _blip_entry(path: Path, i: int, entry, root: Path) -> VQAItem:
@@ -66,7 +79,7 @@ def _blip_entry(path: Path, i: int, entry, root: Path) -> VQAItem:
     if not answers:
         raise DataError(f"annotation file {show(path)}: {where} has no answers (need 'answer': a string or a "
                         "non-empty list of strings)")
-    answers = [_text(path, where, "answer", a) for a in answers]
+    answers = [_nonempty(path, where, a) for a in answers]
     return VQAItem(str(entry.get("question_id", i)), root / _text(path, where, "image", entry["image"]),
                    _text(path, where, "question", entry["question"]), answers)
 
@@ -90,7 +103,7 @@ def _official_answers(apath: Path, i: int, ann) -> tuple[str, list[str]]:
     for j, a in enumerate(ann["answers"]):
         if not isinstance(a, dict) or "answer" not in a:
             raise DataError(f"annotation file {show(apath)}: {where}.answers[{j}] has no 'answer' field")
-        got.append(_text(apath, f"{where}.answers[{j}]", "answer", a["answer"]))
+        got.append(_nonempty(apath, f"{where}.answers[{j}]", a["answer"]))
     return str(ann["question_id"]), got
 
 
@@ -172,13 +185,50 @@ def load_vqa_split(data_dir, split: str, image_root=None, image_pattern: str | N
     return [it for it in items if it.image not in missing]
 
 
-class VQADataset(Dataset):
-    """``ds[i] == {"image": PIL RGB, "question", "answers": [...], "index": i}``."""
+ANSWER_LIST = "answer_list.json"
+"""Name of the candidate answer file looked for in a VQA data folder."""
 
-    def __init__(self, items: Sequence[VQAItem]):
+
+def load_answer_list(path) -> list[str]:
+    """The candidate answers of a JSON file holding a non-empty list of non-empty strings, in file
+    order, whitespace runs collapsed, duplicates dropped."""
+    path = Path(path)
+    need = "need a JSON list of answer strings, as VQAv2's answer_list.json"
+    if not path.is_file():
+        raise DataError(f"answer list {show(path)} is not an existing file ({need})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"answer list {show(path)} cannot be read as UTF-8 text ({show(str(exc))})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"answer list {show(path)}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}; "
+                        f"{need})") from None
+    if not isinstance(data, list):
+        raise DataError(f"answer list {show(path)}: top level is a JSON {type(data).__name__} ({need})")
+    if not data:
+        raise DataError(f"answer list {show(path)} is empty ({need})")
+    for i, answer in enumerate(data):
+        if not isinstance(answer, str) or not answer.strip():
+            raise DataError(f"answer list {show(path)}: entry {i} is {show(answer, 80)} (need a non-empty string)")
+    return list(dict.fromkeys(" ".join(a.split()) for a in data))
+
+
+def frequent_answers(items: Sequence[VQAItem]) -> list[str]:
+    """Distinct annotator answers of ``items`` (whitespace runs collapsed), most frequent first,
+    ties in alphabetical order."""
+    counts = Counter(" ".join(a.split()) for it in items for a in it.answers)
+    return sorted(counts, key=lambda a: (-counts[a], a))
+
+
+class VQADataset(Dataset):
+    """``ds[i] == {"image": PIL RGB, "question", "answers": [...], "index": i}``; ``candidates`` are
+    the answers rank inference chooses from (set by the task's ``load_splits``, else None)."""
+
+    def __init__(self, items: Sequence[VQAItem], candidates: Sequence[str] | None = None):
         self.items = list(items)
         if not self.items:
             raise DataError("VQA dataset has no questions")
+        self.candidates = list(candidates) if candidates is not None else None
 
     def __len__(self) -> int:
         return len(self.items)

@@ -52,7 +52,17 @@ def decoder_inputs(ids: torch.Tensor, mask: torch.Tensor, model) -> tuple[torch.
     return ids, ids.masked_fill(mask == 0, -100)
 
 
-def generate_texts(model, tokenizer, max_new_tokens: int, **inputs) -> list[str]:
-    """Greedy generation with a BLIP class, decoded without special tokens."""
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    return [" ".join(t.split()) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+def generate_texts(model, tokenizer, max_new_tokens: int | None, *, num_beams: int = 1, min_length: int = 0,
+                   max_length: int | None = None, skip_tokens: int = 0, **inputs) -> list[str]:
+    """Deterministic generation with a BLIP class (greedy, or beam search with ``num_beams``),
+    decoded without special tokens.
+
+    Lengths are ``generate``'s: ``max_new_tokens`` new tokens, or (when it is None) sequences of
+    ``min_length`` to ``max_length`` tokens, counting any prompt the sequence starts with. The
+    first ``skip_tokens`` of each sequence (a prompt) are left out of the text.
+    """
+    lengths = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {"max_length": max_length}
+    if min_length:
+        lengths["min_length"] = min_length
+    ids = model.generate(**inputs, **lengths, do_sample=False, num_beams=num_beams)
+    return [" ".join(t.split()) for t in tokenizer.batch_decode(ids[:, skip_tokens:], skip_special_tokens=True)]

@@ -27,6 +27,16 @@ class Task:
     #: metric used to keep the best retrained checkpoint (higher is better)
     main_metric: str = ""
 
+    #: task settings of :class:`~upop.config.UPopConfig` this task reads, set as attributes by
+    #: :meth:`configure` (the class attributes of the same names are their defaults)
+    settings: tuple[str, ...] = ()
+
+    def configure(self, config) -> "Task":
+        """Take this task's settings from ``config`` (a :class:`~upop.config.UPopConfig`)."""
+        for name in self.settings:
+            setattr(self, name, getattr(config, name))
+        return self
+
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`TaskError` if ``model`` cannot do this task."""
         cls = type(model).__name__

@@ -1,28 +1,34 @@
 """Image-text retrieval with ``BlipForImageTextRetrieval`` (called by the ``retrieval`` task).
 
-Loss, as BLIP's retrieval fine-tuning:
+Training samples are (image, caption) pairs, each with its image index (:class:`~upop.data.
+retrieval.RetrievalPairs`), so a batch may hold several captions of one image. Loss, as BLIP's
+retrieval fine-tuning (``models/blip_retrieval.py``):
 
 * ITC: image [CLS] -> ``vision_proj``, text [CLS] of the unimodal text encoder -> ``text_proj``,
   both L2-normalised; symmetric cross-entropy of the cosine similarities divided by a *fixed*
   temperature :data:`ITC_TEMPERATURE` = 0.07 (BLIP learns it from 0.07; the HF class has no
-  ``temp`` parameter, so the task keeps it constant). Samples of the same image (same
-  ``index``) are all positives (soft targets), as BLIP does with image ids.
+  ``temp`` parameter, so the task keeps it constant). The targets are every sample of the same
+  image (same ``index``), normalised per row (:func:`contrastive_loss`), as BLIP's
+  ``sim_targets``.
 * ITM: the text encoder with cross-attention into the image, ``itm_head`` on [CLS], binary
   cross-entropy over the B positive pairs plus, for every text, a hard negative image and, for
   every image, a hard negative text, sampled with probability ``softmax(similarity)`` over the
-  samples of other images in the batch (BLIP's hard-negative mining), drawn with a generator
-  seeded from the batch's sample indices. Skipped for a batch of one image.
+  samples of OTHER images in the batch (BLIP's hard-negative mining: a caption of the same image
+  is never a negative), drawn with a generator seeded from the batch's sample ids. Skipped when
+  the batch holds a single image.
 
-Under N processes the batch is the global one, as in BLIP: features, texts and sample indices
-are gathered from all processes (:mod:`._gather`), so N processes at batch B train like one at
-N x B. The loss calls the model's submodules (vision tower, text encoder, heads); it runs as the
-forward of the data-parallel wrapper (:func:`._blip.through_wrapper`), so multi-process training
-synchronises the gradients like every other task.
+Under N processes the batch is the global one, as in BLIP: features, texts and image/sample
+indices are gathered from all processes (:mod:`._gather`), so N processes at batch B train like
+one at N x B. The loss calls the model's submodules (vision tower, text encoder, heads); it runs
+as the forward of the data-parallel wrapper (:func:`._blip.through_wrapper`), so multi-process
+training synchronises the gradients like every other task.
 
 Evaluation, as BLIP: ITC similarity for every (image, text) pair, then for each image its top
 ``k`` texts, and for each text its top ``k`` images, are re-scored with ``ITM logit(match) +
-ITC similarity``; every other pair scores -100. Recall@1/5/10 both ways with the CLIP task's
-metric names (:func:`upop.tasks.retrieval.recall_at_k`).
+ITC similarity``; every other pair scores -100. ``k`` is BLIP's ``k_test``
+(:func:`itm_depth`: 256 for COCO-sized test splits, 128 for Flickr30K-sized ones, or the
+``itm_k`` setting), capped by the number of candidates. Recall@1/5/10 both ways with the CLIP
+task's metric names (:func:`upop.tasks._recall.recall_at_k`).
 """
 from __future__ import annotations
 
@@ -32,13 +38,38 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..data.retrieval import RetrievalCollator
 from ._blip import through_wrapper, unwrap
+from ._recall import METRICS, recall_at_k
 from ._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to
 from ._shard import evaluating, map_batches
 
 ITC_TEMPERATURE = 0.07
-ITM_K = 16
-"""Candidates re-ranked by ITM per query (capped by the number of candidates)."""
+ITM_K_LARGE, ITM_K_SMALL, LARGE_TEST = 256, 128, 2000
+"""BLIP's ``k_test``: 256 (COCO) when the test split has more than 2,000 images, else 128 (Flickr30K)."""
+
+
+def itm_depth(itm_k: int | None, n_images: int) -> int:
+    """ITC candidates per query re-ranked by ITM: ``itm_k`` if set, else BLIP's ``k_test`` for
+    the split's size (:data:`ITM_K_LARGE` above :data:`LARGE_TEST` images, else :data:`ITM_K_SMALL`).
+    :func:`rerank` caps it by the number of candidates."""
+    if itm_k is not None:
+        return int(itm_k)
+    return ITM_K_LARGE if n_images > LARGE_TEST else ITM_K_SMALL
+
+
+def contrastive_loss(sim_i2t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric cross-entropy of (images x texts) logits of one batch of pairs, where every pair
+    of the same image (equal ``index``) is a positive: the targets are the same-image indicator
+    normalised per row (BLIP's ITC ``sim_targets``; UPop's CLIP loss). Without ``index``, or
+    with distinct indices, this is the usual InfoNCE on the diagonal."""
+    n = sim_i2t.shape[0]
+    idx = (index if index is not None else torch.arange(n, device=sim_i2t.device)).to(sim_i2t.device).view(-1, 1)
+    same = (idx == idx.t()).to(sim_i2t.dtype)
+    targets = same / same.sum(dim=1, keepdim=True)
+    i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
+    t2i = -(F.log_softmax(sim_i2t.t(), dim=1) * targets).sum(dim=1).mean()
+    return (i2t + t2i) / 2
 
 
 def _features(m, pixel_values=None, input_ids=None, attention_mask=None):
@@ -60,29 +91,33 @@ def _itm_logits(m, input_ids, attention_mask, image_embeds) -> torch.Tensor:
 
 
 def loss(model, batch) -> torch.Tensor:
-    """ITC + ITM loss of a batch ``{"pixel_values", "input_ids", "attention_mask", "index"}``,
-    run as the forward of the (possibly data-parallel) ``model``."""
-    return through_wrapper(model, _loss, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                           batch.get("index"))
+    """ITC + ITM loss of a batch ``{"pixel_values", "input_ids", "attention_mask", "index",
+    "sample"}`` (``index``: image index; ``sample``: sample id, seeds the negatives' draw), run as
+    the forward of the (possibly data-parallel) ``model``."""
+    index, sample = batch.get("index"), batch.get("sample")
+    keys = None if index is None else torch.stack([index, sample if sample is not None else index], dim=1)
+    return through_wrapper(model, _loss, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], keys)
 
 
-def _loss(m, pixel_values, ids, mask, index) -> torch.Tensor:
-    """The global-batch loss: features, texts and sample indices of all processes are gathered
-    (:mod:`._gather`), ITC runs over the whole N x B batch on every process, and each process
-    scores the ITM pairs of its own rows, with hard negatives mined from the whole batch."""
+def _loss(m, pixel_values, ids, mask, keys) -> torch.Tensor:
+    """The global-batch loss: features, texts and ``keys`` rows (image index, sample id) of all
+    processes are gathered (:mod:`._gather`), ITC runs over the whole N x B batch on every
+    process, and each process scores the ITM pairs of its own rows, with hard negatives mined
+    from the whole batch."""
     rows, length = batch_shapes(len(ids), ids.shape[1], ids.device)
     f = _features(m, pixel_values, ids, mask)
     image_feat, text_feat = gather_with_grad(f["image_feat"]), gather_with_grad(f["text_feat"])
     sim_i2t = image_feat @ text_feat.t() / ITC_TEMPERATURE
-    idx = gather(index.to(ids.device)) if index is not None else torch.arange(len(sim_i2t), device=ids.device)
-    idx = idx.view(-1, 1)
+    if keys is None:
+        keys = torch.arange(len(sim_i2t), device=ids.device).view(-1, 1).expand(-1, 2)
+    else:
+        keys = gather(keys.to(ids.device))
+    idx = keys[:, :1]
     same = idx == idx.t()
-    targets = same.float() / same.float().sum(dim=1, keepdim=True)
-    itc = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(1).mean() - (F.log_softmax(sim_i2t.t(), dim=1) * targets).sum(1).mean()
-    itc = itc / 2
+    itc = contrastive_loss(sim_i2t, idx)
     if bool(same.all()):
         return itc
-    neg_img, neg_txt = _hard_negatives(sim_i2t, same, idx)
+    neg_img, neg_txt = _hard_negatives(sim_i2t, same, keys)
     own = own_rows(rows)
     neg_img, neg_txt = neg_img[own].to(ids.device), neg_txt[own].to(ids.device)
     images, all_images = f["image_embeds"], gather_with_grad(f["image_embeds"])
@@ -98,11 +133,12 @@ def _loss(m, pixel_values, ids, mask, index) -> torch.Tensor:
 @torch.no_grad()
 def _hard_negatives(sim_i2t: torch.Tensor, same: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP's hard-negative mining over the (global) batch: for every text an image and for every
-    image a text, drawn with probability ``softmax(similarity)`` among the samples of other images.
+    image a text, drawn with probability ``softmax(similarity)`` among the samples of other images
+    (``same``: the samples' same-image matrix; those pairs get weight 0).
 
-    The draw uses its own CPU generator seeded from the batch's sample indices: a pure function
-    of the batch (the same for N x B and 1 x N*B, and on every process), and no global random
-    state is consumed, so a resumed run draws the same negatives."""
+    The draw uses its own CPU generator seeded from ``idx`` (the batch's image indices and sample
+    ids): a pure function of the batch (the same for N x B and 1 x N*B, and on every process),
+    and no global random state is consumed, so a resumed run draws the same negatives."""
     seed = int.from_bytes(hashlib.blake2b(idx.flatten().cpu().numpy().astype("<i8").tobytes(),
                                           digest_size=8).digest(), "little")
     gen = torch.Generator().manual_seed(seed)
@@ -120,8 +156,9 @@ def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.T
 
     ``itm_score(image_idx, text_idx)`` returns the ITM match score of each pair. Returns
     ``(i2t, t2i)``: (images x texts) and (texts x images) score matrices where each query's top
-    ``k`` candidates score ``itm + sim`` and every other pair -100. ``map_rows(n, fn)`` returns
-    ``[fn(lo, hi), ...]`` over blocks of the ``n`` queries (default: one block, this process).
+    ``k`` candidates (``k`` capped at the number of candidates) score ``itm + sim`` and every other
+    pair -100. ``map_rows(n, fn)`` returns ``[fn(lo, hi), ...]`` over blocks of the ``n`` queries
+    (default: one block, this process).
     """
     n_img, n_txt = sim.shape
     map_rows = map_rows or (lambda n, fn: [fn(0, n)])
@@ -142,13 +179,15 @@ def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def evaluate(model, dataset, processor, batch_size: int = 64, k: int = ITM_K, accelerator=None) -> dict[str, float]:
-    """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates (the embedding and
-    the re-ranking split across the processes of ``accelerator``)."""
-    from .retrieval import METRICS, RetrievalTask, recall_at_k
+def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None,
+             accelerator=None) -> dict[str, float]:
+    """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates (default: BLIP's
+    ``k_test`` for the split's size, :func:`itm_depth`); the embedding and the re-ranking split
+    across the processes of ``accelerator``."""
+    k = itm_depth(k, len(dataset))
 
     m = unwrap(model)
-    collate = RetrievalTask().collator(processor)
+    collate = RetrievalCollator(processor, padding="longest")
     device = next(m.parameters()).device
 
     def run_images(lo: int, hi: int):

@@ -1,17 +1,21 @@
-"""Image captioning with ``BlipForConditionalGeneration``.
+"""Image captioning with ``BlipForConditionalGeneration``, as BLIP's caption fine-tuning.
 
-Data: the Karpathy caption layout (the retrieval reader, :mod:`upop.data.retrieval`).
-Loss: the decoder's LM loss on one reference caption per image (a different one each epoch),
-as ``<bos> caption [SEP]`` (no prompt). Evaluation: greedy generation from the image alone
-(at most ``max_caption_tokens`` new tokens), scored with corpus BLEU-4 and CIDEr-D of
-:mod:`.caption_metrics` against all references, both x100 as in papers; main metric ``cider``.
+Data: the Karpathy caption layout (the retrieval reader, :mod:`upop.data.retrieval`); training
+samples are (image, caption) pairs, as BLIP's ``coco_karpathy_train``. Loss: the decoder's LM
+loss on ``<bos> a picture of <caption> [SEP]``, the prompt's tokens excluded from the targets
+(BLIP ``models/blip.py``, ``BLIP_Decoder.forward``). Evaluation: beam search (``caption_beams``
+beams, BLIP's 3; 1 = greedy) from the image and the prompt, sequences of :attr:`CaptionTask.min_length`
+to :attr:`CaptionTask.max_length` tokens counting the start token and the prompt (BLIP
+``configs/caption_coco.yaml``: 5 and 20, the lengths ``generate`` sees), returned without the
+prompt; scored with corpus BLEU-4 and CIDEr-D of :mod:`.caption_metrics` against all
+references, both x100 as in papers; main metric ``cider``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..data.retrieval import _parts
+from ..data.retrieval import RetrievalCollator, _parts
 from ._blip import decoder_inputs, generate_texts
 from ._shard import evaluating, map_batches
 from .base import Task
@@ -23,14 +27,25 @@ class CaptionTask(Task):
     name = "caption"
     model_classes = ("BlipForConditionalGeneration",)
     main_metric = "cider"
-    max_caption_tokens = 24
+    settings = ("caption_beams",)
+    #: beams of the decoding (BLIP: 3; 1 = greedy)
+    caption_beams: int = 3
+    #: BLIP's prompt, prepended to every caption in training and generation
+    prompt = "a picture of "
+    #: generated sequence length bounds, start token and prompt included (BLIP: 5 and 20)
+    min_length, max_length = 5, 20
 
-    # the caption data is the retrieval data (Karpathy JSON): same reader, same collator
+    # the caption data is the retrieval data (Karpathy JSON): same reader
     load_splits = RetrievalTask.load_splits
-    collator = RetrievalTask.collator
+
+    def collator(self, processor, seed: int = 0):
+        return RetrievalCollator(processor, seed=seed, padding="longest", prompt=self.prompt)
 
     def _inputs(self, model, batch) -> dict:
         ids, labels = decoder_inputs(batch["input_ids"], batch["attention_mask"], model)
+        if "prompt_length" in batch:  # BLIP: no loss on the start token and the prompt
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            labels = labels.masked_fill(positions < batch["prompt_length"].to(ids.device).view(-1, 1), -100)
         return {"pixel_values": batch["pixel_values"], "input_ids": ids, "attention_mask": batch["attention_mask"],
                 "labels": labels}
 
@@ -39,14 +54,19 @@ class CaptionTask(Task):
 
     @torch.no_grad()
     def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:
-        """A generated caption for every image of ``dataset``, in order."""
+        """A generated caption (without the prompt) for every image of ``dataset``, in order."""
         collate = self.collator(processor)
         _, tokenizer = _parts(processor)
         device = next(model.parameters()).device
 
         def run(lo: int, hi: int) -> list[str]:
             pixels = collate.encode_images([dataset[i] for i in range(lo, hi)]).to(device)
-            return generate_texts(model, tokenizer, self.max_caption_tokens, pixel_values=pixels)
+            prompt = tokenizer([self.prompt] * (hi - lo), return_tensors="pt")["input_ids"].to(device)
+            # BlipForConditionalGeneration.generate drops the prompt's end token: the sequences
+            # start with the start token and the prompt words, which are cut before decoding
+            return generate_texts(model, tokenizer, None, pixel_values=pixels, input_ids=prompt,
+                                  num_beams=self.caption_beams, min_length=self.min_length,
+                                  max_length=self.max_length, skip_tokens=prompt.shape[1] - 1)
 
         with evaluating(model):
             return [text for part in map_batches(len(dataset), batch_size, run, accelerator) for text in part]
@@ -62,6 +82,8 @@ class CaptionTask(Task):
         return {k: v.to(device) for k, v in self._inputs(model, batch).items() if k != "labels"}
 
     def text_tokens(self, processor, dataset) -> int | None:
-        n = min(len(dataset), 64)
-        texts = [c for i in range(n) for c in dataset.items[i].captions]
-        return int(self.collator(processor).encode_texts(texts)["input_ids"].shape[1])
+        """Padded length of prompt + caption over a sample of the data (what the decoder sees)."""
+        n = min(len(dataset.items), 64)
+        collate = self.collator(processor)
+        texts = [self.prompt + c for i in range(n) for c in dataset.items[i].captions]
+        return int(collate.encode_texts(texts)["input_ids"].shape[1])

@@ -7,14 +7,23 @@ evaluated. Data: ImageFolder (:mod:`upop.data.imagefolder`); the number of class
 equal ``model.config.num_labels``, and :meth:`ClassificationTask.check_data` gives each class
 the model's ``id2label`` id of its name, or names a new classifier's classes
 (:func:`upop.data.labels.align_classes`).
+
+Training follows DeiT's recipe when the ``augment`` setting is ``"deit"`` (the default):
+augmented, mixed batches (:mod:`upop.data.augment`) and the soft-target cross-entropy against
+the label-smoothed (0.1) mixed targets; ``"none"`` trains on the processor's resized images with
+the plain cross-entropy. Evaluation is DeiT's: images larger than the input are resized to
+``input / 0.875`` and centre-cropped (:meth:`~upop.data.imagefolder.ImageClassificationCollator.collate_eval`).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import AUGMENT_CHOICES, soft_targets
 from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
 from ..data.labels import align_classes
 from ..errors import DataError, show
@@ -37,6 +46,11 @@ def _num_labels(model: nn.Module) -> int:
     return int(unwrap(model).config.num_labels)
 
 
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(targets * log_softmax(logits))``."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
 def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
     """Every label id must be a class of the model."""
     n = _num_labels(model)
@@ -47,14 +61,18 @@ def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
 
 class ClassificationTask(Task):
     name = "classification"
-    model_classes = ("ViTForImageClassification", "DeiTForImageClassification", WITH_TEACHER)
+    model_classes = ("ViTForImageClassification", "DeiTForImageClassification", WITH_TEACHER,
+                     "Dinov2ForImageClassification")
     main_metric = "top1"
+    #: training augmentation: "deit" (DeiT's recipe) or "none" (the processor's resize only)
+    augment = AUGMENT_CHOICES[0]
+    settings = ("augment",)
 
     def load_splits(self, data_dir, splits=("train", "val", "test")):
         return load_imagefolder(data_dir, splits)
 
     def collator(self, processor, seed: int = 0):
-        return ImageClassificationCollator(processor)
+        return ImageClassificationCollator(processor, augment=self.augment, seed=seed)
 
     def check_data(self, model: nn.Module, dataset) -> None:
         """The dataset's classes must be the model's classes; label the dataset with the model's ids.
@@ -86,14 +104,19 @@ class ClassificationTask(Task):
         labels = batch["labels"]
         check_labels(model, labels)
         out = model(pixel_values=batch["pixel_values"])
+        if "mix_weight" in batch:  # augmented batch: label-smoothed mixed targets
+            targets = soft_targets(labels, batch["mix_partner"], batch["mix_weight"], _num_labels(model))
+            criterion = partial(soft_cross_entropy, targets=targets)
+        else:
+            criterion = partial(F.cross_entropy, target=labels)
         if hasattr(out, "distillation_logits") and out.distillation_logits is not None:
-            return (F.cross_entropy(out.cls_logits, labels) + F.cross_entropy(out.distillation_logits, labels)) / 2
-        return F.cross_entropy(out.logits, labels)
+            return (criterion(out.cls_logits) + criterion(out.distillation_logits)) / 2
+        return criterion(out.logits)
 
     @torch.no_grad()
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         self.check_data(model, dataset)
-        collate = self.collator(processor)
+        collate = ImageClassificationCollator(processor).collate_eval
         device = next(model.parameters()).device
 
         def run(lo: int, hi: int):
@@ -106,5 +129,6 @@ class ClassificationTask(Task):
         return topk_accuracy(torch.cat(logits), torch.cat(labels))
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):
-        batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
+        batch = ImageClassificationCollator(processor).collate_eval([dataset[i % len(dataset)]
+                                                                     for i in range(batch_size)])
         return {"pixel_values": batch["pixel_values"].to(next(model.parameters()).device)}

@@ -1,5 +1,10 @@
 """Image-text retrieval with CLIP: symmetric InfoNCE loss; R@1/5/10 both ways.
 
+Training samples are (image, caption) pairs (:class:`~upop.data.retrieval.RetrievalPairs`, as
+BLIP's ``coco_karpathy_train``: an epoch covers every caption); the InfoNCE targets are every
+pair of the same image in the (global) batch, normalised per row, as UPop's CLIP and BLIP's ITC
+(:func:`.blip_retrieval.contrastive_loss`).
+
 Evaluation follows the UPop/BLIP protocol: embed every test image and every caption, rank all
 captions for each image (``txt_r*``: an image counts as found at K when any of its captions is
 in the top K) and all images for each caption (``img_r*``); ``r_mean`` is the mean of the six.
@@ -11,68 +16,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.retrieval import RetrievalCollator, RetrievalDataset, load_retrieval_split
-from . import blip_retrieval
+from ..data.retrieval import RetrievalCollator, RetrievalDataset, RetrievalPairs, load_retrieval_split
+from . import blip_retrieval, siglip_retrieval
 from ._blip import unwrap
-from ._gather import batch_shapes, gather_with_grad, world
+from ._recall import METRICS, recall_at_k
+from ._gather import batch_shapes, gather, gather_with_grad, world
 from ._shard import evaluating, map_batches
 from .base import Task
 
-METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+#: the retrieval variant of each model class other than CLIP (its loss and evaluation)
+VARIANTS = {"BlipForImageTextRetrieval": blip_retrieval, "SiglipModel": siglip_retrieval}
 
 
-def recall_at_k(sim: torch.Tensor, img2txt: list[list[int]], txt2img: list[int]) -> dict[str, float]:
-    """Recall metrics from an (images x texts) similarity matrix, in percent."""
-    n_img, n_txt = sim.shape
-    # image -> text: best (lowest) rank among the image's captions
-    order = torch.argsort(sim, dim=1, descending=True)
-    rank_of = torch.empty_like(order)
-    rank_of.scatter_(1, order, torch.arange(n_txt).expand(n_img, n_txt))
-    txt_rank = torch.tensor([int(rank_of[i, img2txt[i]].min()) for i in range(n_img)])
-    # text -> image: rank of the caption's own image
-    order_t = torch.argsort(sim.t(), dim=1, descending=True)
-    target = torch.tensor(txt2img).unsqueeze(1)
-    img_rank = (order_t == target).float().argmax(dim=1)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"txt_r{k}"] = 100.0 * float((txt_rank < k).float().mean())
-        out[f"img_r{k}"] = 100.0 * float((img_rank < k).float().mean())
-    out["r_mean"] = sum(out[m] for m in METRICS[:-1]) / 6.0
-    return {m: out[m] for m in METRICS}
-
-
-def _is_blip(model) -> bool:
-    return type(getattr(model, "module", model)).__name__ == "BlipForImageTextRetrieval"
+def _variant(model):
+    """The module that trains and evaluates ``model``'s class, or None for CLIP (this module)."""
+    return VARIANTS.get(type(unwrap(model)).__name__)
 
 
 class RetrievalTask(Task):
     name = "retrieval"
-    model_classes = ("CLIPModel", "BlipForImageTextRetrieval")  # BLIP: see tasks/blip_retrieval.py
+    model_classes = ("CLIPModel", "BlipForImageTextRetrieval", "SiglipModel")  # see VARIANTS
     main_metric = "r_mean"
+    settings = ("itm_k",)
+    #: BLIP: ITC candidates per query re-ranked by ITM (None: 256 above 2,000 test images, else 128)
+    itm_k: int | None = None
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
-        return {s: RetrievalDataset(load_retrieval_split(data_dir, s, image_root)) for s in splits}
+        """``train``: one sample per (image, caption) pair; other splits: one per image."""
+        return {s: (RetrievalPairs if s == "train" else RetrievalDataset)(load_retrieval_split(data_dir, s, image_root))
+                for s in splits}
 
     def collator(self, processor, seed: int = 0):
         return RetrievalCollator(processor, seed=seed, padding="longest")
 
     def loss(self, model: nn.Module, batch):
-        """Symmetric InfoNCE over the global batch: under N processes the normalised embeddings of
-        all processes are gathered (gradients flow back, see :mod:`._gather`), so every caption of
-        the N x B batch is a negative, as with one process at batch N x B."""
-        if _is_blip(model):
-            return blip_retrieval.loss(model, batch)
+        """Symmetric InfoNCE over the global batch, with every pair of the same image (same
+        ``index``) a positive: under N processes the normalised embeddings and image indices of
+        all processes are gathered (gradients flow back, see :mod:`._gather`), so every caption
+        of the N x B batch takes part, as with one process at batch N x B."""
+        if _variant(model) is not None:
+            return _variant(model).loss(model, batch)
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
         )
+        index = batch.get("index")
         if world()[1] == 1:
             logits_per_text = out.logits_per_text
         else:  # the product CLIPModel.forward computes, over the gathered embeddings
             batch_shapes(len(out.text_embeds), device=out.text_embeds.device)
             text, image = gather_with_grad(out.text_embeds), gather_with_grad(out.image_embeds)
             logits_per_text = (text @ image.t()) * unwrap(model).logit_scale.exp()
-        labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-        return (F.cross_entropy(logits_per_text.t(), labels) + F.cross_entropy(logits_per_text, labels)) / 2
+            index = gather(index.to(text.device)) if index is not None else None
+        return blip_retrieval.contrastive_loss(logits_per_text.t(), index)
 
     @torch.no_grad()
     def embed(self, model, dataset: RetrievalDataset, processor, batch_size: int = 64, accelerator=None):
@@ -98,8 +93,8 @@ class RetrievalTask(Task):
         return image_emb, text_emb, txt2img, img2txt
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
-        if _is_blip(model):
-            return blip_retrieval.evaluate(model, dataset, processor, batch_size, accelerator=accelerator)
+        if _variant(model) is not None:
+            return _variant(model).evaluate(model, dataset, processor, batch_size, k=self.itm_k, accelerator=accelerator)
         image_emb, text_emb, txt2img, img2txt = self.embed(model, dataset, processor, batch_size, accelerator)
         return recall_at_k((image_emb @ text_emb.t()).cpu(), img2txt, txt2img)
 
@@ -111,6 +106,6 @@ class RetrievalTask(Task):
 
     def text_tokens(self, processor, dataset) -> int | None:
         """Padded caption length of a sample of the data (what the text tower really sees)."""
-        n = min(len(dataset), 64)
+        n = min(len(dataset.items), 64)
         texts = [c for i in range(n) for c in dataset.items[i].captions]
         return int(self.collator(processor).encode_texts(texts)["input_ids"].shape[1])

@@ -1,20 +1,34 @@
 """Semantic segmentation with the Segmenter model: per-pixel cross-entropy; mIoU and pixel accuracy.
 
 Labels are class ids with 255 = ignore (:mod:`upop.data.ade20k`); when the data names its
-classes they are the model's ``id2label`` ids (:meth:`SegmentationTask.check_data`). Evaluation
-accumulates a confusion matrix over the split at the model's input resolution (label maps are
-resized with nearest-neighbour sampling); ``miou`` is the mean IoU over the classes that occur
-in the ground truth or the prediction, ``pixel_acc`` the share of non-ignored pixels predicted
-right, both in percent.
+classes they are the model's ``id2label`` ids (:meth:`SegmentationTask.check_data`).
+
+Training batches get mmseg's ADE20K augmentation when the ``augment`` setting is ``"deit"`` (the
+default; :mod:`upop.data.seg_augment`), or the processor's resize with ``"none"``.
+
+Evaluation follows Segmenter (``segm/model/utils.py`` ``inference``) and mmseg's single-scale
+test: each image's shorter side is resized (bilinear, aspect kept) to the model's
+``image_size`` ``S``; :func:`sliding_window` runs the model on ``S x S`` windows at stride ``S``
+(the last window of a side flush with its end) and averages the logits where windows overlap;
+the logits are resized bilinearly to the ORIGINAL label map's size and their argmax is compared
+with it there. A confusion matrix is accumulated over the split; ``miou`` is the mean IoU over
+the classes that occur in the ground truth or the prediction, ``pixel_acc`` the share of
+non-ignored pixels predicted right, both in percent.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
+from ..data.augment import AUGMENT_CHOICES, normalize
 from ..data.labels import align_classes
 from ..errors import DataError, show
 from ._shard import evaluating, map_batches
@@ -40,6 +54,60 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
     return {"miou": 100.0 * miou, "pixel_acc": 100.0 * float(inter.sum()) / total if total else 0.0}
 
 
+def window_anchors(length: int, window: int, stride: int) -> list[int]:
+    """Window starts along a side of ``length``: every ``stride`` while a window fits before the
+    end, then one window flush with the end (Segmenter's ``sliding_window``); ``[0]`` if it is short."""
+    if length <= window:
+        return [0]
+    return list(range(0, length - window, stride)) + [length - window]
+
+
+def sliding_window(forward: Callable[[torch.Tensor], torch.Tensor], images: Sequence[torch.Tensor], window: int,
+                   stride: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """For each ``(C, H, W)`` image in order, its ``(K, H, W)`` logits: the mean of the logits of
+    every ``window x window`` window covering a pixel.
+
+    ``forward`` maps ``(N, C, window, window)`` to ``(N, K, window, window)``; the windows of all
+    images are run in chunks of ``batch_size``. An image shorter than the window on a side is
+    zero-padded on the bottom / right and the padding's logits dropped.
+    """
+    shapes = [tuple(im.shape[1:]) for im in images]
+    images = [im if min(im.shape[1:]) >= window else
+              F.pad(im, (0, max(window - im.shape[2], 0), 0, max(window - im.shape[1], 0))) for im in images]
+    sizes = [tuple(im.shape[1:]) for im in images]
+    jobs = [(i, y, x) for i, (h, w) in enumerate(sizes)
+            for y in window_anchors(h, window, stride) for x in window_anchors(w, window, stride)]
+    left = Counter(i for i, _, _ in jobs)
+    total, count = {}, {}
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        out = forward(torch.stack([images[i][:, y:y + window, x:x + window] for i, y, x in chunk]))
+        for (i, y, x), logits in zip(chunk, out):
+            if i not in total:
+                total[i] = logits.new_zeros((logits.shape[0], *sizes[i]))
+                count[i] = logits.new_zeros((1, *sizes[i]))
+            total[i][:, y:y + window, x:x + window] += logits
+            count[i][:, y:y + window, x:x + window] += 1
+            left[i] -= 1
+            if left[i] == 0:
+                h, w = shapes[i]
+                yield total.pop(i).div_(count.pop(i))[:, :h, :w]
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """``image`` resized (bilinear, aspect kept) so that its shorter side is ``size``."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(size, int(width * scale + 0.5)), max(size, int(height * scale + 0.5)))
+    return image if new == image.size else image.resize(new, Image.Resampling.BILINEAR)
+
+
+def _window(model: nn.Module) -> int:
+    """The model's input side (its encoder's ``image_size``)."""
+    size = unwrap(model).config.vision_config.image_size
+    return int(size if isinstance(size, int) else size[0])
+
+
 def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
     n = int(unwrap(model).config.num_labels)
     valid = labels[labels != IGNORE_INDEX]
@@ -51,12 +119,15 @@ class SegmentationTask(Task):
     name = "segmentation"
     model_classes = ("SegmenterForSemanticSegmentation",)
     main_metric = "miou"
+    #: training augmentation: "deit" (the papers' recipe: mmseg's pipeline) or "none" (resize only)
+    augment = AUGMENT_CHOICES[0]
+    settings = ("augment",)
 
     def load_splits(self, data_dir, splits=("train", "val", "test")):
         return {s: ADE20KDataset.from_split(data_dir, s) for s in splits}
 
     def collator(self, processor, seed: int = 0):
-        return SegmentationCollator(processor)
+        return SegmentationCollator(processor, augment=self.augment, seed=seed)
 
     def check_data(self, model: nn.Module, dataset) -> None:
         """The dataset's classes must be the model's; label the dataset with the model's ids.
@@ -90,25 +161,35 @@ class SegmentationTask(Task):
     @torch.no_grad()
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         self.check_data(model, dataset)
-        collate = self.collator(processor)
+        image_processor = getattr(processor, "image_processor", processor)
         device = next(model.parameters()).device
-        n = int(unwrap(model).config.num_labels)
-        conf = torch.zeros(n, n, dtype=torch.long)
+        n, window = int(unwrap(model).config.num_labels), _window(model)
+
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            return model(pixel_values=pixels.to(device)).logits.float()
 
         def run(lo: int, hi: int) -> torch.Tensor:
-            batch = collate([dataset[i] for i in range(lo, hi)])
-            check_labels(model, batch["labels"])
-            pred = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(1).cpu()
-            return confusion_matrix(pred, batch["labels"], n)
+            samples = [dataset[i] for i in range(lo, hi)]
+            labels = [torch.from_numpy(np.asarray(s["label"], dtype=np.int64)) for s in samples]
+            for label in labels:
+                check_labels(model, label)
+            pixels = [normalize(image_processor, [resize_short_side(s["image"], window)])[0] for s in samples]
+            conf = torch.zeros(n, n, dtype=torch.long)
+            for logits, label in zip(sliding_window(forward, pixels, window, window, batch_size), labels):
+                logits = F.interpolate(logits[None], size=tuple(label.shape), mode="bilinear", align_corners=False)
+                conf += confusion_matrix(logits[0].argmax(0).cpu(), label, n)
+            return conf
 
+        conf = torch.zeros(n, n, dtype=torch.long)
         with evaluating(model):
             for part in map_batches(len(dataset), batch_size, run, accelerator):
                 conf += part
         return segmentation_metrics(conf)
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):
-        batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
+        batch = SegmentationCollator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
         return {"pixel_values": batch["pixel_values"].to(next(model.parameters()).device)}
 
 
-__all__ = ["SegmentationTask", "confusion_matrix", "segmentation_metrics"]
+__all__ = ["SegmentationTask", "confusion_matrix", "resize_short_side", "segmentation_metrics", "sliding_window",
+           "window_anchors"]

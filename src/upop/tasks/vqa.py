@@ -1,26 +1,40 @@
-"""VQA with ``BlipForQuestionAnswering``: answer generation.
+"""VQA with ``BlipForQuestionAnswering``: answer ranking (BLIP's VQAv2 protocol) or generation.
 
 Loss: the text decoder's LM loss on one annotator answer per question (drawn by frequency,
 different each epoch), given the question encoded with cross-attention into the image — what
 ``BlipForQuestionAnswering.forward(labels=...)`` computes. Decoder sequences are ``<bos> answer
 [SEP]`` because the HF class starts from ``text_config.bos_token_id`` and stops at
-``text_config.sep_token_id``.
+``text_config.sep_token_id``. (transformers 5.x drops the question mask in the decoder's
+cross-attention, so in a batch the padded question positions are attended too; evaluation
+batches equal-length questions and has no padding.)
 
-Evaluation: greedy generation (at most ``max_answer_tokens`` tokens), answers decoded without
-special tokens, scored with the official averaged VQA accuracy (:mod:`.vqa_metrics`); metric
-``vqa_acc`` in percent.
+Evaluation (setting ``vqa_inference``), scored with the official VQAv2 accuracy
+(:mod:`.vqa_metrics`); metric ``vqa_acc`` in percent:
+
+* ``rank`` (default, BLIP's): each question picks one answer of a candidate list, the best
+  decoder log-likelihood among the ``vqa_k`` candidates with the likeliest first token
+  (:mod:`.vqa_rank`). Candidates: the file ``answer_list`` if set, else ``answer_list.json`` in
+  the data folder, else the distinct answers of the training split, most frequent first
+  (resolved by :meth:`VQATask.load_splits`, kept on each dataset as ``candidates``).
+* ``generate``: greedy generation (at most ``max_answer_tokens`` tokens), decoded without
+  special tokens.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.retrieval import _parts
-from ..data.vqa import VQACollator, VQADataset, load_vqa_split
-from ._blip import decoder_inputs, generate_texts
+from ..data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, load_answer_list,
+                        load_vqa_split)
+from ..errors import ConfigError, DataError, show
+from ._blip import decoder_inputs, generate_texts, unwrap
 from ._shard import evaluating, map_batches
 from .base import Task
 from .vqa_metrics import vqa_accuracy
+from .vqa_rank import encode_candidates, question_states, rank_answers
 
 
 class VQATask(Task):
@@ -28,9 +42,40 @@ class VQATask(Task):
     model_classes = ("BlipForQuestionAnswering",)
     main_metric = "vqa_acc"
     max_answer_tokens = 5
+    settings = ("vqa_inference", "vqa_k", "answer_list")
+    vqa_inference = "rank"
+    vqa_k = 128
+    answer_list = None
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
-        return {s: VQADataset(load_vqa_split(data_dir, s, image_root)) for s in splits}
+        """The splits; in rank mode each dataset also gets the candidate answers (see the module doc)."""
+        out = {s: VQADataset(load_vqa_split(data_dir, s, image_root)) for s in splits}
+        if self._mode() == "rank":
+            candidates = self._candidates(data_dir, out, image_root)
+            for dataset in out.values():
+                dataset.candidates = candidates
+        return out
+
+    def _mode(self) -> str:
+        if self.vqa_inference not in ("rank", "generate"):
+            raise ConfigError(f"vqa_inference={show(self.vqa_inference)} is not allowed; choose rank or generate")
+        return self.vqa_inference
+
+    def _candidates(self, data_dir, splits: dict, image_root=None) -> list[str]:
+        if self.answer_list is not None:
+            return load_answer_list(self.answer_list)
+        default = Path(data_dir) / ANSWER_LIST
+        if default.exists():
+            return load_answer_list(default)
+        if "train" in splits:
+            return frequent_answers(splits["train"].items)
+        try:
+            items = load_vqa_split(data_dir, "train", image_root, problems=[])
+        except DataError as exc:
+            raise DataError(f"VQA rank inference needs candidate answers: no answer_list setting, no {ANSWER_LIST} in "
+                            f"{show(data_dir)}, and its training split cannot be read ({exc}); give an answer list "
+                            "or use vqa_inference=generate") from None
+        return frequent_answers(items)
 
     def collator(self, processor, seed: int = 0):
         return VQACollator(processor, seed=seed)
@@ -47,14 +92,52 @@ class VQATask(Task):
                 "pixel_values": batch["pixel_values"], "decoder_input_ids": dec,
                 "decoder_attention_mask": batch["answer_mask"]}
 
-    @torch.no_grad()
     def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:
-        """Generated answers for every question of ``dataset``, in order."""
+        """The answer to every question of ``dataset``, in order (ranked or generated: ``vqa_inference``)."""
+        if self._mode() == "rank":
+            return self._rank(model, dataset, processor, batch_size, accelerator)
+        return self._generate(model, dataset, processor, batch_size, accelerator)
+
+    @torch.no_grad()
+    def _rank(self, model, dataset, processor, batch_size: int, accelerator) -> list[str]:
+        candidates = getattr(dataset, "candidates", None)
+        if candidates is None and self.answer_list is not None:
+            candidates = dataset.candidates = load_answer_list(self.answer_list)
+        if not candidates:
+            raise ConfigError("VQA rank inference needs candidate answers: load the data with the task's load_splits "
+                              "(vqa_inference=rank), set answer_list, or use vqa_inference=generate")
+        m = unwrap(model)
+        device = next(m.parameters()).device
+        cand_ids, cand_mask = (t.to(device) for t in encode_candidates(_parts(processor)[1], candidates, m))
+
+        def answer(pixel_values, input_ids, attention_mask) -> list[str]:
+            states = question_states(m, pixel_values, input_ids, attention_mask)
+            chosen = rank_answers(m, states, attention_mask, cand_ids, cand_mask, self.vqa_k)
+            return [candidates[j] for j in chosen.tolist()]
+
+        return self._by_length(model, dataset, processor, batch_size, accelerator, answer)
+
+    @torch.no_grad()
+    def _generate(self, model, dataset, processor, batch_size: int, accelerator) -> list[str]:
+        tokenizer = _parts(processor)[1]
+
+        def answer(pixel_values, input_ids, attention_mask) -> list[str]:
+            return generate_texts(model, tokenizer, self.max_answer_tokens, pixel_values=pixel_values,
+                                  input_ids=input_ids, attention_mask=attention_mask)
+
+        return self._by_length(model, dataset, processor, batch_size, accelerator, answer)
+
+    def _by_length(self, model, dataset, processor, batch_size: int, accelerator, answer) -> list[str]:
+        """``answer(pixel_values, input_ids, attention_mask)`` of every question, in dataset order.
+
+        The decoder of the HF BLIP classes attends to every question position, padding included
+        (``generate()`` passes an all-ones mask; in transformers 5.x the text cross-attention drops
+        ``encoder_attention_mask``), so questions are batched only with others of the same token
+        length: no padding, the same answers as one question at a time.
+        """
         collate = self.collator(processor)
         _, tokenizer = _parts(processor)
         device = next(model.parameters()).device
-        # HF generate() lets the decoder attend to every question position (padding too), so
-        # questions are batched by token length: no padding, same answers as one at a time
         lengths = [len(tokenizer(it.question)["input_ids"]) for it in dataset.items]
         order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))
         groups: list[list[int]] = []
@@ -69,10 +152,8 @@ class VQATask(Task):
             for idx in groups[lo:hi]:
                 samples = [dataset[i] for i in idx]
                 q = collate.encode_questions(samples)
-                texts = generate_texts(model, tokenizer, self.max_answer_tokens,
-                                       pixel_values=collate.encode_images(samples).to(device),
-                                       input_ids=q["input_ids"].to(device),
-                                       attention_mask=q["attention_mask"].to(device))
+                texts = answer(collate.encode_images(samples).to(device), q["input_ids"].to(device),
+                               q["attention_mask"].to(device))
                 out += list(zip(idx, texts))
             return out
 

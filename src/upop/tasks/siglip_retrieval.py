@@ -1,0 +1,102 @@
+"""Image-text retrieval with SigLIP (``SiglipModel``): pairwise sigmoid loss; R@1/5/10 both ways.
+
+Loss (SigLIP, Zhai et al. 2023): for every caption i and image j of the (global) batch, with
+``s_ij = exp(t) * cos(text_i, image_j) + b`` (``SiglipModel``'s ``logits_per_text``) and
+``z_ij = +1`` when both come from the same image (same ``index``), else ``-1``::
+
+    loss = -sum_ij log sigmoid(z_ij * s_ij) / batch_size
+
+With one caption per image this is ``SiglipModel(return_loss=True)``'s loss; captions of the
+same image in a batch are all positives. Under N processes the embeddings and image indices
+are gathered (gradients flow back, see :mod:`._gather`), so N x B trains like 1 x N*B.
+
+Text: SigLIP pools the LAST token, and was trained with captions padded to a fixed length, so
+every caption is padded (or cut) to the text tower's ``max_position_embeddings``, in training
+(:func:`fixed_length`) and evaluation alike: a caption's embedding then does not depend on the
+other captions of its batch. Evaluation ranks by cosine similarity (the sigmoid is monotonic),
+as :class:`~upop.tasks.retrieval.RetrievalTask` does for CLIP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.retrieval import RetrievalCollator
+from ._blip import unwrap
+from ._gather import batch_shapes, gather, gather_with_grad, world
+from ._recall import recall_at_k
+from ._shard import evaluating, map_batches
+
+
+def text_length(model) -> int:
+    """The fixed caption length: the text tower's ``max_position_embeddings``."""
+    return int(unwrap(model).config.text_config.max_position_embeddings)
+
+
+def fixed_length(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (with the pad token, masked out) or cut ``input_ids``/``attention_mask`` to :func:`text_length`."""
+    length = text_length(model)
+    if input_ids.shape[1] >= length:
+        return input_ids[:, :length], attention_mask[:, :length]
+    pad_id = unwrap(model).config.text_config.pad_token_id or 0
+    extra = length - input_ids.shape[1]
+    return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
+
+
+def sigmoid_loss(logits_per_text: torch.Tensor, text_index: torch.Tensor | None = None,
+                 image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """``-sum log sigmoid(z * logits) / rows`` with ``z = +1`` where the text's and the image's
+    indices agree (the diagonal when no indices are given), else ``-1``."""
+    if text_index is None or image_index is None:
+        same = torch.eye(*logits_per_text.shape, dtype=torch.bool, device=logits_per_text.device)
+    else:
+        same = text_index.view(-1, 1).to(logits_per_text.device) == image_index.view(1, -1).to(logits_per_text.device)
+    z = same.to(logits_per_text.dtype) * 2 - 1
+    return -F.logsigmoid(z * logits_per_text).sum() / logits_per_text.shape[0]
+
+
+def loss(model, batch) -> torch.Tensor:
+    """The sigmoid loss of ``batch`` (``input_ids``, ``attention_mask``, ``pixel_values``, ``index``)
+    over the global batch."""
+    input_ids, attention_mask = fixed_length(model, batch["input_ids"], batch["attention_mask"])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"])
+    index = batch.get("index")
+    if world()[1] == 1:
+        return sigmoid_loss(out.logits_per_text, index, index)
+    # the logits SiglipModel.forward computes, over the gathered (normalised) embeddings
+    batch_shapes(len(out.text_embeds), device=out.text_embeds.device)
+    text, image = gather_with_grad(out.text_embeds), gather_with_grad(out.image_embeds)
+    inner = unwrap(model)
+    logits = (text @ image.t()) * inner.logit_scale.exp() + inner.logit_bias
+    index = gather(index.to(text.device)) if index is not None else None
+    return sigmoid_loss(logits, index, index)
+
+
+@torch.no_grad()
+def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
+    """Normalised image and caption embeddings of ``dataset`` (all captions, flattened), with
+    ``txt2img`` and ``img2txt``; captions at the fixed length of :func:`text_length`."""
+    collate = RetrievalCollator(processor, padding="max_length", max_length=text_length(model))
+    device = next(model.parameters()).device
+
+    def run_images(lo: int, hi: int) -> torch.Tensor:
+        pixels = collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device)
+        return model.get_image_features(pixel_values=pixels).pooler_output.float().cpu()
+
+    texts, txt2img, img2txt = dataset.flat_captions()
+
+    def run_texts(lo: int, hi: int) -> torch.Tensor:
+        enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
+        return model.get_text_features(**enc).pooler_output.float().cpu()
+
+    with evaluating(model):
+        images = map_batches(len(dataset), batch_size, run_images, accelerator)
+        captions = map_batches(len(texts), batch_size, run_texts, accelerator)
+    return (F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(captions), dim=-1), txt2img, img2txt)
+
+
+def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None, accelerator=None):
+    """Recall at 1/5/10 both ways and their mean (``k``, BLIP's re-ranking depth, is unused)."""
+    image_emb, text_emb, txt2img, img2txt = embed(model, dataset, processor, batch_size, accelerator)
+    return recall_at_k(image_emb @ text_emb.t(), img2txt, txt2img)

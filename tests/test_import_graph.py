@@ -1,0 +1,84 @@
+"""No import cycles inside upop: every import (also those inside functions, which would only hide
+a cycle) points down a layered graph. ``upop/__init__.py`` and ``tasks/__init__.py`` (registries
+that import their members) are the roots and may import anything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "upop"
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        parts = module.split(".")
+        parts = parts if is_package else parts[:-1]
+        parts = parts[: len(parts) - (node.level - 1)]
+        base = ".".join(parts + ([node.module] if node.module else []))
+    if not base.startswith("upop"):
+        return []
+    # "from . import x" names submodules; "from .m import name" names the module m
+    return [f"{base}.{a.name}" for a in node.names] if node.module is None else [base]
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                targets = _resolve(module, path.name == "__init__.py", node)
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("upop")]
+            for t in targets:
+                while t and t not in files:  # "upop.tasks.retrieval.X" -> the module that defines X
+                    t = t.rpartition(".")[0]
+                if t and t != module:
+                    graph[module].add(t)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+ROOTS = {"upop", "upop.tasks", "upop.__main__"}
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    # the registries import their members; nothing may import a registry back to form a cycle
+    inner = {m: {n for n in deps if n not in ROOTS} for m, deps in graph.items() if m not in ROOTS}
+    assert _cycle(inner) is None, " -> ".join(_cycle(inner))
+
+
+def test_the_checker_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
