@@ -3,8 +3,8 @@
     python scripts/gpu_check.py [--out gpu-check.json] [--families clip,vit] [--precisions fp32,bf16]
     python scripts/gpu_check.py --cpu          # dry run of this script on a machine without a GPU
 
-For each family with a task (clip, blip-retrieval, blip-vqa, blip-caption, blip-nlvr, vit, deit,
-segmenter) it writes a tiny random model and a tiny Shapes data set once, then runs
+For each family with a task (clip, siglip, blip-retrieval, blip-vqa, blip-caption, blip-nlvr, vit,
+deit, dinov2, segmenter) it writes a tiny random model and a tiny Shapes data set once, then runs
 ``python -m upop compress`` (1 search epoch, 1 retrain epoch, a few steps) once per precision,
 and once more per precision under ``torchrun`` with 2 processes when 2 or more GPUs are visible
 (``--multi`` / ``--no-multi`` to choose). Each run is a subprocess, so a crash is recorded and
@@ -35,12 +35,14 @@ from pathlib import Path
 
 FAMILY_TASKS: dict[str, str] = {
     "clip": "retrieval",
+    "siglip": "retrieval",
     "blip-retrieval": "retrieval",
     "blip-vqa": "vqa",
     "blip-caption": "caption",
     "blip-nlvr": "nlvr",
     "vit": "classification",
     "deit": "classification",
+    "dinov2": "classification",
     "segmenter": "segmentation",
 }
 """Every model family that has a task (bert has none yet), with that task."""

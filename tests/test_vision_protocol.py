@@ -258,11 +258,19 @@ class _ConstantModel(nn.Module):
         return SimpleNamespace(logits=logits + self.weight)
 
 
+@pytest.mark.parametrize("mode", ["slide", "whole"])
 @pytest.mark.parametrize("klass", [0, 2])
-def test_metrics_are_computed_at_the_original_resolution(klass, processor, seg_data):
+def test_metrics_are_computed_at_the_original_resolution(klass, mode, processor, seg_data):
     model = _ConstantModel(klass)
-    metrics = SegmentationTask().evaluate(model, seg_data, processor, batch_size=4)
+    task = SegmentationTask().configure(UPopConfig(eval_mode=mode))
+    metrics = task.evaluate(model, seg_data, processor, batch_size=4)
     labels = np.concatenate([np.asarray(s["label"]).ravel() for s in seg_data])  # 37..42 x 53 each
     valid = labels != 255
     assert metrics["pixel_acc"] == pytest.approx(100 * np.mean(labels[valid] == klass), abs=1e-9)
     assert set(model.sizes) == {(SIZE, SIZE)}  # windows of the model's size only
+
+
+def test_whole_image_evaluation_is_one_forward_per_image(processor, seg_data):
+    model = _ConstantModel(1)
+    SegmentationTask().configure(UPopConfig(eval_mode="whole")).evaluate(model, seg_data, processor, batch_size=64)
+    assert model.sizes == [(SIZE, SIZE)]  # every image of the (small) split in one batch, resized to the input

@@ -72,6 +72,9 @@ class UPopConfig:
                                  "default: answer_list.json in the data folder, else the training answers", task=True)
     caption_beams: int = _f(3, "captioning: beams of the decoding (BLIP: 3, prompt 'a picture of ', 5-20 tokens); "
                             "1 = greedy", task=True)
+    eval_mode: str = _f("slide", "segmentation evaluation: slide (Segmenter/mmseg: shorter side resized to the model "
+                        "input, sliding windows) or whole (the image resized to the model input); both score at the "
+                        "original resolution", choices=("slide", "whole"), task=True)
     latency_time: float = _f(0.5, "latency timing: each model (dense and compressed) is timed for 3 x this many "
                              "seconds in all, over 7 interleaved rounds")
 

@@ -121,7 +121,10 @@ class SegmentationTask(Task):
     main_metric = "miou"
     #: training augmentation: "deit" (the papers' recipe: mmseg's pipeline) or "none" (resize only)
     augment = AUGMENT_CHOICES[0]
-    settings = ("augment",)
+    settings = ("augment", "eval_mode")
+    #: "slide" (Segmenter/mmseg: shorter side to the input size, windows at stride = input size) or
+    #: "whole" (the image resized to the input, one forward); logits are scored at the original size
+    eval_mode = "slide"
 
     def load_splits(self, data_dir, splits=("train", "val", "test")):
         return {s: ADE20KDataset.from_split(data_dir, s) for s in splits}
@@ -173,9 +176,13 @@ class SegmentationTask(Task):
             labels = [torch.from_numpy(np.asarray(s["label"], dtype=np.int64)) for s in samples]
             for label in labels:
                 check_labels(model, label)
-            pixels = [normalize(image_processor, [resize_short_side(s["image"], window)])[0] for s in samples]
             conf = torch.zeros(n, n, dtype=torch.long)
-            for logits, label in zip(sliding_window(forward, pixels, window, window, batch_size), labels):
+            if self.eval_mode == "whole":  # the whole image resized to the model input, one forward
+                outputs = forward(image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"])
+            else:
+                pixels = [normalize(image_processor, [resize_short_side(s["image"], window)])[0] for s in samples]
+                outputs = sliding_window(forward, pixels, window, window, batch_size)
+            for logits, label in zip(outputs, labels):
                 logits = F.interpolate(logits[None], size=tuple(label.shape), mode="bilinear", align_corners=False)
                 conf += confusion_matrix(logits[0].argmax(0).cpu(), label, n)
             return conf
