@@ -1,8 +1,12 @@
-"""Recall at K of image-text retrieval, both ways, in percent (shared by every retrieval variant)."""
+"""Embedding retrieval evaluation shared by every retrieval variant: the embedding pass over a
+split and recall at K both ways, in percent."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from ._shard import evaluating, map_batches
 
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
@@ -25,3 +29,26 @@ def recall_at_k(sim: torch.Tensor, img2txt: list[list[int]], txt2img: list[int])
         out[f"img_r{k}"] = 100.0 * float((img_rank < k).float().mean())
     out["r_mean"] = sum(out[m] for m in METRICS[:-1]) / 6.0
     return {m: out[m] for m in METRICS}
+
+
+@torch.no_grad()
+def embed_split(model, dataset, collate, batch_size: int = 64, accelerator=None):
+    """Normalised image and caption embeddings of ``dataset`` (all captions, flattened) through
+    ``model.get_image_features`` / ``get_text_features``, batches made by ``collate``, split across
+    the processes of ``accelerator``; with ``txt2img`` and ``img2txt``."""
+    device = next(model.parameters()).device
+
+    def run_images(lo: int, hi: int) -> torch.Tensor:
+        pixels = collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device)
+        return model.get_image_features(pixel_values=pixels).pooler_output.float().cpu()
+
+    texts, txt2img, img2txt = dataset.flat_captions()
+
+    def run_texts(lo: int, hi: int) -> torch.Tensor:
+        enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
+        return model.get_text_features(**enc).pooler_output.float().cpu()
+
+    with evaluating(model):
+        images = map_batches(len(dataset), batch_size, run_images, accelerator)
+        captions = map_batches(len(texts), batch_size, run_texts, accelerator)
+    return F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(captions), dim=-1), txt2img, img2txt

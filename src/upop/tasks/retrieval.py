@@ -13,15 +13,13 @@ in the top K) and all images for each caption (``img_r*``); ``r_mean`` is the me
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.retrieval import RetrievalCollator, RetrievalDataset, RetrievalPairs, load_retrieval_split
 from . import blip_retrieval, siglip_retrieval
 from ._blip import unwrap
-from ._recall import METRICS, recall_at_k
+from ._recall import METRICS, embed_split, recall_at_k
 from ._gather import batch_shapes, gather, gather_with_grad, world
-from ._shard import evaluating, map_batches
 from .base import Task
 
 #: the retrieval variant of each model class other than CLIP (its loss and evaluation)
@@ -72,25 +70,7 @@ class RetrievalTask(Task):
     @torch.no_grad()
     def embed(self, model, dataset: RetrievalDataset, processor, batch_size: int = 64, accelerator=None):
         """Normalised image and caption embeddings of ``dataset`` (all captions, flattened)."""
-        collate = self.collator(processor)
-        device = next(model.parameters()).device
-
-        def run_images(lo: int, hi: int) -> torch.Tensor:
-            batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
-            return model.get_image_features(pixel_values=batch["pixel_values"].to(device)).pooler_output.float().cpu()
-
-        texts, txt2img, img2txt = dataset.flat_captions()
-
-        def run_texts(lo: int, hi: int) -> torch.Tensor:
-            enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
-            return model.get_text_features(**enc).pooler_output.float().cpu()
-
-        with evaluating(model):
-            images = map_batches(len(dataset), batch_size, run_images, accelerator)
-            text_emb = map_batches(len(texts), batch_size, run_texts, accelerator)
-        image_emb = F.normalize(torch.cat(images).float(), dim=-1)
-        text_emb = F.normalize(torch.cat(text_emb).float(), dim=-1)
-        return image_emb, text_emb, txt2img, img2txt
+        return embed_split(model, dataset, self.collator(processor), batch_size, accelerator)
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         if _variant(model) is not None:

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from ..data.retrieval import RetrievalCollator
 from ._blip import unwrap
 from ._gather import batch_shapes, gather, gather_with_grad, world
-from ._recall import recall_at_k
-from ._shard import evaluating, map_batches
+from ._recall import embed_split, recall_at_k
 
 
 def text_length(model) -> int:
@@ -78,22 +77,7 @@ def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
     """Normalised image and caption embeddings of ``dataset`` (all captions, flattened), with
     ``txt2img`` and ``img2txt``; captions at the fixed length of :func:`text_length`."""
     collate = RetrievalCollator(processor, padding="max_length", max_length=text_length(model))
-    device = next(model.parameters()).device
-
-    def run_images(lo: int, hi: int) -> torch.Tensor:
-        pixels = collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device)
-        return model.get_image_features(pixel_values=pixels).pooler_output.float().cpu()
-
-    texts, txt2img, img2txt = dataset.flat_captions()
-
-    def run_texts(lo: int, hi: int) -> torch.Tensor:
-        enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
-        return model.get_text_features(**enc).pooler_output.float().cpu()
-
-    with evaluating(model):
-        images = map_batches(len(dataset), batch_size, run_images, accelerator)
-        captions = map_batches(len(texts), batch_size, run_texts, accelerator)
-    return (F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(captions), dim=-1), txt2img, img2txt)
+    return embed_split(model, dataset, collate, batch_size, accelerator)
 
 
 def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None, accelerator=None):
