@@ -44,8 +44,9 @@ FAMILY_TASKS: dict[str, str] = {
     "deit": "classification",
     "dinov2": "classification",
     "segmenter": "segmentation",
+    "bert": "distill",
 }
-"""Every model family that has a task (bert has none yet), with that task."""
+"""Every model family with a task (bert: the label-free task)."""
 
 PHASES = ("dense_eval", "search", "retrain", "final_eval", "latency")
 """The phases of a run that must each report their device (log.jsonl ``device`` records)."""

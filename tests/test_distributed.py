@@ -53,17 +53,18 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
 
 
-# (family, task, master port): every family with a task, each on its own port so that a case
-# left hanging cannot block the next one
+# (family, task, master port, extra options): every family with a task, each on its own port so
+# that a case left hanging cannot block the next one; two of them distil from the dense model
+# (BLIP retrieval: the teacher replays a loss with collectives and a paused ITM part)
 COMPRESS_CASES = [
-    ("clip", "retrieval", 29571),
-    ("blip-retrieval", "retrieval", 29572),
-    ("blip-vqa", "vqa", 29573),
-    ("blip-caption", "caption", 29574),
-    ("blip-nlvr", "nlvr", 29575),
-    ("vit", "classification", 29576),
-    ("deit", "classification", 29577),
-    ("segmenter", "segmentation", 29578),
+    ("clip", "retrieval", 29571, []),
+    ("blip-retrieval", "retrieval", 29572, ["--distill", "logits+hidden"]),
+    ("blip-vqa", "vqa", 29573, []),
+    ("blip-caption", "caption", 29574, []),
+    ("blip-nlvr", "nlvr", 29575, []),
+    ("vit", "classification", 29576, []),
+    ("deit", "classification", 29577, ["--distill", "logits", "--score", "taylor"]),
+    ("segmenter", "segmentation", 29578, []),
 ]
 
 
@@ -87,8 +88,8 @@ def folders(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("family,task,port", COMPRESS_CASES, ids=[f"{f}-{t}" for f, t, _ in COMPRESS_CASES])
-def test_every_family_compresses_under_torchrun_like_one_process(family, task, port, folders, tmp_path, capsys):
+@pytest.mark.parametrize("family,task,port,extra", COMPRESS_CASES, ids=[f"{f}-{t}" for f, t, _, _ in COMPRESS_CASES])
+def test_every_family_compresses_under_torchrun_like_one_process(family, task, port, extra, folders, tmp_path, capsys):
     """Two processes compress each family end to end: the loss runs through the data-parallel
     wrapper (same weights on both after every phase), both choose the same plan, and the report's
     metrics (evaluation split across the processes) equal one process evaluating the checkpoint."""
@@ -98,7 +99,7 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "upop", "compress",
            "--model", str(model), "--task", task, "--data", str(data), "--out", str(out),
            "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "1",
-           "--no-progress", "--latency-time", "0.02", "--eval-batch-size", "8"]
+           "--no-progress", "--latency-time", "0.02", "--eval-batch-size", "8", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Compressed model:") == 1  # the summary comes from the main process only

@@ -9,7 +9,7 @@ import torch
 from upop.masks import _MaskedLinear
 
 
-@pytest.mark.parametrize("rows", [15, 2])  # more rows than input features (the weight is scaled), fewer
+@pytest.mark.parametrize("rows", [15, 2])  # more rows than input features, fewer (both backward branches)
 @pytest.mark.parametrize("bias", [True, False])
 def test_masked_linear_gradients_are_exact(bias, rows):
     torch.manual_seed(0)

@@ -322,6 +322,9 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
         latency_input=f"FLOPs: one test sample; latency: {describe_setup(latency)}",
     )
     report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
+    report["score"] = config.score
+    report["distill"] = (run.distiller.describe() if run.distiller is not None
+                         else {"mode": "task"} if getattr(task, "needs_teacher", False) else {"mode": "none"})
     report["validation"] = {"best": result.best_metrics, "history": result.history}
     report["device"] = str(p.device)
     report["processes"] = dist.num_processes
@@ -341,9 +344,10 @@ def _check_data(task: str, data, images: str) -> None:
 
 
 def evaluate(model_or_path, task: str | Task, data, split: str = "test", processor=None, batch_size: int = 64,
-             config: UPopConfig | None = None) -> dict[str, float]:
+             config: UPopConfig | None = None, teacher=None) -> dict[str, float]:
     """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``; the task
-    settings of ``config`` (e.g. ``vqa_inference``) apply, the defaults otherwise."""
+    settings of ``config`` (e.g. ``vqa_inference``) apply, the defaults otherwise. ``teacher`` (a
+    model or folder: the dense model) is what the label-free task ``distill`` measures agreement with."""
     from .models import load_any
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -359,5 +363,16 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
     else:
         model = model_or_path
     task.check_model(model)
+    if getattr(task, "needs_teacher", False):
+        if teacher is None:
+            raise ConfigError(f"task {task.name!r} measures agreement with the dense model: give it as teacher "
+                              "(upop evaluate --teacher DENSE_MODEL_DIR)")
+        from .distill import make_teacher
+
+        if isinstance(teacher, (str, os.PathLike)):
+            teacher = load_any(teacher)[0]
+        task.set_teacher(make_teacher(teacher, device=next(model.parameters()).device))
+    elif teacher is not None:
+        raise ConfigError(f"teacher is used by the label-free task distill only, not by {task.name!r}")
     dataset = task.load_splits(data, splits=(split,))[split]
     return task.evaluate(model, dataset, processor, batch_size)

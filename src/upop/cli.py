@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search which units to prune (UPop), slice them out, retrain, and write "
                        "OUT/compressed (a checkpoint folder), OUT/report.json|md, OUT/allocation.png and logs.")
     c.add_argument("--model", required=True, help="dense model: a local Hugging Face folder (or hub id)")
-    c.add_argument("--task", required=True, choices=sorted(TASKS), help="task the model is fine-tuned for")
+    c.add_argument("--task", required=True, choices=sorted(TASKS),
+                   help="task the model is fine-tuned for; distill: label-free (a folder of images and/or texts.txt; "
+                   "the compressed model learns to agree with the dense one)")
     c.add_argument("--data", required=True, help="dataset folder in the task's format (see docs/data.md)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--config", help="YAML file of UPop settings")
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split to evaluate, or to take the timed samples from "
                    "(default: test)")
     e.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (metrics; default: 64)")
+    e.add_argument("--teacher", default=None, help="task distill only: the dense model folder the compressed model's "
+                   "agreement is measured against")
     timing = e.add_argument_group("latency (with --latency only)")
     timing.add_argument("--latency", action="store_true",
                         help="time --model (and --baseline) instead of computing metrics")
@@ -233,7 +237,8 @@ def cmd_evaluate(args) -> int:
             raise ConfigError(f"{given[0]} is an option of the timing; add --latency (upop evaluate --latency "
                               "--model DIR [--baseline DIR] ...)")
         metrics = evaluate(args.model, args.task, args.data, split=args.split,
-                           batch_size=64 if args.batch_size is None else args.batch_size, config=config)
+                           batch_size=64 if args.batch_size is None else args.batch_size, config=config,
+                           teacher=args.teacher)
         print(json.dumps(metrics, indent=1, sort_keys=True))
         return 0
     if args.batch_size is not None:
@@ -274,8 +279,8 @@ def cmd_data(args) -> int:
 
 
 #: what ``data shapes`` writes, for every task's format
-SHAPES_FILES = ("images", "annotations", "train", "val", "test", "train.json", "val.json", "test.json", "shapes.json",
-                "classes.json")
+SHAPES_FILES = ("images", "texts.txt", "annotations", "train", "val", "test", "train.json", "val.json", "test.json",
+                "shapes.json", "classes.json")
 
 #: what ``make-model`` writes (a model folder holding anything else is never overwritten)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .search import ALLOCATIONS, COSTS, METHODS
+from .distill import MODES as DISTILL_MODES
+from .search import ALLOCATIONS, COSTS, METHODS, SCORES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -40,11 +41,31 @@ class UPopConfig:
     retrain_lr: float | None = _f(None, "peak learning rate of retraining (cosine schedule); default: --lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression")
+    score: str = _f("gradient", "what ranks the units: gradient (the paper: the accumulated mask gradient, dL/dzeta "
+                    "summed over steps), taylor (the accumulated |gradient x mask|, first-order Taylor importance) or "
+                    "fisher (the accumulated squared gradient); same schedule, selection and projection",
+                    choices=SCORES)
+    distill: str = _f("none", "distillation from the dense model during search and retraining: none, logits (the "
+                      "task's outputs: retrieval's image-text similarities both ways, VQA/caption token "
+                      "distributions, class and per-pixel logits) or logits+hidden (plus every block's output, "
+                      "the residual stream pruning keeps); the teacher is a frozen copy of the dense model",
+                      choices=DISTILL_MODES)
+    distill_weight: float = _f(1.0, "weight of the distillation term added to the task loss")
+    distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)")
+    teacher_precision: str = _f("fp32", "dtype the distillation teacher is held and run in: fp32, or bf16 (half "
+                                "the memory)", choices=("fp32", "bf16"))
     w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
     w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
     round_to: int | str = _f("auto", "every group keeps a multiple of this many units: auto (8, the width kernels "
                              "are fast at, smaller only for groups too narrow for it; the report says which), or a "
                              "number; 1 = any width (the paper)")
+    granularity: str = _f("head-dim", "what an attention unit is: head-dim (the paper: channel j of every head; "
+                          "pruning narrows head_dim, and odd head widths run slower in GPU fused attention kernels), "
+                          "head (whole heads: head_dim stays at its dense size, such as 64 or 128, where fused "
+                          "attention kernels are fastest on GPUs, and fewer heads do proportionally less attention "
+                          "work; coarser units, so the search has fewer choices; round_to auto is then 1) or both "
+                          "(heads and channels ranked together: not supported yet). MLP units are neurons in every "
+                          "case", choices=("head-dim", "head", "both"))
     augment: str = _f("deit", "training augmentation of the vision tasks: deit (the papers' recipes: classification "
                       "DeiT's crop, flip, RandAugment, random erasing, mixup/cutmix and label smoothing 0.1; "
                       "segmentation mmseg's random resize, crop, flip and photometric distortion) or none (the "
@@ -104,6 +125,9 @@ class UPopConfig:
             bad("round_to", "need auto or an integer >= 1")
         if self.allocation == "uniform" and self.round_to not in ("auto", 1):
             bad("round_to", "the uniform allocation does not round widths; use auto or 1 with it")
+        if self.granularity != "head-dim" and self.cost == "latency":  # the latency table times head widths only
+            bad("granularity", "cost=latency measures head-dim channels only; use head-dim with it, or cost params "
+                "or flops")
         if self.itm_k is not None and (isinstance(self.itm_k, bool) or not isinstance(self.itm_k, int) or self.itm_k < 1):
             bad("itm_k", "need an integer >= 1 (or leave unset)")
         if self.answer_list is not None and not isinstance(self.answer_list, (str, os.PathLike)):
@@ -116,7 +140,10 @@ class UPopConfig:
                 continue
             if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0 or not math.isfinite(value):
                 bad(name, "need a positive number below 1")
-        for name in ("weight_decay", "w_attn", "w_mlp", "latency_time"):
+        if not isinstance(self.distill_temperature, (int, float)) or isinstance(self.distill_temperature, bool) \
+                or not math.isfinite(self.distill_temperature) or self.distill_temperature <= 0:
+            bad("distill_temperature", "need a finite number > 0")
+        for name in ("weight_decay", "w_attn", "w_mlp", "latency_time", "distill_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 bad(name, "need a finite number >= 0")

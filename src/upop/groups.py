@@ -1,9 +1,11 @@
 """Prunable groups: what UPop scores, masks and slices.
 
 A :class:`Group` is one attention module or one MLP of one transformer block. Its *units* are
-head-dimension channels (attention: channel ``j`` of every head, in Q, K and V together) or
-hidden neurons (MLP). Groups are found by the architecture specs in :mod:`upop.arch`; this
-module only describes them and knows how a unit maps to rows and columns of the weights.
+head-dimension channels (attention, granularity ``"head-dim"``, the paper: channel ``j`` of every
+head, in Q, K and V together), whole heads (attention, granularity ``"head"``: head ``h``, all its
+channels in Q, K and V) or hidden neurons (MLP). Groups are found by the architecture specs in
+:mod:`upop.arch`; this module only describes them and knows how a unit maps to rows and columns
+of the weights.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 
 KINDS = ("attention", "mlp")
 MODALITIES = ("vision", "text", "fusion", "decoder")
+#: what an attention unit is: a head-dimension channel shared by all heads (the paper), a whole
+#: head, or both ranked together (not supported yet)
+GRANULARITIES = ("head-dim", "head", "both")
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,10 @@ class Group:
         modality: ``"vision"``, ``"text"``, ``"fusion"`` (cross-attention of a fusion encoder)
             or ``"decoder"``.
         layer: index of the block inside its tower.
-        num_units: units of the dense group (head_dim for attention, intermediate size for MLP).
-        num_heads: heads sharing each attention unit (1 for an MLP).
+        num_units: units of the dense group (attention: head_dim, or the number of heads for
+            granularity ``"head"``; MLP: intermediate size).
+        num_heads: heads of the attention module as found (1 for an MLP). With granularity
+            ``"head-dim"`` every unit spans all of them; with ``"head"`` it equals ``num_units``.
         producers: qualified names of the Linear layers whose output rows a unit owns
             (Q, K, V; a fused QKV; or fc1).
         consumer: qualified name of the Linear whose input columns a unit owns (out-proj, fc2).
@@ -37,6 +44,9 @@ class Group:
         param_cost: parameters one unit holds (exact count: weights and biases, METHOD §4).
         flop_cost: FLOPs (2 x multiply-adds) one unit costs per sample, with ``tokens_q`` query
             tokens and ``tokens_kv`` key/value tokens.
+        granularity: ``"head-dim"`` (channels; also every MLP group) or ``"head"`` (whole heads).
+        head_dim: channels per head of an attention module as found (0 for an MLP); a head unit
+            owns this many rows of each of Q, K and V.
     """
 
     name: str
@@ -54,6 +64,13 @@ class Group:
     tokens_q: int
     tokens_kv: int
     spec: str = field(default="", compare=False)
+    granularity: str = "head-dim"
+    head_dim: int = 0
+
+    @property
+    def whole_heads(self) -> bool:
+        """True for an attention group whose units are whole heads."""
+        return self.granularity == "head"
 
     def cost(self, kind: str = "params") -> int:
         """Cost of one unit under the budget ``kind`` (``"params"`` or ``"flops"``)."""
@@ -63,9 +80,13 @@ class Group:
         """Rows of each producer (and input columns of the consumer) owned by units ``kept``.
 
         ``width`` is the current number of units of the group (``num_units`` when dense).
-        For a fused QKV producer use :meth:`fused_rows`.
+        Channels (``"head-dim"``): channel ``j`` of every head, ``h * width + j``. Whole heads:
+        head ``h``'s block ``h * head_dim .. (h + 1) * head_dim - 1``. For a fused QKV producer
+        use :meth:`fused_rows`.
         """
         kept = torch.as_tensor(kept, dtype=torch.long)
+        if self.whole_heads:
+            return (kept.unsqueeze(1) * self.head_dim + torch.arange(self.head_dim, dtype=torch.long)).reshape(-1)
         width = self.num_units if width is None else width
         heads = torch.arange(self.num_heads, dtype=torch.long).unsqueeze(1) * width
         return (heads + kept.unsqueeze(0)).reshape(-1)
@@ -74,11 +95,23 @@ class Group:
         """Rows of a fused ``[3, heads, head_dim]`` QKV weight owned by units ``kept``."""
         width = self.num_units if width is None else width
         per = self.rows(kept, width)
-        block = self.num_heads * width
+        block = width * self.head_dim if self.whole_heads else self.num_heads * width
         return torch.cat([per + s * block for s in range(3)])
 
     def mask_expansion(self) -> int:
-        """How many times the unit mask repeats along a producer's output features."""
+        """How many times the unit mask repeats along a producer's output features (channel and
+        MLP groups; a whole-head mask is expanded by :meth:`expand_mask`)."""
         if self.kind == "mlp":
             return 1
-        return self.num_heads * (3 if self.fused_qkv else 1)
+        return (1 if self.whole_heads else self.num_heads) * (3 if self.fused_qkv else 1)
+
+    def expand_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The unit mask as one scale per output feature of a producer (``[3,] heads, head_dim``
+        layout): channels repeat it once per head, whole heads repeat each value ``head_dim``
+        times; a fused QKV producer repeats the result for Q, K and V."""
+        if self.kind == "mlp":
+            return mask
+        if self.whole_heads:
+            mask = mask.repeat_interleave(self.head_dim)
+        repeat = self.mask_expansion()
+        return mask.repeat(repeat) if repeat > 1 else mask

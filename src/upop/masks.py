@@ -41,7 +41,7 @@ class Masks(nn.Module):
         self._handles = []
         for group, mask in zip(self.groups, self._params):
             for name in group.producers:
-                self._handles.append(_MaskedForward(model.get_submodule(name), mask, group.mask_expansion()))
+                self._handles.append(_MaskedForward(model.get_submodule(name), mask, group))
 
     # mapping-like access -------------------------------------------------------------------
     def __getitem__(self, name: str) -> nn.Parameter:
@@ -65,7 +65,8 @@ class Masks(nn.Module):
     # gradients -----------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate_grads(
-        self, average_across_processes: bool = True, grad_scale: float | torch.Tensor = 1.0
+        self, average_across_processes: bool = True, grad_scale: float | torch.Tensor = 1.0,
+        score: str = "gradient",
     ) -> torch.Tensor:
         """Add every mask's current gradient to ``grad_sum`` and clear the gradient.
 
@@ -74,6 +75,10 @@ class Masks(nn.Module):
         ``grad_scale`` is the loss scale of fp16 training (the gradients are divided by it); a
         tensor (a scaler's scale on the device) is used where it lies, without reading it.
         Across processes the gradients are averaged first, so every process holds the same sums.
+
+        ``score`` is what is added per unit: ``"gradient"`` the gradient itself (the paper),
+        ``"taylor"`` ``|gradient x mask|`` (the first-order Taylor estimate of the loss change
+        when the unit is removed), ``"fisher"`` the squared gradient.
 
         Returns a 0-dim bool tensor on the masks' device: False if any gradient was not finite,
         in which case nothing of this step is added. Nothing here reads a value back to the host,
@@ -88,6 +93,10 @@ class Masks(nn.Module):
             flat /= _world_size()
         for p in self._params:
             p.grad = None
+        if score == "taylor":
+            flat = (flat * torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self._params])).abs()
+        elif score == "fisher":
+            flat = flat * flat
         finite = torch.isfinite(flat).all()
         flat = torch.where(finite, flat, 0.0)
         for group, part in zip(self.groups, flat.split([g.num_units for g in self.groups])):
@@ -135,12 +144,10 @@ class _MaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale):
-        s = scale.to(weight.dtype)
-        if x.numel() // x.shape[-1] > weight.shape[1]:
-            # more rows than input features: scaling the weight is the smaller product
-            out = torch.nn.functional.linear(x, weight * s.unsqueeze(1), None if bias is None else bias * s)
-        else:
-            out = torch.nn.functional.linear(x, weight, bias) * s.to(x.dtype)
+        # scaled in place: no temporary (neither a scaled weight nor a second output); the
+        # product costs 1 / (2 x in_features) of the matmul's FLOPs
+        out = torch.nn.functional.linear(x, weight, bias)
+        out.mul_(scale.to(out.dtype))
         ctx.save_for_backward(x, weight, bias, scale)
         return out
 
@@ -175,15 +182,18 @@ class _MaskedLinear(torch.autograd.Function):
 
 
 class _MaskedForward:
-    """Replaces a Linear's forward by the masked one; ``remove()`` restores the class forward."""
+    """Replaces a Linear's forward by the masked one; ``remove()`` restores the class forward.
 
-    def __init__(self, module: nn.Linear, mask: nn.Parameter, repeat: int):
-        self.module, self.mask, self.repeat = module, mask, repeat
+    The group's unit mask becomes one scale per output feature by :meth:`Group.expand_mask`
+    (channels: repeated once per head; whole heads: each value repeated ``head_dim`` times)."""
+
+    def __init__(self, module: nn.Linear, mask: nn.Parameter, group: Group):
+        self.module, self.mask, self.group = module, mask, group
         module.forward = self.forward  # instance attribute: shadows nn.Linear.forward
 
     def forward(self, x):
         lin = self.module
-        scale = self.mask.repeat(self.repeat) if self.repeat > 1 else self.mask
+        scale = self.group.expand_mask(self.mask)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, find_groups, get_spec
-from .arch._spec import fold_query_scale
+from .arch._spec import fold_query_scale, set_head_count
 from .errors import CheckpointError, ConfigError, show
 from .groups import Group
 from .masks import Masks
@@ -27,6 +27,8 @@ FORMAT_VERSION = 1
 #: the plan's file in a compressed checkpoint folder, next to ``config.json`` and the weights
 PLAN_FILE = "upop_plan.json"
 _KINDS = ("attention", "mlp")
+#: granularities a plan's group may record (``"head-dim"``, the default, is not written)
+_PLAN_GRANULARITIES = ("head-dim", "head")
 
 
 def _is_int(value: Any) -> bool:
@@ -58,20 +60,33 @@ def _check_keys(data: Any, required: tuple[str, ...], allowed: tuple[str, ...], 
 
 @dataclass
 class GroupPlan:
-    """Kept units of one group (indices into the dense group's units, sorted)."""
+    """Kept units of one group (indices into the dense group's units, sorted).
+
+    ``granularity`` is ``"head"`` for an attention group whose units are whole heads (``kept``
+    are head indices, ``dense_units`` the dense number of heads). The default ``"head-dim"`` is
+    not written to JSON, so plans of the paper's granularity are what they always were, and a
+    plan without the key (any older plan) reads as ``"head-dim"``.
+    """
 
     kind: str
     modality: str
     layer: int
     dense_units: int
     kept: list[int]
+    granularity: str = "head-dim"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.granularity == "head-dim":
+            del data["granularity"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "GroupPlan":
         """Parse one group of a plan, checking every field's type and range (one-line
         CheckpointError naming the group, the field and its value)."""
         names = tuple(f.name for f in fields(cls))
-        _check_keys(data, names, names, where, "a group")
+        _check_keys(data, tuple(n for n in names if n != "granularity"), names, where, "a group")
         kind = _checked(data, "kind", lambda v: v in _KINDS, "'attention' or 'mlp'", where)
         modality = _checked(data, "modality", _is_name, "a non-empty string", where)
         layer = _checked(data, "layer", lambda v: _is_int(v) and v >= 0, "an integer >= 0", where)
@@ -82,7 +97,11 @@ class GroupPlan:
         outside = kept[0] if kept[0] < 0 else kept[-1]
         if outside < 0 or outside >= dense:
             raise CheckpointError(f"{where}: kept index {outside} is outside [0, {dense}) (dense_units {dense})")
-        return cls(kind, modality, layer, dense, list(kept))
+        granularity = data.get("granularity", "head-dim")
+        if granularity not in _PLAN_GRANULARITIES or (granularity == "head" and kind != "attention"):
+            raise CheckpointError(f"{where}: granularity is {show(granularity, 60)}; need 'head-dim' or, for an "
+                                  "attention group, 'head'")
+        return cls(kind, modality, layer, dense, list(kept), granularity)
 
 
 @dataclass
@@ -106,7 +125,13 @@ class PruningPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["groups"] = {name: g.to_dict() for name, g in self.groups.items()}
         return data
+
+    @property
+    def granularity(self) -> str:
+        """``"head"`` when the plan's attention groups are whole heads, else ``"head-dim"``."""
+        return "head" if any(g.granularity == "head" for g in self.groups.values()) else "head-dim"
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
@@ -168,7 +193,8 @@ def prune(model: nn.Module, masks: Masks, base_model: str = "", search: dict | N
         model_type=model.config.model_type,
         spec=spec.name,
         groups={
-            g.name: GroupPlan(g.kind, g.modality, g.layer, g.num_units, kept[g.name]) for g in masks.groups
+            g.name: GroupPlan(g.kind, g.modality, g.layer, g.num_units, kept[g.name], g.granularity)
+            for g in masks.groups
         },
         base_model=base_model or getattr(model.config, "_name_or_path", "") or "",
         search=dict(search or {}),
@@ -217,7 +243,7 @@ def apply_plan(
     shaping a fresh model whose weights are loaded afterwards.
     """
     spec = spec or get_spec(model)
-    groups = groups if groups is not None else find_groups(model, spec)
+    groups = groups if groups is not None else plan_groups(model, plan, spec)
     by_name = {g.name: g for g in groups}
     if set(by_name) != set(plan.groups):
         extra = sorted(set(plan.groups) - set(by_name))
@@ -230,6 +256,16 @@ def apply_plan(
         _check_group_plan(group, gplan)
         _slice_group(model, spec, group, gplan.kept, fold_scale)
     _carry_plan(model, plan)
+
+
+def plan_groups(model: nn.Module, plan: PruningPlan, spec: ArchSpec | None = None) -> list[Group]:
+    """The groups of dense ``model``, in model order, each at the granularity the plan records for
+    it (a plan of whole heads is replayed on head groups; one without the key on channel groups)."""
+    spec = spec or get_spec(model)
+    wanted = sorted({g.granularity for g in plan.groups.values()} | {"head-dim"})
+    found = {gran: {g.name: g for g in find_groups(model, spec, granularity=gran)} for gran in wanted}
+    return [found[plan.groups[name].granularity][name] if name in plan.groups else group
+            for name, group in found["head-dim"].items()]
 
 
 def _carry_plan(model: nn.Module, plan: PruningPlan) -> None:
@@ -268,6 +304,9 @@ class _SavePretrainedWithPlan:
 
 def _check_group_plan(group: Group, gplan: GroupPlan) -> None:
     kept = gplan.kept
+    if gplan.granularity != group.granularity:
+        raise CheckpointError(f"plan group {group.name}: granularity {gplan.granularity} but the group's units are "
+                              f"{group.granularity} units")
     if gplan.dense_units != group.num_units:
         raise CheckpointError(
             f"plan group {group.name}: dense_units {gplan.dense_units} but the model has {group.num_units}"
@@ -293,7 +332,11 @@ def _slice_group(model: nn.Module, spec: ArchSpec, group: Group, kept: list[int]
     for name in group.producers:
         _slice_linear(model.get_submodule(name), rows, dim=0)
     _slice_linear(model.get_submodule(group.consumer), group.rows(kept), dim=1)
-    if group.kind == "attention":
+    if group.kind == "attention" and group.whole_heads:
+        # head_dim (and so the attention scale) is unchanged: only the number of heads shrinks
+        (spec.set_num_heads or set_head_count)(module, new)
+        spec.set_head_dim(module, group.head_dim, group.head_dim, new)
+    elif group.kind == "attention":
         spec.set_head_dim(module, new, group.num_units, group.num_heads)
         if fold_scale and type(module).__name__ in spec.fold_scale_classes:
             fold_query_scale(model, group, new)

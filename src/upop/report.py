@@ -151,6 +151,18 @@ def build_report(
     }
 
 
+def distill_words(distill: dict) -> str:
+    """One sentence on what the run distilled from the dense model."""
+    if distill.get("mode", "none") == "none":
+        return " No distillation."
+    if distill["mode"] == "task":
+        return " Label-free: the loss is the agreement with the dense model."
+    what = "the task's outputs" + (f" and the outputs of {distill['hidden_blocks']} blocks"
+                                   if distill.get("hidden_blocks") else "")
+    return (f" Distilled from the dense model: {what} (weight {distill['weight']:g}, "
+            f"temperature {distill['temperature']:g}).")
+
+
 def markdown(report: dict[str, Any]) -> str:
     d, c = report["dense"], report["compressed"]
     lines = [
@@ -160,7 +172,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['achieved_ratio']:.4f} (params {report['achieved_ratio_by_cost']['params']:.4f}, "
         f"FLOPs {report['achieved_ratio_by_cost']['flops']:.4f})."
         + (f" Kept widths: multiples of {report['round_to']['used']} ({report['round_to']['why']})."
-           if "round_to" in report else ""),
+           if "round_to" in report else "")
+        + (f" Units ranked by the {report['score']} score." if "score" in report else "")
+        + (distill_words(report["distill"]) if "distill" in report else ""),
         "",
         "| | dense | compressed | change |",
         "|---|---:|---:|---:|",

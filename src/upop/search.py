@@ -31,6 +31,8 @@ from .masks import Masks
 METHODS = ("upop", "one-shot")
 ALLOCATIONS = ("unified", "uniform")
 COSTS = ("params", "flops", "latency")
+SCORES = ("gradient", "taylor", "fisher")
+"""What a unit's score accumulates per step (see :meth:`upop.masks.Masks.accumulate_grads`)."""
 
 
 def ratio_at(ratio: float, step: int, total_steps: int) -> float:
@@ -78,12 +80,18 @@ def resolve_round_to(round_to: int | str, groups: list[Group], device_type: str 
 
     An integer is used as given. ``"auto"`` takes :data:`ROUND_TO_AUTO` (8), halved until every group
     has at least 4 chunks of it (a group of 16 units would otherwise only keep 8 or 16), and 1 for the
-    uniform allocation (which removes the same share everywhere and does not round).
+    uniform allocation (which removes the same share everywhere and does not round). With whole-head
+    attention units (``granularity="head"``) ``"auto"`` is 1: the multiple applies to every group, a
+    head count needs no rounding (each head keeps its dense, kernel-friendly ``head_dim``), and
+    rounding to 8 would leave a 12-head layer only 8 or 12 heads; MLP widths are then not rounded
+    either (an integer ``round_to`` still rounds every group, head counts included).
     """
     if round_to != "auto":
         return int(round_to), "as set"
     if allocation != "unified":
         return 1, "auto: the uniform allocation does not round"
+    if any(getattr(g, "granularity", "head-dim") == "head" for g in groups):
+        return 1, "auto: whole-head units keep their dense head_dim and head counts are not rounded"
     device = "CUDA" if device_type == "cuda" else device_type.upper()
     n = ROUND_TO_AUTO
     smallest = min((g.num_units for g in groups), default=0)
@@ -134,7 +142,11 @@ class UPopSearch:
         round_to: int = 1,
         allocation: str = "unified",
         unit_costs: dict[str, float] | None = None,
+        score: str = "gradient",
     ):
+        if score not in SCORES:
+            raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        self.score = score
         _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to)
         if (cost == "latency") != (unit_costs is not None):
             raise ConfigError("cost='latency' needs unit_costs (the measured time per unit of every group), "
@@ -205,7 +217,7 @@ class UPopSearch:
         until the device has finished it; between update steps nothing is read from the device.
         """
         step = self.step_count if step is None else step
-        finite = self.masks.accumulate_grads(grad_scale=grad_scale)
+        finite = self.masks.accumulate_grads(grad_scale=grad_scale, score=self.score)
         self._note_nonfinite(finite, step, skip_nonfinite)
         self.step_count = step + 1
         if self.is_update_step(step):
@@ -237,8 +249,13 @@ class UPopSearch:
         return int(self._skipped)
 
     def scores(self) -> torch.Tensor:
-        """Accumulated gradients standardised per structure type (attention, MLP), all modalities."""
+        """Accumulated scores standardised per structure type (attention, MLP), all modalities,
+        larger = pruned first: the signed gradient sum as it is (a unit whose mask gradient is
+        positive lowers the loss when its mask shrinks), the Taylor and Fisher importances negated
+        (the least important units go first)."""
         s = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
+        if self.score != "gradient":
+            s = -s
         out = torch.empty_like(s)
         for kind_mask in (self._is_attn, ~self._is_attn):
             part = s[kind_mask]
@@ -363,6 +380,7 @@ class UPopSearch:
             "w_mlp": self.w_mlp,
             "round_to": self.round_to,
             "allocation": self.allocation,
+            **({"score": self.score} if self.score != "gradient" else {}),
             **({"unit_costs": self.unit_costs} if self.unit_costs is not None else {}),
         }
 

@@ -294,10 +294,34 @@ class Run:
                 f"{self.interval}: a progressive search needs more steps than its interval; use more data or "
                 "--search-epochs, a smaller --batch-size or --interval, or --method one-shot")
         # the width multiple (round_to "auto" depends on the device and the narrowest group)
-        self.round_to, self.round_to_why = resolve_round_to(config.round_to, find_groups(model), self.acc.device.type,
-                                                            config.allocation)
+        self.round_to, self.round_to_why = resolve_round_to(
+            config.round_to, find_groups(model, granularity=config.granularity), self.acc.device.type, config.allocation)
         self._steps_done = 0
         self.signals = _Signals()
+        self.teacher, self.distiller = self._teacher(model)
+
+    def _teacher(self, model: nn.Module):
+        """The frozen dense teacher (a copy of ``model`` taken before any mask or pruning, on the
+        run's device) when the run distils or the task learns from it, and the distiller."""
+        from .distill import Distiller, make_teacher
+
+        cfg = self.config
+        if cfg.distill == "none" and not getattr(self.task, "needs_teacher", False):
+            return None, None
+        dtype = torch.bfloat16 if cfg.teacher_precision == "bf16" else None
+        teacher = make_teacher(model, device=self.acc.device, dtype=dtype)
+        if getattr(self.task, "needs_teacher", False):
+            self.task.set_teacher(teacher)
+        if cfg.distill == "none":
+            return teacher, None
+        return teacher, Distiller(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature,
+                                  autocast_bf16=dtype is not None)
+
+    def _task_loss(self, wrapped: nn.Module, batch: dict) -> torch.Tensor:
+        """The task loss of ``batch``, plus the distillation term when the run distils."""
+        if self.distiller is None:
+            return self.task.loss(wrapped, batch), None
+        return self.distiller.loss(self.task.loss, wrapped, self.acc.unwrap_model(wrapped), batch)
 
     # helpers ---------------------------------------------------------------------------------
     def _batches(self, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -526,11 +550,12 @@ class Run:
     def _search(self, state: dict | None) -> PruningPlan:
         cfg, model = self.config, self.model
         # text length of this data sets the FLOPs cost of text units (vision: from the config)
-        groups = find_groups(model, text_tokens=self.task.text_tokens(self.processor, self.train_set))
+        groups = find_groups(model, text_tokens=self.task.text_tokens(self.processor, self.train_set),
+                             granularity=cfg.granularity)
         model.to(self.acc.device)
         masks = attach_masks(model, groups)
         search = UPopSearch(masks, cfg.ratio, self.search_steps, self.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
-                            round_to=self.round_to, allocation=cfg.allocation,
+                            round_to=self.round_to, allocation=cfg.allocation, score=cfg.score,
                             unit_costs=self._latency_costs(model, groups) if cfg.cost == "latency" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         start = 0
@@ -563,8 +588,9 @@ class Run:
 
         def step_fn(step: int, batch: dict) -> None:
             def compute():
-                task_loss = self.task.loss(wrapped, batch)
-                return task_loss + search.sparsity_loss(), task_loss
+                task_loss, kd = self._task_loss(wrapped, batch)
+                loss = task_loss + search.sparsity_loss()
+                return (loss if kd is None else loss + kd), task_loss
 
             loss, task_loss, stop = self._forward(compute, "search", step)
             self.acc.backward(loss)
@@ -658,8 +684,8 @@ class Run:
         def step_fn(step: int, batch: dict) -> None:
             nonlocal best, best_metrics
             def compute():
-                task_loss = self.task.loss(wrapped, batch)
-                return task_loss, task_loss
+                task_loss, kd = self._task_loss(wrapped, batch)
+                return (task_loss if kd is None else task_loss + kd), task_loss
 
             loss, task_loss, stop = self._forward(compute, "retrain", step)
             self.acc.backward(loss)

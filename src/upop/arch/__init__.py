@@ -52,15 +52,21 @@ def spec_by_name(name: str) -> ArchSpec:
     raise UnsupportedModelError(f"no architecture spec named {name!r}; known: {sorted({s.name for s in _REGISTRY.values()})}")
 
 
-def find_groups(model: nn.Module, spec: ArchSpec | None = None, text_tokens: int | None = None) -> list[Group]:
+def find_groups(model: nn.Module, spec: ArchSpec | None = None, text_tokens: int | None = None,
+                granularity: str = "head-dim") -> list[Group]:
     """Every prunable group of ``model`` (attention and MLP of every block of every modality).
 
     ``text_tokens`` sets the text length used for FLOPs costs (default: the model's maximum).
+    ``granularity`` says what an attention unit is: ``"head-dim"`` (default, the paper: channel
+    ``j`` of every head; pruning narrows ``head_dim``) or ``"head"`` (a whole head; pruning keeps
+    ``head_dim`` and removes heads). ``"both"`` is refused (not supported yet). MLP units are
+    neurons either way.
     """
-    from ._spec import find_groups_with_spec
+    from ._spec import check_granularity, find_groups_with_spec
 
+    check_granularity(granularity)
     spec = spec or get_spec(model)
-    groups = find_groups_with_spec(model, spec, text_tokens)
+    groups = find_groups_with_spec(model, spec, text_tokens, granularity)
     if not groups:
         raise UnsupportedModelError(f"{type(model).__name__}: the {spec.name!r} spec found no prunable blocks")
     return groups

@@ -1,8 +1,9 @@
 """Architecture specs: where the prunable groups of a model family live.
 
-A spec is data (tower paths, sub-module names) plus two small hooks: how to update an attention
-module after its head width changed, and an optional class swap for forwards that hard-code
-widths. :func:`find_groups` walks a model with a spec; :mod:`upop.prune` slices with the groups.
+A spec is data (tower paths, sub-module names) plus small hooks: how to update an attention
+module after its head width or its number of heads changed, and an optional class swap for
+forwards that hard-code widths. :func:`find_groups` walks a model with a spec; :mod:`upop.prune`
+slices with the groups.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..groups import Group
+from ..errors import ConfigError
+from ..groups import GRANULARITIES, Group
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ class ArchSpec:
         towers: candidate towers; those present in a model are used.
         set_head_dim: ``(attention_module, new_head_dim, dense_head_dim, heads) -> None``; makes
             the module's forward run with the new head width and the dense attention scale.
+            ``heads`` is the module's number of heads after pruning (whole-head pruning calls it
+            with ``new_head_dim == dense_head_dim`` and the kept number of heads, after
+            ``set_num_heads``, so attributes derived from both, like ``all_head_size``, follow).
+        set_num_heads: ``(attention_module, new_heads) -> None``, run when whole heads are pruned;
+            default :func:`set_head_count` (sets ``num_heads`` / ``num_attention_heads``).
         fold_scale_classes: attention classes whose forward derives its scale from the current
             head width (no stored scale attribute): pruning multiplies their query rows by
             ``sqrt(new / dense)`` so the dense scale is kept exactly.
@@ -104,6 +111,34 @@ class ArchSpec:
     #: ``(model) -> None``: raises :class:`~upop.errors.UnsupportedModelError` for a model of this
     #: family that the spec cannot slice (e.g. a variant with another MLP)
     check: Callable[[nn.Module], None] | None = None
+    set_num_heads: Callable[[nn.Module, int], None] | None = None
+
+
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
+
+
+def set_head_count(module: nn.Module, heads: int) -> None:
+    """Default ``set_num_heads``: every integer attribute of ``module`` named in
+    :data:`HEAD_COUNT_ATTRS` becomes ``heads`` (what the attention forwards of every supported
+    family read, and what :func:`find_groups` reads back from a pruned model)."""
+    found = False
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, heads)
+            found = True
+    if not found:
+        raise ValueError(f"{type(module).__name__} has none of {', '.join(HEAD_COUNT_ATTRS)}; give the spec a "
+                         "set_num_heads hook to prune its heads")
+
+
+def check_granularity(granularity: str) -> None:
+    """Refuse an unknown granularity, and ``"both"`` (not supported yet), with a one-line ConfigError."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity={granularity!r} is not allowed; choose one of: {', '.join(GRANULARITIES)}")
+    if granularity == "both":
+        raise ConfigError("granularity='both' is not supported yet: a head and a head-dim channel of one attention "
+                          "module share rows, so their costs do not add up and the unified selection would miss the "
+                          "budget; use head-dim or head")
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -138,8 +173,11 @@ def _bias(lin: nn.Linear) -> int:
     return 1 if lin.bias is not None else 0
 
 
-def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | None = None) -> list[Group]:
-    """Every prunable group of ``model`` according to ``spec``, in model order."""
+def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | None = None,
+                          granularity: str = "head-dim") -> list[Group]:
+    """Every prunable group of ``model`` according to ``spec``, in model order; attention units
+    are head-dim channels or whole heads as ``granularity`` says."""
+    check_granularity(granularity)
     if spec.check is not None:
         spec.check(model)
     vcfg = _vision_config(model, spec)
@@ -164,12 +202,12 @@ def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | N
                     if site.optional:
                         continue
                     raise ValueError(f"{spec.name} spec: no module {prefix + site.module}")
-                groups.append(_attention_group(model, spec, tower, site, prefix, i, n_tok, n_vision))
+                groups.append(_attention_group(model, spec, tower, site, prefix, i, n_tok, n_vision, granularity))
             groups.append(_mlp_group(model, spec, tower, prefix, i, n_tok))
     return groups
 
 
-def _attention_group(model, spec, tower, site, prefix, layer, n_tok, n_vision) -> Group:
+def _attention_group(model, spec, tower, site, prefix, layer, n_tok, n_vision, granularity) -> Group:
     heads = _num_heads(model.get_submodule(prefix + site.module))
     out = _linear(model, prefix + site.out)
     d_out = out.out_features
@@ -187,25 +225,32 @@ def _attention_group(model, spec, tower, site, prefix, layer, n_tok, n_vision) -
         biases = _bias(q) + _bias(k) + _bias(v)
     n_q = n_tok
     n_kv = (n_vision or n_tok) if site.cross else n_tok
-    param_cost = heads * (biases + d_q + 2 * d_kv + d_out)
-    # Q, K, V projections, scores (q.k) and weighted values (p.v), out-proj; 2 FLOPs per MAC.
-    flop_cost = 2 * heads * (n_q * d_q + 2 * n_kv * d_kv + 2 * n_q * n_kv + n_q * d_out)
+    # Costs are exact and bilinear in (heads, head_dim): one (head, channel) cell owns a row of each of
+    # Q, K, V (and its biases) and a column of the out-proj; its FLOPs are the Q, K, V projections,
+    # scores (q.k) and weighted values (p.v), and the out-proj, 2 FLOPs per MAC. A channel unit spans
+    # every head, a whole-head unit every channel of its head.
+    cell_params = biases + d_q + 2 * d_kv + d_out
+    cell_flops = 2 * (n_q * d_q + 2 * n_kv * d_kv + 2 * n_q * n_kv + n_q * d_out)
+    whole = granularity == "head"
+    cells = width if whole else heads
     return Group(
         name=prefix + site.site,
         kind="attention",
         modality=site.modality or tower.modality,
         layer=layer,
-        num_units=width,
+        num_units=heads if whole else width,
         num_heads=heads,
         producers=producers,
         consumer=prefix + site.out,
         fused_qkv=bool(site.qkv),
         module=prefix + site.module,
-        param_cost=param_cost,
-        flop_cost=flop_cost,
+        param_cost=cells * cell_params,
+        flop_cost=cells * cell_flops,
         tokens_q=n_q,
         tokens_kv=n_kv,
         spec=spec.name,
+        granularity="head" if whole else "head-dim",
+        head_dim=width,
     )
 
 

@@ -17,6 +17,7 @@ WRITERS: dict[str, str] = {
     "caption": "upop.data.shapes_vl:write_caption",
     "classification": "upop.data.shapes_vision:write_classification",
     "segmentation": "upop.data.shapes_vision:write_segmentation",
+    "distill": "upop.data.unlabelled:write_unlabelled",
 }
 
 

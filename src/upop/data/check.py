@@ -30,6 +30,7 @@ from .imagefolder import class_difference, load_imagefolder_split
 from .nlvr import load_nlvr_split
 from .retrieval import load_retrieval_split
 from .vqa import load_vqa_split
+from .unlabelled import check_split as _distill
 
 SPLITS = ("train", "val", "test")
 IMAGE_CHECKS = ("header", "full")
@@ -152,7 +153,7 @@ def _task_context(task: str, root: Path, problems: list[str]) -> dict:
 
 CHECKERS: dict[str, Callable] = {
     "retrieval": _retrieval, "caption": _retrieval, "vqa": _vqa, "nlvr": _nlvr,
-    "classification": _classification, "segmentation": _segmentation,
+    "classification": _classification, "segmentation": _segmentation, "distill": _distill,
 }
 """Task name -> checker of one split: ``(data_dir, split, files, problems) -> summary counts``."""
 

@@ -14,6 +14,7 @@ TASKS: dict[str, str] = {
     "nlvr": "upop.tasks.nlvr:NLVRTask",
     "classification": "upop.tasks.classification:ClassificationTask",
     "segmentation": "upop.tasks.segmentation:SegmentationTask",
+    "distill": "upop.tasks.distill:DistillTask",
 }
 
 

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import distill
 from ..data.retrieval import RetrievalCollator
 from ._blip import through_wrapper, unwrap
 from ._recall import METRICS, recall_at_k
@@ -115,6 +116,7 @@ def _loss(m, pixel_values, ids, mask, keys) -> torch.Tensor:
     idx = keys[:, :1]
     same = idx == idx.t()
     itc = contrastive_loss(sim_i2t, idx)
+    distill.expose("affinity", sim_i2t)
     if bool(same.all()):
         return itc
     neg_img, neg_txt = _hard_negatives(sim_i2t, same, keys)
@@ -123,8 +125,9 @@ def _loss(m, pixel_values, ids, mask, keys) -> torch.Tensor:
     images, all_images = f["image_embeds"], gather_with_grad(f["image_embeds"])
     all_ids, all_mask = gather(pad_to(ids, length)), gather(pad_to(mask, length))
     ids, mask = all_ids[own], all_mask[own]
-    logits = _itm_logits(m, torch.cat([ids, ids, all_ids[neg_txt]]), torch.cat([mask, mask, all_mask[neg_txt]]),
-                         torch.cat([images, all_images[neg_img], images]))
+    with distill.paused():  # the negatives are mined from each model's own similarities: not distilled
+        logits = _itm_logits(m, torch.cat([ids, ids, all_ids[neg_txt]]), torch.cat([mask, mask, all_mask[neg_txt]]),
+                             torch.cat([images, all_images[neg_img], images]))
     labels = torch.cat([torch.ones(rows, dtype=torch.long), torch.zeros(2 * rows, dtype=torch.long)]).to(logits.device)
     itm = gather_with_grad(F.cross_entropy(logits, labels, reduction="none")).mean()
     return itc + itm

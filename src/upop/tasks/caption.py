@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.retrieval import RetrievalCollator, _parts
+from .. import distill
 from ._blip import decoder_inputs, generate_texts
 from ._shard import evaluating, map_batches
 from .base import Task
@@ -50,7 +51,10 @@ class CaptionTask(Task):
                 "labels": labels}
 
     def loss(self, model: nn.Module, batch):
-        return model(**self._inputs(model, batch)).loss
+        inputs = self._inputs(model, batch)
+        out = model(**inputs)
+        distill.expose("tokens", out.logits, -1, distill.next_token_mask(inputs["labels"]))
+        return out.loss
 
     @torch.no_grad()
     def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:

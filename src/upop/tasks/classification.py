@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distill
 from ..data.augment import AUGMENT_CHOICES, soft_targets
 from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
 from ..data.labels import align_classes
@@ -109,6 +110,7 @@ class ClassificationTask(Task):
             criterion = partial(soft_cross_entropy, targets=targets)
         else:
             criterion = partial(F.cross_entropy, target=labels)
+        distill.expose("logits", out.logits)
         if hasattr(out, "distillation_logits") and out.distillation_logits is not None:
             return (criterion(out.cls_logits) + criterion(out.distillation_logits)) / 2
         return criterion(out.logits)

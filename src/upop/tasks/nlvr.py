@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distill
 from ..data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
 from ._shard import evaluating, map_batches
 from .base import Task
@@ -24,7 +25,9 @@ class NLVRTask(Task):
         return NLVRCollator(processor)
 
     def loss(self, model: nn.Module, batch):
-        return model(**batch).loss
+        out = model(**batch)
+        distill.expose("logits", out.logits)
+        return out.loss
 
     @torch.no_grad()
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distill
 from ..data.retrieval import RetrievalCollator, RetrievalDataset, RetrievalPairs, load_retrieval_split
 from . import blip_retrieval, siglip_retrieval
 from ._blip import unwrap
@@ -65,6 +66,7 @@ class RetrievalTask(Task):
             text, image = gather_with_grad(out.text_embeds), gather_with_grad(out.image_embeds)
             logits_per_text = (text @ image.t()) * unwrap(model).logit_scale.exp()
             index = gather(index.to(text.device)) if index is not None else None
+        distill.expose("affinity", logits_per_text)
         return blip_retrieval.contrastive_loss(logits_per_text.t(), index)
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .. import distill
 from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
 from ..data.augment import AUGMENT_CHOICES, normalize
 from ..data.labels import align_classes
@@ -157,6 +158,7 @@ class SegmentationTask(Task):
         labels = batch["labels"]
         check_labels(model, labels)
         logits = model(pixel_values=batch["pixel_values"]).logits
+        distill.expose("pixels", logits, 1)
         if bool((labels == IGNORE_INDEX).all()):
             return logits.sum() * 0.0  # nothing to learn from this batch
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)

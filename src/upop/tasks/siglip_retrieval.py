@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import distill
 from ..data.retrieval import RetrievalCollator
 from ._blip import unwrap
 from ._gather import batch_shapes, gather, gather_with_grad, world
@@ -62,6 +63,7 @@ def loss(model, batch) -> torch.Tensor:
     out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"])
     index = batch.get("index")
     if world()[1] == 1:
+        distill.expose("affinity", out.logits_per_text)
         return sigmoid_loss(out.logits_per_text, index, index)
     # the logits SiglipModel.forward computes, over the gathered (normalised) embeddings
     batch_shapes(len(out.text_embeds), device=out.text_embeds.device)
@@ -69,6 +71,7 @@ def loss(model, batch) -> torch.Tensor:
     inner = unwrap(model)
     logits = (text @ image.t()) * inner.logit_scale.exp() + inner.logit_bias
     index = gather(index.to(text.device)) if index is not None else None
+    distill.expose("affinity", logits)
     return sigmoid_loss(logits, index, index)
 
 

@@ -30,6 +30,7 @@ from ..data.retrieval import _parts
 from ..data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, load_answer_list,
                         load_vqa_split)
 from ..errors import ConfigError, DataError, show
+from .. import distill
 from ._blip import decoder_inputs, generate_texts, unwrap
 from ._shard import evaluating, map_batches
 from .base import Task
@@ -83,7 +84,8 @@ class VQATask(Task):
     def loss(self, model: nn.Module, batch):
         inputs = self._inputs(model, batch)
         labels = inputs["decoder_input_ids"].masked_fill(batch["answer_mask"] == 0, -100)
-        return model(**inputs, labels=labels).loss
+        with distill.expose_output(unwrap(model).text_decoder, "tokens", distill.next_token_mask(labels)):
+            return model(**inputs, labels=labels).loss
 
     @staticmethod
     def _inputs(model, batch) -> dict:

@@ -1,0 +1,330 @@
+"""Label-free compression (``--task distill``): the pruned model learns to agree with the dense one.
+
+The data is unlabelled (:mod:`upop.data.unlabelled`: images and/or sentences). The teacher is
+the frozen dense model (:func:`upop.distill.make_teacher`), handed over by the run through
+:meth:`DistillTask.set_teacher` before the dense baseline is measured. Each training batch goes
+through the student and, under ``torch.no_grad``, through the teacher; the loss is
+
+* for every embedding the model produces, the cosine distance ``1 - cos(student, teacher)``
+  averaged over the batch; the terms are averaged over the embeddings:
+
+  - two-tower models (``CLIPModel``, ``SiglipModel``; images AND sentences): ``image_embeds``
+    and ``text_embeds``;
+  - image models (ViT, DeiT, DINOv2, CLIP/SigLIP vision towers; images) and text encoders (BERT
+    and its heads, CLIP/SigLIP text towers; sentences): ``pooled`` (the projected embedding, else
+    the pooler output, else the first token of the last hidden state) and ``tokens`` (the cosine
+    of every token of the last hidden state, averaged over the real tokens);
+
+* plus, for each logits output of a head (ViT/DeiT/DINOv2 classifiers, BERT heads), the KL
+  divergence ``KL(softmax(teacher) || softmax(student))`` over its classes (per token for
+  token-level heads, over the positions for question-answering spans);
+* plus, for two-tower models, the in-batch similarity structure: CLIP the KL between the
+  teacher's and the student's softmax over each row of ``logits_per_image`` and of
+  ``logits_per_text`` (averaged); SigLIP the KL between the teacher's and the student's sigmoid
+  probabilities of every image-sentence pair.
+
+Evaluation measures agreement with the teacher on a split, in percent (higher is better; the
+dense model itself scores 100): ``cosine`` (main metric) is the mean over the embeddings above of
+their mean per-sample cosine x 100 (also reported per embedding as ``cosine_<name>``);
+``top1_agreement`` is, for a two-tower model, the share of the split's images whose most similar
+sentence among ALL the split's sentences is the same for student and teacher, and for a model
+with a head, the share of predictions (per sample, or per token) whose top-1 class is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.unlabelled import UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
+from ..distill import kl_logits
+from ..errors import ConfigError, TaskError, show
+from ._shard import evaluating, map_batches
+from .base import Task, unwrap
+
+PAIRED = ("CLIPModel", "SiglipModel")
+VISION = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+          "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification", "CLIPVisionModel",
+          "CLIPVisionModelWithProjection", "SiglipVisionModel")
+TEXT = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
+        "BertForMaskedLM", "BertForPreTraining", "BertLMHeadModel", "BertForNextSentencePrediction", "CLIPTextModel",
+        "CLIPTextModelWithProjection", "SiglipTextModel")
+#: logits over the positions of the sentence (question-answering spans), not over classes
+POSITION_LOGITS = ("start_logits", "end_logits")
+_SIMILARITY_ROWS = 1024  # images per block of the image x sentence similarity in evaluation
+
+
+def kind(model: nn.Module) -> str:
+    """``"paired"``, ``"vision"`` or ``"text"``: what the model reads."""
+    cls = type(unwrap(model)).__name__
+    return "paired" if cls in PAIRED else "vision" if cls in VISION else "text"
+
+
+def _text_config(model: nn.Module):
+    config = unwrap(model).config
+    return getattr(config, "text_config", None) or config
+
+
+def fixed_text_length(model: nn.Module) -> int | None:
+    """SigLIP pools the last token and was trained on sentences padded to its full length: that
+    length; None for the other models (padded to the longest sentence of the batch)."""
+    return int(_text_config(model).max_position_embeddings) if type(unwrap(model)).__name__.startswith("Siglip") \
+        else None
+
+
+def _fit_length(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (pad token, masked out) or cut the sentences to :func:`fixed_text_length`, if any."""
+    length = fixed_text_length(model)
+    if length is None or ids.shape[1] == length:
+        return ids, mask
+    if ids.shape[1] > length:
+        return ids[:, :length], mask[:, :length]
+    pad = _text_config(model).pad_token_id or 0
+    extra = length - ids.shape[1]
+    return F.pad(ids, (0, extra), value=pad), F.pad(mask, (0, extra), value=0)
+
+
+def model_inputs(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """The inputs ``model`` reads from a collated batch, on the model's device."""
+    device = next(unwrap(model).parameters()).device
+    out = {}
+    if kind(model) != "text":
+        out["pixel_values"] = batch["pixel_values"]
+    if kind(model) != "vision":
+        out["input_ids"], out["attention_mask"] = _fit_length(model, batch["input_ids"], batch["attention_mask"])
+    return {k: v.to(device) for k, v in out.items()}
+
+
+@contextlib.contextmanager
+def _teacher_mode(teacher: nn.Module):
+    """No gradients; a bf16 teacher runs under bf16 autocast (its inputs are fp32)."""
+    p = next(teacher.parameters())
+    autocast = torch.autocast(p.device.type, dtype=torch.bfloat16) if p.dtype == torch.bfloat16 \
+        else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        yield
+
+
+def outputs(model: nn.Module, batch: dict) -> dict:
+    """What is compared between student and teacher for ``batch``: ``embeds`` (name -> (B, D)),
+    ``tokens`` ((B, L, D) and its (B, L) mask of real tokens, or None), ``logits`` (name ->
+    (tensor, mask of real tokens or None)) and ``affinity`` (``logits_per_image`` or None)."""
+    inputs = model_inputs(model, batch)
+    found = {"embeds": {}, "tokens": None, "logits": {}, "affinity": None}
+    if kind(model) == "paired":
+        out = model(**inputs)
+        found["embeds"] = {"image": out.image_embeds, "text": out.text_embeds}
+        found["affinity"] = out.logits_per_image
+        return found
+    out = model(**inputs, output_hidden_states=True)
+    mask = inputs.get("attention_mask")
+    last = getattr(out, "last_hidden_state", None)
+    last = last if last is not None else out.hidden_states[-1]
+    pooled = next((getattr(out, name, None) for name in ("image_embeds", "text_embeds", "pooler_output")
+                   if getattr(out, name, None) is not None), None)
+    found["embeds"]["pooled"] = pooled if pooled is not None else last[:, 0]
+    found["tokens"] = (last, mask)
+    for name, value in out.items():
+        if name.endswith("logits") and torch.is_tensor(value):
+            found["logits"][name] = (value, mask if value.dim() == 3 or name in POSITION_LOGITS else None)
+    return found
+
+
+def _position_logits(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Span logits with padding positions pushed out of the softmax."""
+    return logits.float() if mask is None else logits.float().masked_fill(mask.to(logits.device) == 0, -1e4)
+
+
+def _cosine(student: torch.Tensor, teacher: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Cosine over the last axis (float64 in evaluation: the dense model scores 100 exactly)."""
+    return F.cosine_similarity(student.to(dtype), teacher.to(student.device, dtype), dim=-1).clamp(-1, 1)
+
+
+def _token_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """Per-sample mean over the real tokens of the token-wise cosine, (B,)."""
+    cos = _cosine(student, teacher, dtype)
+    if mask is None:
+        return cos.mean(dim=1)
+    m = mask.to(cos.device).float()
+    return (cos * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _affinity_loss(model: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    teacher = teacher.to(student.device)
+    if type(unwrap(model)).__name__.startswith("Siglip"):  # per pair: KL of Bernoulli(sigmoid)
+        s, t = student.float(), teacher.float()
+        p = torch.sigmoid(t)
+        return (p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))).mean()
+    return (kl_logits(student, teacher) + kl_logits(student.t(), teacher.t())) / 2
+
+
+def _agreement(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """Per-sample share of top-1 predictions that agree, (B,)."""
+    teacher = teacher.to(student.device)
+    if name in POSITION_LOGITS:
+        student, teacher = _position_logits(student, mask), _position_logits(teacher, mask)
+        return (student.argmax(-1) == teacher.argmax(-1)).float()
+    same = (student.argmax(-1) == teacher.argmax(-1)).float()
+    if same.dim() == 1:
+        return same
+    m = torch.ones_like(same) if mask is None else mask.to(same.device).float()
+    return (same * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class DistillTask(Task):
+    name = "distill"
+    model_classes = PAIRED + VISION + TEXT
+    main_metric = "cosine"
+    #: the run hands over the frozen dense model (:meth:`set_teacher`) before it evaluates or trains
+    needs_teacher = True
+
+    def __init__(self):
+        self.teacher: nn.Module | None = None
+        self._text_limit: int | None = None
+        self._fixed_length: int | None = None
+
+    def configure(self, config) -> "DistillTask":
+        """Refuse the run-level ``distill`` option: this task's loss already is the distillation."""
+        mode = getattr(config, "distill", "none")
+        if mode != "none":
+            raise ConfigError(f"distill={show(mode)} does not apply to task 'distill', whose loss already is "
+                              "agreement with the dense teacher; leave distill at 'none'")
+        return super().configure(config)
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """The frozen dense model every output is compared with (:func:`upop.distill.make_teacher`)."""
+        self.teacher = teacher
+
+    def _teacher(self) -> nn.Module:
+        if self.teacher is None:
+            raise TaskError("task 'distill' compares the model with its dense teacher, and none is set (a run sets "
+                            "it; from Python call task.set_teacher(upop.distill.make_teacher(dense_model)))")
+        return self.teacher
+
+    def check_model(self, model: nn.Module) -> None:
+        """The model must be a supported class; its sentence length limit is noted for the collator."""
+        super().check_model(model)
+        if kind(model) != "vision":
+            self._text_limit = int(_text_config(model).max_position_embeddings)
+            self._fixed_length = fixed_text_length(model)
+
+    def check_data(self, model: nn.Module, dataset) -> None:
+        """The data must hold what the model reads (images, sentences or both); the dataset then
+        yields only that."""
+        if hasattr(dataset, "use"):
+            k = kind(model)
+            dataset.use(images=k != "text", texts=k != "vision", who=f"a {type(unwrap(model)).__name__}")
+
+    def load_splits(self, data_dir, splits=("train", "val", "test")):
+        return load_unlabelled(data_dir, splits)
+
+    def collator(self, processor, seed: int = 0):
+        tokenizer = processor_parts(processor)[1]
+        limit = default_text_length(tokenizer, self._text_limit) if tokenizer is not None and self._text_limit else None
+        return UnlabelledCollator(processor, max_length=limit)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """Cosine distances of the embeddings + KL of the heads' logits + (two-tower) the KL of the
+        in-batch similarity structure; see the module docstring."""
+        teacher = self._teacher()
+        student = outputs(model, batch)
+        with _teacher_mode(teacher):
+            target = outputs(teacher, batch)
+        cosines = [_cosine(s, target["embeds"][n]).mean() for n, s in student["embeds"].items()]
+        if student["tokens"] is not None:
+            cosines.append(_token_cosine(student["tokens"][0], target["tokens"][0], student["tokens"][1]).mean())
+        loss = 1 - torch.stack(cosines).mean()
+        for name, (s, mask) in student["logits"].items():
+            t = target["logits"][name][0].to(s.device)
+            if name in POSITION_LOGITS:
+                loss = loss + kl_logits(_position_logits(s, mask), _position_logits(t, mask))
+            else:
+                loss = loss + kl_logits(s, t, mask=mask)
+        if student["affinity"] is not None:
+            loss = loss + _affinity_loss(model, student["affinity"], target["affinity"])
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
+        teacher = self._teacher()
+        self.check_model(model)
+        self.check_data(model, dataset)
+        collate = self.collator(processor)
+        if kind(model) == "paired":
+            return self._evaluate_paired(model, teacher, dataset, collate, batch_size, accelerator)
+
+        def run(lo: int, hi: int):
+            batch = collate([dataset[i] for i in range(lo, hi)])
+            s = outputs(model, batch)
+            with _teacher_mode(teacher):
+                t = outputs(teacher, batch)
+            rows = {f"cosine_{n}": _cosine(v, t["embeds"][n], torch.float64) for n, v in s["embeds"].items()}
+            rows["cosine_tokens"] = _token_cosine(s["tokens"][0], t["tokens"][0], s["tokens"][1], torch.float64)
+            if s["logits"]:
+                rows["top1_agreement"] = torch.stack([_agreement(v, t["logits"][n][0], m, n)
+                                                      for n, (v, m) in s["logits"].items()]).mean(0)
+            return {k: v.double().cpu() for k, v in rows.items()}
+
+        with evaluating(model):
+            parts = map_batches(len(dataset), batch_size, run, accelerator)
+        metrics = {k: 100.0 * float(torch.cat([p[k] for p in parts]).mean()) for k in parts[0]}
+        return _with_cosine(metrics)
+
+    def _evaluate_paired(self, model, teacher, dataset, collate, batch_size, accelerator) -> dict[str, float]:
+        """Image and sentence embeddings of student and teacher over the whole split; top-1
+        agreement of each image's most similar sentence among all the split's sentences."""
+        length = fixed_text_length(model)
+        padding = "max_length" if length else "longest"
+
+        def embed(m: nn.Module, fn: str, inputs: dict) -> torch.Tensor:
+            device = next(m.parameters()).device
+            with _teacher_mode(m) if m is teacher else contextlib.nullcontext():
+                out = getattr(m, fn)(**{k: v.to(device) for k, v in inputs.items()})
+            return F.normalize(out.pooler_output.double(), dim=-1).cpu()
+
+        def run_images(lo: int, hi: int):
+            pixels = {"pixel_values": collate.encode_images([dataset.image(j) for j in range(lo, hi)])}
+            return embed(model, "get_image_features", pixels), embed(teacher, "get_image_features", pixels)
+
+        def run_texts(lo: int, hi: int):
+            enc = collate.encode_texts(dataset.texts[lo:hi], padding=padding, max_length=length)
+            return embed(model, "get_text_features", enc), embed(teacher, "get_text_features", enc)
+
+        with evaluating(model):
+            img_s, img_t = (torch.cat(x) for x in zip(*map_batches(len(dataset.images), batch_size, run_images,
+                                                                   accelerator)))
+            txt_s, txt_t = (torch.cat(x) for x in zip(*map_batches(len(dataset.texts), batch_size, run_texts,
+                                                                   accelerator)))
+        same = torch.cat([(img_s[i:i + _SIMILARITY_ROWS] @ txt_s.t()).argmax(1)
+                          == (img_t[i:i + _SIMILARITY_ROWS] @ txt_t.t()).argmax(1)
+                          for i in range(0, len(img_s), _SIMILARITY_ROWS)])
+        metrics = {"cosine_image": 100.0 * float((img_s * img_t).sum(-1).clamp(-1, 1).mean()),
+                   "cosine_text": 100.0 * float((txt_s * txt_t).sum(-1).clamp(-1, 1).mean()),
+                   "top1_agreement": 100.0 * float(same.float().mean())}
+        return _with_cosine(metrics)
+
+    def example_inputs(self, model, processor, dataset, batch_size: int = 1):
+        self.check_model(model)
+        self.check_data(model, dataset)
+        batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
+        return model_inputs(model, batch)
+
+    def text_tokens(self, processor, dataset) -> int | None:
+        """Sentence length the text tower sees: SigLIP's fixed length, else the padded length of
+        up to 64 sentences of the data; None without sentences."""
+        if self._fixed_length:
+            return self._fixed_length
+        texts = list(getattr(dataset, "texts", []))[:64]
+        if not texts or "texts" not in getattr(dataset, "parts", ("texts",)):
+            return None
+        return int(self.collator(processor).encode_texts(texts)["input_ids"].shape[1])
+
+
+def _with_cosine(metrics: dict[str, float]) -> dict[str, float]:
+    """``cosine`` (the mean of the ``cosine_*`` metrics) first, then the others by name."""
+    cos = [v for k, v in metrics.items() if k.startswith("cosine_")]
+    return {"cosine": sum(cos) / len(cos), **dict(sorted(metrics.items()))}

@@ -1,0 +1,181 @@
+"""Distillation from the dense model (``--distill``) and the scores (``--score``): the teacher is
+frozen and unchanged, the term is zero for student == teacher and positive otherwise for every
+task, a run with distillation resumes to the uninterrupted result, and every score gives a valid
+plan within the budget."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import upop
+from upop.api import compress
+from upop.cli import main
+from upop.config import UPopConfig
+from upop.distill import Distiller, kl_logits, make_teacher
+from upop.models import load_any
+from upop.search import SCORES, UPopSearch
+from upop.tasks import get_task
+
+from ._families import clip_world, largest_chunk_share
+
+# case -> (task, make-model family, extra make-model options)
+CASES = {
+    "clip-retrieval": ("retrieval", "clip", []),
+    "blip-retrieval": ("retrieval", "blip-retrieval", []),
+    "siglip-retrieval": ("retrieval", "siglip", []),
+    "vqa": ("vqa", "blip-vqa", []),
+    "caption": ("caption", "blip-caption", []),
+    "nlvr": ("nlvr", "blip-nlvr", []),
+    "classification": ("classification", "deit", ["--size", "tiny"]),
+    "segmentation": ("segmentation", "segmenter", ["--size", "tiny", "--num-labels", "7"]),
+}
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    """Lazily built ``{case: (model, task, one training batch)}`` from tiny Shapes data."""
+    root, built = tmp_path_factory.mktemp("distill"), {}
+
+    def get(case: str):
+        if case not in built:
+            task_name, family, extra = CASES[case]
+            folder = root / case
+            n = "24" if task_name in ("classification", "segmentation") else "8"  # every class in every split
+            assert main(["data", "shapes", "--task", task_name, "--out", str(folder / "data"), "--train", n,
+                         "--val", "10", "--test", "10", "--image-size", "32"]) == 0
+            assert main(["make-model", family, "--out", str(folder / "model"), "--image-size", "32", *extra]) == 0
+            model, processor = load_any(folder / "model")
+            task = get_task(task_name).configure(UPopConfig(augment="none"))
+            train = task.load_splits(folder / "data", splits=("train",))["train"]
+            batch = task.collator(processor)([train[i] for i in range(4)])
+            built[case] = (model.eval(), task, batch)
+        return built[case]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", ["logits", "logits+hidden"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_term_is_zero_for_the_teacher_itself_and_positive_otherwise(case, mode, batches):
+    model, task, batch = batches(case)
+    student = copy.deepcopy(model)
+    teacher = make_teacher(model)
+    distiller = Distiller(teacher, mode)
+    _, same = distiller.loss(task.loss, student, student, batch)
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():  # a different student
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _, term = distiller.loss(task.loss, student, student, batch)
+    assert float(term.detach()) > 1e-6
+    term.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # no gradients reach the teacher
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), model.state_dict().values()))
+    distiller.close()
+
+
+def test_kl_is_zero_only_when_distributions_agree():
+    t = torch.randn(5, 7)
+    assert float(kl_logits(t, t)) == pytest.approx(0.0, abs=1e-7)
+    assert float(kl_logits(t + 3.0, t)) == pytest.approx(0.0, abs=1e-6)  # softmax ignores a shift
+    assert float(kl_logits(t.flip(1), t, temperature=2.0)) > 0
+    mask = torch.tensor([True, False, False, False, False])
+    other = t.clone()
+    other[1:] = torch.randn(4, 7)
+    assert float(kl_logits(other, t, mask=mask)) == pytest.approx(0.0, abs=1e-7)  # masked rows do not count
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return clip_world(tmp_path_factory.mktemp("distill-run"), 48, 8, 8)
+
+
+CFG = dict(ratio=0.5, search_epochs=2, retrain_epochs=2, batch_size=8, lr=1e-3, checkpoint_every=2, interval=2,
+           latency_time=0.02, distill="logits+hidden", distill_weight=0.5, distill_temperature=2.0)
+
+
+def _compress(world, out, **kw):
+    model, processor = load_any(world / "model")
+    return compress(model, "retrieval", world / "data", processor=processor, config=UPopConfig(**CFG), out_dir=out,
+                    progress=False, log=lambda msg: None, **kw)
+
+
+def test_resume_with_distillation_equals_uninterrupted(world, tmp_path):
+    ref = _compress(world, tmp_path / "ref")
+    assert ref.report["settings"]["distill"] == "logits+hidden"
+    assert ref.report["distill"] == {"mode": "logits+hidden", "weight": 0.5, "temperature": 2.0, "hidden_blocks": 4}
+    assert "Distilled from the dense model" in (tmp_path / "ref" / "report.md").read_text()
+    with pytest.raises(KeyboardInterrupt):
+        _compress(world, tmp_path / "run", stop_after=5)
+    _compress(world, tmp_path / "run", resume=True)
+    assert upop.read_plan(tmp_path / "run" / "compressed").groups == upop.read_plan(tmp_path / "ref" / "compressed").groups
+    a = load_file(str(tmp_path / "ref" / "compressed" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "compressed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_changes_the_run_and_leaves_the_teacher_as_the_dense_model(world, tmp_path, monkeypatch):
+    from upop import train
+
+    seen = {}
+    original = train.Run._teacher
+
+    def spy(self, model):
+        dense = {k: v.clone() for k, v in model.state_dict().items()}
+        teacher, distiller = original(self, model)
+        seen["teacher"], seen["dense"] = teacher, dense
+        return teacher, distiller
+
+    monkeypatch.setattr(train.Run, "_teacher", spy)
+    with_kd = _compress(world, tmp_path / "kd")
+    teacher = seen["teacher"]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in seen["dense"].items())
+    model, processor = load_any(world / "model")
+    plain = compress(model, "retrieval", world / "data", processor=processor,
+                     config=UPopConfig(**{**CFG, "distill": "none"}), out_dir=tmp_path / "plain", progress=False,
+                     log=lambda msg: None)
+    a, b = with_kd.model.state_dict(), plain.model.state_dict()
+    assert any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_every_score_gives_a_valid_plan_within_the_budget(score, world, tmp_path):
+    model, processor = load_any(world / "model")
+    result = compress(model, "retrieval", world / "data", processor=processor,
+                      config=UPopConfig(**{**CFG, "distill": "none", "retrain_epochs": 0, "score": score}),
+                      out_dir=tmp_path / score, progress=False, log=lambda msg: None)
+    plan = result.plan
+    assert plan.search["score" if score != "gradient" else "ratio"] == (score if score != "gradient" else 0.5)
+    assert all(1 <= len(g.kept) <= g.dense_units for g in plan.groups.values())
+    report = result.report
+    assert 0.5 <= report["achieved_ratio"] < 0.5 + largest_chunk_share(world / "model", report)
+
+
+def test_scores_rank_by_importance():
+    """Gradient: the largest accumulated gradient is pruned first; Taylor and Fisher: the least
+    important (smallest |g x m|, smallest g^2) first."""
+    model = upop.models.make_model("clip")
+    masks = upop.attach_masks(model)
+    order = {}
+    for score in SCORES:
+        search = UPopSearch(masks, 0.3, total_steps=4, interval=2, score=score)
+        for g in masks.groups:
+            masks.grad_sum[g.name].zero_()
+        first = masks.groups[0]
+        grads = torch.linspace(-1.0, 2.0, first.num_units, dtype=torch.float64)
+        masks[first.name].grad = grads.to(masks[first.name].dtype)
+        for g in masks.groups[1:]:
+            masks[g.name].grad = torch.full_like(masks[g.name], 0.5)
+        search.step(0)
+        s = search.scores()[: first.num_units]
+        order[score] = int(torch.argmax(s))
+    assert order["gradient"] == first.num_units - 1  # the most positive gradient
+    grads = torch.linspace(-1.0, 2.0, first.num_units)
+    assert order["taylor"] == order["fisher"] == int(torch.argmin(grads.abs()))  # the smallest magnitude
+    masks.remove()
