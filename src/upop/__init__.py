@@ -31,6 +31,7 @@ from .errors import (
     UPopError,
 )
 from .groups import Group
+from .integrations import UPopTrainerCallback
 from .masks import Masks, attach_masks
 from .models import load_any as load_model
 from .prune import PruningPlan, apply_plan, prune
@@ -54,6 +55,7 @@ __all__ = [
     "TaskError",
     "UPopError",
     "UPopSearch",
+    "UPopTrainerCallback",
     "UnsupportedModelError",
     "apply_plan",
     "attach_masks",
