@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first, pinned to the CPU wheel, so nothing pulls a CUDA build; [peer] is Torch-Pruning,
-# the side-by-side of benchmarks/ablations.py (pure Python, tested by tests/test_peer_pruning.py).
+# the side-by-side of benchmarks/ablations.py (pure Python, tested by tests/test_peer_pruning.py);
+# [onnx] is onnx, onnxruntime and onnxscript for `upop export` (tested by tests/test_export.py).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,peer]"
+	$(BIN)/pip install -q -e ".[test,peer,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

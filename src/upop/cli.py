@@ -5,6 +5,7 @@
     upop data shapes --task retrieval --out DIR
     upop make-model clip --out DIR
     upop import blip-nlvr model_base_nlvr.pth --out DIR
+    upop export --model DIR --format onnx --out model.onnx [--dense DENSE_DIR]
     upop demo
 
 User mistakes print one line ``upop: error: ...`` and exit with code 2 (no traceback).
@@ -190,6 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local folder with bert-base-uncased's tokenizer files to copy (default: write none)")
     imp.add_argument("--overwrite", action="store_true", help="replace a model folder upop wrote")
 
+    x = sub.add_parser("export", help="export a model folder to ONNX, checked in ONNX Runtime (needs upop[onnx])",
+                       description="Export --model (a compressed or dense folder) to the ONNX file --out with a dynamic "
+                       "batch axis (and sequence axis for token inputs), then run it in ONNX Runtime at two batch sizes "
+                       "and compare with PyTorch: a difference above --tolerance x max(1, max |output|) is refused and "
+                       "nothing is written. With --dense, the dense model is exported too (to a temporary file) and "
+                       "both are timed in ONNX Runtime in interleaved rounds (median latency and speedup).")
+    x.add_argument("--model", required=True, help="compressed (upop) or dense Hugging Face model folder")
+    x.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--part", choices=["vision", "text"], default=None,
+                   help="CLIP / SigLIP: export one tower (vision: pixel_values -> image_embeds; text: input_ids, "
+                   "attention_mask -> text_embeds); default: the whole model")
+    x.add_argument("--dense", default=None, help="the dense model folder: time dense vs compressed in ONNX Runtime")
+    x.add_argument("--batch", type=int, default=2, help="batch of the parity check (also checked at batch + 1) and "
+                   "of the timing (default: 2)")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    x.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest allowed |onnx - torch| as a fraction of max(1, max |output|) (default: 1e-3)")
+    x.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="auto: dynamo (torch.export), the TorchScript exporter if it fails (default: auto)")
+    x.add_argument("--latency-time", type=float, default=0.5,
+                   help="with --dense: each model is timed 3 x this many seconds over 7 rounds (default: 0.5)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")
     demo.add_argument("--out", default="upop-demo", help="folder for the data and the run (default: upop-demo)")
     demo.add_argument("--no-progress", action="store_true")
@@ -338,6 +363,16 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    result = export_onnx(args.model, args.out, part=args.part, dense=args.dense, batch=args.batch, opset=args.opset,
+                         tolerance=args.tolerance, overwrite=args.overwrite, exporter=args.exporter,
+                         latency_time=args.latency_time)
+    print(result.summary())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -358,7 +393,7 @@ def _summary(report: dict, out: Path) -> str:
 
 
 COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "data": cmd_data, "make-model": cmd_make_model,
-            "demo": cmd_demo, "import": cmd_import}
+            "demo": cmd_demo, "import": cmd_import, "export": cmd_export}
 
 
 def printable(text: str) -> str:

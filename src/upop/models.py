@@ -216,19 +216,41 @@ def _shapes_labels(family: str) -> int | None:
             "dinov2": len(shapes_vision.CLASSIFICATION_CLASSES)}.get(family)
 
 
+def shapes_class_names(family: str) -> list[str] | None:
+    """The class names of the Shapes data set a family's head is for, in the order the data set's
+    reader numbers them (ImageFolder: sorted folder names; segmentation: ``classes.json``), or None."""
+    from .data import shapes_vision
+
+    if family == "segmenter":
+        return list(shapes_vision.SEGMENTATION_CLASSES)
+    if family in ("vit", "deit", "dinov2"):
+        return sorted(shapes_vision.class_name(c, k) for c, k in shapes_vision.CLASSIFICATION_CLASSES)
+    return None
+
+
 def make_model_folder(family: str, out_dir, size: str = "tiny", image_size: int = 64, seed: int = 0,
                       num_labels: int | None = None):
     """Write a randomly initialised ``family`` model with the Shapes tokenizer/processor to ``out_dir``
-    (a folder that ``from_pretrained`` and ``upop compress --model`` read)."""
+    (a folder that ``from_pretrained`` and ``upop compress --model`` read).
+
+    Without ``num_labels``, a classifier / segmenter gets the classes of its Shapes data set, named
+    in ``config.id2label`` / ``label2id`` (so pipelines show ``"red_circle"``, not ``LABEL_0``); with
+    ``num_labels`` its classes keep transformers' ``LABEL_i`` names, which the first data set it is
+    trained or evaluated on replaces with its own (:mod:`upop.data.labels`)."""
     if family not in _FACTORIES:
         raise ConfigError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
     processor = make_processor(family, image_size)
     tokenizer = getattr(processor, "tokenizer", processor)
     vocab = len(tokenizer) if hasattr(tokenizer, "get_vocab") else 128
+    names = shapes_class_names(family) if num_labels is None else None
     if num_labels is None:
         num_labels = _shapes_labels(family)
     labels = {} if num_labels is None else {"num_labels": num_labels}  # classifier / segmenter classes
     model = make_model(family, size=size, vocab_size=vocab, image_size=image_size, seed=seed, **labels)
+    if names is not None:
+        from .data.labels import name_classes
+
+        name_classes(model.config, names)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return model, processor
