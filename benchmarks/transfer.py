@@ -28,7 +28,9 @@ Protocol (fixed before any two methods were compared; ``--quick`` shrinks every 
 - Rows: upop (default) = UPopConfig's defaults when the script runs; upop with score = gradient /
   taylor / fisher, granularity = head-dim / head / both, distill = logits / logits+hidden (each
   row changes one field from the default; rows whose field the installed upop lacks are skipped
-  with a note, rows equal to the default are not re-run); one-shot; uniform; magnitude; random +
+  with a note, rows equal to the default are not re-run); "combined" (score=taylor with
+  distill=logits+hidden: the best single changes together, a row ADDED after the single-change rows
+  at 8x had been seen); one-shot; uniform; magnitude; random +
   retraining; Torch-Pruning global Taylor (when installed). The retraining baselines use the
   default row's distillation setting (benchmarks/_baselines.py). References: the pretrained
   model (zero-shot), it fine-tuned densely on the task set for the same 4 epochs, and the same
@@ -93,7 +95,10 @@ QUICK = dict(
 #: method ids (``--methods``) -> the rows they add; "dense" and "scratch" are reference rows
 VARIANTS = {"score": ("gradient", "taylor", "fisher"), "granularity": ("head-dim", "head", "both"),
             "distill": ("logits", "logits+hidden")}
-METHOD_IDS = ("upop", "score", "granularity", "distill", "one-shot", "uniform", "magnitude", "random",
+#: "combined": the best score and the best distillation of the single-change rows together (a row
+#: added after those rows had been seen, and labelled so in the results)
+COMBINED = {"score": "taylor", "distill": "logits+hidden"}
+METHOD_IDS = ("upop", "score", "granularity", "distill", "combined", "one-shot", "uniform", "magnitude", "random",
               "torch-pruning", "dense", "scratch")
 QUICK_METHODS = ("upop", "distill", "magnitude", "dense")
 METRICS = (("r_mean", "held-out test R@mean"), ("txt_r1", "held-out test text R@1"),
@@ -180,6 +185,8 @@ def method_rows(methods, base: dict) -> tuple[list[tuple[str, str, dict]], list[
                     notes.append(f"upop, {mid}={value} skipped: {exc}")
                     continue
                 rows.append((f"upop, {mid}={value}", "upop", {mid: value}))
+        elif mid == "combined":
+            rows.append(("upop, " + ", ".join(f"{k}={v}" for k, v in COMBINED.items()), "upop", dict(COMBINED)))
         elif mid in ("one-shot", "uniform"):
             rows.append((mid, "upop", ablations.METHODS[mid]))
         elif mid == "magnitude":
