@@ -323,8 +323,7 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
     )
     report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
     report["score"] = config.score
-    report["distill"] = (run.distiller.describe() if run.distiller is not None
-                         else {"mode": "task"} if getattr(task, "needs_teacher", False) else {"mode": "none"})
+    report["distill"] = {"mode": "task"} if getattr(task, "needs_teacher", False) else run.distill_info
     report["validation"] = {"best": result.best_metrics, "history": result.history}
     report["device"] = str(p.device)
     report["processes"] = dist.num_processes

@@ -299,6 +299,8 @@ class Run:
         self._steps_done = 0
         self.signals = _Signals()
         self.teacher, self.distiller = self._teacher(model)
+        #: what the run distils, for the report (the distiller is released when the run ends)
+        self.distill_info = self.distiller.describe() if self.distiller is not None else {"mode": "none"}
 
     def _teacher(self, model: nn.Module):
         """The frozen dense teacher (a copy of ``model`` taken before any mask or pruning, on the
@@ -497,7 +499,17 @@ class Run:
 
     # phases ----------------------------------------------------------------------------------
     def run(self) -> PhaseResult:
-        """Run (or resume) every phase; returns the plan and the best validation metrics."""
+        """Run (or resume) every phase; returns the plan and the best validation metrics. The
+        distillation teacher and its hooks are released at the end (a task that learns from the
+        teacher keeps its own reference for the final evaluation)."""
+        try:
+            return self._run()
+        finally:
+            if self.distiller is not None:
+                self.distiller.close()
+            self.teacher = self.distiller = None
+
+    def _run(self) -> PhaseResult:
         with self.signals:
             state = self.load_state() if self.resume else None
             if self.resume and state is None:
