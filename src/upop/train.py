@@ -319,8 +319,8 @@ class Run:
         return teacher, Distiller(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature,
                                   autocast_bf16=dtype is not None)
 
-    def _task_loss(self, wrapped: nn.Module, batch: dict) -> torch.Tensor:
-        """The task loss of ``batch``, plus the distillation term when the run distils."""
+    def _task_loss(self, wrapped: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(task loss, distillation term or None)`` of ``batch``."""
         if self.distiller is None:
             return self.task.loss(wrapped, batch), None
         return self.distiller.loss(self.task.loss, wrapped, self.acc.unwrap_model(wrapped), batch)
