@@ -22,7 +22,8 @@ from .report import build_report, describe_setup, retime_command, write_report
 from .resume import check_same_run, fingerprint
 from .rundir import OWN_FILES, RUN_FILES, RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
-from .train import PhaseClock, Run, append_log, device_record, eval_autocast
+from .runtime import PhaseClock, append_log, device_record, eval_autocast
+from .train import Run
 
 @dataclass
 class CompressResult:

@@ -42,10 +42,11 @@ from transformers.optimization import get_constant_schedule
 from transformers.trainer_callback import TrainerCallback
 
 from .arch import find_groups
+from .callback import UPopCallback
 from .checkpoint import _stored_names, _weight_files, read_plan
 from .errors import CheckpointError, ConfigError, show
 from .masks import Masks, attach_masks
-from .prune import PLAN_FILE, PruningPlan, apply_plan, prune
+from .prune import PLAN_FILE, PruningPlan, apply_plan
 from .rundir import torch_save_atomic, write_text_atomic
 from .search import ALLOCATIONS, COSTS, METHODS, SCORES, UPopSearch, resolve_round_to
 
@@ -183,11 +184,9 @@ class UPopTrainerCallback(TrainerCallback):
         if search is None or self.plan is not None or search.done:
             return
         scale, scaled = _loss_scale(self.trainer.accelerator)
-        for g in self.masks.groups:  # d/dzeta of w * |zeta|, in the loss scale of the task gradients
-            mask = self.masks[g.name]
-            extra = torch.sign(mask.detach()) * ((self.w_attn if g.kind == "attention" else self.w_mlp) * scale)
-            mask.grad = extra if mask.grad is None else mask.grad + extra
-        search.step(state.global_step, grad_scale=scale, skip_nonfinite=scaled)
+        core = UPopCallback(self.masks, search, grad_scale=lambda: (scale, scaled))
+        core.add_sparsity_grad(scale)  # d/dzeta of w * |zeta|, in the loss scale of the task gradients
+        core.after_backward(state.global_step, {})
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.search is not None and self.plan is None and self.search.done:
@@ -249,14 +248,9 @@ class UPopTrainerCallback(TrainerCallback):
         trainer = self.trainer
         model = trainer.model
         before = {id(p): name for name, p in model.named_parameters()}
-        settings = {**self.search.settings(), "search_steps": self.search_steps, "seed": args.seed,
+        settings = {"search_steps": self.search_steps, "seed": args.seed,
                     "trainer": "transformers.Trainer"}
-        plan = prune(model, self.masks, search=settings)
-        if self.search.unit_costs is not None:
-            costs = self.search.unit_costs
-            total = sum(costs[n] * gp.dense_units for n, gp in plan.groups.items())
-            plan.achieved_ratio["latency"] = sum(costs[n] * (gp.dense_units - len(gp.kept))
-                                                 for n, gp in plan.groups.items()) / total
+        plan = UPopCallback(self.masks, self.search).prune(model, settings=settings)
         _swap_parameters(trainer.optimizer, before, dict(model.named_parameters()))
         _rewrap_ddp(trainer)
         self.plan = plan

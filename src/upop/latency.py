@@ -15,7 +15,7 @@ from .config import UPopConfig
 from .errors import ConfigError
 from .report import NOISE_RULE, is_noisy, paired_summary, spread
 from .tasks import Task, get_task
-from .train import eval_autocast
+from .runtime import eval_autocast
 
 ROUNDS = 7
 """Rounds of a latency measurement: every round times each model once, the order alternating."""

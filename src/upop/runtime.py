@@ -1,0 +1,236 @@
+"""What every training loop of upop shares: the data order, random states, signals, logs.
+
+- :func:`batch_indices`, :class:`StepBatches`, :func:`step_batches`: the batches of a step, a pure
+  function of (seed, epoch, position, process), built in the process or by DataLoader workers;
+- random states (:func:`seed_everything`, saved and restored with a run's state), host memory;
+- :class:`RunStopped` and the signal handling that stops a loop at a step boundary;
+- the log (``log.jsonl``) records of devices and phases, and the evaluation autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import UPopConfig
+from .errors import UPopError
+from .prune import PruningPlan
+
+STATE_FILE = "run.pt"
+
+
+class TrainingError(UPopError):
+    """The run cannot go on (non-finite loss or mask gradient); the last checkpoint is intact."""
+
+
+def make_accelerator(config: UPopConfig):
+    """The run's Accelerator: its device is the one device of every phase of the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    if cuda:  # TF32 matmuls for fp32 on Ampere and newer (--tf32 false keeps exact fp32)
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    # gradients live in DDP's all-reduce buckets: no second copy of every gradient
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp])
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, position: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Sample indices of batch ``position`` of ``epoch`` for process ``rank`` (a pure function).
+
+    Process ``rank`` takes the ``rank``-th contiguous slice of the global batch, so the features
+    gathered from all processes in rank order are the batch one process would see at
+    ``batch_size * world`` (what the global-batch contrastive losses rely on)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    global_bs = batch_size * world
+    chunk = perm[position * global_bs : (position + 1) * global_bs]
+    return chunk[rank * batch_size:(rank + 1) * batch_size].tolist()
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the collated training batch of step ``start + i``: the samples of
+    :func:`batch_indices` for that step's (epoch, position), collated after ``set_epoch(epoch)``.
+    A pure function of the step, so DataLoader workers produce exactly the in-process batches."""
+
+    def __init__(self, dataset, collate, *, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1):
+        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.spe = steps_per_epoch(len(dataset), batch_size, world)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> dict:
+        epoch, pos = divmod(self.start + i, self.spe)
+        idx = batch_indices(len(self.dataset), self.batch_size, self.seed, epoch, pos, self.rank, self.world)
+        if hasattr(self.collate, "set_epoch"):
+            self.collate.set_epoch(epoch)
+        return self.collate([self.dataset[j] for j in idx])
+
+
+def step_batches(dataset, collate, *, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1, workers: int = 0) -> Iterator[dict]:
+    """The training batches of steps ``start .. stop-1`` in order, built in this process
+    (``workers=0``) or ahead of time by ``workers`` DataLoader processes."""
+    steps = StepBatches(dataset, collate, batch_size=batch_size, seed=seed, start=start, stop=stop, rank=rank,
+                        world=world)
+    if workers == 0 or len(steps) == 0:
+        return (steps[i] for i in range(len(steps)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after tokenizer use
+    # the generator keeps the DataLoader from drawing its worker seed from the global RNG, so a
+    # run with workers draws the same dropout masks as one without (and a resume stays identical)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), prefetch_factor=2,
+                                         generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Full batches per epoch (the ragged tail is dropped, as contrastive losses need full batches)."""
+    return max(1, n // (batch_size * world))
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+class RunStopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM, SIGINT) after saving its state at a step
+    boundary; the same command with ``--resume`` continues it. ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class PhaseResult:
+    plan: PruningPlan
+    best_metrics: dict[str, float]
+    history: list[dict]
+
+
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so the
+    retraining's peak memory does not sit on top of what the search's optimizer left in the heap.
+    (Accelerate's ``free_memory`` empties the CUDA cache; this is the CPU side.)"""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for process ``rank``: each process gets its
+    own stream (``seed + rank``), so dropout differs across the shards of a batch and the same
+    seed reproduces every process's draws."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)  # also seeds every CUDA device
+
+
+def eval_autocast(device: torch.device | str, precision: str):
+    """The autocast of evaluation: none for fp32, bf16 autocast on the device for bf16."""
+    import contextlib
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def append_log(out: Path, record: dict, is_main: bool) -> None:
+    """Append ``record`` to ``out/log.jsonl`` (the main process writes, the others do nothing)."""
+    if is_main:
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def device_record(phase: str, model: nn.Module, precision: str) -> dict:
+    """The log record that says where and in which dtype ``phase`` runs (read by make gpu-check)."""
+    p = next(model.parameters())
+    return {"phase": "device", "of": phase, "device": str(p.device), "dtype": str(p.dtype), "precision": precision}
+
+
+class PhaseClock:
+    """Wall time and peak accelerator memory of one phase, for its ``phase_end`` log record."""
+
+    def __init__(self, phase: str, device: torch.device):
+        self.phase, self.device, self.steps = phase, torch.device(device), None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+
+    def record(self) -> dict:
+        peak = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return {"phase": "phase_end", "of": self.phase, "seconds": time.perf_counter() - self.start,
+                "steps": self.steps, "peak_memory_mb": peak}
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT ask the training loop to stop at the end of the current
+    step (``requested``); outside a loop (``in_loop`` False) they stop at once. The previous
+    handlers are restored on exit. Only the main thread can install handlers: elsewhere this is
+    a no-op and signals keep their default behaviour."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self.in_loop = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.in_loop and self.requested is None:
+            self.requested = signum
+            return
+        name = signal.Signals(signum).name
+        raise RunStopped(f"stopped by {name}", 128 + signum)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
