@@ -4,7 +4,7 @@
     upop evaluate --model DIR --task retrieval --data DIR
     upop data shapes --task retrieval --out DIR
     upop make-model clip --out DIR
-    upop import blip-nlvr model_base_nlvr.pth --out DIR
+    upop import blip-nlvr model_base_nlvr.pth --out DIR   (also blip-retrieval, blip-vqa, blip-caption)
     upop export --model DIR --format onnx --out model.onnx [--dense DENSE_DIR]
     upop demo
 
@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a model folder upop wrote (default: refuse a non-empty --out, so a fine-tuned "
                    "model is never replaced by a random one)")
 
-    imp = sub.add_parser("import", help="convert a reference-code checkpoint (BLIP NLVR2 .pth) to a model folder")
-    imp.add_argument("source", choices=["blip-nlvr"], help="checkpoint kind")
+    imp = sub.add_parser("import", help="convert a salesforce/BLIP .pth (NLVR2, retrieval, VQA, captioning) to a model "
+                         "folder")
+    imp.add_argument("source", choices=["blip-nlvr", "blip-retrieval", "blip-vqa", "blip-caption"],
+                     help="checkpoint kind: blip-nlvr (BlipForNLVR), blip-retrieval (BlipForImageTextRetrieval), "
+                     "blip-vqa (BlipForQuestionAnswering), blip-caption (BlipForConditionalGeneration)")
     imp.add_argument("checkpoint", help="the .pth file")
     imp.add_argument("--out", required=True)
     imp.add_argument("--tokenizer", default=None,
@@ -353,9 +356,11 @@ def cmd_make_model(args) -> int:
 def cmd_import(args) -> int:
     from .cost import count_params
     from .importers import import_blip_nlvr
+    from .importers_blip import IMPORTERS
 
+    importer = {"blip-nlvr": import_blip_nlvr, **IMPORTERS}[args.source]
     model = _write_owned(Path(args.out), "model", MODEL_FILES, args.overwrite,
-                         lambda: import_blip_nlvr(args.checkpoint, args.out, tokenizer=args.tokenizer))
+                         lambda: importer(args.checkpoint, args.out, tokenizer=args.tokenizer))
     print(f"imported {args.checkpoint} as {type(model).__name__} ({count_params(model):,} params) to {args.out}")
     if args.tokenizer is None:
         print("upop: the folder has no tokenizer; rerun with --tokenizer DIR (bert-base-uncased's vocab.txt and "
