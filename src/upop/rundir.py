@@ -10,7 +10,7 @@ A upop command that writes a folder (``compress --out``, ``make-model --out``, `
         rd.clean_temp()                    # leftovers of writes a kill interrupted
         notes = rd.set_aside_previous() if overwrite else []   # previous run -> .upop-previous/
         try:
-            ...                            # the run, writing with the *_atomic functions below
+            ...                            # the run, writing with the *_atomic functions (upop.atomic)
         except BaseException:
             rd.restore_previous()          # nothing of the previous run is lost
             raise
@@ -19,7 +19,7 @@ A upop command that writes a folder (``compress --out``, ``make-model --out``, `
 A rejected run in a folder it created calls :meth:`RunDir.discard_created` to remove the
 (empty) folders it made, parents included.
 
-Every writer here writes a temp sibling named ``.NAME.tmp-PID-RANDOM`` (a folder being replaced
+Every writer (:mod:`upop.atomic`, re-exported here) writes a temp sibling named ``.NAME.tmp-PID-RANDOM`` (a folder being replaced
 is moved aside as ``.NAME.old-PID-RANDOM``), fsyncs it, renames it into place and fsyncs the
 parent folder, and removes the temp on any exception (``KeyboardInterrupt`` included). Only a
 kill (SIGKILL, power loss) leaves a temp behind; :meth:`RunDir.clean_temp` knows that one naming
@@ -31,27 +31,23 @@ Every refusal is a :class:`~upop.errors.ConfigError` with a one-line message.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import secrets
 import shutil
-import socket
-import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Iterable
 
+from .atomic import (MARKER_PREFIX, TEMP_NAME, _fsync_dir, _open_temp, shared_marker, sees_marker,  # noqa: F401
+                     torch_save_atomic, write_dir_atomic, write_file_atomic, write_json_atomic, write_text_atomic)
 from .errors import ConfigError
+from .folder_lock import LOCK_FILE, FolderLock
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: the lock file is written but nothing excludes a second run
-    fcntl = None
+__all__ = ["KINDS", "LOCK_FILE", "MARKER_PREFIX", "OWN_FILES", "PREVIOUS_DIR", "RUN_FILES", "RunDir", "sees_marker",
+           "shared_marker", "torch_save_atomic", "write_dir_atomic", "write_file_atomic", "write_json_atomic",
+           "write_text_atomic"]
 
-LOCK_FILE = ".upop-lock"
+
 PREVIOUS_DIR = ".upop-previous"
-MARKER_PREFIX = ".upop-node-check-"
 OWN_FILES = frozenset({LOCK_FILE, PREVIOUS_DIR})
 """rundir's own bookkeeping names, part of every kind's file set."""
 
@@ -61,9 +57,8 @@ RUN_FILES = frozenset({"report.json", "report.md", "allocation.png", "log.jsonl"
 
 KINDS = ("run", "model", "data")
 _PROBE = "upop-write-test"  # target name of check_free's probe (written as a temp of this scheme)
-_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})")
+_TEMP = TEMP_NAME
 _PREVIOUS = re.compile(re.escape(PREVIOUS_DIR) + r"(-[0-9]+)?")
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHOWN = 3  # entries named in a message
 
 
@@ -78,172 +73,6 @@ def _show_some(names: Iterable[str]) -> str:
     names = sorted(names)
     shown = ", ".join(_show(n) for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-
-
-# ----------------------------------------------------------------------------- atomic writers
-
-
-def _temp_path(target: Path, tag: str) -> Path:
-    """A fresh temp name next to ``target`` in the one scheme :meth:`RunDir.clean_temp` knows."""
-    return target.with_name(f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _open_temp(target: Path) -> tuple[int, Path]:
-    """Create (exclusively) and open a temp file for ``target``; returns (fd, path)."""
-    while True:
-        tmp = _temp_path(target, "tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
-        except FileExistsError:  # 32 random bits collided: draw again
-            continue
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable, where the OS lets a folder be fsynced."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems (and Windows) refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every regular file under ``root``, then its folders (before ``root`` is renamed)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    """Write a file atomically: ``write(fh)`` fills a binary temp file next to ``path``, which is
-    fsynced and renamed over ``path``; on any exception the temp is removed and ``path`` is as
-    before. The base of the writers below, public for callers that write to a file object
-    (``savefig(fh, format="png")``)."""
-    path = Path(path)
-    fd, tmp = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    data = text.encode("utf-8")
-    return write_file_atomic(path, lambda fh: fh.write(data))
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON (indent 1, sorted keys, final newline) to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)``, atomically."""
-    import torch  # here, not at the top: the folder, lock and text writers need no torch
-
-    return write_file_atomic(path, lambda fh: torch.save(obj, fh))
-
-
-def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
-    """Write a folder atomically: ``fill(tmp)`` writes into a temp sibling folder, which then
-    replaces ``path`` (an existing folder is renamed aside, the new one renamed in, the old one
-    deleted); a failure or kill leaves the previous ``path`` (or none) intact. Parents are
-    created. A ``path`` that is a symbolic link or a file is refused."""
-    out = Path(path)
-    if out.is_symlink():
-        raise ConfigError(f"{_show(out)} is a symbolic link; upop never writes through links, "
-                          "remove it or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{_show(out)} exists and is not a folder; remove it or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out)
-    try:
-        fill(tmp)
-        _fsync_tree(tmp)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(out.parent)
-    return out
-
-
-def _make_temp_dir(target: Path) -> Path:
-    while True:
-        tmp = _temp_path(target, "tmp")
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first (and put back if the
-    second rename fails), then deleted."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    old = _temp_path(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)  # a leftover is removed by RunDir.clean_temp
-
-
-# ----------------------------------------------------------------------------- multi-node check
-
-
-def _marker_path(path: str | os.PathLike, token: str) -> Path:
-    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
-        raise ValueError(f"marker token must be 1-64 letters, digits, '_' or '-', not {_show(token)}")
-    return Path(path) / f"{MARKER_PREFIX}{token}"
-
-
-@contextlib.contextmanager
-def shared_marker(path: str | os.PathLike, token: str) -> Iterator[Path]:
-    """Rank 0's half of the shared-disk check: writes ``path/.upop-node-check-TOKEN`` (holding
-    ``token``) for the body of the ``with``, then removes it. Every rank calls
-    :func:`sees_marker` inside, between two barriers; a rank that does not see it has a
-    different disk at ``path``."""
-    marker = _marker_path(path, token)
-    write_text_atomic(marker, token)
-    try:
-        yield marker
-    finally:
-        marker.unlink(missing_ok=True)
-
-
-def sees_marker(path: str | os.PathLike, token: str) -> bool:
-    """True if this process sees the marker :func:`shared_marker` wrote with ``token``."""
-    try:
-        return _marker_path(path, token).read_text(encoding="utf-8") == token
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -262,7 +91,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class RunDir:
+class RunDir(FolderLock):
     """The folder ``path`` that one upop command of ``kind`` writes ("run", "model" or "data").
 
     ``files`` are the top-level names that kind writes (default, for "run": :data:`RUN_FILES`;
@@ -349,88 +178,6 @@ class RunDir:
             removed.append(folder)
         self._created = []
         return removed
-
-    # lock ------------------------------------------------------------------------------------
-    @property
-    def locked(self) -> bool:
-        """True while this object holds the lock."""
-        return self._lock_fd is not None
-
-    def acquire(self) -> None:
-        """Take the folder's lock (creating the folder if needed); ConfigError if another upop
-        process holds it. Does nothing if this object holds it already."""
-        if self._lock_fd is not None:
-            return
-        self.create()
-        lock_path = self.path / LOCK_FILE
-        while True:
-            fd = self._open_lock(lock_path)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if self._same_file(fd, lock_path):
-                    break
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise ConfigError(f"output folder {_show(self.path)} is in use by another upop run ({holder}); "
-                                  "wait for it to finish or choose another --out") from None
-            except OSError as exc:
-                os.close(fd)
-                raise ConfigError(f"output folder {_show(self.path)} cannot be locked ({exc.strerror or exc}); "
-                                  "its file system needs locking (on NFS: lockd, or NFSv4)") from None
-            os.close(fd)  # the holder we waited on removed that file on release: lock the new one
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
-        os.fsync(fd)
-        self._lock_fd, self._lock_pid = fd, os.getpid()
-
-    def _open_lock(self, lock_path: Path) -> int:
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            return os.open(lock_path, flags, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"output folder {_show(self.path)}: cannot open its lock file {LOCK_FILE} "
-                              f"({exc.strerror or exc}); remove it if it is a link or a folder") from None
-
-    @staticmethod
-    def _same_file(fd: int, lock_path: Path) -> bool:
-        """True if ``fd`` is still the file at ``lock_path`` (a releasing holder unlinks it)."""
-        try:
-            here, there = os.fstat(fd), os.lstat(lock_path)
-        except FileNotFoundError:
-            return False
-        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-    def release(self) -> None:
-        """Give the lock back and remove the lock file. In a process forked from the holder this
-        only closes the inherited descriptor (the holder keeps the lock)."""
-        if self._lock_fd is None:
-            return
-        fd, self._lock_fd = self._lock_fd, None
-        try:
-            if self._lock_pid == os.getpid():
-                (self.path / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _same_file
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[RunDir]:
-        """``with rd.lock():`` holds the lock for the body (see :meth:`acquire`)."""
-        self.acquire()
-        try:
-            yield self
-        finally:
-            self.release()
-
-    def _require_lock(self, what: str) -> None:
-        if self._lock_fd is None:
-            raise RuntimeError(f"RunDir.{what}() needs the folder's lock: call it inside rd.lock()")
 
     # overwrite policy ------------------------------------------------------------------------
     def check_overwrite(self, resume: bool, overwrite: bool) -> None:
@@ -580,27 +327,3 @@ class RunDir:
         if free < min_bytes:
             raise ConfigError(f"output folder {_show(self.path)}: only {free / 2**20:.0f} MiB free on its disk, "
                               f"need about {min_bytes / 2**20:.0f} MiB")
-
-
-def _read_holder(fd: int) -> str:
-    """'pid N on HOST, since TIME' from a held lock file (its fields checked, never shown raw).
-    A holder that has just locked may not have written them yet: wait for them up to 0.5 s."""
-    info: Any = {}
-    for _ in range(10):
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            info = json.loads(os.read(fd, 4096).decode("utf-8"))
-        except (OSError, ValueError):
-            info = {}
-        if isinstance(info, dict) and info:
-            break
-        time.sleep(0.05)
-    if not isinstance(info, dict):
-        info = {}
-    pid = info.get("pid")
-    pid = str(pid) if isinstance(pid, int) else "?"
-    host = info.get("host")
-    host = host if isinstance(host, str) and re.fullmatch(r"[\w.-]{1,253}", host) else "?"
-    since = info.get("since")
-    since = since if isinstance(since, str) and re.fullmatch(r"[0-9T:+.-]{1,40}", since) else "?"
-    return f"pid {pid} on {host}, since {since}"
