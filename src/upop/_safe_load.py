@@ -117,8 +117,10 @@ def check_folder(folder: Path) -> dict[str, Any]:
     """``config.json`` of a model folder, once nothing in the folder asks for its own code.
 
     Refused (one line naming the folder): no ``config.json``, one that is not a JSON object, an
-    ``auto_map`` in it or in the tokenizer/processor configs, and a ``model_type`` that neither
-    transformers nor upop defines (only the folder's own Python could build such a model).
+    ``auto_map`` in it (other than exactly the one upop writes for ``modeling_upop.py``, a file
+    upop itself never imports: :func:`upop.hub.check_upop_auto_map`) or in the tokenizer/processor
+    configs, and a ``model_type`` that neither transformers nor upop defines (only the folder's own
+    Python could build such a model).
     """
     file = folder / "config.json"
     if not file.is_file():
@@ -128,6 +130,11 @@ def check_folder(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{show(file)}: a JSON {type(config).__name__}, not an object of config fields")
     for name in CODE_MAP_FILES:
         data = config if name == "config.json" else _json_if_present(folder / name)
+        if name == "config.json" and "auto_map" in data:
+            from .hub import check_upop_auto_map
+
+            check_upop_auto_map(data, show(folder))  # upop's own (never imported) passes; any other is refused
+            continue
         if isinstance(data, dict) and "auto_map" in data:
             raise CheckpointError(f"{show(folder)}: {name} has an auto_map, so the folder needs its own Python code "
                                   f"to load; {NO_CODE} (use a supported transformers model class, without auto_map)")

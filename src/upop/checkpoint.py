@@ -1,9 +1,13 @@
 """Compressed checkpoints: a Hugging Face-style folder plus the pruning plan.
 
-    out/config.json          the dense model's config, unchanged
+    out/config.json          the dense model's config (plus the two Hub fields named below)
     out/upop_plan.json       versioned, sorted JSON: kept units per group, provenance, ratios
     out/model.safetensors    the compressed weights (no pickle: loading never executes code),
                              under the model's own parameter names; or shards and their index
+    out/modeling_upop.py     generated, torch/transformers-only code that rebuilds the pruned
+                             widths for ``AutoModel*.from_pretrained(out, trust_remote_code=True)``
+                             without upop; config.json then also has its ``auto_map`` and
+                             ``upop_shapes`` (:mod:`upop.hub`). upop itself never imports it.
     out/<tokenizer / processor files>
 
 :func:`save_compressed` writes the folder into a temporary sibling and renames it into place, so
@@ -30,6 +34,7 @@ from ._safe_load import (SAFE_INDEX, _shards, check_dtypes, check_folder, quiet_
                          reason, scan_safetensors)
 from .arch import ArchSpec, get_spec, spec_by_name
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, show
+from .hub import strip_hub_fields, write_hub_files
 from .prune import PLAN_FILE, PruningPlan, apply_plan
 from .rundir import write_dir_atomic
 
@@ -52,13 +57,16 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
     """Write ``model`` (pruned by :func:`upop.prune`) as a compressed checkpoint folder.
 
     ``processor`` (a tokenizer, image processor or processor) is saved alongside; if omitted and
-    the plan's base model is a local folder, its tokenizer/processor files are copied.
+    the plan's base model is a local folder, its tokenizer/processor files are copied. The folder
+    also gets ``modeling_upop.py`` and an ``auto_map`` (:mod:`upop.hub`), so transformers alone
+    loads it with ``trust_remote_code=True``.
     """
     plan = plan or getattr(model, "upop_plan", None)
     if plan is None:
         raise CheckpointError("this model has no pruning plan: call upop.prune(model, masks) before save_compressed")
     def fill(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
+        write_hub_files(model, tmp)  # modeling_upop.py + auto_map: loadable by transformers without upop
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(tmp)
@@ -149,7 +157,9 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device | None =
     cls = model_class(plan.model_class)
     files = _weight_files(path)
     found = scan_safetensors(files)
-    model = _build(cls, read_config(path, cls), path)
+    config = read_config(path, cls)
+    strip_hub_fields(config)  # the Hub files' fields; load_compressed never imports modeling_upop.py
+    model = _build(cls, config, path)
     if attn_implementation is not None:
         _set_attention(model, attn_implementation)
     apply_plan(model, plan, spec=_plan_spec(plan, spec, model, path))

@@ -281,7 +281,8 @@ class _SavePretrainedWithPlan:
     plus ``upop_plan.json`` in the folder, and the weights under the model's own parameter names
     (``save_original_format=False``: transformers would otherwise rename some, e.g. ViT's
     ``layers.N.attention.q_proj`` to ``encoder.layer.N.attention.attention.query``), so the folder
-    is the one :func:`upop.save_compressed` writes and :func:`upop.load_compressed` reads.
+    is the one :func:`upop.save_compressed` writes and :func:`upop.load_compressed` reads,
+    including the Hub files (``modeling_upop.py``, ``auto_map``: :mod:`upop.hub`).
 
     An object rather than a bound function so that the model still pickles and deep-copies."""
 
@@ -296,10 +297,28 @@ class _SavePretrainedWithPlan:
         main = args[0] if args else kwargs.get("is_main_process", True)
         on_this_rank = getattr(model, "should_save_on_this_rank", lambda is_main: is_main)(main)
         folder = Path(save_directory)
-        if on_this_rank and not folder.is_file():  # a file: transformers reports it and writes nothing
+        writes = on_this_rank and not folder.is_file()  # a file: transformers reports it and writes nothing
+        # push_to_hub=True would upload only what transformers itself wrote during the call: save
+        # here, then push with push_to_hub (which saves into a fresh folder, through this wrapper)
+        push = bool(kwargs.pop("push_to_hub", False))
+        hub_args = {k: kwargs.pop(k) for k in _PUSH_ARGS if k in kwargs}
+        if writes:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / PLAN_FILE).write_text(model.upop_plan.to_json())  # first, so push_to_hub uploads it
-        return save(model, save_directory, *args, **kwargs)
+            (folder / PLAN_FILE).write_text(model.upop_plan.to_json())
+        result = save(model, save_directory, *args, **kwargs)
+        if writes and (folder / "config.json").is_file():
+            from .hub import write_hub_files
+
+            write_hub_files(model, folder)  # modeling_upop.py + auto_map, after transformers wrote config.json
+        if push and writes:
+            repo_id = hub_args.pop("repo_id", folder.name)
+            hub_args.setdefault("token", kwargs.get("token"))
+            return model.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
+        return result
+
+
+#: ``save_pretrained(..., push_to_hub=True)`` keywords that belong to the push
+_PUSH_ARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision", "tags")
 
 
 def _check_group_plan(group: Group, gplan: GroupPlan) -> None:

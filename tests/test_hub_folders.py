@@ -1,0 +1,381 @@
+"""Hub-shareable compressed folders (:mod:`upop.hub`): every family's compressed folder loads with
+``AutoModel...from_pretrained(folder, trust_remote_code=True)`` and runs in ``pipeline(...)`` in a
+process where upop cannot be imported, with the outputs of ``upop.load_compressed``; upop itself
+accepts only its own ``auto_map`` and never imports ``modeling_upop.py``."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import upop
+import upop.models as M
+from upop.errors import CheckpointError
+from upop.hub import MODELING_FILE, PREFIX, SHAPES_KEY
+
+from ._families import FAMILIES
+from .test_engine import _random_masks
+
+#: pure torch code shared by this process and the no-upop subprocess: fixed inputs and, per
+#: family, the Auto class to load with and a forward returning float tensors
+FORWARDS = textwrap.dedent('''
+    import torch
+
+    def _ids(batch=2, length=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(9, 100, (batch, length), generator=g)
+
+    def _pixels(batch=2, size=32, seed=0):
+        g = torch.Generator().manual_seed(seed + 1)
+        return torch.randn(batch, 3, size, size, generator=g)
+
+    def _pair(m):
+        out = m(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), pixel_values=_pixels())
+        return [out.logits_per_image, out.text_embeds, out.image_embeds]
+
+    def _retrieval(m):
+        return [m(input_ids=_ids(), pixel_values=_pixels(), use_itm_head=itm).itm_score for itm in (True, False)]
+
+    def _vqa(m):
+        image = m.vision_model(pixel_values=_pixels()).last_hidden_state
+        question = m.text_encoder(input_ids=_ids(), encoder_hidden_states=image).last_hidden_state
+        return [image, question, m.text_decoder(input_ids=_ids(), encoder_hidden_states=question).logits]
+
+    def _caption(m):
+        out = m(input_ids=_ids(), pixel_values=_pixels())
+        return [out.logits, out.image_embeds]
+
+    _logits = lambda m: [m(pixel_values=_pixels()).logits]
+    _hidden = lambda m: [m(pixel_values=_pixels()).last_hidden_state]
+
+    FORWARDS = {
+        "clip": ("AutoModelForZeroShotImageClassification", _pair),
+        "clip-vision": ("AutoModel", lambda m: [m(pixel_values=_pixels()).image_embeds]),
+        "clip-text": ("AutoModelForTextEncoding", lambda m: [m(input_ids=_ids()).pooler_output]),
+        "blip-retrieval": ("AutoModel", _retrieval),
+        "blip-vqa": ("AutoModelForVisualQuestionAnswering", _vqa),
+        "blip-caption": ("AutoModelForImageTextToText", _caption),
+        "blip-nlvr": ("AutoModel", lambda m: [m(input_ids=_ids(), pixel_values=torch.stack(
+            [_pixels(), _pixels(seed=5)], dim=1)).logits]),
+        "vit": ("AutoModelForImageClassification", _logits),
+        "vit-model": ("AutoModel", _hidden),
+        "deit-teacher": ("AutoModelForImageClassification", _logits),
+        "deit": ("AutoModelForImageClassification", _logits),
+        "bert": ("AutoModelForSequenceClassification", lambda m: [m(
+            input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long)).logits]),
+        "segmenter": ("AutoModelForSemanticSegmentation", _logits),
+        "siglip": ("AutoModelForZeroShotImageClassification", _pair),
+        "siglip-vision": ("AutoModel", lambda m: [m(pixel_values=_pixels()).pooler_output]),
+        "siglip-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
+        "dinov2": ("AutoModelForImageClassification", _logits),
+        "dinov2-model": ("AutoModel", _hidden),
+    }
+''')
+
+#: the subprocess: upop blocked (a meta-path finder refuses it, its folders are off sys.path),
+#: then every folder of the job list loaded through transformers only, with its outputs saved
+CHILD = FORWARDS + textwrap.dedent('''
+    import importlib.abc, json, sys
+    from pathlib import Path
+
+    class NoUpop(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "upop" or name.startswith("upop."):
+                raise ImportError("upop is not installed here")
+
+    sys.meta_path.insert(0, NoUpop())
+    sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "upop").exists()]
+    try:
+        import upop
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("upop is importable in the no-upop process")
+
+    import transformers
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    transformers.utils.logging.disable_progress_bar()
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    report = {}
+    for job in jobs["models"]:
+        auto, forward = FORWARDS[job["family"]]
+        model, info = getattr(transformers, auto).from_pretrained(job["folder"], trust_remote_code=True,
+                                                                  output_loading_info=True)
+        problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        with torch.no_grad():
+            outs = forward(model.eval())
+        save_file({str(i): t.float().contiguous() for i, t in enumerate(outs)}, job["out"])
+        report[job["folder"]] = {"class": type(model).__name__, "problems": problems,
+                                 "module": type(model).__module__}
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    for job in jobs["pipelines"]:
+        pipe = transformers.pipeline(job["task"], model=job["folder"], trust_remote_code=True)
+        kwargs = {"candidate_labels": ["a red square", "a blue circle"]} if "zero-shot" in job["task"] else {}
+        result = pipe(image, **kwargs)
+        report[job["folder"] + ":" + job["task"]] = {"class": type(pipe.model).__name__, "result": result}
+    Path(jobs["report"]).write_text(json.dumps(report))
+''')
+
+NAMES = sorted(FAMILIES)
+#: families saved with their processor, for the pipelines
+PIPELINES = {"clip": "zero-shot-image-classification", "vit": "image-classification"}
+
+
+def _forwards() -> dict:
+    space: dict = {}
+    exec(FORWARDS, space)  # noqa: S102 - this file's own code, shared with the subprocess
+    return space["FORWARDS"]
+
+
+FWD = _forwards()
+
+
+def _outputs(family: str, model) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t.float() for t in FWD[family][1](model)]
+
+
+def _pruned(family: str):
+    model = FAMILIES[family][0]()
+    masks = upop.attach_masks(model)
+    _random_masks(masks, seed=3)
+    upop.prune(model, masks)
+    return model
+
+
+def _no_upop(tmp: Path, models: list[tuple[str, Path]], pipelines: list[tuple[str, Path]]) -> dict:
+    """Run :data:`CHILD` on the folders; the outputs of model ``i`` land in ``tmp/out-i.safetensors``."""
+    jobs = {"models": [{"family": f, "folder": str(d), "out": str(tmp / f"out-{i}.safetensors")}
+                       for i, (f, d) in enumerate(models)],
+            "pipelines": [{"task": PIPELINES[f], "folder": str(d)} for f, d in pipelines],
+            "report": str(tmp / "report.json")}
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    (tmp / "child.py").write_text(CHILD)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, str(tmp / "child.py"), str(tmp / "jobs.json")], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hub_world(tmp_path_factory):
+    """Every family pruned and saved (save_compressed), then loaded by upop and saved again
+    (save_pretrained); all folders loaded by transformers in one no-upop subprocess."""
+    tmp = tmp_path_factory.mktemp("hub")
+    want, folders = {}, []
+    for family in NAMES:
+        model = _pruned(family)
+        processor = M.make_processor(family, 32) if family in PIPELINES else None
+        upop.save_compressed(model, tmp / f"{family}-saved", processor=processor)
+        loaded = upop.load_compressed(tmp / f"{family}-saved")
+        loaded.save_pretrained(tmp / f"{family}-resaved")
+        if processor is not None:
+            processor.save_pretrained(tmp / f"{family}-resaved")
+        want[family] = _outputs(family, loaded)
+        folders += [(family, tmp / f"{family}-saved"), (family, tmp / f"{family}-resaved")]
+        if family == "bert":  # save_pretrained in shards: the same config.json and modeling_upop.py
+            loaded.save_pretrained(tmp / "bert-sharded", max_shard_size="20KB")
+            assert (tmp / "bert-sharded" / "model.safetensors.index.json").is_file()
+            folders.append((family, tmp / "bert-sharded"))
+    pipes = [(f, tmp / f"{f}-{kind}") for f in PIPELINES for kind in ("saved", "resaved")]
+    report = _no_upop(tmp, folders, pipes)
+    return tmp, want, folders, report
+
+
+def test_every_family_loads_without_upop(hub_world):
+    tmp, want, folders, report = hub_world
+    for i, (family, folder) in enumerate(folders):
+        entry = report[str(folder)]
+        cls = json.loads((folder / "upop_plan.json").read_text())["model_class"]
+        assert entry["class"] == PREFIX + cls, folder
+        assert "upop" not in entry["module"].split(".")[0]  # transformers' copy of modeling_upop.py
+        assert entry["problems"] == {}, (folder, entry["problems"])  # no missing/unexpected/mismatched keys
+        got = load_file(str(tmp / f"out-{i}.safetensors"))
+        assert len(got) == len(want[family])
+        for k, expected in enumerate(want[family]):
+            assert torch.allclose(got[str(k)], expected, atol=1e-5, rtol=1e-4), (folder, k)
+        # and the same folder still loads with upop, with the same outputs
+        again = _outputs(family, upop.load_compressed(folder))
+        assert all(torch.equal(a, b) for a, b in zip(again, want[family])), folder
+
+
+def test_pipelines_without_upop(hub_world):
+    _, _, _, report = hub_world
+    for family, task in PIPELINES.items():
+        for kind in ("saved", "resaved"):
+            entry = report[f"{hub_world[0] / f'{family}-{kind}'}:{task}"]
+            assert entry["class"].startswith(PREFIX)
+            result = entry["result"]
+            assert isinstance(result, list) and result and all("score" in r and "label" in r for r in result)
+            assert abs(sum(r["score"] for r in result) - 1.0) < 1e-4 or task == "image-classification"
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_folder_contents(family, hub_world):
+    """config.json keeps model_type, names the class, maps Auto classes to the generated module,
+    and the generated file imports only torch, transformers and the standard library."""
+    tmp = hub_world[0]
+    for kind in ("saved", "resaved"):
+        folder = tmp / f"{family}-{kind}"
+        config = json.loads((folder / "config.json").read_text())
+        cls = json.loads((folder / "upop_plan.json").read_text())["model_class"]
+        assert config["architectures"] == [cls]
+        assert config["auto_map"]["AutoModel"] == f"modeling_upop.{PREFIX}{cls}"
+        assert FWD[family][0] in config["auto_map"]
+        assert config[SHAPES_KEY]["version"] == 1 and config[SHAPES_KEY]["modules"]
+        source = (folder / MODELING_FILE).read_text()
+        tops = {n.split(".")[0] for node in ast.walk(ast.parse(source))
+                for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                          else [node.module] if isinstance(node, ast.ImportFrom) else [])}
+        assert tops <= {"__future__", "torch", "transformers", "math", "dataclasses"}, tops
+    assert (tmp / f"{family}-saved" / MODELING_FILE).read_text() == (tmp / f"{family}-resaved" / MODELING_FILE
+                                                                     ).read_text()
+
+
+def test_loaded_model_config_has_no_hub_fields(hub_world):
+    model = upop.load_compressed(hub_world[0] / "clip-saved")
+    assert not hasattr(model.config, "auto_map") and not hasattr(model.config, SHAPES_KEY)
+
+
+# --- upop accepts only its own auto_map and never imports the file ----------------------------
+
+MARKER = "code-ran"
+
+
+def _copy(src: Path, dst: Path, edit_config=None) -> Path:
+    """A copy of ``src`` whose Python files (modeling_upop.py and two others an auto_map might
+    name) write the marker and exit when imported."""
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    if edit_config is not None:
+        config = json.loads((dst / "config.json").read_text())
+        edit_config(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    evil = f"import pathlib\npathlib.Path({str(dst.parent / MARKER)!r}).write_text('ran')\nraise SystemExit(3)\n"
+    for name in (MODELING_FILE, "modeling_evil.py", "modeling_other.py"):
+        (dst / name).write_text(evil)
+    return dst
+
+
+def _set_map(mapping):
+    return lambda c: c.update(auto_map=mapping)
+
+
+REFUSED = {
+    "module elsewhere": _set_map({"AutoModel": "modeling_evil.UPopViTForImageClassification"}),
+    "other file name": _set_map({"AutoModel": "modeling_other.UPopViTForImageClassification"}),
+    "other class": _set_map({"AutoModel": "modeling_upop.EvilModel"}),
+    "extra key": lambda c: c["auto_map"].update(AutoTokenizer=["modeling_upop.UPopViTForImageClassification", None]),
+    "AutoConfig for a transformers config": lambda c: c["auto_map"].update(AutoConfig="modeling_upop.ViTConfig"),
+    "not an object": _set_map(["modeling_upop.UPopViTForImageClassification"]),
+    "no AutoModel": _set_map({"AutoModelForImageClassification": "modeling_upop.UPopViTForImageClassification"}),
+    "repo-qualified": _set_map({"AutoModel": "evil/repo--modeling_upop.UPopViTForImageClassification"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_other_auto_maps_are_refused(case, hub_world, tmp_path):
+    folder = _copy(hub_world[0] / "vit-saved", tmp_path / "c", REFUSED[case])
+    with pytest.raises(CheckpointError, match="auto_map") as err:
+        upop.load_compressed(folder)
+    assert "\n" not in str(err.value) and "never runs code" in str(err.value)
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_own_auto_map_never_imports_the_file(hub_world, tmp_path):
+    """upop's own auto_map is accepted and the folder loads from its plan; a modeling_upop.py that
+    would write a marker and exit on import is never imported, and neither is the tokenizer's."""
+    folder = _copy(hub_world[0] / "vit-saved", tmp_path / "c")
+    model = upop.load_compressed(folder)
+    assert type(model).__name__ == "ViTForImageClassification"
+    assert all(torch.equal(a, b) for a, b in zip(_outputs("vit", model), hub_world[1]["vit"]))
+    upop.load_model(folder)  # the CLI's loader: same path
+    assert not (tmp_path / MARKER).exists()
+    assert not [name for name in sys.modules if name.endswith("modeling_upop")]
+
+
+def test_tokenizer_auto_map_still_refused(hub_world, tmp_path):
+    folder = _copy(hub_world[0] / "clip-saved", tmp_path / "c")
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["modeling_upop.UPopCLIPModel", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json has an auto_map"):
+        upop.load_compressed(folder)
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_unsharable_model_warns_and_still_loads(tmp_path, monkeypatch):
+    """A model whose classes upop cannot copy gets no Hub files (a warning), and loads with upop."""
+    import upop.hub as hub
+
+    def refuse(model, record):
+        raise CheckpointError("cannot copy this class")
+
+    monkeypatch.setattr(hub, "modeling_source", refuse)
+    model = _pruned("vit")
+    with pytest.warns(UserWarning, match="load_compressed only"):
+        upop.save_compressed(model, tmp_path / "c")
+    assert not (tmp_path / "c" / MODELING_FILE).exists()
+    assert "auto_map" not in json.loads((tmp_path / "c" / "config.json").read_text())
+    assert all(torch.equal(a, b) for a, b in zip(_outputs("vit", model),
+                                                 _outputs("vit", upop.load_compressed(tmp_path / "c"))))
+
+
+def test_save_pretrained_push_to_hub_uploads_every_file(tmp_path, monkeypatch):
+    """save_pretrained(push_to_hub=True) pushes through push_to_hub (a fresh folder, every file
+    uploaded): the plan, modeling_upop.py and the config with its auto_map; the local folder too."""
+    model = _pruned("vit")
+    pushed = []
+
+    def fake_push(self, repo_id, **kwargs):  # what push_to_hub does, minus the network
+        folder = tmp_path / "upload"
+        self.save_pretrained(folder, max_shard_size=kwargs["max_shard_size"])
+        pushed.append((repo_id, kwargs, sorted(p.name for p in folder.iterdir()),
+                       json.loads((folder / "config.json").read_text())))
+        return "https://huggingface.co/me/pruned-vit"
+
+    monkeypatch.setattr(type(model), "push_to_hub", fake_push)
+    url = model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/pruned-vit", commit_message="hi")
+    assert url == "https://huggingface.co/me/pruned-vit" and len(pushed) == 1
+    repo_id, kwargs, files, config = pushed[0]
+    assert repo_id == "me/pruned-vit" and kwargs["commit_message"] == "hi"
+    assert {"config.json", "model.safetensors", "upop_plan.json", MODELING_FILE} <= set(files)
+    assert config["auto_map"]["AutoModel"] == "modeling_upop.UPopViTForImageClassification"
+    assert {"config.json", "model.safetensors", "upop_plan.json", MODELING_FILE} <= {
+        p.name for p in (tmp_path / "local").iterdir()}
+
+
+def test_shape_record_lists_only_what_pruning_changed():
+    """Diffing against a dense model of the same config: a dense model records nothing; a pruned
+    one only its sliced Linears and attention widths, not modes (training, gradient checkpointing)."""
+    from upop.hub import shape_record
+
+    dense = FAMILIES["vit"][0]()
+    assert shape_record(dense)["modules"] == {}
+    model = _pruned("vit")
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    assert any(vars(m).get("gradient_checkpointing") for m in model.modules())
+    model.train()
+    modules = shape_record(model)["modules"]
+    plan = model.upop_plan.groups
+    sliced = {n for g in upop.find_groups(model) if len(plan[g.name].kept) < plan[g.name].dense_units
+              for n in (*g.producers, g.consumer)}
+    assert sliced and set(modules) >= sliced
+    assert {k for e in modules.values() for k in e.get("attrs", {})} <= {"in_features", "out_features", "head_dim"}
+    for name, entry in modules.items():
+        for key, shape in entry.get("tensors", {}).items():
+            assert list(getattr(model.get_submodule(name), key).shape) == shape
