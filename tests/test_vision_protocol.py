@@ -13,8 +13,9 @@ from PIL import Image
 from torch import nn
 
 from upop.data.ade20k import SegmentationCollator
-from upop.data.augment import (center_crop_eval, mix_pairs, normalize, padded_random_crop, random_resized_crop,
+from upop.data.augment import (center_crop_eval, draw_mix, normalize, padded_random_crop, random_resized_crop,
                                soft_targets)
+from upop.data.augment_batch import augment_batch, mix
 from upop.data.imagefolder import ImageClassificationCollator
 from upop.data.seg_augment import hsv_to_rgb, random_crop, rgb_to_hsv
 from upop.config import UPopConfig
@@ -23,7 +24,7 @@ from upop.models import make_processor
 from upop.segmenter import make_segmenter
 from upop.tasks.classification import ClassificationTask
 from upop.tasks.segmentation import SegmentationTask, sliding_window, window_anchors
-from upop.train import StepBatches
+from upop.runtime import StepBatches
 
 SIZE = 32
 
@@ -59,6 +60,11 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _pixels(batch: dict) -> torch.Tensor:
+    """The pixels the model trains on (a classification batch augmented on its device)."""
+    return augment_batch(dict(batch))["pixel_values"]
+
+
 # ----------------------------------------------------------------------------- training batches
 
 @pytest.mark.parametrize("kind", ["classification", "segmentation"])
@@ -69,14 +75,17 @@ def test_augmentation_is_seeded_by_seed_epoch_and_sample(kind, processor, cls_da
     first = collate(data[:4])
     assert first["pixel_values"].shape == (4, 3, SIZE, SIZE)
     assert _same(first, make(processor, augment="deit", seed=0)(data[:4]))  # a fresh collator: the same batch
+    trained = _pixels(first)
+    assert torch.equal(_pixels(make(processor, augment="deit", seed=0)(data[:4])), trained)
     collate.set_epoch(1)
-    assert not torch.equal(collate(data[:4])["pixel_values"], first["pixel_values"])  # the next epoch differs
-    assert not torch.equal(make(processor, augment="deit", seed=1)(data[:4])["pixel_values"], first["pixel_values"])
+    assert not torch.equal(_pixels(collate(data[:4])), trained)  # the next epoch differs
+    assert not torch.equal(_pixels(make(processor, augment="deit", seed=1)(data[:4])), trained)
     # two processes with B samples each make the batch one process makes with 2B (B even)
     halves = [make(processor, augment="deit", seed=0)(part) for part in (data[:2], data[2:4])]
     for key in first:
         joined = torch.cat([h[key] + (2 * i if key == "mix_partner" else 0) for i, h in enumerate(halves)])
         assert torch.equal(joined, first[key]), key
+    assert torch.equal(torch.cat([_pixels(h) for h in halves]), trained)
 
 
 def test_none_gives_the_processor_batches(processor, cls_data, seg_data):
@@ -121,6 +130,7 @@ def test_resume_and_processes_reproduce_the_batches(world, processor, cls_data):
         ranks = [steps(step, rank)[0] for rank in range(world)]
         assert torch.equal(torch.cat([b["pixel_values"] for b in ranks]), whole[step]["pixel_values"])
         assert torch.equal(torch.cat([b["mix_weight"] for b in ranks]), whole[step]["mix_weight"])
+        assert torch.equal(torch.cat([_pixels(b) for b in ranks]), _pixels(whole[step]))
     assert not torch.equal(whole[1]["pixel_values"], whole[3]["pixel_values"])
 
 
@@ -141,8 +151,9 @@ def test_train_crops_have_the_input_size(image, size):
 def test_large_inputs_use_the_random_resized_crop(cls_data):
     collate = ImageClassificationCollator(make_processor("vit", 64), augment="deit", seed=0)
     batch = collate(cls_data[:2])
-    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["pixel_values"].dtype == torch.uint8
     assert torch.equal(batch["pixel_values"], collate(cls_data[:2])["pixel_values"])
+    assert _pixels(batch).shape == (2, 3, 64, 64)
 
 
 # ----------------------------------------------------------------------------- mixing and targets
@@ -151,7 +162,9 @@ def test_mixed_pairs_keep_their_weight_as_share():
     n = 40
     pixels = torch.zeros(n, 3, 16, 16)
     pixels[1::2] = 1.0  # even samples black, odd white: the mixed mean is the partner's share
-    out, partner, weight = mix_pairs(pixels, list(range(100, 100 + n)), seed=0, epoch=0)
+    drawn = draw_mix(list(range(100, 100 + n)), seed=0, epoch=0, size=(16, 16))
+    partner, weight = drawn["mix_partner"], drawn["mix_weight"]
+    out = mix(pixels, partner, weight, drawn["aug_cutmix"], drawn["aug_box"])
     assert torch.equal(partner, torch.arange(n) ^ 1)
     assert torch.equal(weight[0::2], weight[1::2]) and bool(((weight > 0) & (weight <= 1)).all())
     means = out.mean(dim=(1, 2, 3))
@@ -159,8 +172,10 @@ def test_mixed_pairs_keep_their_weight_as_share():
     assert torch.allclose(means[1::2], weight[1::2], atol=1e-6)
     binary = ((out == 0) | (out == 1)).flatten(1).all(1)[0::2]
     assert binary.any() and not binary.all()  # both cutmix (binary) and mixup (grey) pairs occur
-    single, partner1, weight1 = mix_pairs(pixels[:3], [7, 8, 9], seed=0, epoch=0)
-    assert partner1[2] == 2 and weight1[2] == 1 and torch.equal(single[2], pixels[2])  # odd batch: last unmixed
+    odd = draw_mix([7, 8, 9], seed=0, epoch=0, size=(16, 16))
+    single = mix(pixels[:3], odd["mix_partner"], odd["mix_weight"], odd["aug_cutmix"], odd["aug_box"])
+    assert odd["mix_partner"][2] == 2 and odd["mix_weight"][2] == 1  # an odd batch's last sample is unmixed
+    assert torch.equal(single[2], pixels[2])
 
 
 def test_soft_targets_by_hand():

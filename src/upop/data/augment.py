@@ -1,21 +1,25 @@
 """Training augmentation of the vision tasks, a pure function of (seed, epoch, sample indices).
 
 Classification follows DeiT's recipe (facebookresearch/deit ``main.py`` defaults, ``datasets.py``
-``build_transform`` -> timm ``create_transform``), written here with Pillow, NumPy and torch:
+``build_transform`` -> timm ``create_transform``), split in two:
 
-* :func:`random_resized_crop`: scale (0.08, 1), aspect ratio (3/4, 4/3), bicubic, to the model's
-  input size (for inputs of 32 pixels or less, DeiT's :func:`padded_random_crop` instead: a
-  random crop of the image padded by 4); then a horizontal flip with probability 0.5;
-* :func:`rand_augment`: timm's ``rand-m9-mstd0.5-inc1``: 2 ops drawn with replacement from the 15
-  "increasing" ops, each applied with probability 0.5 at magnitude ~ N(9, 0.5) clipped to [0, 10];
-  geometric ops resample bicubically and fill with the processor's mean colour;
-* the processor's rescale and normalisation (no resize), then :func:`random_erase`: probability
-  0.25, one box of 2%-33% of the area, aspect ratio (0.3, 1/0.3), filled with N(0, 1) noise;
-* :func:`mix_pairs`: mixup (alpha 0.8) or, with probability 0.5, cutmix (alpha 1.0, box-corrected
-  weight). timm mixes a batch with its reverse under one weight per batch; upop mixes the
-  samples of each consecutive pair (0-1, 2-3, ...) under one weight per pair, so a batch is the
-  same whether one process collates 2B samples or two processes B each (B even). The loss takes
-  the mixed targets with label smoothing 0.1 (:func:`soft_targets`).
+* per image, in the collator (:func:`deit_params`, DataLoader workers): :func:`random_resized_crop`
+  (scale (0.08, 1), aspect ratio (3/4, 4/3), bicubic) to the model's input size, or for inputs of
+  32 pixels or less DeiT's :func:`padded_random_crop` (a random crop of the image padded by 4),
+  kept as 8-bit values; and every random choice of the rest of the recipe, drawn from the sample's
+  generator and shipped in the batch as small tensors (:data:`AUG_KEYS`, ``mix_partner``,
+  ``mix_weight``);
+* per batch, on the batch's device (:mod:`upop.data.augment_batch`, called by the task's loss):
+  a horizontal flip with probability 0.5; timm's RandAugment ``rand-m9-mstd0.5-inc1`` (2 ops drawn
+  with replacement from the 15 "increasing" ops :data:`RA_OPS`, each applied with probability
+  0.5 at magnitude ~ N(9, 0.5) clipped to [0, 10], mapped to the op's argument as timm does,
+  :func:`op_argument`; geometric ops fill with the processor's mean colour); the processor's
+  rescale and normalisation; random erasing (probability 0.25, one box of 2%-33% of the area,
+  aspect ratio (0.3, 1/0.3), N(0, 1) noise); mixup (alpha 0.8) or, with probability 0.5, cutmix
+  (alpha 1.0, box-corrected weight). timm mixes a batch with its reverse under one weight per
+  batch; upop mixes the samples of each consecutive pair (0-1, 2-3, ...) under one weight per
+  pair, so a batch is the same whether one process collates 2B samples or two processes B each
+  (B even). The loss takes the mixed targets with label smoothing 0.1 (:func:`soft_targets`).
 
 Evaluation (:func:`center_crop_eval`): the shorter side resized to ``input / 0.875`` (256 for 224,
 bicubic) and the centre ``input`` square kept, when the image's shorter side is larger than the
@@ -34,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 from ..errors import ConfigError, show
 
@@ -123,115 +127,145 @@ def padded_random_crop(img: Image.Image, size: tuple[int, int], rng: np.random.G
     return padded.crop((left, top, left + size[1], top + size[0]))
 
 
-def _affine(img: Image.Image, matrix, fill) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=BICUBIC, fillcolor=fill)
+RA_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+          "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+          "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+"""timm's "increasing" RandAugment ops (``_RAND_INCREASING_TRANSFORMS``); a batch names them by position."""
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+AUG_KEYS = ("aug_flip", "aug_op", "aug_arg", "aug_erase", "aug_cutmix", "aug_box", "aug_mean", "aug_std", "aug_fill")
+"""The batch entries of :func:`deit_params` that only the batched augmentation reads."""
 
 
-def _solarize_add(img: Image.Image, add: int) -> Image.Image:
-    lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-    return img.point(lut * len(img.getbands()))
+def op_argument(name: str, magnitude: float, negate: bool) -> float:
+    """timm's argument of RandAugment op ``name`` at ``magnitude`` (0..10; ``negate``: the random sign).
+
+    Rotate: degrees ``+-30 m/10``; ShearX/Y: ``+-0.3 m/10``; TranslateX/YRel: a share ``+-0.45 m/10``
+    of the width/height; PosterizeIncreasing: bits kept ``4 - int(4 m/10)``; SolarizeIncreasing:
+    threshold ``256 - int(256 m/10)``; SolarizeAdd: ``int(110 m/10)`` added below 128;
+    Color/Contrast/Brightness/SharpnessIncreasing: factor ``max(0.1, 1 +- 0.9 m/10)``;
+    AutoContrast, Equalize, Invert: none (0).
+    """
+    level, sign = magnitude / RA_MAX, (-1.0 if negate else 1.0)
+    if name == "Rotate":
+        return sign * level * 30.0
+    if name in ("ShearX", "ShearY"):
+        return sign * level * 0.3
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * level * 0.45
+    if name == "PosterizeIncreasing":
+        return float(4 - int(level * 4))
+    if name == "SolarizeIncreasing":
+        return float(256 - int(level * 256))
+    if name == "SolarizeAdd":
+        return float(int(level * 110))
+    if name.endswith("Increasing"):
+        return max(0.1, 1.0 + sign * level * 0.9)
+    return 0.0
 
 
-def _enhance(kind):
-    return lambda img, level, sign, fill: kind(img).enhance(max(0.1, 1.0 + sign * level * 0.9))
-
-
-# name -> op(img, level in [0, 1], sign in {-1, 1}, fill); timm's "increasing" RandAugment ops
-RAND_OPS = {
-    "AutoContrast": lambda img, level, sign, fill: ImageOps.autocontrast(img),
-    "Equalize": lambda img, level, sign, fill: ImageOps.equalize(img),
-    "Invert": lambda img, level, sign, fill: ImageOps.invert(img),
-    "Rotate": lambda img, level, sign, fill: img.rotate(sign * level * 30.0, resample=BICUBIC, fillcolor=fill),
-    "PosterizeIncreasing": lambda img, level, sign, fill: ImageOps.posterize(img, max(1, 4 - int(level * 4))),
-    "SolarizeIncreasing": lambda img, level, sign, fill: ImageOps.solarize(img, 256 - min(256, int(level * 256))),
-    "SolarizeAdd": lambda img, level, sign, fill: _solarize_add(img, min(128, int(level * 110))),
-    "ColorIncreasing": _enhance(ImageEnhance.Color),
-    "ContrastIncreasing": _enhance(ImageEnhance.Contrast),
-    "BrightnessIncreasing": _enhance(ImageEnhance.Brightness),
-    "SharpnessIncreasing": _enhance(ImageEnhance.Sharpness),
-    "ShearX": lambda img, level, sign, fill: _affine(img, (1, sign * level * 0.3, 0, 0, 1, 0), fill),
-    "ShearY": lambda img, level, sign, fill: _affine(img, (1, 0, 0, sign * level * 0.3, 1, 0), fill),
-    "TranslateXRel": lambda img, level, sign, fill: _affine(img, (1, 0, sign * level * 0.45 * img.width, 0, 1, 0),
-                                                            fill),
-    "TranslateYRel": lambda img, level, sign, fill: _affine(img, (1, 0, 0, 0, 1, sign * level * 0.45 * img.height),
-                                                            fill),
-}
-_OP_NAMES = tuple(RAND_OPS)
-
-
-def rand_augment(img: Image.Image, rng: np.random.Generator, fill=(128, 128, 128)) -> Image.Image:
-    """timm's ``rand-m9-mstd0.5-inc1`` on an RGB image (see the module docstring)."""
-    for pick in rng.integers(0, len(_OP_NAMES), RA_LAYERS):
+def draw_rand_augment(rng: np.random.Generator) -> tuple[list[int], list[float]]:
+    """``(ops, args)`` of the RandAugment layers: an index into :data:`RA_OPS` (-1: skipped) and its argument."""
+    ops, args = [], []
+    for _ in range(RA_LAYERS):
+        pick = int(rng.integers(0, len(RA_OPS)))
         if rng.random() > RA_PROB:
+            ops.append(-1)
+            args.append(0.0)
             continue
-        magnitude = min(max(rng.normal(RA_MAGNITUDE, RA_MAGNITUDE_STD), 0.0), RA_MAX)
-        sign = -1.0 if rng.random() > 0.5 else 1.0
-        img = RAND_OPS[_OP_NAMES[pick]](img, magnitude / RA_MAX, sign, fill)
-    return img
+        magnitude = min(max(float(rng.normal(RA_MAGNITUDE, RA_MAGNITUDE_STD)), 0.0), RA_MAX)
+        ops.append(pick)
+        args.append(op_argument(RA_OPS[pick], magnitude, rng.random() > 0.5))
+    return ops, args
 
 
-def random_erase(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """``pixels`` (3, H, W), normalised, with one random box replaced by N(0, 1) noise (probability 0.25)."""
+def draw_erase(size: tuple[int, int], rng: np.random.Generator) -> list[int]:
+    """``[top, left, height, width, noise seed]`` of timm's random erasing (probability 0.25, 10
+    tries at a box of 2%-33% of the area); height 0 when nothing is erased."""
+    seed = int(rng.integers(0, 2 ** 31))
     if rng.random() >= ERASE_PROB:
-        return pixels
-    _, height, width = pixels.shape
+        return [0, 0, 0, 0, seed]
+    height, width = size
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
     for _ in range(10):
         target = rng.uniform(*ERASE_AREA) * height * width
         aspect = math.exp(rng.uniform(*log_ratio))
         h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if w < width and h < height:
-            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-            pixels = pixels.clone()
-            noise = rng.standard_normal((pixels.shape[0], h, w)).astype(np.float32)
-            pixels[:, top:top + h, left:left + w] = torch.from_numpy(noise).to(pixels.dtype)
-            return pixels
-    return pixels
+            return [int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w, seed]
+    return [0, 0, 0, 0, seed]
 
 
-def deit_train_image(img: Image.Image, image_processor, size: tuple[int, int],
-                     rng: np.random.Generator) -> torch.Tensor:
-    """One training image through DeiT's per-sample pipeline: (3, H, W) normalised pixels."""
-    crop = padded_random_crop if max(size) <= SMALL_INPUT else random_resized_crop
-    img = crop(img, size, rng)
-    if rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    img = rand_augment(img, rng, fill_colour(image_processor))
-    return random_erase(normalize(image_processor, [img])[0], rng)
-
-
-def mix_pairs(pixels: torch.Tensor, indices: Sequence[int], seed: int, epoch: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mixup / cutmix of consecutive pairs: ``(mixed pixels, partner (B,), weight (B,))``.
+def draw_mix(indices: Sequence[int], seed: int, epoch: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Mixup / cutmix of consecutive pairs: ``mix_partner`` (B,), ``mix_weight`` (B,), ``aug_cutmix``
+    (B,) and ``aug_box`` (B, 4: y0, y1, x0, x1).
 
     Sample ``2k`` and ``2k + 1`` are mixed with each other under one weight ``lam`` (of its own
     image; drawn from ``(seed, epoch, both indices)``): mixup (Beta(0.8, 0.8)) or, half the time,
-    cutmix (Beta(1, 1), then ``lam`` = the share of the image left uncut). An odd batch's last
-    sample is its own partner with weight 1.
+    cutmix (Beta(1, 1), a box of side ``sqrt(1 - lam)`` around a random centre, clipped to the
+    image, then ``lam`` = the share of the image left uncut). An odd batch's last sample is its
+    own partner with weight 1.
     """
-    out = pixels.clone()
-    n, (_, height, width) = pixels.shape[0], pixels.shape[1:]
-    partner, weight = torch.arange(n), torch.ones(n)
+    height, width = size
+    n = len(indices)
+    partner, weight = torch.arange(n), torch.ones(n, dtype=torch.float32)
+    cutmix, box = torch.zeros(n, dtype=torch.bool), torch.zeros(n, 4, dtype=torch.long)
     for a in range(0, n - 1, 2):
         b = a + 1
         rng = sample_rng(seed, epoch, "mix", indices[a], indices[b])
         if rng.random() < SWITCH_PROB:
-            lam = rng.beta(CUTMIX_ALPHA, CUTMIX_ALPHA)
-            cut = math.sqrt(1.0 - lam)
+            cut = math.sqrt(1.0 - rng.beta(CUTMIX_ALPHA, CUTMIX_ALPHA))
             cut_h, cut_w = int(height * cut), int(width * cut)
             cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
             y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
             x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-            out[a, :, y0:y1, x0:x1] = pixels[b, :, y0:y1, x0:x1]
-            out[b, :, y0:y1, x0:x1] = pixels[a, :, y0:y1, x0:x1]
             lam = 1.0 - float((y1 - y0) * (x1 - x0)) / (height * width)
+            cutmix[a] = cutmix[b] = True
+            box[a] = box[b] = torch.tensor([int(y0), int(y1), int(x0), int(x1)])
         else:
             lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
-            out[a] = lam * pixels[a] + (1 - lam) * pixels[b]
-            out[b] = lam * pixels[b] + (1 - lam) * pixels[a]
         partner[a], partner[b] = b, a
         weight[a] = weight[b] = lam
-    return out, partner, weight
+    return {"mix_partner": partner, "mix_weight": weight, "aug_cutmix": cutmix, "aug_box": box}
+
+
+def norm_constants(image_processor) -> tuple[list[float], list[float]]:
+    """``(mean, std)`` of the processor's rescale and normalisation in 8-bit units: normalised
+    pixels are ``(x - mean) / std`` for 8-bit values ``x``."""
+    scale = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", True) is not False else 1.0
+    if getattr(image_processor, "do_normalize", True) is False:
+        return [0.0] * 3, [1.0 / scale] * 3
+    three = lambda v: [float(x) for x in (list(v) * 3 if len(v) == 1 else list(v))[:3]]  # noqa: E731
+    mean, std = three(image_processor.image_mean), three(image_processor.image_std)
+    return [m / scale for m in mean], [s / scale for s in std]
+
+
+def deit_params(images: Sequence[Image.Image], indices: Sequence[int], image_processor, seed: int,
+                epoch: int) -> dict[str, torch.Tensor]:
+    """The collated half of DeiT's recipe: ``pixel_values`` (B, 3, H, W) uint8 crops at the input
+    size and the random choices of the batched half (:mod:`upop.data.augment_batch`), each entry
+    with the batch as its first dimension. Sample ``i`` draws from ``sample_rng(seed, epoch,
+    indices[i])`` in this order: crop, flip, RandAugment layers, erasing."""
+    size = input_size(image_processor)
+    crop = padded_random_crop if max(size) <= SMALL_INPUT else random_resized_crop
+    pixels, flips, ops, args, erase = [], [], [], [], []
+    for img, index in zip(images, indices):
+        rng = sample_rng(seed, epoch, index)
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        pixels.append(np.asarray(crop(img, size, rng), dtype=np.uint8).transpose(2, 0, 1))
+        flips.append(bool(rng.random() < 0.5))
+        o, a = draw_rand_augment(rng)
+        ops.append(o)
+        args.append(a)
+        erase.append(draw_erase(size, rng))
+    n = len(pixels)
+    mean, std = norm_constants(image_processor)
+    return {"pixel_values": torch.from_numpy(np.stack(pixels)), "aug_flip": torch.tensor(flips, dtype=torch.bool),
+            "aug_op": torch.tensor(ops, dtype=torch.long).view(n, RA_LAYERS),
+            "aug_arg": torch.tensor(args, dtype=torch.float32).view(n, RA_LAYERS),
+            "aug_erase": torch.tensor(erase, dtype=torch.long).view(n, 5),
+            **draw_mix(indices, seed, epoch, size),
+            "aug_mean": torch.tensor([mean] * n), "aug_std": torch.tensor([std] * n),
+            "aug_fill": torch.tensor([list(fill_colour(image_processor))] * n, dtype=torch.float32)}
 
 
 def soft_targets(labels: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor, num_classes: int,
@@ -262,6 +296,7 @@ def center_crop_eval(img: Image.Image, size: tuple[int, int]) -> Image.Image | N
     return img.crop((left, top, left + size[1], top + size[0]))
 
 
-__all__ = ["AUGMENT_CHOICES", "LABEL_SMOOTHING", "RAND_OPS", "center_crop_eval", "check_augment",
-           "deit_train_image", "fill_colour", "input_size", "mix_pairs", "normalize", "padded_random_crop",
-           "rand_augment", "random_erase", "random_resized_crop", "sample_rng", "soft_targets"]
+__all__ = ["AUGMENT_CHOICES", "AUG_KEYS", "GEOMETRIC_OPS", "LABEL_SMOOTHING", "RA_OPS", "center_crop_eval",
+           "check_augment", "deit_params", "draw_erase", "draw_mix", "draw_rand_augment", "fill_colour", "input_size",
+           "norm_constants", "normalize", "op_argument", "padded_random_crop", "random_resized_crop", "sample_rng",
+           "soft_targets"]

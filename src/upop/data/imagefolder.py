@@ -21,8 +21,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
 from ._problems import report
-from .augment import (center_crop_eval, check_augment, deit_train_image, input_size, mix_pairs, normalize,
-                      sample_rng)
+from .augment import center_crop_eval, check_augment, deit_params, input_size, normalize
 from .images import load_rgb_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -119,10 +118,13 @@ class ImageClassificationCollator:
     """Samples -> ``{"pixel_values", "labels", "index"}`` through the model's image processor.
 
     ``augment="none"``: every image is resized by the processor (training and evaluation alike).
-    ``augment="deit"``: training batches get DeiT's augmentation (:mod:`upop.data.augment`),
-    drawn from ``(seed, epoch, sample index)``, and two more entries: ``"mix_partner"`` (B,) the
-    batch position each sample is mixed with and ``"mix_weight"`` (B,) the weight of its own
-    label (the loss builds the smoothed targets). :meth:`collate_eval` is the evaluation batch.
+    ``augment="deit"``: training batches hold the first half of DeiT's recipe
+    (:func:`~upop.data.augment.deit_params`): ``"pixel_values"`` are uint8 random crops at the
+    input size, and the ``aug_*`` entries the random choices of the rest, drawn from ``(seed,
+    epoch, sample index)``; with them ``"mix_partner"`` (B,) the batch position each sample is
+    mixed with and ``"mix_weight"`` (B,) the weight of its own label. The task's loss finishes the
+    recipe on the batch's device (:func:`upop.data.augment_batch.augment_batch`) and builds the
+    smoothed targets. :meth:`collate_eval` is the evaluation batch.
     """
 
     def __init__(self, processor, augment: str = "none", seed: int = 0):
@@ -144,11 +146,9 @@ class ImageClassificationCollator:
         if self.augment == "none":
             pixels = self.image_processor(images=[s["image"] for s in batch], return_tensors="pt")["pixel_values"]
             return {"pixel_values": pixels, **self._labels(batch)}
-        size = input_size(self.image_processor)
-        pixels = torch.stack([deit_train_image(s["image"], self.image_processor, size,
-                                               sample_rng(self.seed, self.epoch, s["index"])) for s in batch])
-        pixels, partner, weight = mix_pairs(pixels, [s["index"] for s in batch], self.seed, self.epoch)
-        return {"pixel_values": pixels, **self._labels(batch), "mix_partner": partner, "mix_weight": weight}
+        params = deit_params([s["image"] for s in batch], [s["index"] for s in batch], self.image_processor,
+                             self.seed, self.epoch)
+        return {"pixel_values": params.pop("pixel_values"), **self._labels(batch), **params}
 
     def collate_eval(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Evaluation batch: DeiT's resize and centre crop for images larger than the input

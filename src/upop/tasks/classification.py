@@ -8,9 +8,10 @@ equal ``model.config.num_labels``, and :meth:`ClassificationTask.check_data` giv
 the model's ``id2label`` id of its name, or names a new classifier's classes
 (:func:`upop.data.labels.align_classes`).
 
-Training follows DeiT's recipe when the ``augment`` setting is ``"deit"`` (the default):
-augmented, mixed batches (:mod:`upop.data.augment`) and the soft-target cross-entropy against
-the label-smoothed (0.1) mixed targets; ``"none"`` trains on the processor's resized images with
+Training follows DeiT's recipe when the ``augment`` setting is ``"deit"`` (the default): the
+collator crops and draws the augmentation (:mod:`upop.data.augment`), the loss augments and mixes
+the whole batch on its device (:mod:`upop.data.augment_batch`, no gradients) and takes the
+soft-target cross-entropy against the label-smoothed (0.1) mixed targets; ``"none"`` trains on the processor's resized images with
 the plain cross-entropy. Evaluation is DeiT's: images larger than the input are resized to
 ``input / 0.875`` and centre-cropped (:meth:`~upop.data.imagefolder.ImageClassificationCollator.collate_eval`).
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from .. import distill
 from ..data.augment import AUGMENT_CHOICES, soft_targets
+from ..data.augment_batch import augment_batch
 from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
 from ..data.labels import align_classes
 from ..errors import DataError, show
@@ -102,6 +104,9 @@ class ClassificationTask(Task):
         return model(pixel_values=pixel_values).logits
 
     def loss(self, model: nn.Module, batch):
+        """Cross-entropy of the batch; a ``"deit"`` training batch is first augmented on its device
+        (in place: :func:`~upop.data.augment_batch.augment_batch`)."""
+        batch = augment_batch(batch)
         labels = batch["labels"]
         check_labels(model, labels)
         out = model(pixel_values=batch["pixel_values"])
