@@ -32,8 +32,6 @@ import math
 import os
 import re
 import shutil
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError, show
+from .export_ort import _ort_outputs, _paired_latency, _session
 
 INSTALL = 'pip install "upop[onnx]" (in a clone of upop: pip install -e ".[onnx]")'
 DEFAULT_TOLERANCE = 1e-3
@@ -58,6 +57,8 @@ REFUSED = {
     "BlipForImageTextRetrieval": "a retrieval model whose forward is one of two modes (ITM head or ITC "
                                  "similarity) of the same weights, re-run per candidate pair",
     "BlipForNLVR": "an NLVR model whose forward takes image pairs through upop's own fusion layers",
+    **dict.fromkeys(("Siglip2Model", "Siglip2VisionModel", "Siglip2ForImageClassification"), "a NaFlex vision tower "
+                    "(SigLIP2): spatial_shapes sizes its position embeddings per image; a Siglip2TextModel exports"),
 }
 _NOT_OUTPUTS = ("loss", "hidden_states", "attentions", "past_key_values")
 
@@ -261,19 +262,6 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def _session(ort, path: Path):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = torch.get_num_threads()
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), options, providers=providers[:1])
-
-
-def _ort_outputs(session, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    wanted = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v.numpy() for k, v in inputs.items() if k in wanted})
-
-
 def _check_parity(graph: _Graph, session, batch: int, sequence: int, tolerance: float, where: str,
                   exporter: str) -> list[Parity]:
     """Run ``session`` and ``graph`` at ``batch`` x ``sequence`` and at ``batch + 1`` x a shorter
@@ -299,38 +287,6 @@ def _check_parity(graph: _Graph, session, batch: int, sequence: int, tolerance: 
                     "difference is acceptable)")
         checks.append(Parity(b, None if graph.input_names == ["pixel_values"] else s, worst_abs, worst_rel))
     return checks
-
-
-class _Timed(nn.Module):
-    """An ONNX Runtime session as a module, so :func:`upop.latency.timed_rounds` can time it."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-
-
-def _session_ms(module: _Timed, feed: dict, seconds: float) -> float:
-    """Median milliseconds of one run of the session, over runs repeated for ``seconds`` (>= 1 run)."""
-    times: list[float] = []
-    stop = time.perf_counter() + seconds
-    while not times or time.perf_counter() < stop:
-        start = time.perf_counter()
-        module.session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _paired_latency(dense_session, session, inputs: dict[str, torch.Tensor], seconds: float, batch: int) -> dict:
-    from .latency import timed_rounds
-    from .report import paired_summary
-
-    feed = [{i.name: inputs[i.name].numpy() for i in s.get_inputs()} for s in (dense_session, session)]
-    if feed[0].keys() != feed[1].keys():
-        raise ConfigError("the dense and the compressed ONNX graphs take different inputs; cannot time them alike")
-    dense_ms, compressed_ms = timed_rounds([_Timed(dense_session), _Timed(session)], feed[0], seconds=seconds,
-                                           timer=_session_ms)
-    return {**paired_summary(dense_ms, compressed_ms), "batch": batch, "threads": torch.get_num_threads(),
-            "provider": session.get_providers()[0]}
 
 
 def _graph_of(model, part: str | None, what: str) -> _Graph:
