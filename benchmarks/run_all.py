@@ -32,21 +32,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import RESULTS, machine  # noqa: E402
 
+# the transfer benchmark: 5 seeds; at 2x and 8x only the compressing rows (4x has the references)
+SEEDS = ["--seeds", "0", "1", "2", "3", "4"]
+COMPRESSING = ["upop", "score", "granularity", "distill", "combined", "one-shot", "uniform", "magnitude", "random",
+               "torch-pruning"]
 # name -> (script and arguments, phase); the longest quality runs first so the lanes finish together
 BENCHMARKS = {
     "ablations-retrieval": (["ablations.py", "--tasks", "retrieval", "--name", "ablations-retrieval"], "quality"),
     "ablations-classification": (["ablations.py", "--tasks", "classification", "--name", "ablations-classification"],
                                  "quality"),
     "blip_tasks": (["blip_tasks.py"], "quality"),
-    "transfer-2x": (["transfer.py", "--ratios", "0.5", "--name", "transfer-2x", "--methods", "upop", "score", "granularity",
-                     "distill", "combined", "one-shot", "uniform", "magnitude", "random", "torch-pruning"], "quality"),
-    "transfer-4x": (["transfer.py", "--ratios", "0.75", "--name", "transfer-4x"], "quality"),
-    "transfer-8x": (["transfer.py", "--ratios", "0.875", "--name", "transfer-8x", "--methods", "upop", "score",
-                     "granularity", "distill", "combined", "one-shot", "uniform", "magnitude", "random",
-                     "torch-pruning"], "quality"),
+    "transfer-2x": (["transfer.py", "--ratios", "0.5", *SEEDS, "--name", "transfer-2x", "--methods", *COMPRESSING],
+                    "quality"),
+    "transfer-4x": (["transfer.py", "--ratios", "0.75", *SEEDS, "--name", "transfer-4x"], "quality"),
+    "transfer-8x": (["transfer.py", "--ratios", "0.875", *SEEDS, "--name", "transfer-8x", "--methods", *COMPRESSING],
+                    "quality"),
     "transfer-cost": (["transfer.py", "--cost"], "timing"),
     "vision_ratios": (["vision_ratios.py"], "quality"),
     "speed": (["speed.py"], "timing"),
+    "profile_batch1": (["profile_batch1.py", "--modes", "inference_mode", "compiled"], "timing"),
     "overhead": (["overhead.py"], "timing"),
     "scaling": (["scaling.py"], "timing"),
     "dataloading": (["dataloading.py"], "timing"),

@@ -21,6 +21,7 @@ QUICK = {
     # NLVR2 starts from the VQA model: both, to cover that path
     "blip_tasks": ["benchmarks/blip_tasks.py", "--quick", "--tasks", "vqa", "nlvr"],
     "vision_ratios": ["benchmarks/vision_ratios.py", "--quick", "--tasks", "classification"],
+    "profile_batch1": ["benchmarks/profile_batch1.py", "--quick"],
 }
 
 
