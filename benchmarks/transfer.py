@@ -27,15 +27,18 @@ Protocol (fixed before any two methods were compared; ``--quick`` shrinks every 
   (cosine from 5e-4). No augmentation, no weight decay, latency not compared.
 - Rows: upop (default) = UPopConfig's defaults when the script runs; upop with score = gradient /
   taylor / fisher, granularity = head-dim / head / both, distill = logits / logits+hidden (each
-  row changes one field from the default; rows whose field the installed upop lacks are skipped
-  with a note, rows equal to the default are not re-run); "combined" (score=taylor with
-  distill=logits+hidden: the best single changes together, a row ADDED after the single-change rows
-  at 8x had been seen); one-shot; uniform; magnitude; random +
-  retraining; Torch-Pruning global Taylor (when installed). The retraining baselines use the
-  default row's distillation setting (benchmarks/_baselines.py). References: the pretrained
+  row changes one field from the PAPER's search: score=gradient, distill=none; until upop's
+  default score became taylor, after these rows were run with 3 seeds, that was the default;
+  rows whose field the installed upop lacks are skipped with a note, rows with the same settings
+  as another are not re-run); "combined" (score=taylor with distill=logits+hidden: the best single
+  changes together, a row ADDED after the single-change rows at 8x had been seen); one-shot and
+  uniform (with the paper's score); magnitude; random + retraining; Torch-Pruning global Taylor
+  (when installed). The retraining baselines use the default row's distillation setting
+  (benchmarks/_baselines.py). References: the pretrained
   model (zero-shot), it fine-tuned densely on the task set for the same 4 epochs, and the same
   CLIP trained from scratch on the task set only (30 epochs, lr 1e-3, 50 warm-up steps).
-- Ratios 2x, 4x, 8x (0.5, 0.75, 0.875 of the prunable parameters); seeds 0, 1, 2; cells are mean
+- Ratios 2x, 4x, 8x (0.5, 0.75, 0.875 of the prunable parameters); seeds 0-4 (0, 1, 2 until the
+  results were extended to 5 seeds, for every row); cells are mean
   +- std over seeds of the held-out test's R@mean (mean of R@1/5/10 both ways), also text R@1,
   image R@1 and the seen test's R@mean. A winner "beats every other row by > 2 std" when its
   mean exceeds every other row's by more than twice the larger of the two standard deviations.
@@ -83,7 +86,7 @@ FULL = dict(
     pretrain=dict(epochs=8, lr=1e-3, batch=64, warmup=200, weight_decay=0.05, seed=0),
     train=dict(search_epochs=2, retrain_epochs=2, batch=64, lr=1e-4, retrain_lr=5e-4),
     scratch=dict(epochs=30, lr=1e-3, warmup=50, weight_decay=0.05),
-    ratios=[0.5, 0.75, 0.875], seeds=[0, 1, 2])
+    ratios=[0.5, 0.75, 0.875], seeds=[0, 1, 2, 3, 4])
 QUICK = dict(
     data=dict(pretrain=120, pretrain_val=12, task=40, task_val=12, test=16, seen=12, image_size=32, seed=0),
     model=dict(hidden=32, layers=2, heads=4, intermediate=64, patch=8),
@@ -98,6 +101,9 @@ VARIANTS = {"score": ("gradient", "taylor", "fisher"), "granularity": ("head-dim
 #: "combined": the best score and the best distillation of the single-change rows together (a row
 #: added after those rows had been seen, and labelled so in the results)
 COMBINED = {"score": "taylor", "distill": "logits+hidden"}
+#: what the single-change rows change one field of: the paper's search (signed mask gradient, no
+#: distillation), so a row means the same whatever upop's defaults are ("upop (default)" is its own row)
+PAPER = {"score": "gradient", "distill": "none"}
 METHOD_IDS = ("upop", "score", "granularity", "distill", "combined", "one-shot", "uniform", "magnitude", "random",
               "torch-pruning", "dense", "scratch")
 QUICK_METHODS = ("upop", "distill", "magnitude", "dense")
@@ -180,15 +186,15 @@ def method_rows(methods, base: dict) -> tuple[list[tuple[str, str, dict]], list[
                 continue
             for value in VARIANTS[mid]:
                 try:
-                    upop.UPopConfig(**base, **{mid: value})
+                    upop.UPopConfig(**base, **{**PAPER, mid: value})
                 except ConfigError as exc:
                     notes.append(f"upop, {mid}={value} skipped: {exc}")
                     continue
-                rows.append((f"upop, {mid}={value}", "upop", {mid: value}))
+                rows.append((f"upop, {mid}={value}", "upop", {**PAPER, mid: value}))
         elif mid == "combined":
             rows.append(("upop, " + ", ".join(f"{k}={v}" for k, v in COMBINED.items()), "upop", dict(COMBINED)))
         elif mid in ("one-shot", "uniform"):
-            rows.append((mid, "upop", ablations.METHODS[mid]))
+            rows.append((mid, "upop", {**PAPER, **ablations.METHODS[mid]}))
         elif mid == "magnitude":
             rows.append(("magnitude", "baseline", {}))
         elif mid == "random":
@@ -347,7 +353,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny data, model and steps, 1 seed, 1 ratio, few rows")
     parser.add_argument("--ratios", type=float, nargs="+", default=None, help="default 0.5 0.75 0.875")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 3 4")
     parser.add_argument("--methods", nargs="+", choices=METHOD_IDS, default=None, help="default: all")
     parser.add_argument("--cache", default="~/.cache/upop-bench/transfer", help="data and pretrained model cache")
     parser.add_argument("--name", default="transfer", help="results file name (results/NAME.json|md)")

@@ -41,8 +41,9 @@ class UPopConfig:
     retrain_lr: float | None = _f(None, "peak learning rate of retraining (cosine schedule); default: --lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression")
-    score: str = _f("gradient", "what ranks the units: gradient (the paper: the accumulated mask gradient, dL/dzeta "
-                    "summed over steps), taylor (the accumulated |gradient x mask|, first-order Taylor importance) or "
+    score: str = _f("taylor", "what ranks the units: taylor (the accumulated |gradient x mask|, first-order Taylor "
+                    "importance; upop's default: it beat the paper's score at 2x, 4x and 8x on the transfer "
+                    "benchmark), gradient (the paper: the accumulated mask gradient, dL/dzeta summed over steps) or "
                     "fisher (the accumulated squared gradient); same schedule, selection and projection",
                     choices=SCORES)
     distill: str = _f("none", "distillation from the dense model during search and retraining: none, logits (the "

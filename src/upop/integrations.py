@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from transformers.optimization import get_constant_schedule
 from transformers.trainer_callback import TrainerCallback
 
+from ._trainer_glue import _load_renamed_weights, _loss_scale, _rewrap_ddp, _swap_parameters
 from .arch import find_groups
 from .callback import UPopCallback
-from .checkpoint import _stored_names, _weight_files, read_plan
+from .checkpoint import read_plan
 from .errors import CheckpointError, ConfigError, show
 from .masks import Masks, attach_masks
 from .prune import PLAN_FILE, PruningPlan, apply_plan
@@ -67,7 +66,8 @@ class UPopTrainerCallback(TrainerCallback):
             (default :data:`DEFAULT_SEARCH_FRACTION`, half the run). The rest of the run retrains.
         interval: re-select every ``interval`` search steps; default: the steps per 1% of
             compression (METHOD §5), below ``search_steps``.
-        cost, method, score, allocation, w_attn, w_mlp, unit_costs: as for :class:`upop.UPopSearch`.
+        cost, method, score, allocation, w_attn, w_mlp, unit_costs: as for :class:`upop.UPopSearch` (``score``
+            defaults to ``"taylor"`` here, as in ``upop compress``; ``UPopSearch`` keeps the paper's ``"gradient"``).
         round_to: kept widths are multiples of this; ``"auto"`` (default) picks it per device
             (:func:`upop.search.resolve_round_to`).
         granularity: ``"head-dim"`` (the paper) or ``"head"`` (whole attention heads).
@@ -80,7 +80,7 @@ class UPopTrainerCallback(TrainerCallback):
 
     def __init__(self, ratio: float = 0.5, *, search_steps: int | None = None, search_epochs: float | None = None,
                  search_fraction: float | None = None, interval: int | None = None, cost: str = "params",
-                 method: str = "upop", score: str = "gradient", round_to: int | str = "auto",
+                 method: str = "upop", score: str = "taylor", round_to: int | str = "auto",
                  allocation: str = "unified", granularity: str = "head-dim", w_attn: float = 6.4e-3,
                  w_mlp: float = 2e-4, unit_costs: dict[str, float] | None = None, text_tokens: int | None = None,
                  trainer=None):
@@ -319,66 +319,6 @@ def _prepare(model: nn.Module, checkpoint_dir, optimizer) -> PruningPlan | None:
     if optimizer is not None:  # an optimizer given to the Trainer over the dense parameters
         _swap_parameters(optimizer, before, dict(model.named_parameters()))
     return plan
-
-
-def _swap_parameters(optimizer, before: dict[int, str], after: dict[str, nn.Parameter]) -> None:
-    """Replace, in every parameter group, each parameter ``prune`` replaced by its pruned
-    successor (matched by name), and clear the optimizer state: a fresh optimizer over the pruned
-    model, with the same hyper-parameters and groups, and the same object the Trainer, Accelerate
-    and the scheduler refer to."""
-    if optimizer is None:
-        return
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    for group in inner.param_groups:
-        group["params"] = [after.get(before.get(id(p), ""), p) for p in group["params"]]
-    inner.state.clear()
-
-
-def _rewrap_ddp(trainer) -> None:
-    """Under DDP the wrapper the training loop holds was built over the dense parameters; route its
-    forward (and ``no_sync``) to a new wrapper over the pruned ones, so gradients are averaged."""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    wrapped = getattr(trainer, "model_wrapped", None)
-    if not isinstance(wrapped, ddp):
-        return
-    same = {k: getattr(wrapped, k) for k in ("device_ids", "output_device", "find_unused_parameters",
-                                              "gradient_as_bucket_view", "static_graph") if hasattr(wrapped, k)}
-    fresh = ddp(wrapped.module, bucket_cap_mb=wrapped.bucket_bytes_cap / 2**20, **same)
-    for name in ("forward", "no_sync"):
-        object.__setattr__(wrapped, name, getattr(fresh, name))
-    object.__setattr__(wrapped, "_upop_ddp", fresh)  # keep the new wrapper alive
-
-
-def _loss_scale(accelerator) -> tuple[Any, bool]:
-    """The fp16 loss scale the gradients carry (a device tensor where the scaler has one, read
-    without a sync) and whether a scaler is in use."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
-        return 1.0, False
-    get_async = getattr(scaler, "_get_scale_async", None)
-    scale = get_async() if callable(get_async) else None
-    return (scale if scale is not None else scaler.get_scale()), True
-
-
-def _load_renamed_weights(model: nn.Module, folder: Path) -> None:
-    """Load weights the Trainer stored under transformers' original names (``save_pretrained``'s
-    default, e.g. ViT's ``encoder.layer.N.attention.attention.query``) but loaded with
-    ``load_state_dict(strict=False)``, which skips them: they are mapped to the model's names."""
-    try:
-        files = _weight_files(folder)
-    except CheckpointError:
-        return
-    keys = []
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            keys.extend(fh.keys())
-    names = _stored_names(model, dict.fromkeys(keys))
-    if names:
-        own = model.state_dict()
-        state = {}
-        for file in files:
-            state.update({names.get(k, k): t for k, t in load_file(str(file)).items() if names.get(k, k) in own})
-        model.load_state_dict(state, strict=False)
 
 
 def _check_choices(ratio, cost, method, score, allocation, round_to) -> None:
