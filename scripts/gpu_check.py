@@ -36,6 +36,7 @@ from pathlib import Path
 FAMILY_TASKS: dict[str, str] = {
     "clip": "retrieval",
     "siglip": "retrieval",
+    "siglip2": "retrieval",
     "blip-retrieval": "retrieval",
     "blip-vqa": "vqa",
     "blip-caption": "caption",

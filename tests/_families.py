@@ -18,6 +18,21 @@ def _pixels(batch=2, size=32, seed=0):
     return torch.randn(batch, 3, size, size, generator=g)
 
 
+def _naflex(batch=2, seed=0, patches=16, patch=8):
+    """SigLIP2 NaFlex image inputs for the tiny model (at most 16 patches of 8 x 8): the first image
+    a 4 x 4 grid, the second 3 x 5 (15 patches, the last one padding: zeros, masked out)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    shapes = torch.tensor([[4, 4], [3, 5]] * batch)[:batch]
+    mask = (torch.arange(patches) < shapes.prod(-1, keepdim=True)).long()
+    pixels = torch.randn(batch, patches, 3 * patch * patch, generator=g) * mask[..., None]
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+def _siglip2(model):
+    out = model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), **_naflex())
+    return [out.logits_per_image, out.text_embeds, out.image_embeds]
+
+
 def _clip(model):
     out = model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), pixel_values=_pixels())
     return [out.logits_per_image, out.text_embeds, out.image_embeds]
@@ -116,6 +131,22 @@ FAMILIES = {
         lambda m: [m(input_ids=_ids()).pooler_output],
         {("attention", "text"): 2, ("mlp", "text"): 2},
     ),
+    "siglip2": (lambda: M.make_model("siglip2"), _siglip2, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
+    "siglip2-vision": (
+        lambda: _sub("siglip2", "Siglip2VisionModel", "vision_config"),
+        lambda m: [m(**_naflex()).pooler_output],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
+    ),
+    "siglip2-text": (
+        lambda: _sub("siglip2", "Siglip2TextModel", "text_config"),
+        lambda m: [m(input_ids=_ids()).pooler_output],
+        {("attention", "text"): 2, ("mlp", "text"): 2},
+    ),
+    "siglip2-classifier": (
+        lambda: _siglip2_classifier(),
+        lambda m: [m(**_naflex()).logits],
+        {("attention", "vision"): 2, ("mlp", "vision"): 2},
+    ),
     "dinov2": (lambda: M.make_model("dinov2"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
     "dinov2-model": (
         lambda: _sub("dinov2", "Dinov2Model", None),
@@ -132,6 +163,16 @@ def _sub(family: str, cls_name: str, sub_config: str | None):
     cfg = getattr(base.config, sub_config) if sub_config else base.config
     torch.manual_seed(0)
     return getattr(transformers, cls_name)(cfg).eval()
+
+
+def _siglip2_classifier():
+    """A Siglip2ForImageClassification of the tiny SigLIP2's sizes, from a fresh config (it has no
+    text tower, so its text config keeps no attention implementation, as after from_pretrained)."""
+    import transformers
+
+    config = transformers.Siglip2Config.from_dict(M.make_model("siglip2").config.to_dict())
+    torch.manual_seed(0)
+    return transformers.Siglip2ForImageClassification(config).eval()
 
 
 def prunable_params(model, groups) -> int:

@@ -42,6 +42,16 @@ FORWARDS = textwrap.dedent('''
         out = m(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), pixel_values=_pixels())
         return [out.logits_per_image, out.text_embeds, out.image_embeds]
 
+    def _naflex():  # SigLIP2 patches: a 4 x 4 and a 3 x 5 grid of 8 x 8 patches (one padded), as tests/_families.py
+        shapes = torch.tensor([[4, 4], [3, 5]])
+        mask = (torch.arange(16) < shapes.prod(-1, keepdim=True)).long()
+        pixels = torch.randn(2, 16, 192, generator=torch.Generator().manual_seed(1)) * mask[..., None]
+        return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+    def _pair2(m):
+        out = m(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), **_naflex())
+        return [out.logits_per_image, out.text_embeds, out.image_embeds]
+
     def _retrieval(m):
         return [m(input_ids=_ids(), pixel_values=_pixels(), use_itm_head=itm).itm_score for itm in (True, False)]
 
@@ -76,6 +86,10 @@ FORWARDS = textwrap.dedent('''
         "siglip": ("AutoModelForZeroShotImageClassification", _pair),
         "siglip-vision": ("AutoModel", lambda m: [m(pixel_values=_pixels()).pooler_output]),
         "siglip-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
+        "siglip2": ("AutoModelForZeroShotImageClassification", _pair2),
+        "siglip2-vision": ("AutoModel", lambda m: [m(**_naflex()).pooler_output]),
+        "siglip2-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
+        "siglip2-classifier": ("AutoModelForImageClassification", lambda m: [m(**_naflex()).logits]),
         "dinov2": ("AutoModelForImageClassification", _logits),
         "dinov2-model": ("AutoModel", _hidden),
     }

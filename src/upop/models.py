@@ -106,6 +106,25 @@ def _siglip(size: str, vocab: int, image_size: int) -> nn.Module:
     return transformers.SiglipModel(cfg)
 
 
+def _siglip2_patches(image_size: int) -> tuple[int, int]:
+    """SigLIP2's NaFlex patch size and maximum patch count for ``image_size`` (a square image of
+    that side fills the patch budget exactly)."""
+    patch = 8 if image_size <= 96 else 16
+    return patch, max(1, image_size // patch) ** 2
+
+
+def _siglip2(size: str, vocab: int, image_size: int) -> nn.Module:
+    h, n, heads, inter = _SIZES[size]
+    patch, num_patches = _siglip2_patches(image_size)
+    common = dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter)
+    cfg = transformers.Siglip2Config(
+        text_config=dict(vocab_size=vocab, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                         projection_size=h, **common),
+        vision_config=dict(num_patches=num_patches, patch_size=patch, **common),
+    )
+    return transformers.Siglip2Model(cfg)
+
+
 def _dinov2(size: str, image_size: int, num_labels: int) -> nn.Module:
     h, n, heads, inter = _SIZES[size]
     cfg = transformers.Dinov2Config(
@@ -136,6 +155,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "bert": lambda size, vocab, image_size, num_labels: _bert(size, vocab, num_labels),
     "segmenter": lambda size, vocab, image_size, num_labels: _segmenter(size, image_size, num_labels),
     "siglip": lambda size, vocab, image_size, num_labels: _siglip(size, vocab, image_size),
+    "siglip2": lambda size, vocab, image_size, num_labels: _siglip2(size, vocab, image_size),
     "dinov2": lambda size, vocab, image_size, num_labels: _dinov2(size, image_size, num_labels),
 }
 
@@ -177,6 +197,19 @@ def _siglip_processor(image_size: int, tokenizer):
     return SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def _siglip2_processor(image_size: int, tokenizer):
+    """A ``Siglip2Processor`` with the PIL NaFlex image processor (no torchvision): each image is
+    resized, keeping its aspect ratio, to at most the model's ``num_patches`` patches and padded
+    to that count (``pixel_values`` (B, num_patches, 3 * p * p), ``pixel_attention_mask``,
+    ``spatial_shapes``)."""
+    from transformers import Siglip2Processor
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    patch, num_patches = _siglip2_patches(image_size)
+    image_processor = Siglip2ImageProcessorPil(patch_size=patch, max_num_patches=num_patches)
+    return Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def _vit_processor(image_size: int, tokenizer):
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
@@ -194,6 +227,7 @@ PROCESSORS: dict[str, Callable] = {
     "deit": _vit_processor,
     "segmenter": _vit_processor,
     "siglip": _siglip_processor,
+    "siglip2": _siglip2_processor,
     "dinov2": _vit_processor,
     "bert": lambda image_size, tokenizer: tokenizer,
 }

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..groups import Group
 from . import bert, blip, clip, vit
-from . import dinov2, segmenter, siglip
+from . import dinov2, segmenter, siglip, siglip2
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs, vision_tokens
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -25,7 +25,7 @@ def register_spec(spec: ArchSpec, *, replace: bool = False) -> None:
         _REGISTRY[model_type] = spec
 
 
-for _spec in (clip.SPEC, blip.SPEC, vit.VIT, vit.DEIT, bert.SPEC, segmenter.SPEC, siglip.SPEC, dinov2.SPEC):
+for _spec in (clip.SPEC, blip.SPEC, vit.VIT, vit.DEIT, bert.SPEC, segmenter.SPEC, siglip.SPEC, siglip2.SPEC, dinov2.SPEC):
     register_spec(_spec)
 
 

@@ -69,7 +69,11 @@ class Tower:
 
 
 def vision_tokens(config, extra_tokens: int = 1) -> int:
-    """Tokens a ViT-style encoder sees per image: patches plus class/distillation tokens."""
+    """Tokens a ViT-style encoder sees per image: patches plus class/distillation tokens.
+
+    A NaFlex config (SigLIP2: ``num_patches`` and no ``image_size``) gives its maximum patch count."""
+    if getattr(config, "image_size", None) is None and isinstance(getattr(config, "num_patches", None), int):
+        return config.num_patches + extra_tokens
     image, patch = config.image_size, config.patch_size
     image = image if isinstance(image, int) else image[0]
     patch = patch if isinstance(patch, int) else patch[0]
@@ -157,7 +161,7 @@ def _vision_config(model: nn.Module, spec: ArchSpec):
     for tower in spec.towers:
         if tower.modality == "vision":
             cfg = _sub_config(model.config, tower.config)
-            if hasattr(cfg, "image_size") and hasattr(cfg, "patch_size"):
+            if hasattr(cfg, "patch_size") and (hasattr(cfg, "image_size") or hasattr(cfg, "num_patches")):
                 return cfg
     return None
 

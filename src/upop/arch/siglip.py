@@ -4,8 +4,8 @@ The encoder blocks are CLIP's (``self_attn.{q,k,v,out}_proj``, ``mlp.fc1/fc2``);
 stores its scale (``self.scale``) at construction, so only ``head_dim`` changes. The vision tower
 has no class token (tokens = patches). Not pruned: the vision tower's attention-pooling ``head``
 (a ``torch.nn.MultiheadAttention`` and an MLP over one probe token, outside ``encoder.layers``)
-and the text ``head`` projection. SigLIP2 is not covered: its vision config has no
-``image_size`` (NaFlex patches), so the vision token count for FLOPs costs is unknown here.
+and the text ``head`` projection. SigLIP2 has its own spec (:mod:`.siglip2`): NaFlex patches, and
+the vision token count for FLOPs costs is its config's maximum ``num_patches``.
 """
 
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import distill
-from ..data.retrieval import RetrievalCollator, RetrievalDataset, RetrievalPairs, load_retrieval_split
+from ..data.retrieval import RetrievalDataset, RetrievalPairs, load_retrieval_split
 from . import blip_retrieval, siglip_retrieval
 from ._blip import unwrap
 from ._recall import METRICS, embed_split, recall_at_k
@@ -24,7 +24,8 @@ from ._gather import batch_shapes, gather, gather_with_grad, world
 from .base import Task
 
 #: the retrieval variant of each model class other than CLIP (its loss and evaluation)
-VARIANTS = {"BlipForImageTextRetrieval": blip_retrieval, "SiglipModel": siglip_retrieval}
+VARIANTS = {"BlipForImageTextRetrieval": blip_retrieval, "SiglipModel": siglip_retrieval,
+            "Siglip2Model": siglip_retrieval}
 
 
 def _variant(model):
@@ -34,7 +35,7 @@ def _variant(model):
 
 class RetrievalTask(Task):
     name = "retrieval"
-    model_classes = ("CLIPModel", "BlipForImageTextRetrieval", "SiglipModel")  # see VARIANTS
+    model_classes = ("CLIPModel", "BlipForImageTextRetrieval", "SiglipModel", "Siglip2Model")  # see VARIANTS
     main_metric = "r_mean"
     settings = ("itm_k",)
     #: BLIP: ITC candidates per query re-ranked by ITM (None: 256 above 2,000 test images, else 128)
@@ -46,7 +47,9 @@ class RetrievalTask(Task):
                 for s in splits}
 
     def collator(self, processor, seed: int = 0):
-        return RetrievalCollator(processor, seed=seed, padding="longest")
+        """The batch maker; a NaFlex (SigLIP2) processor's batches also hold its ``pixel_attention_mask``
+        and ``spatial_shapes`` (:func:`.siglip_retrieval.collator_class`)."""
+        return siglip_retrieval.collator_class(processor)(processor, seed=seed, padding="longest")
 
     def loss(self, model: nn.Module, batch):
         """Symmetric InfoNCE over the global batch, with every pair of the same image (same
@@ -84,7 +87,8 @@ class RetrievalTask(Task):
         collate = self.collator(processor)
         batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
         device = next(model.parameters()).device
-        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
+        keys = ("input_ids", "attention_mask", *siglip_retrieval.image_inputs(batch))
+        return {k: batch[k].to(device) for k in keys}
 
     def text_tokens(self, processor, dataset) -> int | None:
         """Padded caption length of a sample of the data (what the text tower really sees)."""

@@ -1,4 +1,5 @@
-"""Image-text retrieval with SigLIP (``SiglipModel``): pairwise sigmoid loss; R@1/5/10 both ways.
+"""Image-text retrieval with SigLIP and SigLIP2 (``SiglipModel``, ``Siglip2Model``): pairwise
+sigmoid loss; R@1/5/10 both ways.
 
 Loss (SigLIP, Zhai et al. 2023): for every caption i and image j of the (global) batch, with
 ``s_ij = exp(t) * cos(text_i, image_j) + b`` (``SiglipModel``'s ``logits_per_text``) and
@@ -15,6 +16,11 @@ every caption is padded (or cut) to the text tower's ``max_position_embeddings``
 (:func:`fixed_length`) and evaluation alike: a caption's embedding then does not depend on the
 other captions of its batch. Evaluation ranks by cosine similarity (the sigmoid is monotonic),
 as :class:`~upop.tasks.retrieval.RetrievalTask` does for CLIP.
+
+SigLIP2's vision tower is NaFlex: its image processor returns ``pixel_values`` as patches
+``(B, num_patches, 3 * p * p)`` with ``pixel_attention_mask`` and ``spatial_shapes``; such a
+processor gets a :class:`NaFlexCollator` (:func:`collator_class`), whose image batches carry all
+three, and the loss and the evaluation pass all three to the model (:func:`image_inputs`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,46 @@ import torch
 import torch.nn.functional as F
 
 from .. import distill
-from ..data.retrieval import RetrievalCollator
+from ..data.retrieval import RetrievalCollator, _parts
+from ..errors import ConfigError
 from ._blip import unwrap
 from ._gather import batch_shapes, gather, gather_with_grad, world
-from ._recall import embed_split, recall_at_k
+from ._recall import recall_at_k
+from ._shard import evaluating, map_batches
+
+#: the image inputs of a NaFlex (SigLIP2) vision tower besides ``pixel_values``
+NAFLEX_KEYS = ("pixel_attention_mask", "spatial_shapes")
+
+
+class NaFlexCollator(RetrievalCollator):
+    """A :class:`~upop.data.retrieval.RetrievalCollator` for a NaFlex image processor: image
+    batches hold ``pixel_values`` (patches), ``pixel_attention_mask`` and ``spatial_shapes``."""
+
+    def collate_images(self, batch) -> dict[str, torch.Tensor]:
+        images = [x["image"] if isinstance(x, dict) else x for x in batch]
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {**{k: out[k] for k in ("pixel_values", *NAFLEX_KEYS)},
+                "index": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long)}
+
+
+def is_naflex(processor) -> bool:
+    """Whether ``processor``'s image processor (of a processor, an ``(image_processor, tokenizer)``
+    pair or a dict of both) is NaFlex: it returns ``spatial_shapes``."""
+    try:
+        image_processor = _parts(processor)[0]
+    except ConfigError:
+        return False
+    return "spatial_shapes" in (getattr(image_processor, "model_input_names", None) or ())
+
+
+def collator_class(processor) -> type[RetrievalCollator]:
+    """:class:`NaFlexCollator` for a NaFlex processor, else the plain collator."""
+    return NaFlexCollator if is_naflex(processor) else RetrievalCollator
+
+
+def image_inputs(batch) -> dict[str, torch.Tensor]:
+    """The image inputs of ``batch``: ``pixel_values`` and, when present, the NaFlex keys."""
+    return {k: batch[k] for k in ("pixel_values", *NAFLEX_KEYS) if k in batch}
 
 
 def text_length(model) -> int:
@@ -57,10 +99,10 @@ def sigmoid_loss(logits_per_text: torch.Tensor, text_index: torch.Tensor | None 
 
 
 def loss(model, batch) -> torch.Tensor:
-    """The sigmoid loss of ``batch`` (``input_ids``, ``attention_mask``, ``pixel_values``, ``index``)
-    over the global batch."""
+    """The sigmoid loss of ``batch`` (``input_ids``, ``attention_mask``, ``pixel_values``, ``index``;
+    SigLIP2: also ``pixel_attention_mask``, ``spatial_shapes``) over the global batch."""
     input_ids, attention_mask = fixed_length(model, batch["input_ids"], batch["attention_mask"])
-    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **image_inputs(batch))
     index = batch.get("index")
     if world()[1] == 1:
         distill.expose("affinity", out.logits_per_text)
@@ -78,9 +120,27 @@ def loss(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
     """Normalised image and caption embeddings of ``dataset`` (all captions, flattened), with
-    ``txt2img`` and ``img2txt``; captions at the fixed length of :func:`text_length`."""
-    collate = RetrievalCollator(processor, padding="max_length", max_length=text_length(model))
-    return embed_split(model, dataset, collate, batch_size, accelerator)
+    ``txt2img`` and ``img2txt``; captions at the fixed length of :func:`text_length`, images with
+    every input of the image processor (:func:`image_inputs`). Batches are split across the
+    processes of ``accelerator``."""
+    collate = collator_class(processor)(processor, padding="max_length", max_length=text_length(model))
+    device = next(model.parameters()).device
+
+    def run_images(lo: int, hi: int) -> torch.Tensor:
+        batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
+        inputs = {k: v.to(device) for k, v in image_inputs(batch).items()}
+        return model.get_image_features(**inputs).pooler_output.float().cpu()
+
+    texts, txt2img, img2txt = dataset.flat_captions()
+
+    def run_texts(lo: int, hi: int) -> torch.Tensor:
+        enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
+        return model.get_text_features(**enc).pooler_output.float().cpu()
+
+    with evaluating(model):
+        images = map_batches(len(dataset), batch_size, run_images, accelerator)
+        captions = map_batches(len(texts), batch_size, run_texts, accelerator)
+    return F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(captions), dim=-1), txt2img, img2txt
 
 
 def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None, accelerator=None):
