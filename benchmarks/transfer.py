@@ -385,7 +385,10 @@ def main(argv=None) -> None:
           f"{pre['seconds'] / 60:.0f} min); compressed on {proto['data']['task']:,} images without the held-out "
           f"(colour, kind) pairs; tested on {proto['data']['test']} images that each hold one. Every compression "
           f"trains {payload['steps']} steps on the task set; mean ± std over seeds {proto['seeds']}. "
-          "Protocol: benchmarks/transfer.py.", ""]
+          "Protocol: benchmarks/transfer.py.", "",
+          "\"upop (default)\" is upop's defaults when the run was made (score=" + payload["default_config"]["score"]
+          + ", distill=" + payload["default_config"]["distill"] + "); each \"upop, field=value\" row changes one "
+          "field of the paper's search (score=gradient, distill=none).", ""]
     for metric, title in METRICS:
         md += [f"### {title}", "", table(payload["rows"], metric, proto["ratios"]), ""]
     md += ["Winner per ratio (held-out R@mean):", *winner_lines(found)]
