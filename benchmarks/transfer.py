@@ -43,7 +43,7 @@ Protocol (fixed before any two methods were compared; ``--quick`` shrinks every 
   image R@1 and the seen test's R@mean. A winner "beats every other row by > 2 std" when its
   mean exceeds every other row's by more than twice the larger of the two standard deviations.
 
-    python benchmarks/transfer.py              # full: pretraining ~20 min (cached), then ~2 h (1 thread)
+    python benchmarks/transfer.py              # full: pretraining ~20 min (cached), then ~3 h at 5 seeds (1 thread)
     python benchmarks/transfer.py --quick      # tiny, a smoke test
     python benchmarks/transfer.py --resume     # after an interruption: reuse the rows already done
     python benchmarks/transfer.py --cost       # distillation's cost: CLIP ViT-B/16, batch 8, CPU
