@@ -152,9 +152,9 @@ def test_bad_options_are_one_line_errors(name, ort, tmp_path, capsys):
 @pytest.mark.parametrize("family", ["blip-retrieval", "blip-caption"])
 def test_blip_is_refused_with_the_reason(family, ort, tmp_path):
     model = FAMILIES[family][0]()
-    with pytest.raises(UnsupportedModelError, match="does not export") as info:
+    with pytest.raises(UnsupportedModelError, match="does not export whole") as info:
         upop.export.export_onnx(model, tmp_path / "m.onnx")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "export its vision tower with --part vision" in str(info.value)
     assert not list(tmp_path.iterdir())
 
 

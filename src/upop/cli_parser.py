@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the .onnx file to write")
     x.add_argument("--part", choices=["vision", "text"], default=None,
                    help="CLIP / SigLIP: export one tower (vision: pixel_values -> image_embeds; text: input_ids, "
-                   "attention_mask -> text_embeds); default: the whole model")
+                   "attention_mask -> text_embeds); BLIP: --part vision (pixel_values -> last_hidden_state, "
+                   "pooler_output); SigLIP2: --part text; default: the whole model")
     x.add_argument("--dense", default=None, help="the dense model folder: time dense vs compressed in ONNX Runtime")
     x.add_argument("--batch", type=int, default=2, help="batch of the parity check (also checked at batch + 1) and "
                    "of the timing (default: 2)")

@@ -11,8 +11,11 @@ Inputs are built from the config: ``pixel_values`` (B, C, H, W) of standard-norm
 ``input_ids`` drawn from the vocabulary, with ``attention_mask`` padding the end of every other
 row (so the masking path is checked too); ``token_type_ids`` zeros (BERT). Outputs are the
 tensors of the model's forward output (``logits``, ``image_embeds``, ...), or with ``part`` one
-tower of a two-tower model: ``vision`` -> ``image_embeds``, ``text`` -> ``text_embeds`` (the
-L2-normalised projections, the same values as the whole model's outputs of that name).
+tower (:mod:`upop.export_graph`): of CLIP and SigLIP ``vision`` -> ``image_embeds``, ``text`` ->
+``text_embeds`` (the L2-normalised projections, the same values as the whole model's outputs of
+that name; SigLIP2: ``text`` only), of BLIP's four classes ``vision`` -> the vision model's
+``last_hidden_state`` and ``pooler_output``. BLIP's whole models and text towers (decoding loops,
+two-mode or image-pair forwards) and SigLIP2's NaFlex vision tower are refused with the reason.
 
 Parity: the file runs in ONNX Runtime at ``batch`` and ``batch + 1`` (and two sequence lengths)
 and every output must satisfy ``max |onnx - torch| <= tolerance * max(1, max |torch|)``: relative
@@ -26,7 +29,6 @@ in interleaved rounds (:func:`upop.latency.timed_rounds`, :func:`upop.report.pai
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -42,25 +44,13 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError, show
+from .export_graph import (REFUSED, TOWERS, TWO_TOWERS, _graph_of, example_inputs)  # noqa: F401 - upop.export.<name>
+from .export_graph import PARTS, _dynamic_axes, _Graph, _max_tokens
 from .export_ort import _ort_outputs, _paired_latency, _session
 
 INSTALL = 'pip install "upop[onnx]" (in a clone of upop: pip install -e ".[onnx]")'
 DEFAULT_TOLERANCE = 1e-3
 EXPORTERS = ("auto", "dynamo", "torchscript")
-PARTS = ("vision", "text")
-#: two-tower models whose towers ``part`` exports alone
-TWO_TOWERS = ("CLIPModel", "SiglipModel")
-#: classes whose forward is not one graph worth exporting, and why
-REFUSED = {
-    "BlipForConditionalGeneration": "a captioning model: its output is a decoding loop (generate), not one forward",
-    "BlipForQuestionAnswering": "a VQA model: its answers come from a decoding loop (generate), not one forward",
-    "BlipForImageTextRetrieval": "a retrieval model whose forward is one of two modes (ITM head or ITC "
-                                 "similarity) of the same weights, re-run per candidate pair",
-    "BlipForNLVR": "an NLVR model whose forward takes image pairs through upop's own fusion layers",
-    **dict.fromkeys(("Siglip2Model", "Siglip2VisionModel", "Siglip2ForImageClassification"), "a NaFlex vision tower "
-                    "(SigLIP2): spatial_shapes sizes its position embeddings per image; a Siglip2TextModel exports"),
-}
-_NOT_OUTPUTS = ("loss", "hidden_states", "attentions", "past_key_values")
 
 
 def require_onnx():
@@ -127,73 +117,6 @@ def _parity_text(checks: list[Parity]) -> str:
                      f"{p.max_abs_diff:.2e} ({p.relative:.2e} of scale)" for p in checks)
 
 
-class _Graph(nn.Module):
-    """``model`` (or one tower of it) as a module of positional tensors in, a tuple of tensors out."""
-
-    def __init__(self, model: nn.Module, part: str | None):
-        super().__init__()
-        self.model, self.part, self.kwargs = model, part, {}
-        params = inspect.signature(model.forward).parameters
-        if part is not None:
-            self.input_names = ["pixel_values"] if part == "vision" else ["input_ids", "attention_mask"]
-        else:
-            text = ("input_ids", "attention_mask", "token_type_ids") if "input_ids" in params else ()
-            self.input_names = [n for n in (*text, "pixel_values") if n in params]
-            if "token_type_ids" in self.input_names and not getattr(_text_config(model), "type_vocab_size", 0):
-                self.input_names.remove("token_type_ids")
-            self.kwargs = {k: v for k, v in (("use_cache", False), ("return_dict", True)) if k in params}
-        if not self.input_names:
-            raise UnsupportedModelError(f"{type(model).__name__} takes neither pixel_values nor input_ids; upop "
-                                        "export handles vision and text encoders")
-        self.output_names: list[str] = {"vision": ["image_embeds"], "text": ["text_embeds"]}.get(part, [])
-
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = dict(zip(self.input_names, args))
-        if self.part is not None:
-            get = self.model.get_image_features if self.part == "vision" else self.model.get_text_features
-            features = get(**inputs)
-            features = getattr(features, "pooler_output", features)
-            return (features / features.norm(p=2, dim=-1, keepdim=True),)
-        out = self.model(**inputs, **self.kwargs)
-        items = [(k, v) for k, v in out.items() if k not in _NOT_OUTPUTS and torch.is_tensor(v)]
-        self.output_names = self.output_names or [k for k, _ in items]
-        return tuple(v for _, v in items)
-
-
-def _text_config(model: nn.Module):
-    return getattr(model.config, "text_config", None) or model.config
-
-
-def _max_tokens(model: nn.Module) -> int:
-    return int(getattr(_text_config(model), "max_position_embeddings", 0) or 512)
-
-
-def example_inputs(graph: _Graph, batch: int, sequence: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Inputs for ``graph`` built from the model's config (see the module docstring)."""
-    g = torch.Generator().manual_seed(seed)
-    inputs: dict[str, torch.Tensor] = {}
-    shape = (batch, 2, sequence) if type(graph.model).__name__.endswith("MultipleChoice") else (batch, sequence)
-    for name in graph.input_names:
-        if name == "pixel_values":
-            cfg = getattr(graph.model.config, "vision_config", None) or graph.model.config
-            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-            inputs[name] = torch.randn(batch, getattr(cfg, "num_channels", 3), size, size, generator=g)
-        elif name == "input_ids":
-            vocab = int(_text_config(graph.model).vocab_size)
-            inputs[name] = torch.randint(min(5, vocab - 1), vocab, shape, generator=g)
-        elif name == "attention_mask":
-            inputs[name] = torch.ones(shape, dtype=torch.long)
-            inputs[name][1::2, ..., max(1, sequence - sequence // 4):] = 0  # padded rows
-        else:
-            inputs[name] = torch.zeros(shape, dtype=torch.long)
-    return inputs
-
-
-def _dynamic_axes(graph: _Graph, inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
-    return {n: ({0: "batch"} if n == "pixel_values" else {0: "batch", inputs[n].dim() - 1: "sequence"})
-            for n in graph.input_names}
-
-
 @contextlib.contextmanager
 def _quiet():
     """The exporters' warnings and log lines (tracer warnings, missing torchvision ops) hidden."""
@@ -251,7 +174,7 @@ def _export(graph: _Graph, inputs: dict, path: Path, opset: int | None, exporter
             for leftover in path.parent.iterdir():  # what the failed exporter half-wrote
                 if leftover.is_file():
                     leftover.unlink()
-    raise UnsupportedModelError(f"cannot export {type(graph.model).__name__} to ONNX ({'; '.join(failures)})")
+    raise UnsupportedModelError(f"cannot export {graph.source} to ONNX ({'; '.join(failures)})")
 
 
 def _reason(exc: BaseException) -> str:
@@ -287,22 +210,6 @@ def _check_parity(graph: _Graph, session, batch: int, sequence: int, tolerance: 
                     "difference is acceptable)")
         checks.append(Parity(b, None if graph.input_names == ["pixel_values"] else s, worst_abs, worst_rel))
     return checks
-
-
-def _graph_of(model, part: str | None, what: str) -> _Graph:
-    """Load ``model`` (a folder or a module) as float32 and wrap it, or refuse it in one line."""
-    if not isinstance(model, nn.Module):
-        from .models import load_any
-
-        model = load_any(model)[0]
-    model = model.float().eval()
-    name = type(model).__name__
-    if name in REFUSED:
-        raise UnsupportedModelError(f"{what} is a {name}, which upop export does not export: {REFUSED[name]}")
-    if part is not None and name not in TWO_TOWERS:
-        raise ConfigError(f"--part {part} needs a two-tower model ({', '.join(TWO_TOWERS)}); {what} is a {name}, "
-                          "exported whole (leave out --part)")
-    return _Graph(model, part)
 
 
 def _write(graph: _Graph, path: Path, batch: int, sequence: int, opset, exporter, tolerance, ort, what: str):
@@ -352,8 +259,8 @@ def export_onnx(model, out: str | os.PathLike, *, part: str | None = None, dense
     _check_options(out, overwrite, part, batch, opset, tolerance, exporter, latency_time, onnx)
     graph = _graph_of(model, part, type(model).__name__ if isinstance(model, nn.Module) else show(model))
     dense_graph = None if dense is None else _graph_of(dense, part, "--dense")
-    if dense_graph is not None and type(dense_graph.model) is not type(graph.model):
-        raise ConfigError(f"--dense is a {type(dense_graph.model).__name__}, the model a {type(graph.model).__name__}; "
+    if dense_graph is not None and dense_graph.source != graph.source:
+        raise ConfigError(f"--dense is a {dense_graph.source}, the model a {graph.source}; "
                           "give the dense model the compressed one was pruned from")
     sequence = min(16, _max_tokens(graph.model))
     inputs = example_inputs(graph, batch, sequence)
@@ -363,7 +270,7 @@ def export_onnx(model, out: str | os.PathLike, *, part: str | None = None, dense
         used, why, session, parity = _write(graph, tmp / out.name, batch, sequence, opset, exporter, tolerance, ort,
                                             show(model) if not isinstance(model, nn.Module) else "the model")
         axes = _dynamic_axes(graph, inputs)
-        result = ExportResult(path=out, model_class=type(graph.model).__name__, part=part, exporter=used,
+        result = ExportResult(path=out, model_class=graph.source, part=part, exporter=used,
                               fallback_reason=why, opset=_opset(onnx, tmp / out.name),
                               inputs={n: [axes[n].get(i, d) for i, d in enumerate(t.shape)] for n, t in inputs.items()},
                               outputs=list(graph.output_names), tolerance=tolerance,
