@@ -26,7 +26,8 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _show(value: object) -> str:
-    """A user value (path, file name) for a one-line message: quoted and escaped like ``repr``."""
+    """A user value (path, file name) for a one-line message: quoted and escaped like ``repr``,
+    so newlines, control characters and NUL never appear raw (also rundir's and folder_lock's)."""
     return repr(os.fspath(value) if isinstance(value, os.PathLike) else str(value))
 
 

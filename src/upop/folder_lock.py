@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+from .atomic import _show
 from .errors import ConfigError
 
 try:
@@ -25,10 +26,6 @@ except ImportError:  # not POSIX: the lock file is written but nothing excludes 
     fcntl = None
 
 LOCK_FILE = ".upop-lock"
-
-
-def _show(value: object) -> str:
-    return repr(os.fspath(value) if isinstance(value, os.PathLike) else str(value))
 
 
 class FolderLock:

@@ -100,6 +100,7 @@ class UPopTrainerCallback(TrainerCallback):
         self.search_steps: int | None = None  # resolved when training begins
         self.search: UPopSearch | None = None
         self.masks: Masks | None = None
+        self.core: UPopCallback | None = None  # drives masks and search on each step (upop.callback)
         self.plan: PruningPlan | None = None
         self.trainer = None
         self._resume_dir: Path | None = None
@@ -169,11 +170,12 @@ class UPopTrainerCallback(TrainerCallback):
             self.search = UPopSearch(self.masks, self.ratio, self.search_steps, interval, self.cost, self.method,
                                      self.w_attn, self.w_mlp, round_to=round_to, allocation=self.allocation,
                                      unit_costs=self.unit_costs, score=self.score)
+            self.core = UPopCallback(self.masks, self.search)  # the UPop part of each step (upop.callback)
             if resume is not None:
                 self._load_search(resume, state.global_step)
         except BaseException:
             self.masks.remove()
-            self.masks = self.search = None
+            self.masks = self.search = self.core = None
             raise
         self.plan = None
         self._set_schedule(trainer, resume, retrain=False)
@@ -184,9 +186,9 @@ class UPopTrainerCallback(TrainerCallback):
         if search is None or self.plan is not None or search.done:
             return
         scale, scaled = _loss_scale(self.trainer.accelerator)
-        core = UPopCallback(self.masks, search, grad_scale=lambda: (scale, scaled))
-        core.add_sparsity_grad(scale)  # d/dzeta of w * |zeta|, in the loss scale of the task gradients
-        core.after_backward(state.global_step, {})
+        self.core.grad_scale = lambda: (scale, scaled)
+        self.core.add_sparsity_grad(scale)  # d/dzeta of w * |zeta|, in the loss scale of the task gradients
+        self.core.after_backward(state.global_step, {})
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.search is not None and self.plan is None and self.search.done:
@@ -250,7 +252,7 @@ class UPopTrainerCallback(TrainerCallback):
         before = {id(p): name for name, p in model.named_parameters()}
         settings = {"search_steps": self.search_steps, "seed": args.seed,
                     "trainer": "transformers.Trainer"}
-        plan = UPopCallback(self.masks, self.search).prune(model, settings=settings)
+        plan = self.core.prune(model, settings=settings)
         _swap_parameters(trainer.optimizer, before, dict(model.named_parameters()))
         _rewrap_ddp(trainer)
         self.plan = plan

@@ -37,7 +37,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from .atomic import (MARKER_PREFIX, TEMP_NAME, _fsync_dir, _open_temp, shared_marker, sees_marker,  # noqa: F401
+from .atomic import (MARKER_PREFIX, TEMP_NAME, _fsync_dir, _open_temp, _show, shared_marker, sees_marker,  # noqa: F401
                      torch_save_atomic, write_dir_atomic, write_file_atomic, write_json_atomic, write_text_atomic)
 from .errors import ConfigError
 from .folder_lock import LOCK_FILE, FolderLock
@@ -60,12 +60,6 @@ _PROBE = "upop-write-test"  # target name of check_free's probe (written as a te
 _TEMP = TEMP_NAME
 _PREVIOUS = re.compile(re.escape(PREVIOUS_DIR) + r"(-[0-9]+)?")
 _SHOWN = 3  # entries named in a message
-
-
-def _show(value: object) -> str:
-    """A user value (path, file name) for a one-line message: quoted and escaped like ``repr``,
-    so newlines, control characters and NUL never appear raw."""
-    return repr(os.fspath(value) if isinstance(value, os.PathLike) else str(value))
 
 
 def _show_some(names: Iterable[str]) -> str:
