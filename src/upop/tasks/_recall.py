@@ -32,15 +32,18 @@ def recall_at_k(sim: torch.Tensor, img2txt: list[list[int]], txt2img: list[int])
 
 
 @torch.no_grad()
-def embed_split(model, dataset, collate, batch_size: int = 64, accelerator=None):
+def embed_split(model, dataset, collate, batch_size: int = 64, accelerator=None,
+                image_keys: tuple[str, ...] = ("pixel_values",)):
     """Normalised image and caption embeddings of ``dataset`` (all captions, flattened) through
-    ``model.get_image_features`` / ``get_text_features``, batches made by ``collate``, split across
-    the processes of ``accelerator``; with ``txt2img`` and ``img2txt``."""
+    ``model.get_image_features`` (given the ``image_keys`` of each image batch that it holds) /
+    ``get_text_features``, batches made by ``collate``, split across the processes of
+    ``accelerator``; with ``txt2img`` and ``img2txt``."""
     device = next(model.parameters()).device
 
     def run_images(lo: int, hi: int) -> torch.Tensor:
-        pixels = collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device)
-        return model.get_image_features(pixel_values=pixels).pooler_output.float().cpu()
+        batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
+        inputs = {k: batch[k].to(device) for k in image_keys if k in batch}
+        return model.get_image_features(**inputs).pooler_output.float().cpu()
 
     texts, txt2img, img2txt = dataset.flat_captions()
 

@@ -33,8 +33,7 @@ from ..data.retrieval import RetrievalCollator, _parts
 from ..errors import ConfigError
 from ._blip import unwrap
 from ._gather import batch_shapes, gather, gather_with_grad, world
-from ._recall import recall_at_k
-from ._shard import evaluating, map_batches
+from ._recall import embed_split, recall_at_k
 
 #: the image inputs of a NaFlex (SigLIP2) vision tower besides ``pixel_values``
 NAFLEX_KEYS = ("pixel_attention_mask", "spatial_shapes")
@@ -124,23 +123,7 @@ def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
     every input of the image processor (:func:`image_inputs`). Batches are split across the
     processes of ``accelerator``."""
     collate = collator_class(processor)(processor, padding="max_length", max_length=text_length(model))
-    device = next(model.parameters()).device
-
-    def run_images(lo: int, hi: int) -> torch.Tensor:
-        batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
-        inputs = {k: v.to(device) for k, v in image_inputs(batch).items()}
-        return model.get_image_features(**inputs).pooler_output.float().cpu()
-
-    texts, txt2img, img2txt = dataset.flat_captions()
-
-    def run_texts(lo: int, hi: int) -> torch.Tensor:
-        enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
-        return model.get_text_features(**enc).pooler_output.float().cpu()
-
-    with evaluating(model):
-        images = map_batches(len(dataset), batch_size, run_images, accelerator)
-        captions = map_batches(len(texts), batch_size, run_texts, accelerator)
-    return F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(captions), dim=-1), txt2img, img2txt
+    return embed_split(model, dataset, collate, batch_size, accelerator, image_keys=("pixel_values", *NAFLEX_KEYS))
 
 
 def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None, accelerator=None):
