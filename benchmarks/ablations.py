@@ -17,12 +17,20 @@ at p = 0.5 and 0.75, over seeds, with the same total training steps for every me
     python benchmarks/ablations.py            # full: 3 seeds, both tasks (about an hour on 2 cores)
     python benchmarks/ablations.py --tasks retrieval --name ablations-retrieval   # one task
     python benchmarks/ablations.py --quick    # tiny, 1 seed, CI-sized
+    python benchmarks/ablations.py --tasks retrieval --name ablations-retrieval --resume   # go on after a stop
+
+Every finished row is appended to ``--cache``/``rows-<name>-<digest>.jsonl`` (the digest covers this
+script's source and its arguments); ``--resume`` reuses the rows found there, so a run of several
+hours can be stopped and continued (without it, the log is started afresh). Rows are reused as
+they were computed: resume only while the engine's code is unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import statistics
 import sys
 import tempfile
@@ -338,19 +346,82 @@ def setup(task_name: str, quick: bool, work: Path):
     return task, model, processor, splits, work / "classification"
 
 
+def _head() -> str | None:
+    """The checkout's git commit (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+COMMIT = _head()
+
+
+class RowLog:
+    """Finished rows, appended to a JSON-lines file as they come, keyed by (task, method, ratio,
+    seed); with ``resume`` the rows already in the file are reused instead of recomputed."""
+
+    def __init__(self, path: Path | None, resume: bool):
+        self.path, self.saved = path, {}
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: recomputed
+                    continue
+                self.saved[self.key(row)] = row
+        elif path.is_file():
+            path.unlink()
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return row["task"], row["method"], row["ratio"], row["seed"]
+
+    def has(self, task: str, method: str, ratio: float, seed: int) -> bool:
+        return (task, method, ratio, seed) in self.saved
+
+    def add(self, rows: list[dict], row_or_compute) -> None:
+        """Append a row (a dict, or a callable returning one, called only when not saved)."""
+        row = row_or_compute() if callable(row_or_compute) else row_or_compute
+        reused = self.key(row) in self.saved
+        if not reused:
+            row.setdefault("commit", COMMIT)  # which code made it (rows of a resumed run may differ)
+        if not reused and self.path is not None:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(("reused " if reused else "") + json.dumps(row), flush=True)
+
+
 def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float], work: Path,
-             peer: str | None = None) -> list[dict]:
-    """Every method on one task; ``peer`` ("taylor" or "magnitude") adds the Torch-Pruning row."""
+             peer: str | None = None, log: RowLog | None = None) -> list[dict]:
+    """Every method on one task; ``peer`` ("taylor" or "magnitude") adds the Torch-Pruning row.
+    Rows found in ``log`` are reused."""
+    log = log or RowLog(None, False)
     task, dense, processor, splits, data = setup(task_name, quick, work)
     metric = task.main_metric
-    rows = [{"task": task_name, "method": "dense", "ratio": 0.0, "seed": 0,
-             "metric": task.evaluate(dense, splits["test"], processor)[metric]}]
+    rows: list[dict] = []
+    if log.has(task_name, "dense", 0.0, 0):
+        log.add(rows, log.saved[(task_name, "dense", 0.0, 0)])
+    else:
+        log.add(rows, {"task": task_name, "method": "dense", "ratio": 0.0, "seed": 0,
+                       "metric": task.evaluate(dense, splits["test"], processor)[metric]})
     epochs = (1, 1) if quick else (1, 2)
     batch = 16 if quick else 64
     lr = {"retrieval": (1e-4, 5e-4), "classification": (1e-4, 5e-4)}[task_name]
     for ratio in ratios:
         for seed in seeds:
             for method, settings in METHODS.items():
+                if log.has(task_name, method, ratio, seed):
+                    log.add(rows, log.saved[(task_name, method, ratio, seed)])
+                    continue
                 cfg = upop.UPopConfig(ratio=ratio, search_epochs=epochs[0], retrain_epochs=epochs[1], batch_size=batch,
                                       lr=lr[0], retrain_lr=lr[1], seed=seed, latency_time=0.05, augment="none",
                                       score="gradient", **settings)  # the paper's score, as these results were made
@@ -358,41 +429,57 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
                     result = compress(copy.deepcopy(dense), task, train=splits["train"], val=splits["val"],
                                       test=splits["test"], processor=processor, config=cfg, out_dir=Path(out) / "run",
                                       progress=False, log=lambda m: None)
-                rows.append({"task": task_name, "method": method, "ratio": ratio, "seed": seed,
-                             "metric": result.report["compressed"]["metrics"][metric],
-                             "achieved": result.report["achieved_ratio"]})
-                print(rows[-1], flush=True)
-            def retrained(model, method: str, **extra) -> None:
-                """Retrain a pruned model for the search + retrain steps, evaluate, add its row."""
+                log.add(rows, {"task": task_name, "method": method, "ratio": ratio, "seed": seed,
+                               "metric": result.report["compressed"]["metrics"][metric],
+                               "achieved": result.report["achieved_ratio"]})
+
+            def retrained(make, method: str) -> None:
+                """Prune with ``make()`` (model, extra row fields), retrain for the search + retrain
+                steps, evaluate, add its row (or reuse the logged one)."""
+                if log.has(task_name, method, ratio, seed):
+                    log.add(rows, log.saved[(task_name, method, ratio, seed)])
+                    return
+                model, extra = make()
                 model, _ = finetune(model, task, splits["train"], splits["val"], processor, epochs=sum(epochs),
                                     lr=lr[1], batch_size=batch, seed=seed, weight_decay=0.0, progress=False,
                                     log=lambda m: None)
-                rows.append({"task": task_name, "method": method, "ratio": ratio, "seed": seed,
-                             "metric": task.evaluate(model, splits["test"], processor)[metric], **extra})
-                print(rows[-1], flush=True)
+                log.add(rows, {"task": task_name, "method": method, "ratio": ratio, "seed": seed,
+                               "metric": task.evaluate(model, splits["test"], processor)[metric], **extra})
 
-            model = copy.deepcopy(dense)
-            prune_by(model, ratio, unit_norms)
-            torch.manual_seed(seed)
-            retrained(model, "magnitude")
-            # control: which units go matters only if this is clearly worse than the criteria above
-            model = copy.deepcopy(dense)
-            g = torch.Generator().manual_seed(1000 + seed)
-            prune_by(model, ratio, lambda m, grp: torch.rand(grp.num_units, generator=g))
-            torch.manual_seed(seed)
-            retrained(model, "random + retraining")
-            if peer:
+            def by_magnitude():
+                model = copy.deepcopy(dense)
+                prune_by(model, ratio, unit_norms)
+                torch.manual_seed(seed)
+                return model, {}
+
+            def at_random():  # control: which units go matters only if this is clearly worse than the criteria above
+                model = copy.deepcopy(dense)
+                g = torch.Generator().manual_seed(1000 + seed)
+                prune_by(model, ratio, lambda m, grp: torch.rand(grp.num_units, generator=g))
+                torch.manual_seed(seed)
+                return model, {}
+
+            def by_peer():
                 torch.manual_seed(seed)
                 model, info = torch_pruning_prune(
                     dense, ratio, task.example_inputs(dense, processor, splits["train"], 2),
                     task_gradients(task, processor, splits["train"], batch, seed), importance=peer)
-                retrained(model, PEER_LABELS[peer], achieved=info.pop("achieved"), torch_pruning=info)
+                return model, {"achieved": info.pop("achieved"), "torch_pruning": info}
+
+            retrained(by_magnitude, "magnitude")
+            retrained(at_random, "random + retraining")
+            if peer:
+                retrained(by_peer, PEER_LABELS[peer])
     for seed in seeds:
-        model = copy.deepcopy(dense)
-        g = torch.Generator().manual_seed(seed)
-        prune_by(model, 0.75, lambda m, grp: torch.rand(grp.num_units, generator=g))
-        rows.append({"task": task_name, "method": "random, no retraining", "ratio": 0.75, "seed": seed,
-                     "metric": task.evaluate(model, splits["test"], processor)[metric]})
+        def cut():
+            model = copy.deepcopy(dense)
+            g = torch.Generator().manual_seed(seed)
+            prune_by(model, 0.75, lambda m, grp: torch.rand(grp.num_units, generator=g))
+            return {"task": task_name, "method": "random, no retraining", "ratio": 0.75, "seed": seed,
+                    "metric": task.evaluate(model, splits["test"], processor)[metric]}
+
+        saved = log.saved.get((task_name, "random, no retraining", 0.75, seed))
+        log.add(rows, saved if saved is not None else cut)
     return rows
 
 
@@ -416,7 +503,13 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["retrieval", "classification"])
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--name", default="ablations", help="results file name (results/NAME.json|md)")
+    parser.add_argument("--cache", default="~/.cache/upop-bench/ablations", help="where finished rows are logged")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the rows an interrupted run with the same script and arguments logged")
     args = parser.parse_args()
+    protocol = {k: v for k, v in vars(args).items() if k not in ("cache", "resume")}
+    key = hashlib.sha256((Path(__file__).read_text() + json.dumps(protocol, sort_keys=True)).encode()).hexdigest()[:12]
+    log = RowLog(Path(args.cache).expanduser() / f"rows-{args.name}-{key}.jsonl", args.resume)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     ratios = [0.5] if args.quick else [0.5, 0.75]
     tp_version = torch_pruning_version()
@@ -429,7 +522,7 @@ def main() -> None:
             if task_name not in TASKS:
                 print(f"skipping {task_name}: no such task in this version")
                 continue
-            rows += run_task(task_name, args.quick, seeds, ratios, Path(work), peer)
+            rows += run_task(task_name, args.quick, seeds, ratios, Path(work), peer, log)
     text = table(rows)
     print(text)
     metric_names = {"retrieval": "R-mean (%)", "classification": "top-1 (%)"}

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = {
     "speed": ["benchmarks/speed.py", "--quick", "--seconds", "0.02", "--rounds", "1"],
     "overhead": ["benchmarks/overhead.py", "--quick", "--steps", "1", "--models", "clip-vit-b16"],
-    "ablations": ["benchmarks/ablations.py", "--quick", "--tasks", "retrieval"],
+    "ablations": ["benchmarks/ablations.py", "--quick", "--tasks", "retrieval", "--cache", "{tmp}/rows"],
     "scaling": ["benchmarks/scaling.py", "--quick"],
     "dataloading": ["benchmarks/dataloading.py", "--quick"],
     # NLVR2 starts from the VQA model: both, to cover that path
@@ -28,7 +28,8 @@ QUICK = {
 @pytest.mark.parametrize("name", sorted(QUICK))
 def test_quick_benchmark_writes_results(name, tmp_path):
     env = {**os.environ, "UPOP_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *QUICK[name]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in QUICK[name]]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / f"{name}-quick.json").read_text())
     assert data["rows"] and data["machine"]["cpu_count"] and data["command"].startswith("python benchmarks/")
@@ -47,3 +48,25 @@ def test_readme_results_section_is_the_results_files():
     assert section == summarize.section().strip()
     full = [p for p in (ROOT / "benchmarks" / "results").glob("*.md") if not p.stem.endswith("quick")]
     assert full and section.count("Command:") == len(full)
+
+
+def test_ablation_row_log_resumes(tmp_path):
+    """benchmarks/ablations.py logs each finished row; --resume reuses them (a line cut by a kill
+    is recomputed), and a run without --resume starts the log afresh."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ablations
+
+    path = tmp_path / "rows.jsonl"
+    log, rows, calls = ablations.RowLog(path, resume=False), [], []
+    row = {"task": "retrieval", "method": "upop", "ratio": 0.5, "seed": 1, "metric": 42.0}
+    log.add(rows, lambda: calls.append(1) or row)
+    with path.open("a") as fh:
+        fh.write('{"task": "retrieval", "method": "uniform", "ra')  # killed mid-write
+    again = ablations.RowLog(path, resume=True)
+    assert again.has("retrieval", "upop", 0.5, 1) and not again.has("retrieval", "uniform", 0.5, 1)
+    assert not again.has("retrieval", "upop", 0.5, 0)
+    rows2: list[dict] = []
+    again.add(rows2, again.saved[("retrieval", "upop", 0.5, 1)])
+    assert rows2 == [row] and calls == [1] and path.read_text().count("\n") == 1  # reused, not re-logged
+    fresh = ablations.RowLog(path, resume=False)
+    assert not fresh.saved and not path.exists()
