@@ -42,8 +42,9 @@ The config is read off the shapes as for ``blip-nlvr`` (:func:`upop.importers.vi
 smoothing 0.1 (``models/med.py``), so VQA and caption configs set ``text_config.label_smoothing``
 = 0.1 (transformers' default is 0), which the HF loss, and so upop's fine-tuning, uses.
 ``text_config.enc_token_id`` records BLIP's ``[ENC]`` id: BLIP writes it over the first token
-for image-text matching and for the VQA question encoder; transformers' classes feed the
-tokenizer's ``[CLS]`` instead, and nothing in upop reads it yet. HF's :class:`~transformers.BlipConfig`
+for image-text matching and for the VQA question encoder, and upop's retrieval and VQA tasks
+then do the same (:func:`upop.tasks._blip.encoder_ids`); transformers' classes feed the
+tokenizer's ``[CLS]``. HF's :class:`~transformers.BlipConfig`
 has one text config for the encoder and the decoder of VQA, and cross-attends into
 ``vision_config.hidden_size``-wide states in both, so a VQA checkpoint whose vision and text
 widths differ cannot be represented (a shape error). Token ids follow ``--tokenizer`` (BLIP's

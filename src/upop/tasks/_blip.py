@@ -35,6 +35,20 @@ def through_wrapper(model, fn: Callable[..., Any], *args):
             del inner.forward
 
 
+def encoder_ids(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` for BLIP's image-grounded text encoder: with ``text_config.enc_token_id`` set
+    (the BLIP importers record BLIP's ``[ENC]`` there), its first token is replaced by it, as BLIP
+    does for image-text matching and for the VQA question (``models/blip_retrieval.py``,
+    ``models/blip_vqa.py``), since BLIP's weights were trained so; without it the ids are used as
+    given (transformers' BLIP classes feed ``[CLS]``)."""
+    enc = getattr(unwrap(model).config.text_config, "enc_token_id", None)
+    if enc is None or input_ids.shape[-1] == 0:
+        return input_ids
+    ids = input_ids.clone()
+    ids[:, 0] = enc
+    return ids
+
+
 def decoder_inputs(ids: torch.Tensor, mask: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP decoder inputs and LM labels from plain tokenizer output.
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import distill
 from ..data.retrieval import RetrievalCollator
-from ._blip import through_wrapper, unwrap
+from ._blip import encoder_ids, through_wrapper, unwrap
 from ._recall import METRICS, recall_at_k
 from ._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to
 from ._shard import evaluating, map_batches
@@ -86,7 +86,8 @@ def _features(m, pixel_values=None, input_ids=None, attention_mask=None):
 
 def _itm_logits(m, input_ids, attention_mask, image_embeds) -> torch.Tensor:
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    out = m.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+    out = m.text_encoder(input_ids=encoder_ids(m, input_ids), attention_mask=attention_mask,
+                         encoder_hidden_states=image_embeds,
                          encoder_attention_mask=image_mask).last_hidden_state
     return m.itm_head(out[:, 0, :])
 

@@ -31,7 +31,7 @@ from ..data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, 
                         load_vqa_split)
 from ..errors import ConfigError, DataError, show
 from .. import distill
-from ._blip import decoder_inputs, generate_texts, unwrap
+from ._blip import decoder_inputs, encoder_ids, generate_texts, unwrap
 from ._shard import evaluating, map_batches
 from .base import Task
 from .vqa_metrics import vqa_accuracy
@@ -90,7 +90,7 @@ class VQATask(Task):
     @staticmethod
     def _inputs(model, batch) -> dict:
         dec, _ = decoder_inputs(batch["answer_ids"], batch["answer_mask"], model)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+        return {"input_ids": encoder_ids(model, batch["input_ids"]), "attention_mask": batch["attention_mask"],
                 "pixel_values": batch["pixel_values"], "decoder_input_ids": dec,
                 "decoder_attention_mask": batch["answer_mask"]}
 
@@ -125,7 +125,7 @@ class VQATask(Task):
 
         def answer(pixel_values, input_ids, attention_mask) -> list[str]:
             return generate_texts(model, tokenizer, self.max_answer_tokens, pixel_values=pixel_values,
-                                  input_ids=input_ids, attention_mask=attention_mask)
+                                  input_ids=encoder_ids(model, input_ids), attention_mask=attention_mask)
 
         return self._by_length(model, dataset, processor, batch_size, accelerator, answer)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blip import decoder_inputs
+from ._blip import decoder_inputs, encoder_ids
 
 LOGIT_BUDGET = 2 ** 26
 """Most decoder logits (rows x tokens x vocabulary) computed in one call when scoring candidates."""
@@ -38,7 +38,7 @@ def question_states(m, pixel_values: torch.Tensor, input_ids: torch.Tensor,
     """The question encoded by ``m.text_encoder`` with cross-attention into the image."""
     image = m.vision_model(pixel_values=pixel_values).last_hidden_state
     image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-    return m.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
+    return m.text_encoder(input_ids=encoder_ids(m, input_ids), attention_mask=attention_mask, encoder_hidden_states=image,
                           encoder_attention_mask=image_mask).last_hidden_state
 
 
