@@ -19,6 +19,11 @@ constant ``w_attn`` (attention) or ``w_mlp`` (MLP), so the callback adds that co
 gradients directly, which is the same sum of gradients (kept for parity; it does not change the
 ranking) and leaves the Trainer's ``compute_loss`` untouched.
 
+Distillation (``distill="logits"`` or ``"logits+hidden"``): a frozen copy of the model taken at
+:meth:`UPopTrainerCallback.attach` is the teacher, and :class:`upop.trainer_distill.TrainerDistiller`
+adds the term to the loss of every training forward through hooks on the model, during the
+search and the retraining.
+
 Checkpoints: every Trainer checkpoint of the search holds ``upop_search.pt`` (the search state and
 masks); after pruning, a checkpoint holds the pruned weights and ``upop_plan.json``. With
 ``trainer.train(resume_from_checkpoint=...)`` the callback replays the plan on the dense model
@@ -48,6 +53,7 @@ from .masks import Masks, attach_masks
 from .prune import PLAN_FILE, PruningPlan, apply_plan
 from .rundir import torch_save_atomic, write_text_atomic
 from .search import ALLOCATIONS, COSTS, METHODS, SCORES, UPopSearch, resolve_round_to
+from .trainer_distill import TrainerDistiller, check_distill
 
 SEARCH_FILE = "upop_search.pt"
 """The search state in a Trainer checkpoint folder written during the search."""
@@ -70,8 +76,15 @@ class UPopTrainerCallback(TrainerCallback):
             defaults to ``"taylor"`` here, as in ``upop compress``; ``UPopSearch`` keeps the paper's ``"gradient"``).
         round_to: kept widths are multiples of this; ``"auto"`` (default) picks it per device
             (:func:`upop.search.resolve_round_to`).
-        granularity: ``"head-dim"`` (the paper) or ``"head"`` (whole attention heads).
+        granularity: ``"head-dim"`` (the paper), ``"head"`` (whole attention heads) or ``"both"``
+            (heads and head-dim channels ranked together; see :func:`upop.find_groups`).
         text_tokens: text length for FLOPs costs of text units (default: the model's maximum).
+        distill, distill_weight, distill_temperature, teacher_precision: distillation from the dense
+            model during the search and the retraining, as ``upop compress --distill`` (``"none"``,
+            default, ``"logits"`` or ``"logits+hidden"``), read off the model output's
+            ``logits_per_image`` or ``logits`` (:mod:`upop.trainer_distill`). The teacher is a frozen
+            copy of ``trainer.model`` made when the callback is attached (the dense model: attach
+            before training, also when resuming), or ``teacher`` if given.
         trainer: the Trainer; or call :meth:`attach` / use :func:`add_upop`.
 
     After training: ``trainer.model`` is pruned, :attr:`plan` is its :class:`upop.PruningPlan`,
@@ -83,8 +96,13 @@ class UPopTrainerCallback(TrainerCallback):
                  method: str = "upop", score: str = "taylor", round_to: int | str = "auto",
                  allocation: str = "unified", granularity: str = "head-dim", w_attn: float = 6.4e-3,
                  w_mlp: float = 2e-4, unit_costs: dict[str, float] | None = None, text_tokens: int | None = None,
-                 trainer=None):
+                 distill: str = "none", distill_weight: float = 1.0, distill_temperature: float = 1.0,
+                 teacher_precision: str = "fp32", teacher: nn.Module | None = None, trainer=None):
         _check_choices(ratio, cost, method, score, allocation, round_to)
+        check_distill(distill, distill_weight, distill_temperature, teacher_precision)
+        self.distill = {"mode": distill, "weight": distill_weight, "temperature": distill_temperature,
+                        "precision": teacher_precision, "teacher": teacher}
+        self.distiller: TrainerDistiller | None = None
         given = {k: v for k, v in (("search_steps", search_steps), ("search_epochs", search_epochs),
                                    ("search_fraction", search_fraction)) if v is not None}
         if len(given) > 1:
@@ -113,6 +131,7 @@ class UPopTrainerCallback(TrainerCallback):
         wrap the Trainer's checkpoint loading so that a pruned checkpoint resumes (see
         :func:`prepare_resume`). Does not register the callback: :func:`add_upop` does both."""
         self.trainer = trainer
+        self._start_distilling()
         original = getattr(trainer, "_load_from_checkpoint", None)
         if callable(original) and not getattr(original, "_upop_wrapped", False):
             def load(resume_from_checkpoint, model=None):
@@ -126,6 +145,23 @@ class UPopTrainerCallback(TrainerCallback):
             load._upop_wrapped = True
             trainer._load_from_checkpoint = load
         return self
+
+    def _start_distilling(self) -> None:
+        """Hook the distillation on the Trainer's model; the first time, the teacher is copied from
+        it (or from ``teacher``) and kept for later ``train()`` calls of this callback."""
+        d = self.distill
+        if d["mode"] == "none" or self.distiller is not None:
+            return
+        self.distiller = TrainerDistiller(self.trainer.model, d["mode"], d["weight"], d["temperature"], d["teacher"],
+                                          d["precision"])
+        d["teacher"] = self.distiller.teacher
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """The distillation hooks come off: later forwards of the model (another Trainer, your own
+        loop) are the model's own; a further ``train()`` with this callback hooks them again."""
+        if self.distiller is not None:
+            self.distiller.close()
+            self.distiller = None
 
     def _need_trainer(self, args):
         trainer = self.trainer
@@ -144,6 +180,7 @@ class UPopTrainerCallback(TrainerCallback):
     # the phases ------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         trainer = self._need_trainer(args)
+        self._start_distilling()
         model = trainer.model
         self.search_steps = self._resolve_search_steps(state, train_dataloader, args)
         resume = None
