@@ -121,3 +121,41 @@ def test_dinov2_classification_loss_and_swiglu_refusal():
     model.config.use_swiglu_ffn = True
     with pytest.raises(UnsupportedModelError, match="use_swiglu_ffn"):
         upop.find_groups(model)  # what attach_masks and a run call first: one clear line, not an AttributeError
+
+
+def test_siglip_classifier_compresses_through_the_cli(tmp_path, capsys):
+    """A SiglipForImageClassification (a SigLIP vision tower with a linear head, as fine-tuned
+    SigLIP classifiers are) compresses with --task classification, reloads and evaluates to the
+    report's numbers; SigLIP2's NaFlex classifier is refused in one line."""
+    import json
+
+    import transformers
+
+    from upop.cli import main
+
+    assert main(["data", "shapes", "--task", "classification", "--out", str(tmp_path / "data"), "--train", "20",
+                 "--val", "10", "--test", "10", "--image-size", "32"]) == 0
+    for family, cls in (("siglip", transformers.SiglipForImageClassification),
+                        ("siglip2", transformers.Siglip2ForImageClassification)):
+        base = M.make_model(family, image_size=32)
+        cfg = type(base.config)(vision_config=base.config.vision_config.to_dict(),
+                                text_config=base.config.text_config.to_dict(),
+                                id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
+        cls(cfg).save_pretrained(tmp_path / family)
+        M.make_processor(family, 32).save_pretrained(tmp_path / family)
+    capsys.readouterr()
+    args = ["--task", "classification", "--data", str(tmp_path / "data"), "--ratio", "0.3", "--search-epochs", "1",
+            "--retrain-epochs", "1", "--batch-size", "8", "--eval-batch-size", "16", "--no-progress",
+            "--latency-time", "0.01"]
+    assert main(["compress", "--model", str(tmp_path / "siglip2"), "--out", str(tmp_path / "run2"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Siglip2ForImageClassification" in err[0] and not (tmp_path / "run2").exists()
+    assert main(["compress", "--model", str(tmp_path / "siglip"), "--out", str(tmp_path / "run"), *args]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["compressed"]["params"] < report["dense"]["params"]
+    model = upop.load_compressed(tmp_path / "run" / "compressed")
+    assert type(model).__name__ == "SiglipForImageClassification"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "compressed"), "--task", "classification",
+                 "--data", str(tmp_path / "data")]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(report["compressed"]["metrics"], abs=1e-9)

@@ -1,4 +1,7 @@
-"""Image classification with ViT / DeiT: cross-entropy loss; top-1 and top-5 accuracy (percent).
+"""Image classification with ViT / DeiT / DINOv2 / SigLIP (``SiglipForImageClassification``):
+cross-entropy loss; top-1 and top-5 accuracy (percent). SigLIP2's classifier is not taken: its
+NaFlex processor gives each image its own patch grid (``pixel_attention_mask``, ``spatial_shapes``),
+which DeiT's crops and this collator do not produce.
 
 ``DeiTForImageClassificationWithTeacher`` has two heads and no loss in its forward: the loss is
 the mean of the cross-entropies of ``cls_logits`` and ``distillation_logits`` against the labels
@@ -65,7 +68,7 @@ def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
 class ClassificationTask(Task):
     name = "classification"
     model_classes = ("ViTForImageClassification", "DeiTForImageClassification", WITH_TEACHER,
-                     "Dinov2ForImageClassification")
+                     "Dinov2ForImageClassification", "SiglipForImageClassification")
     main_metric = "top1"
     #: training augmentation: "deit" (DeiT's recipe) or "none" (the processor's resize only)
     augment = AUGMENT_CHOICES[0]
