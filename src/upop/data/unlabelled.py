@@ -208,6 +208,10 @@ def load_unlabelled(data_dir, splits: Sequence[str] = SPLITS) -> dict[str, Unlab
             for split in splits}
 
 
+#: what an image processor's output holds for the model: pixels, and NaFlex's patch mask and grid
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
 def processor_parts(processor) -> tuple[object | None, object | None]:
     """``(image processor, tokenizer)`` of a processor, an image processor alone or a tokenizer alone."""
     image_processor = getattr(processor, "image_processor", None)
@@ -230,7 +234,8 @@ def default_text_length(tokenizer, model_limit: int | None = None) -> int:
 
 
 class UnlabelledCollator:
-    """Samples -> ``{"index", "pixel_values"?, "input_ids"?, "attention_mask"?}``.
+    """Samples -> ``{"index", "pixel_values"?, "input_ids"?, "attention_mask"?}`` (and a NaFlex
+    processor's ``pixel_attention_mask``, ``spatial_shapes`` with the images).
 
     Images go through the processor's image processor (its resize, no augmentation) and
     sentences through its tokenizer (padded to the longest of the batch, cut at ``max_length``
@@ -245,10 +250,13 @@ class UnlabelledCollator:
                               f"{type(processor).__name__}")
         self.max_length = max_length
 
-    def encode_images(self, images: Sequence) -> torch.Tensor:
+    def encode_images(self, images: Sequence) -> dict[str, torch.Tensor]:
+        """``{"pixel_values"}`` and, for a NaFlex image processor (SigLIP2), its
+        ``pixel_attention_mask`` and ``spatial_shapes``."""
         if self.image_processor is None:
             raise ConfigError("the processor has no image processor, but the data has images for the model")
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        enc = self.image_processor(images=list(images), return_tensors="pt")
+        return {k: enc[k] for k in IMAGE_KEYS if k in enc}
 
     def encode_texts(self, texts: Sequence[str], padding="longest", max_length: int | None = None) -> dict:
         if self.tokenizer is None:
@@ -260,7 +268,7 @@ class UnlabelledCollator:
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         out = {"index": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long)}
         if batch and "image" in batch[0]:
-            out["pixel_values"] = self.encode_images([s["image"] for s in batch])
+            out.update(self.encode_images([s["image"] for s in batch]))
         if batch and "text" in batch[0]:
             out.update(self.encode_texts([s["text"] for s in batch]))
         return out

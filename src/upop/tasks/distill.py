@@ -39,19 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.unlabelled import UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
+from ..data.unlabelled import IMAGE_KEYS, UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
 from ..distill import kl_logits
 from ..errors import ConfigError, TaskError, show
 from ._shard import evaluating, map_batches
 from .base import Task, unwrap
 
-PAIRED = ("CLIPModel", "SiglipModel")
+PAIRED = ("CLIPModel", "SiglipModel", "Siglip2Model")
 VISION = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
           "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification", "CLIPVisionModel",
-          "CLIPVisionModelWithProjection", "SiglipVisionModel")
+          "CLIPVisionModelWithProjection", "SiglipVisionModel", "Siglip2VisionModel")
 TEXT = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
         "BertForMaskedLM", "BertForPreTraining", "BertLMHeadModel", "BertForNextSentencePrediction", "CLIPTextModel",
-        "CLIPTextModelWithProjection", "SiglipTextModel")
+        "CLIPTextModelWithProjection", "SiglipTextModel", "Siglip2TextModel")
 #: logits over the positions of the sentence (question-answering spans), not over classes
 POSITION_LOGITS = ("start_logits", "end_logits")
 _SIMILARITY_ROWS = 1024  # images per block of the image x sentence similarity in evaluation
@@ -92,7 +92,7 @@ def model_inputs(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     device = next(unwrap(model).parameters()).device
     out = {}
     if kind(model) != "text":
-        out["pixel_values"] = batch["pixel_values"]
+        out.update({k: batch[k] for k in IMAGE_KEYS if k in batch})
     if kind(model) != "vision":
         out["input_ids"], out["attention_mask"] = _fit_length(model, batch["input_ids"], batch["attention_mask"])
     return {k: v.to(device) for k, v in out.items()}
@@ -287,7 +287,7 @@ class DistillTask(Task):
             return F.normalize(out.pooler_output.double(), dim=-1).cpu()
 
         def run_images(lo: int, hi: int):
-            pixels = {"pixel_values": collate.encode_images([dataset.image(j) for j in range(lo, hi)])}
+            pixels = collate.encode_images([dataset.image(j) for j in range(lo, hi)])
             return embed(model, "get_image_features", pixels), embed(teacher, "get_image_features", pixels)
 
         def run_texts(lo: int, hi: int):
