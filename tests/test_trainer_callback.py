@@ -225,8 +225,11 @@ sys.path.insert(0, {tests!r})
 from test_trainer_callback import _trainer
 from upop.integrations import add_upop
 trainer = _trainer(sys.argv[1], max_steps=8, batch=4, gradient_accumulation_steps=2, ddp_backend="gloo")
-callback = add_upop(trainer, ratio=0.5, round_to=1, interval=1)
+callback = add_upop(trainer, ratio=0.5, round_to=1, interval=1, distill=sys.argv[2])
+distiller = callback.distiller
 trainer.train()
+assert (distiller is None) == (sys.argv[2] == "none")
+assert distiller is None or (set(distiller.last) == {{"logits", "hidden"}} and distiller.last["hidden"] > 0)
 assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
 torch.save({{"weights": trainer.model.state_dict(), "sums": callback.search.masks.grad_sum,
             "kept": {{k: g.kept for k, g in callback.plan.groups.items()}}}},
@@ -234,15 +237,17 @@ torch.save({{"weights": trainer.model.state_dict(), "sums": callback.search.mask
 """
 
 
-def test_two_processes_keep_identical_masks_and_weights(tmp_path):
+@pytest.mark.parametrize("distill", ["none", "logits+hidden"])
+def test_two_processes_keep_identical_masks_and_weights(distill, tmp_path):
     """DDP (two gloo processes, different data): the same plan, and the same weights after
-    retraining, which needs the DDP wrapper rebuilt over the pruned parameters."""
+    retraining, which needs the DDP wrapper rebuilt over the pruned parameters; also with
+    distillation (each process holds its teacher, the term added inside the DDP forward)."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29587", str(script), str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29587", str(script), str(tmp_path),
+                           distill], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a["kept"] == b["kept"]
