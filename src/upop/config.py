@@ -65,8 +65,10 @@ class UPopConfig:
                           "head (whole heads: head_dim stays at its dense size, such as 64 or 128, where fused "
                           "attention kernels are fastest on GPUs, and fewer heads do proportionally less attention "
                           "work; coarser units, so the search has fewer choices; round_to auto is then 1) or both "
-                          "(heads and channels ranked together: not supported yet). MLP units are neurons in every "
-                          "case", choices=("head-dim", "head", "both"))
+                          "(heads and channels ranked together with exact costs: pruning removes heads AND narrows "
+                          "head_dim; the most freedom for the search, but fused GPU attention kernels prefer head_dim "
+                          "64 or 128, so head is the choice for GPU speed; round_to rounds channels, never heads). "
+                          "MLP units are neurons in every case", choices=("head-dim", "head", "both"))
     augment: str = _f("deit", "training augmentation of the vision tasks: deit (the papers' recipes: classification "
                       "DeiT's crop, flip, RandAugment, random erasing, mixup/cutmix and label smoothing 0.1; "
                       "segmentation mmseg's random resize, crop, flip and photometric distortion) or none (the "

@@ -24,8 +24,12 @@ def count_params(model: nn.Module) -> int:
 
 
 def prunable_cost(groups: list[Group], kind: str = "params") -> int:
-    """Total cost of every unit of every group (the denominator of the ratio)."""
-    return sum(g.cost(kind) * g.num_units for g in groups)
+    """Total cost of every unit of every group (the denominator of the ratio); an attention module
+    found at granularity ``"both"`` (a channel group and a head group) is counted once
+    (:func:`upop.groups.exact_cost`)."""
+    from .groups import exact_cost
+
+    return int(round(exact_cost(groups, None, kind)))
 
 
 def _call(model: nn.Module, inputs: Any, forward: Callable | None):

@@ -3,7 +3,10 @@
 A :class:`Group` is one attention module or one MLP of one transformer block. Its *units* are
 head-dimension channels (attention, granularity ``"head-dim"``, the paper: channel ``j`` of every
 head, in Q, K and V together), whole heads (attention, granularity ``"head"``: head ``h``, all its
-channels in Q, K and V) or hidden neurons (MLP). Groups are found by the architecture specs in
+channels in Q, K and V) or hidden neurons (MLP). With ``granularity="both"`` every attention module
+gives two groups, a *pair*: its channels (``<name>``) and its heads (``<name>.heads``); the cell
+``(h, j)`` is kept when head ``h`` and channel ``j`` both are, so the module's cost is bilinear,
+``cell cost x heads x channels`` (:func:`exact_cost`). Groups are found by the architecture specs in
 :mod:`upop.arch`; this module only describes them and knows how a unit maps to rows and columns
 of the weights.
 """
@@ -17,8 +20,10 @@ import torch
 KINDS = ("attention", "mlp")
 MODALITIES = ("vision", "text", "fusion", "decoder")
 #: what an attention unit is: a head-dimension channel shared by all heads (the paper), a whole
-#: head, or both ranked together (not supported yet)
+#: head, or both ranked together (two groups per attention module)
 GRANULARITIES = ("head-dim", "head", "both")
+#: name suffix of the head group of an attention pair (granularity ``"both"``)
+HEADS_SUFFIX = ".heads"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class Group:
         granularity: ``"head-dim"`` (channels; also every MLP group) or ``"head"`` (whole heads).
         head_dim: channels per head of an attention module as found (0 for an MLP); a head unit
             owns this many rows of each of Q, K and V.
+        pair: with granularity ``"both"``, the name of the other group of the same attention
+            module (the channel group ``<name>`` and the head group ``<name>.heads`` name each
+            other); ``""`` otherwise. Paired groups share their rows: a unit's cost
+            (``param_cost``, ``flop_cost``) is its cost in the dense module, and the exact cost of a
+            pruned pair is ``cell_cost x kept heads x kept channels`` (:meth:`cell_cost`).
     """
 
     name: str
@@ -66,6 +76,7 @@ class Group:
     spec: str = field(default="", compare=False)
     granularity: str = "head-dim"
     head_dim: int = 0
+    pair: str = ""
 
     @property
     def whole_heads(self) -> bool:
@@ -75,6 +86,11 @@ class Group:
     def cost(self, kind: str = "params") -> int:
         """Cost of one unit under the budget ``kind`` (``"params"`` or ``"flops"``)."""
         return self.param_cost if kind == "params" else self.flop_cost
+
+    def cell_cost(self, kind: str = "params") -> float:
+        """Cost of one (head, channel) cell of an attention group (a unit spans ``num_heads`` cells
+        as a channel, ``head_dim`` cells as a head)."""
+        return self.cost(kind) / (self.head_dim if self.whole_heads else self.num_heads)
 
     def rows(self, kept: torch.Tensor | list[int], width: int | None = None) -> torch.Tensor:
         """Rows of each producer (and input columns of the consumer) owned by units ``kept``.
@@ -115,3 +131,33 @@ class Group:
             mask = mask.repeat_interleave(self.head_dim)
         repeat = self.mask_expansion()
         return mask.repeat(repeat) if repeat > 1 else mask
+
+
+def cell_rows(head_dim: int, heads: torch.Tensor | list[int], channels: torch.Tensor | list[int],
+              num_heads: int, fused: bool) -> torch.Tensor:
+    """Rows of an attention producer kept when heads ``heads`` and channels ``channels`` are kept
+    (a pair): ``h * head_dim + j`` for every kept ``h`` and ``j``, head-major, repeated for Q, K and
+    V with offsets of ``num_heads * head_dim`` when the producer is a fused QKV (``fused``). Non-fused,
+    also the input columns of the out-proj."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    channels = torch.as_tensor(channels, dtype=torch.long)
+    rows = (heads.unsqueeze(1) * head_dim + channels.unsqueeze(0)).reshape(-1)
+    if not fused:
+        return rows
+    return torch.cat([rows + s * num_heads * head_dim for s in range(3)])
+
+
+def exact_cost(groups: list[Group], kept: dict[str, int] | None = None, kind: str = "params") -> float:
+    """Exact prunable cost of a model whose group ``name`` keeps ``kept[name]`` units (dense when
+    ``kept`` is None): a group costs ``unit cost x kept units``, except a pair (granularity ``"both"``),
+    counted once as ``cell cost x kept heads x kept channels``."""
+    by_name = {g.name: g for g in groups}
+    total = 0.0
+    for g in groups:
+        units = g.num_units if kept is None else kept[g.name]
+        if not g.pair:
+            total += g.cost(kind) * units
+        elif not g.whole_heads:  # the channel group counts the pair
+            heads = by_name[g.pair]
+            total += g.cell_cost(kind) * units * (heads.num_units if kept is None else kept[heads.name])
+    return total

@@ -38,10 +38,15 @@ class Masks(nn.Module):
             g.name: torch.zeros(g.num_units, dtype=torch.float64, device=p.device)
             for g, p in zip(self.groups, self._params)
         }
-        self._handles = []
+        # one masked forward per producer; the two groups of a pair (granularity "both") share it
+        wrapped: dict[str, _MaskedForward] = {}
         for group, mask in zip(self.groups, self._params):
             for name in group.producers:
-                self._handles.append(_MaskedForward(model.get_submodule(name), mask, group))
+                if name in wrapped:
+                    wrapped[name].add(mask, group)
+                else:
+                    wrapped[name] = _MaskedForward(model.get_submodule(name), mask, group)
+        self._handles = list(wrapped.values())
 
     # mapping-like access -------------------------------------------------------------------
     def __getitem__(self, name: str) -> nn.Parameter:
@@ -185,15 +190,24 @@ class _MaskedForward:
     """Replaces a Linear's forward by the masked one; ``remove()`` restores the class forward.
 
     The group's unit mask becomes one scale per output feature by :meth:`Group.expand_mask`
-    (channels: repeated once per head; whole heads: each value repeated ``head_dim`` times)."""
+    (channels: repeated once per head; whole heads: each value repeated ``head_dim`` times). A
+    producer of a pair (granularity ``"both"``) has both masks: row ``(h, j)`` is scaled by
+    ``head_mask[h] * channel_mask[j]``."""
 
     def __init__(self, module: nn.Linear, mask: nn.Parameter, group: Group):
         self.module, self.mask, self.group = module, mask, group
+        self.extra: list[tuple[nn.Parameter, Group]] = []
         module.forward = self.forward  # instance attribute: shadows nn.Linear.forward
+
+    def add(self, mask: nn.Parameter, group: Group) -> None:
+        """A second mask on the same rows (the other group of a pair), multiplied in."""
+        self.extra.append((mask, group))
 
     def forward(self, x):
         lin = self.module
         scale = self.group.expand_mask(self.mask)
+        for mask, group in self.extra:
+            scale = scale * group.expand_mask(mask)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):

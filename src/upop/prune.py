@@ -20,7 +20,7 @@ from torch import nn
 from .arch import ArchSpec, find_groups, get_spec
 from .arch._spec import fold_query_scale, set_head_count
 from .errors import CheckpointError, ConfigError, show
-from .groups import Group
+from .groups import HEADS_SUFFIX, Group, cell_rows, exact_cost
 from .masks import Masks
 
 FORMAT_VERSION = 1
@@ -63,7 +63,9 @@ class GroupPlan:
     """Kept units of one group (indices into the dense group's units, sorted).
 
     ``granularity`` is ``"head"`` for an attention group whose units are whole heads (``kept``
-    are head indices, ``dense_units`` the dense number of heads). The default ``"head-dim"`` is
+    are head indices, ``dense_units`` the dense number of heads); a plan of granularity ``"both"``
+    holds, per attention module, its channel group ``<name>`` and its head group
+    ``<name>.heads`` (``"head"``), sliced together. The default ``"head-dim"`` is
     not written to JSON, so plans of the paper's granularity are what they always were, and a
     plan without the key (any older plan) reads as ``"head-dim"``.
     """
@@ -130,7 +132,10 @@ class PruningPlan:
 
     @property
     def granularity(self) -> str:
-        """``"head"`` when the plan's attention groups are whole heads, else ``"head-dim"``."""
+        """``"both"`` when the plan holds pairs (``<name>`` and ``<name>.heads``), ``"head"`` when its
+        attention groups are whole heads, else ``"head-dim"``."""
+        if _has_pairs(self):
+            return "both"
         return "head" if any(g.granularity == "head" for g in self.groups.values()) else "head-dim"
 
     def to_json(self) -> str:
@@ -167,11 +172,16 @@ class PruningPlan:
         return cls(text["model_class"], text["model_type"], text["spec"], parsed, **extra)
 
 
-def removed_cost(groups: list[Group], kept: dict[str, int], kind: str = "params") -> tuple[int, int]:
-    """(removed, total) prunable cost of a model with ``kept[name]`` units per group."""
-    total = sum(g.cost(kind) * g.num_units for g in groups)
-    removed = sum(g.cost(kind) * (g.num_units - kept[g.name]) for g in groups)
-    return removed, total
+def _has_pairs(plan: PruningPlan) -> bool:
+    """True when ``plan`` holds head groups ``<name>.heads`` next to their channel group ``<name>``."""
+    return any(g.granularity == "head" and name.endswith(HEADS_SUFFIX) and name[: -len(HEADS_SUFFIX)] in plan.groups
+               for name, g in plan.groups.items())
+
+
+def removed_cost(groups: list[Group], kept: dict[str, int], kind: str = "params") -> tuple[float, float]:
+    """(removed, total) prunable cost with ``kept[name]`` units per group (exact for pairs: :func:`exact_cost`)."""
+    total = exact_cost(groups, None, kind)
+    return total - exact_cost(groups, kept, kind), total
 
 
 @torch.no_grad()
@@ -252,16 +262,22 @@ def apply_plan(
             f"plan groups do not match the model: unknown {extra[:3]}, missing {missing[:3]}"
         )
     for name, gplan in plan.groups.items():
-        group = by_name[name]
-        _check_group_plan(group, gplan)
-        _slice_group(model, spec, group, gplan.kept, fold_scale)
+        _check_group_plan(by_name[name], gplan)
+    for name, gplan in plan.groups.items():
+        if not (group := by_name[name]).pair:
+            _slice_group(model, spec, group, gplan.kept, fold_scale)
+        elif not group.whole_heads:  # a pair is sliced once, with its channel group
+            _slice_pair(model, spec, group, gplan.kept, plan.groups[group.pair].kept, fold_scale)
     _carry_plan(model, plan)
 
 
 def plan_groups(model: nn.Module, plan: PruningPlan, spec: ArchSpec | None = None) -> list[Group]:
     """The groups of dense ``model``, in model order, each at the granularity the plan records for
-    it (a plan of whole heads is replayed on head groups; one without the key on channel groups)."""
+    it (a plan of whole heads is replayed on head groups; one without the key on channel groups;
+    one with pairs on the groups of granularity ``"both"``)."""
     spec = spec or get_spec(model)
+    if _has_pairs(plan):
+        return find_groups(model, spec, granularity="both")
     wanted = sorted({g.granularity for g in plan.groups.values()} | {"head-dim"})
     found = {gran: {g.name: g for g in find_groups(model, spec, granularity=gran)} for gran in wanted}
     return [found[plan.groups[name].granularity][name] if name in plan.groups else group
@@ -340,25 +356,36 @@ def _check_group_plan(group: Group, gplan: GroupPlan) -> None:
 
 
 def _slice_group(model: nn.Module, spec: ArchSpec, group: Group, kept: list[int], fold_scale: bool) -> None:
-    new = len(kept)
-    if group.kind == "attention":
-        module = model.get_submodule(group.module)
-        if spec.swap_class is not None:
-            spec.swap_class(module)
-    if new == group.num_units:
+    if group.kind == "mlp":
+        if len(kept) < group.num_units:
+            _slice_linear(model.get_submodule(group.producers[0]), torch.as_tensor(kept), dim=0)
+            _slice_linear(model.get_submodule(group.consumer), torch.as_tensor(kept), dim=1)
+    elif group.whole_heads:
+        _slice_pair(model, spec, group, list(range(group.head_dim)), kept, fold_scale)
+    else:
+        _slice_pair(model, spec, group, kept, list(range(group.num_heads)), fold_scale)
+
+
+def _slice_pair(model: nn.Module, spec: ArchSpec, group: Group, kept: list[int], kept_heads: list[int],
+                fold_scale: bool) -> None:
+    """Slice an attention module of ``group`` to heads ``kept_heads`` of channels ``kept`` (one granularity
+    keeps all of the other): rows ``h * head_dim + j`` of Q, K, V and the same out-proj columns; then
+    ``num_heads`` and ``head_dim`` follow, and a narrower head keeps the dense attention scale."""
+    module = model.get_submodule(group.module)
+    if spec.swap_class is not None:
+        spec.swap_class(module)
+    dense_width, dense_heads = group.head_dim, group.num_heads
+    width, heads = len(kept), len(kept_heads)
+    if width == dense_width and heads == dense_heads:
         return
-    rows = group.fused_rows(kept) if group.fused_qkv else group.rows(kept)
-    for name in group.producers:
-        _slice_linear(model.get_submodule(name), rows, dim=0)
-    _slice_linear(model.get_submodule(group.consumer), group.rows(kept), dim=1)
-    if group.kind == "attention" and group.whole_heads:
-        # head_dim (and so the attention scale) is unchanged: only the number of heads shrinks
-        (spec.set_num_heads or set_head_count)(module, new)
-        spec.set_head_dim(module, group.head_dim, group.head_dim, new)
-    elif group.kind == "attention":
-        spec.set_head_dim(module, new, group.num_units, group.num_heads)
-        if fold_scale and type(module).__name__ in spec.fold_scale_classes:
-            fold_query_scale(model, group, new)
+    for name, fused in [(n, group.fused_qkv) for n in group.producers] + [(group.consumer, False)]:
+        rows = cell_rows(dense_width, kept_heads, kept, dense_heads, fused)
+        _slice_linear(model.get_submodule(name), rows, dim=1 if name == group.consumer else 0)
+    if heads != dense_heads:
+        (spec.set_num_heads or set_head_count)(module, heads)
+    spec.set_head_dim(module, width, dense_width, heads)
+    if fold_scale and width != dense_width and type(module).__name__ in spec.fold_scale_classes:
+        fold_query_scale(model, group, width)  # a channel group: num_units is the dense width
 
 
 def _slice_linear(lin: nn.Linear, index: torch.Tensor, dim: int) -> None:

@@ -108,14 +108,17 @@ def speedup_words(speedup: float | None) -> str:
 
 
 def allocation(plan: PruningPlan) -> dict[str, Any]:
-    """Kept units per modality and kind, and per group (the allocation the search chose)."""
+    """Kept units per modality and kind, and per group (the allocation the search chose). Groups
+    of whole heads (granularity ``head``, or the head half of ``both``) are their own kind,
+    ``"attention heads"``, so heads and head-dim channels are never added together."""
     by: dict[str, dict[str, dict[str, float]]] = {}
     layers = []
     for name, g in plan.groups.items():
-        cell = by.setdefault(g.modality, {}).setdefault(g.kind, {"kept": 0, "total": 0})
+        kind = "attention heads" if g.granularity == "head" else g.kind
+        cell = by.setdefault(g.modality, {}).setdefault(kind, {"kept": 0, "total": 0})
         cell["kept"] += len(g.kept)
         cell["total"] += g.dense_units
-        layers.append({"group": name, "modality": g.modality, "kind": g.kind, "layer": g.layer,
+        layers.append({"group": name, "modality": g.modality, "kind": kind, "layer": g.layer,
                        "kept": len(g.kept), "total": g.dense_units})
     for kinds in by.values():
         for cell in kinds.values():
@@ -221,7 +224,7 @@ def plot_allocation(report: dict[str, Any], path: str | os.PathLike) -> None:
 
     colours = {"vision": "tab:blue", "text": "tab:orange", "fusion": "tab:green", "decoder": "tab:purple"}
     layers = report["allocation"]["layers"]
-    kinds = [k for k in ("attention", "mlp") if any(r["kind"] == k for r in layers)]
+    kinds = [k for k in ("attention", "attention heads", "mlp") if any(r["kind"] == k for r in layers)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         rows = [r for r in layers if r["kind"] == kind]

@@ -28,6 +28,7 @@ from .groups import Group
 from .masks import Masks
 from .search_settings import (ALLOCATIONS, COSTS, METHODS, ROUND_TO_AUTO, SCORES, _check_settings,  # noqa: F401
                               resolve_round_to)
+from .selection import KIND_CHANNELS, KIND_HEADS, KIND_MLP, CostTable, select_chunks, select_unified, select_uniform
 
 
 def ratio_at(ratio: float, step: int, total_steps: int) -> float:
@@ -91,6 +92,9 @@ class UPopSearch:
             if missing:
                 raise ConfigError(f"unit_costs lacks a positive cost for group {missing[0]}")
         self.unit_costs = dict(unit_costs) if unit_costs is not None else None
+        if unit_costs is not None and any(g.pair for g in masks.groups):
+            raise ConfigError("cost='latency' times head-dim channels only; granularity 'both' needs cost params "
+                              "or flops")
         self.masks = masks
         self.ratio, self.total_steps, self.interval = ratio, total_steps, interval
         self.cost, self.method = cost, method
@@ -102,21 +106,15 @@ class UPopSearch:
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._first_bad = torch.full((), -1, dtype=torch.int64)
         self.history: list[SearchUpdate] = []
-        groups = masks.groups
-        self._unit_cost = torch.cat(
-            [torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64) for g in groups]
-        )
-        self._is_attn = torch.cat(
-            [torch.full((g.num_units,), g.kind == "attention", dtype=torch.bool) for g in groups]
-        )
-        sizes = [g.num_units for g in groups]
-        self._group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
-        self.total_cost = float(self._unit_cost.sum())
-        removable = sum(self._group_cost(g) * max(0, g.num_units - round_to) for g in groups)
+        # exact costs (a pair of granularity "both" counted once, bilinearly; upop.selection)
+        self._costs = CostTable(masks.groups, self._group_cost)
+        self.total_cost = self._costs.total
+        removable = self._costs.removable(round_to)
         if removable < ratio * self.total_cost:
             raise ConfigError(
-                f"ratio={ratio} cannot be met with round_to={round_to}: groups must keep at least {round_to} units, "
-                f"so at most {removable / self.total_cost:.3f} of the prunable {cost} can be removed; "
+                f"ratio={ratio} cannot be met with round_to={round_to}: groups must keep at least {round_to} units "
+                + ("(the head groups of granularity both: 1 head), " if self._costs.has_pairs else "")
+                + f"so at most {removable / self.total_cost:.3f} of the prunable {cost} can be removed; "
                 "lower --ratio or --round-to"
             )
 
@@ -126,7 +124,8 @@ class UPopSearch:
 
     # the loss term ---------------------------------------------------------------------------
     def sparsity_loss(self) -> torch.Tensor:
-        """``w_attn * sum|zeta_attn| + w_mlp * sum|zeta_mlp|`` (kept for parity; see METHOD §2)."""
+        """``w_attn * sum|zeta_attn| + w_mlp * sum|zeta_mlp|`` (kept for parity; see METHOD §2); head
+        masks are attention masks."""
         terms = [
             (self.w_attn if g.kind == "attention" else self.w_mlp) * self.masks[g.name].abs().sum()
             for g in self.masks.groups
@@ -184,15 +183,16 @@ class UPopSearch:
         return int(self._skipped)
 
     def scores(self) -> torch.Tensor:
-        """Accumulated scores standardised per structure type (attention, MLP), all modalities,
-        larger = pruned first: the signed gradient sum as it is (a unit whose mask gradient is
-        positive lowers the loss when its mask shrinks), the Taylor and Fisher importances negated
-        (the least important units go first)."""
+        """Accumulated scores standardised per structure type (attention channels, attention heads,
+        MLP neurons), all modalities, larger = pruned first: the signed gradient sum as it is (a
+        unit whose mask gradient is positive lowers the loss when its mask shrinks), the Taylor and
+        Fisher importances negated (the least important units go first)."""
         s = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
         if self.score != "gradient":
             s = -s
         out = torch.empty_like(s)
-        for kind_mask in (self._is_attn, ~self._is_attn):
+        for kind in (KIND_CHANNELS, KIND_HEADS, KIND_MLP):
+            kind_mask = self._costs.kind == kind
             part = s[kind_mask]
             if part.numel() == 0:
                 continue
@@ -204,79 +204,25 @@ class UPopSearch:
         """Boolean vector over all units: the prune set for ``ratio`` (largest scores first).
 
         Each group's lowest-scored unit is never a candidate, so every group keeps one unit.
-        Units are taken while the running cost is below ``ratio * total_cost``.
+        Units are taken while the exact running cost is below ``ratio * total_cost`` (a unit of a
+        pair costs what it removes given the units ranked before it: :mod:`upop.selection`).
         With ``round_to = N > 1`` units are taken in chunks so that every group keeps a multiple
-        of N units (at least N): see :meth:`_select_chunks`.
+        of N units (at least N; whole heads of a pair are not rounded): see :meth:`_select_chunks`.
         """
         score = self.scores()
         if self.allocation == "uniform":
             return self._select_per_group(score, ratio)
         if self.round_to > 1:
             return self._select_chunks(score, ratio)
-        n = score.numel()
-        candidate = torch.ones(n, dtype=torch.bool)
-        offset = 0
-        for g in self.masks.groups:
-            candidate[offset + int(torch.argmin(score[offset : offset + g.num_units]))] = False
-            offset += g.num_units
-        idx = torch.nonzero(candidate).flatten()
-        order = idx[torch.sort(score[idx], descending=True, stable=True).indices]
-        cum_before = torch.cumsum(self._unit_cost[order], 0) - self._unit_cost[order]
-        take = order[cum_before < ratio * self.total_cost * (1 - 1e-12)]
-        chosen = torch.zeros(n, dtype=torch.bool)
-        chosen[take] = True
-        return chosen
+        return select_unified(self._costs, score, ratio)
 
     def _select_per_group(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
-        """The non-unified ablation: in every group, its own units ranked by score and taken
-        while the group's running cost is below ``ratio`` of the group's cost (one unit kept)."""
-        chosen = torch.zeros(score.numel(), dtype=torch.bool)
-        offset = 0
-        for g in self.masks.groups:
-            s = score[offset : offset + g.num_units]
-            order = torch.sort(s, descending=True, stable=True).indices[:-1] + offset
-            cost = self._unit_cost[order]
-            cum_before = torch.cumsum(cost, 0) - cost
-            chosen[order[cum_before < ratio * self._group_cost(g) * g.num_units * (1 - 1e-12)]] = True
-            offset += g.num_units
-        return chosen
+        """The non-unified ablation (:func:`upop.selection.select_uniform`)."""
+        return select_uniform(self._costs, score, ratio)
 
     def _select_chunks(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
-        """Selection with kept widths rounded to multiples of ``round_to`` (hardware-friendly).
-
-        In each group the units are ordered by score (largest first) and cut into chunks: a first
-        chunk of ``num_units % N`` units, then chunks of N, never the last N. A chunk scores the
-        mean of its units, made non-increasing along the group so chunks are taken in order.
-        Chunks of all groups are then ranked together and taken while the running cost is below
-        the target, as units are when N = 1 (the budget is met within one chunk).
-        """
-        n_round = self.round_to
-        units, scores, costs = [], [], []
-        offset = 0
-        for g in self.masks.groups:
-            u = g.num_units
-            s = score[offset : offset + u]
-            order = torch.sort(s, descending=True, stable=True).indices + offset
-            lead, removable = u % n_round, u - n_round
-            bounds = ([lead] if lead else []) + list(range(lead + n_round, removable + 1, n_round)) if removable > 0 else []
-            start, chunk_scores = 0, []
-            for end in bounds:
-                members = order[start:end]
-                units.append(members)
-                chunk_scores.append(float(score[members].mean()))
-                costs.append(float(self._unit_cost[members].sum()))
-                start = end
-            scores.extend(torch.cummin(torch.tensor(chunk_scores, dtype=torch.float64), 0).values.tolist() if chunk_scores else [])
-            offset += u
-        chosen = torch.zeros(score.numel(), dtype=torch.bool)
-        if not units:
-            return chosen
-        rank = torch.sort(torch.tensor(scores, dtype=torch.float64), descending=True, stable=True).indices
-        cost = torch.tensor(costs, dtype=torch.float64)[rank]
-        cum_before = torch.cumsum(cost, 0) - cost
-        for i in rank[cum_before < ratio * self.total_cost * (1 - 1e-12)].tolist():
-            chosen[units[i]] = True
-        return chosen
+        """Selection with kept widths rounded to multiples of ``round_to`` (:func:`upop.selection.select_chunks`)."""
+        return select_chunks(self._costs, score, ratio, self.round_to)
 
     @torch.no_grad()
     def update(self, step: int) -> SearchUpdate:
@@ -293,7 +239,7 @@ class UPopSearch:
         values = flat.to(first.device, first.dtype).split([g.num_units for g in self.masks.groups])
         for g, value in zip(self.masks.groups, values):
             self.masks[g.name].copy_(value)
-        removed = float(self._unit_cost[chosen].sum()) / self.total_cost
+        removed = self._costs.removed(chosen) / self.total_cost
         update = SearchUpdate(step=step, ratio=p_t, removed=removed, selected=int(chosen.sum()))
         self.history.append(update)
         return update

@@ -58,17 +58,19 @@ def resolve_round_to(round_to: int | str, groups: list[Group], device_type: str 
     attention units (``granularity="head"``) ``"auto"`` is 1: the multiple applies to every group, a
     head count needs no rounding (each head keeps its dense, kernel-friendly ``head_dim``), and
     rounding to 8 would leave a 12-head layer only 8 or 12 heads; MLP widths are then not rounded
-    either (an integer ``round_to`` still rounds every group, head counts included).
+    either (an integer ``round_to`` still rounds every group, head counts included). With
+    ``granularity="both"`` the heads of a pair are never rounded, so ``"auto"`` follows the channel
+    rule over the other groups (head-dim channels and MLP neurons).
     """
     if round_to != "auto":
         return int(round_to), "as set"
     if allocation != "unified":
         return 1, "auto: the uniform allocation does not round"
-    if any(getattr(g, "granularity", "head-dim") == "head" for g in groups):
+    if any(getattr(g, "granularity", "head-dim") == "head" and not getattr(g, "pair", "") for g in groups):
         return 1, "auto: whole-head units keep their dense head_dim and head counts are not rounded"
     device = "CUDA" if device_type == "cuda" else device_type.upper()
     n = ROUND_TO_AUTO
-    smallest = min((g.num_units for g in groups), default=0)
+    smallest = min((g.num_units for g in groups if getattr(g, "granularity", "head-dim") != "head"), default=0)
     while n > 1 and smallest < 4 * n:
         n //= 2
     if n == ROUND_TO_AUTO:

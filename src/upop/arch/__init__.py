@@ -59,8 +59,9 @@ def find_groups(model: nn.Module, spec: ArchSpec | None = None, text_tokens: int
     ``text_tokens`` sets the text length used for FLOPs costs (default: the model's maximum).
     ``granularity`` says what an attention unit is: ``"head-dim"`` (default, the paper: channel
     ``j`` of every head; pruning narrows ``head_dim``) or ``"head"`` (a whole head; pruning keeps
-    ``head_dim`` and removes heads). ``"both"`` is refused (not supported yet). MLP units are
-    neurons either way.
+    ``head_dim`` and removes heads) or ``"both"`` (two groups per attention module, its channels
+    ``<name>`` and its heads ``<name>.heads``, ranked together; pruning narrows ``head_dim`` and
+    removes heads; see :attr:`Group.pair`). MLP units are neurons in every case.
     """
     from ._spec import check_granularity, find_groups_with_spec
 

@@ -8,14 +8,14 @@ slices with the groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..groups import GRANULARITIES, Group
+from ..groups import GRANULARITIES, HEADS_SUFFIX, Group
 
 
 @dataclass(frozen=True)
@@ -136,13 +136,9 @@ def set_head_count(module: nn.Module, heads: int) -> None:
 
 
 def check_granularity(granularity: str) -> None:
-    """Refuse an unknown granularity, and ``"both"`` (not supported yet), with a one-line ConfigError."""
+    """Refuse an unknown granularity with a one-line ConfigError."""
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity={granularity!r} is not allowed; choose one of: {', '.join(GRANULARITIES)}")
-    if granularity == "both":
-        raise ConfigError("granularity='both' is not supported yet: a head and a head-dim channel of one attention "
-                          "module share rows, so their costs do not add up and the unified selection would miss the "
-                          "budget; use head-dim or head")
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -180,7 +176,8 @@ def _bias(lin: nn.Linear) -> int:
 def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | None = None,
                           granularity: str = "head-dim") -> list[Group]:
     """Every prunable group of ``model`` according to ``spec``, in model order; attention units
-    are head-dim channels or whole heads as ``granularity`` says."""
+    are head-dim channels or whole heads as ``granularity`` says; with ``"both"`` each attention
+    module gives its channel group followed by its head group (a pair, :attr:`Group.pair`)."""
     check_granularity(granularity)
     if spec.check is not None:
         spec.check(model)
@@ -206,7 +203,13 @@ def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | N
                     if site.optional:
                         continue
                     raise ValueError(f"{spec.name} spec: no module {prefix + site.module}")
-                groups.append(_attention_group(model, spec, tower, site, prefix, i, n_tok, n_vision, granularity))
+                if granularity != "both":
+                    groups.append(_attention_group(model, spec, tower, site, prefix, i, n_tok, n_vision, granularity))
+                    continue
+                channels = _attention_group(model, spec, tower, site, prefix, i, n_tok, n_vision, "head-dim")
+                heads = _attention_group(model, spec, tower, site, prefix, i, n_tok, n_vision, "head")
+                name = channels.name + HEADS_SUFFIX
+                groups += [replace(channels, pair=name), replace(heads, name=name, pair=channels.name)]
             groups.append(_mlp_group(model, spec, tower, prefix, i, n_tok))
     return groups
 
