@@ -264,3 +264,30 @@ def test_generate_mode_still_works(world, tmp_path):
     assert acc == pytest.approx(expected)
     with pytest.raises(ConfigError, match="candidate answers"):
         _task().predict(model, test, processor)
+
+
+
+@pytest.mark.parametrize("mode", ["generate", "rank"])
+def test_question_encoder_reads_the_enc_token(world, mode):
+    """With ``text_config.enc_token_id`` set, the question encoder (``text_encoder``) gets it as
+    the first token in generation and in rank inference (BLIP's [ENC]); without it, the tokenizer's."""
+    data, model, processor = world
+    firsts = []
+
+    def spy(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and kwargs.get("encoder_hidden_states") is not None:
+            firsts.extend(ids[:, 0].tolist())
+
+    handle = model.text_encoder.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        test = _task().load_splits(data, splits=("test",))["test"]
+        for enc in (None, 5):
+            model.config.text_config.enc_token_id = enc
+            firsts.clear()
+            _task(vqa_inference=mode).predict(model, test, processor, batch_size=4)
+            first = processor.tokenizer(test.items[0].question)["input_ids"][0]  # the tokenizer's own first token
+            assert first != 5 and firsts and set(firsts) == ({5} if enc == 5 else {first})
+    finally:
+        handle.remove()
+        model.config.text_config.enc_token_id = None
