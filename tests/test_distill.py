@@ -40,7 +40,7 @@ def batches(tmp_path_factory):
     """Lazily built ``{case: (model, task, one training batch)}`` from tiny Shapes data."""
     root, built = tmp_path_factory.mktemp("distill"), {}
 
-    def get(case: str):
+    def get(case: str, full: bool = False):
         if case not in built:
             task_name, family, extra = CASES[case]
             folder = root / case
@@ -52,8 +52,8 @@ def batches(tmp_path_factory):
             task = get_task(task_name).configure(UPopConfig(augment="none"))
             train = task.load_splits(folder / "data", splits=("train",))["train"]
             batch = task.collator(processor)([train[i] for i in range(4)])
-            built[case] = (model.eval(), task, batch)
-        return built[case]
+            built[case] = (model.eval(), task, batch, processor, train)
+        return built[case] if full else built[case][:3]
 
     return get
 
@@ -99,16 +99,17 @@ CFG = dict(ratio=0.5, search_epochs=2, retrain_epochs=2, batch_size=8, lr=1e-3, 
            latency_time=0.02, distill="logits+hidden", distill_weight=0.5, distill_temperature=2.0)
 
 
-def _compress(world, out, **kw):
+def _compress(world, out, settings=None, **kw):
     model, processor = load_any(world / "model")
-    return compress(model, "retrieval", world / "data", processor=processor, config=UPopConfig(**CFG), out_dir=out,
-                    progress=False, log=lambda msg: None, **kw)
+    return compress(model, "retrieval", world / "data", processor=processor, config=UPopConfig(**{**CFG, **(settings or {})}),
+                    out_dir=out, progress=False, log=lambda msg: None, **kw)
 
 
 def test_resume_with_distillation_equals_uninterrupted(world, tmp_path):
     ref = _compress(world, tmp_path / "ref")
     assert ref.report["settings"]["distill"] == "logits+hidden"
-    assert ref.report["distill"] == {"mode": "logits+hidden", "weight": 0.5, "temperature": 2.0, "hidden_blocks": 4}
+    assert ref.report["distill"] == {"mode": "logits+hidden", "weight": 0.5, "temperature": 2.0, "hidden_blocks": 4,
+                                     "teacher_cached": False}  # block outputs need the teacher's forward
     assert "Distilled from the dense model" in (tmp_path / "ref" / "report.md").read_text()
     with pytest.raises(KeyboardInterrupt):
         _compress(world, tmp_path / "run", stop_after=5)
@@ -179,3 +180,48 @@ def test_scores_rank_by_importance():
     grads = torch.linspace(-1.0, 2.0, first.num_units)
     assert order["taylor"] == order["fisher"] == int(torch.argmin(grads.abs()))  # the smallest magnitude
     masks.remove()
+
+
+@pytest.mark.parametrize("case", ["clip-retrieval", "siglip-retrieval", "blip-retrieval"])
+def test_teacher_replay_is_the_teachers_forward(case, batches):
+    """``distill_cache``: the similarity matrix made from embeddings computed once equals the one
+    the teacher's forward exposes for the batch (CLIP, SigLIP), and so does the distillation term;
+    BLIP's teacher runs every step."""
+    from upop.distill import _record
+
+    model, task, batch, processor, train = batches(case, full=True)
+    teacher = make_teacher(model)
+    build = task.teacher_replay(teacher, train, processor, batch_size=3)
+    if case == "blip-retrieval":
+        assert build is None
+        return
+    replay = build()
+    with torch.no_grad(), _record() as exposed:
+        task.loss(teacher, batch)
+    torch.testing.assert_close(replay(batch)["affinity"], exposed["affinity"][0], atol=1e-5, rtol=1e-5)
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    forward, cached = Distiller(teacher, "logits"), Distiller(teacher, "logits")
+    cached.replay_factory = lambda: replay
+    _, with_forward = forward.loss(task.loss, student, student, batch)
+    _, with_cache = cached.loss(task.loss, student, student, batch)
+    assert cached.describe()["teacher_cached"] and not forward.describe()["teacher_cached"]
+    torch.testing.assert_close(with_cache, with_forward, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_teacher_run_resumes_to_the_uninterrupted_result(world, tmp_path):
+    logits = {"distill": "logits"}
+    ref = _compress(world, tmp_path / "ref", logits)
+    assert ref.report["distill"]["teacher_cached"] is True
+    with pytest.raises(KeyboardInterrupt):
+        _compress(world, tmp_path / "run", logits, stop_after=5)
+    _compress(world, tmp_path / "run", logits, resume=True)
+    a = load_file(str(tmp_path / "ref" / "compressed" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "compressed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    off = _compress(world, tmp_path / "off", {**logits, "distill_cache": False})
+    assert off.report["distill"]["teacher_cached"] is False
+    assert off.report["compressed"]["metrics"]["r_mean"] == pytest.approx(ref.report["compressed"]["metrics"]["r_mean"],
+                                                                          abs=2.0)

@@ -40,6 +40,7 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert proc.stdout.count("Compressed model:") == 1
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
+    assert report["distill"].get("teacher_cached", False) == (family == "clip")
     # metrics over the whole test set (each process evaluated half the batches) equal a
     # single-process evaluation of the same checkpoint
     capsys.readouterr()
@@ -54,10 +55,11 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
 
 
 # (family, task, master port, extra options): every family with a task, each on its own port so
-# that a case left hanging cannot block the next one; two of them distil from the dense model
-# (BLIP retrieval: the teacher replays a loss with collectives and a paused ITM part)
+# that a case left hanging cannot block the next one; three of them distil from the dense model
+# (BLIP retrieval: the teacher replays a loss with collectives and a paused ITM part; CLIP: the
+# teacher's similarities come from embeddings computed once, gathered over the global batch)
 COMPRESS_CASES = [
-    ("clip", "retrieval", 29571, []),
+    ("clip", "retrieval", 29571, ["--distill", "logits"]),
     ("blip-retrieval", "retrieval", 29572, ["--distill", "logits+hidden"]),
     ("blip-vqa", "vqa", 29573, []),
     ("blip-caption", "caption", 29574, []),
@@ -109,6 +111,7 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
     assert [r for r in records if r["phase"] == "prune"] == [{"phase": "prune", "processes": 2, "plans_identical": True}]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
+    assert report["distill"].get("teacher_cached", False) == (family == "clip")
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", task, "--data", str(data),
                  "--batch-size", "8"]) == 0

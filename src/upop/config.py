@@ -55,6 +55,10 @@ class UPopConfig:
     distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)")
     teacher_precision: str = _f("fp32", "dtype the distillation teacher is held and run in: fp32, or bf16 (half "
                                 "the memory)", choices=("fp32", "bf16"))
+    distill_cache: bool = _f(True, "with --distill logits on CLIP / SigLIP retrieval, embed every training image "
+                             "and caption with the frozen teacher once and form each step's teacher similarities "
+                             "from those embeddings (one teacher pass over the data instead of a teacher forward "
+                             "per step); false: the teacher runs every step")
     w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
     w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
     round_to: int | str = _f("auto", "every group keeps a multiple of this many units: auto (8, the width kernels "
@@ -152,6 +156,8 @@ class UPopConfig:
                 bad(name, "need a finite number >= 0")
         if not isinstance(self.tf32, bool):
             bad("tf32", "need true or false")
+        if not isinstance(self.distill_cache, bool):
+            bad("distill_cache", "need true or false")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             bad("max_grad_norm", "need a positive number (or leave unset)")
 

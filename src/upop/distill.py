@@ -192,6 +192,11 @@ class Distiller:
         self._teacher_blocks = _BlockOutputs(teacher, self.blocks) if mode == "logits+hidden" else None
         self._student_blocks: _BlockOutputs | None = None
         self._student_of: nn.Module | None = None
+        #: ``() -> replay``, set by the run where the task can give the teacher's exposed tensors
+        #: without a forward (``replay(batch) -> {name: tensor}``; ``logits`` mode only); called
+        #: at the first step
+        self.replay_factory = None
+        self._replay = None
 
     def _student_hooks(self, student: nn.Module) -> _BlockOutputs:
         """Block hooks on ``student`` (re-attached when the student changes, e.g. after pruning)."""
@@ -205,17 +210,24 @@ class Distiller:
         """``(task loss, weighted distillation term)`` of ``batch``. ``student`` is what the task
         runs (possibly a data-parallel wrapper), ``inner`` the model inside it."""
         hidden = self.mode == "logits+hidden"
+        if not hidden and self.replay_factory is not None:  # built once, before the student's graph exists
+            self._replay, self.replay_factory = self.replay_factory(), None
         hooks = self._student_hooks(inner) if hidden else None
         with _record() as exposed_s, (hooks.collect() if hidden else contextlib.nullcontext([])) as hs:
             loss = task_loss(student, batch)
-        device = next(self.teacher.parameters()).device
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast_bf16
-                    else contextlib.nullcontext())
-        # the teacher's pass draws from a forked random state: the student's draws (dropout,
-        # negatives) are those of a run without distillation
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast, \
-                _record() as exposed_t, (self._teacher_blocks.collect() if hidden else contextlib.nullcontext([])) as ht:
-            task_loss(self.teacher, batch)
+        ht: list[torch.Tensor] = []
+        if self._replay is not None and not hidden:
+            exposed_t = {name: (t, -1, None) for name, t in self._replay(batch).items()}
+        else:
+            device = next(self.teacher.parameters()).device
+            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast_bf16
+                        else contextlib.nullcontext())
+            # the teacher's pass draws from a forked random state: the student's draws (dropout,
+            # negatives) are those of a run without distillation
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    autocast, _record() as exposed_t, \
+                    (self._teacher_blocks.collect() if hidden else contextlib.nullcontext([])) as ht:
+                task_loss(self.teacher, batch)
         terms, parts = [], {}
         for name, (s, dim, mask) in exposed_s.items():
             if name not in exposed_t:
@@ -244,7 +256,9 @@ class Distiller:
     def describe(self) -> dict:
         """What is distilled, for the report."""
         return {"mode": self.mode, "weight": self.weight, "temperature": self.temperature,
-                "hidden_blocks": len(self.blocks) if self.mode == "logits+hidden" else 0}
+                "hidden_blocks": len(self.blocks) if self.mode == "logits+hidden" else 0,
+                "teacher_cached": self.mode == "logits" and (self._replay is not None
+                                                             or self.replay_factory is not None)}
 
     def close(self) -> None:
         for hooks in (self._student_blocks, self._teacher_blocks):

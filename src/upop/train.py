@@ -106,8 +106,12 @@ class Run:
             self.task.set_teacher(teacher)
         if cfg.distill == "none":
             return teacher, None
-        return teacher, Distiller(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature,
-                                  autocast_bf16=dtype is not None)
+        distiller = Distiller(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature,
+                              autocast_bf16=dtype is not None)
+        replay = getattr(self.task, "teacher_replay", None)
+        if cfg.distill == "logits" and cfg.distill_cache and replay is not None:
+            distiller.replay_factory = replay(teacher, self.train_set, self.processor, cfg.eval_batch_size, self.acc)
+        return teacher, distiller
 
     def _task_loss(self, wrapped: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(task loss, distillation term or None)`` of ``batch``."""
@@ -296,6 +300,7 @@ class Run:
             return self._run()
         finally:
             if self.distiller is not None:
+                self.distill_info = self.distiller.describe()
                 self.distiller.close()
             self.teacher = self.distiller = None
 

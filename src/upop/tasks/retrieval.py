@@ -72,6 +72,15 @@ class RetrievalTask(Task):
         distill.expose("affinity", logits_per_text)
         return blip_retrieval.contrastive_loss(logits_per_text.t(), index)
 
+    def teacher_replay(self, teacher, train, processor, batch_size: int = 64, accelerator=None):
+        """A builder of the teacher's per-step similarities from embeddings computed once, or None
+        where the teacher must run each step (BLIP, captions behind a prompt): :mod:`._teacher_replay`."""
+        from ._teacher_replay import retrieval_replay
+
+        variant = _variant(teacher)
+        embed = self.embed if variant is None else getattr(variant, "embed", None) if variant is siglip_retrieval else None
+        return retrieval_replay(self, teacher, train, processor, batch_size, accelerator, embed)
+
     @torch.no_grad()
     def embed(self, model, dataset: RetrievalDataset, processor, batch_size: int = 64, accelerator=None):
         """Normalised image and caption embeddings of ``dataset`` (all captions, flattened)."""
