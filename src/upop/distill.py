@@ -212,6 +212,7 @@ class Distiller:
         hidden = self.mode == "logits+hidden"
         if not hidden and self.replay_factory is not None:  # built once, before the student's graph exists
             self._replay, self.replay_factory = self.replay_factory(), None
+            self.teacher = None  # no longer needed: the run drops its copy too (:attr:`teacher_released`)
         hooks = self._student_hooks(inner) if hidden else None
         with _record() as exposed_s, (hooks.collect() if hidden else contextlib.nullcontext([])) as hs:
             loss = task_loss(student, batch)
@@ -252,6 +253,11 @@ class Distiller:
         if not terms:
             raise RuntimeError("distillation: the task exposed nothing to distil; this is a bug, please report it")
         return loss, self.weight * torch.stack(terms).sum()
+
+    @property
+    def teacher_released(self) -> bool:
+        """True once the replay replaced the teacher (its weights can be freed)."""
+        return self.teacher is None
 
     def describe(self) -> dict:
         """What is distilled, for the report."""

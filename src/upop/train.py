@@ -117,7 +117,10 @@ class Run:
         """``(task loss, distillation term or None)`` of ``batch``."""
         if self.distiller is None:
             return self.task.loss(wrapped, batch), None
-        return self.distiller.loss(self.task.loss, wrapped, self.acc.unwrap_model(wrapped), batch)
+        out = self.distiller.loss(self.task.loss, wrapped, self.acc.unwrap_model(wrapped), batch)
+        if self.teacher is not None and self.distiller.teacher_released and not getattr(self.task, "needs_teacher", False):
+            self.teacher = None  # the cached teacher: the dense copy's memory is freed
+        return out
 
     # helpers ---------------------------------------------------------------------------------
     def _batches(self, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
