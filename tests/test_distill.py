@@ -208,6 +208,7 @@ def test_teacher_replay_is_the_teachers_forward(case, batches):
     _, with_forward = forward.loss(task.loss, student, student, batch)
     _, with_cache = cached.loss(task.loss, student, student, batch)
     assert cached.describe()["teacher_cached"] and not forward.describe()["teacher_cached"]
+    assert cached.teacher_released and not forward.teacher_released  # the cache replaced the teacher's copy
     torch.testing.assert_close(with_cache, with_forward, atol=1e-5, rtol=1e-4)
 
 
