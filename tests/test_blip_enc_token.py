@@ -31,6 +31,18 @@ def _encoder_states(model, ids, mask, pixels):
                               encoder_attention_mask=image_mask).last_hidden_state, image
 
 
+def _setup(family, enc):
+    """A tiny eval-mode model of ``family`` with ``enc_token_id = enc``, inputs, and the ids the
+    image-grounded encoder should read (the first token replaced when ``enc`` is set)."""
+    model = make_model(family).eval()
+    model.config.text_config.enc_token_id = enc
+    ids, mask, pixels = _inputs(model)
+    expected_ids = ids.clone()
+    if enc is not None:
+        expected_ids[:, 0] = enc
+    return model, ids, mask, pixels, expected_ids
+
+
 @pytest.mark.parametrize("enc", [None, ENC])
 def test_encoder_ids(enc):
     model = make_model("blip-retrieval")
@@ -49,12 +61,7 @@ def test_encoder_ids(enc):
 def test_itm_reads_the_enc_token(enc):
     from upop.tasks.blip_retrieval import _itm_logits
 
-    model = make_model("blip-retrieval").eval()
-    model.config.text_config.enc_token_id = enc
-    ids, mask, pixels = _inputs(model)
-    expected_ids = ids.clone()
-    if enc is not None:
-        expected_ids[:, 0] = enc
+    model, ids, mask, pixels, expected_ids = _setup("blip-retrieval", enc)
     states, image = _encoder_states(model, expected_ids, mask, pixels)
     got = _itm_logits(model, ids, mask, image)
     torch.testing.assert_close(got, model.itm_head(states[:, 0, :]))
@@ -71,12 +78,7 @@ def test_vqa_question_reads_the_enc_token(enc):
     from upop.tasks._blip import decoder_inputs
     from upop.tasks.vqa_rank import question_states
 
-    model = make_model("blip-vqa").eval()
-    model.config.text_config.enc_token_id = enc
-    ids, mask, pixels = _inputs(model)
-    expected_ids = ids.clone()
-    if enc is not None:
-        expected_ids[:, 0] = enc
+    model, ids, mask, pixels, expected_ids = _setup("blip-vqa", enc)
     states, _ = _encoder_states(model, expected_ids, mask, pixels)
     torch.testing.assert_close(question_states(model, pixels, ids, mask), states)
 

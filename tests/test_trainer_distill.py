@@ -18,26 +18,9 @@ from upop.errors import ConfigError
 from upop.integrations import UPopTrainerCallback, add_upop
 from upop.trainer_distill import TrainerDistiller
 
+from .test_trainer_callback import _trainer  # the tiny ViT Trainer (32 random images, CPU)
+
 transformers.logging.set_verbosity_error()
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32):
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
-def _trainer(out, max_steps=12, **kwargs):
-    args = transformers.TrainingArguments(
-        output_dir=str(out), report_to=[], use_cpu=True, max_steps=max_steps, per_device_train_batch_size=8,
-        learning_rate=1e-3, seed=0, disable_tqdm=True, logging_steps=1, **{"save_strategy": "no", **kwargs})
-    return transformers.Trainer(model=M.make_model("vit"), args=args, train_dataset=_Images())
 
 
 def _perturb(model, seed=1):
