@@ -40,7 +40,6 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert proc.stdout.count("Compressed model:") == 1
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
-    assert report["distill"].get("teacher_cached", False) == (family == "clip")
     # metrics over the whole test set (each process evaluated half the batches) equal a
     # single-process evaluation of the same checkpoint
     capsys.readouterr()
