@@ -190,20 +190,8 @@ def test_short_head_search_gives_a_valid_plan(family):
     build, forward, _ = FAMILIES[family]
     model = build().train()
     groups = upop.find_groups(model, granularity="head")
-    masks = upop.attach_masks(model, groups)
-    ratio, steps = 0.4, 6
-    search = UPopSearch(masks, ratio=ratio, total_steps=steps, interval=2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for t in range(steps):
-        loss = sum(out.float().pow(2).mean() for out in forward(model)) + search.sparsity_loss()
-        loss.backward()
-        search.step(t)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert search.done
-    for _, m in masks.items():
-        assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
-    plan = upop.prune(model, masks)
+    ratio = 0.4
+    plan, _ = _short_search(model, forward, groups, ratio)
     share = max(g.param_cost for g in groups) / upop.prunable_cost(groups)
     assert ratio - 1e-9 <= plan.achieved_ratio["params"] <= ratio + share
     assert any(len(gp.kept) < gp.dense_units for gp in plan.groups.values() if gp.kind == "attention")
@@ -468,20 +456,8 @@ def test_short_both_search_gives_a_valid_plan(round_to):
     model = build().train()
     dense_params = upop.count_params(model)
     groups = upop.find_groups(model, granularity="both")
-    masks = upop.attach_masks(model, groups)
-    ratio, steps = 0.4, 6
-    search = UPopSearch(masks, ratio=ratio, total_steps=steps, interval=2, round_to=round_to)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for t in range(steps):
-        loss = sum(out.float().pow(2).mean() for out in forward(model)) + search.sparsity_loss()
-        loss.backward()
-        search.step(t)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert search.done
-    for _, m in masks.items():
-        assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
-    plan = upop.prune(model, masks)
+    ratio = 0.4
+    plan, search = _short_search(model, forward, groups, ratio, round_to)
     total = exact_cost(groups)
     achieved = (dense_params - upop.count_params(model)) / total
     share = round_to * max(g.param_cost for g in groups) / total  # one unit (chunk) at its dense cost
@@ -595,3 +571,21 @@ def test_prunable_cost_and_report_count_pairs_once():
     assert set(by["vision"]) == {"attention", "attention heads", "mlp"}
     heads = [g for g in plan.groups.values() if g.granularity == "head" and g.modality == "vision"]
     assert by["vision"]["attention heads"]["total"] == sum(g.dense_units for g in heads)
+
+
+def _short_search(model, forward, groups, ratio, round_to=1):
+    """Six search steps (a mask update every 2) on ``model``'s ``groups`` with a toy loss; checks
+    the masks end at 0/1 and returns the plan of the pruned model and the search."""
+    masks = upop.attach_masks(model, groups)
+    search = UPopSearch(masks, ratio=ratio, total_steps=6, interval=2, round_to=round_to)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for t in range(6):
+        loss = sum(out.float().pow(2).mean() for out in forward(model)) + search.sparsity_loss()
+        loss.backward()
+        search.step(t)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert search.done
+    for _, m in masks.items():
+        assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
+    return upop.prune(model, masks), search
