@@ -175,6 +175,21 @@ def _siglip2_classifier():
     return transformers.Siglip2ForImageClassification(config).eval()
 
 
+def prune_every_third(model):
+    """Prune ``model`` in place by a fixed 0/1 mask dropping every third unit of every group (the
+    first unit always kept); returns the model."""
+    import upop
+
+    masks = upop.attach_masks(model)
+    with torch.no_grad():
+        for _, m in masks.items():
+            keep = torch.ones(m.numel())
+            keep[1::3] = 0.0
+            m.copy_(keep)
+    upop.prune(model, masks)
+    return model
+
+
 def prunable_params(model, groups) -> int:
     """Independent count: every weight/bias a unit owns (out-proj / fc2 biases excluded)."""
     total = 0

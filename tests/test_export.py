@@ -14,7 +14,7 @@ import upop.export
 from upop.cli import main
 from upop.errors import ConfigError, UnsupportedModelError
 
-from ._families import FAMILIES
+from ._families import FAMILIES, prune_every_third
 
 
 @pytest.fixture
@@ -23,16 +23,6 @@ def ort():
     return pytest.importorskip("onnxruntime")
 
 
-def _prune(model):
-    """Drop every third unit of every group (a fixed 0/1 mask; the first unit always kept)."""
-    masks = upop.attach_masks(model)
-    with torch.no_grad():
-        for _, m in masks.items():
-            keep = torch.ones(m.numel())
-            keep[1::3] = 0.0
-            m.copy_(keep)
-    upop.prune(model, masks)
-    return model
 
 
 def _compressed(family: str, root, dense: bool = False):
@@ -41,7 +31,7 @@ def _compressed(family: str, root, dense: bool = False):
     model = FAMILIES[family][0]()
     if dense:
         model.save_pretrained(root / "dense")
-    upop.save_compressed(_prune(model), root / "compressed")
+    upop.save_compressed(prune_every_third(model), root / "compressed")
     return root / "compressed"
 
 

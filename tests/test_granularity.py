@@ -290,16 +290,7 @@ def test_plan_without_granularity_reads_as_head_dim():
 def test_compress_with_whole_heads_end_to_end(tmp_path):
     """``upop compress --granularity head``: the run searches heads, reports round_to 1, writes a
     plan of whole heads that loads back with the dense head_dim."""
-    from upop.cli import main
-
-    from ._families import clip_world
-
-    world = clip_world(tmp_path / "world")
-    out = tmp_path / "run"
-    assert main(["compress", "--model", str(world / "model"), "--task", "retrieval", "--data", str(world / "data"),
-                 "--out", str(out), "--search-epochs", "2", "--retrain-epochs", "0", "--batch-size", "8",
-                 "--lr", "1e-3", "--eval-batch-size", "32", "--latency-time", "0.02", "--no-progress",
-                 "--granularity", "head", "--ratio", "0.4"]) == 0
+    world, out = _cli_compress(tmp_path, "head")
     report = json.loads((out / "report.json").read_text())
     assert report["round_to"]["used"] == 1
     model = upop.load_compressed(out / "compressed")
@@ -484,21 +475,14 @@ def test_both_round_to_auto_rounds_channels_only():
 def test_compress_with_both_end_to_end(tmp_path):
     """``upop compress --granularity both``: heads and channels searched together; the plan holds
     both groups of every attention module and loads back with the kept heads and widths."""
-    from upop.cli import _config_from_args, build_parser, main
-
-    from ._families import clip_world
+    from upop.cli import _config_from_args, build_parser
 
     args = build_parser().parse_args(["compress", "--model", "m", "--task", "retrieval", "--data", "d", "--out", "o",
                                       "--granularity", "both"])
     assert _config_from_args(args).granularity == "both"
     with pytest.raises(ConfigError, match="cost=latency"):
         upop.UPopConfig(granularity="both", cost="latency")
-    world = clip_world(tmp_path / "world")
-    out = tmp_path / "run"
-    assert main(["compress", "--model", str(world / "model"), "--task", "retrieval", "--data", str(world / "data"),
-                 "--out", str(out), "--search-epochs", "2", "--retrain-epochs", "0", "--batch-size", "8",
-                 "--lr", "1e-3", "--eval-batch-size", "32", "--latency-time", "0.02", "--no-progress",
-                 "--granularity", "both", "--ratio", "0.4"]) == 0
+    world, out = _cli_compress(tmp_path, "both")
     report = json.loads((out / "report.json").read_text())
     used = report["round_to"]["used"]
     model = upop.load_compressed(out / "compressed")
@@ -589,3 +573,19 @@ def _short_search(model, forward, groups, ratio, round_to=1):
     for _, m in masks.items():
         assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
     return upop.prune(model, masks), search
+
+
+def _cli_compress(tmp_path, granularity: str):
+    """``upop compress`` of a tiny CLIP on Shapes retrieval at ratio 0.4 with ``--granularity``;
+    returns the data/model folder and the run folder."""
+    from upop.cli import main
+
+    from ._families import clip_world
+
+    world = clip_world(tmp_path / "world")
+    out = tmp_path / "run"
+    assert main(["compress", "--model", str(world / "model"), "--task", "retrieval", "--data", str(world / "data"),
+                 "--out", str(out), "--search-epochs", "2", "--retrain-epochs", "0", "--batch-size", "8",
+                 "--lr", "1e-3", "--eval-batch-size", "32", "--latency-time", "0.02", "--no-progress",
+                 "--granularity", granularity, "--ratio", "0.4"]) == 0
+    return world, out

@@ -25,7 +25,7 @@ from upop.errors import UnsupportedModelError
 from upop.tasks import siglip_retrieval
 from upop.tasks.retrieval import VARIANTS, RetrievalTask
 
-from ._families import FAMILIES, _naflex
+from ._families import FAMILIES, _naflex, prune_every_third
 
 
 def _batch(index, length=32, seed=0):
@@ -172,18 +172,10 @@ def test_onnx_export_of_the_text_tower(tmp_path):
     import upop.export
 
     model = FAMILIES["siglip2-text"][0]()
-    upop.prune(model, _drop_every_third(model))
+    prune_every_third(model)
     upop.save_compressed(model, tmp_path / "c")
     result = upop.export.export_onnx(tmp_path / "c", tmp_path / "m.onnx")
     assert result.model_class == "Siglip2TextModel" and all(p.relative <= 1e-3 for p in result.parity)
     assert "pooler_output" in result.outputs
 
 
-def _drop_every_third(model):
-    masks = upop.attach_masks(model)
-    with torch.no_grad():
-        for _, m in masks.items():
-            keep = torch.ones(m.numel())
-            keep[1::3] = 0.0
-            m.copy_(keep)
-    return masks
