@@ -10,8 +10,11 @@ gives the uneven per-layer widths a search produces; speed depends only on the w
 ratio is measured with upop's defaults (``round_to="auto"``, budget in params), with free widths
 (``round_to=1``, the paper) and with ``cost="latency"`` (the budget in time per unit measured on
 this machine at the row's batch, :mod:`upop.latency_table`).
-Latency: ``torch.utils.benchmark`` median; the variants are measured in interleaved rounds and
-the best median of each is kept, so a burst of load on a shared machine cannot favour one.
+Latency: as upop's report times it (:func:`upop.latency.timed_rounds`): every variant, the dense
+model and the floor model (every group at 1 unit) in the same interleaved rounds; a variant's
+speedup is the median of its per-round speedups, so a burst of load on a shared machine shifts a
+round for all of them. The floor model bounds what width pruning can give (Amdahl): the
+"fixed-part bound" column.
 "speedup / params" is the speedup per factor of parameters removed: which budget buys more time
 for the parameters it removes.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,6 +34,8 @@ from _common import clip_b16_config, write_results  # noqa: E402
 
 import upop  # noqa: E402
 from upop.latency_table import measure_table  # noqa: E402
+from upop.latency import ROUNDS, timed_rounds  # noqa: E402
+from upop.report import is_noisy, spread  # noqa: E402
 from upop.search import UPopSearch, resolve_round_to  # noqa: E402
 
 
@@ -68,6 +74,18 @@ def compress_widths(model, ratio: float, round_to: int | str, seed: int = 0, uni
     return pruned.eval()
 
 
+def floor_model(model):
+    """A copy of ``model`` with every group pruned to 1 unit: what width pruning cannot remove."""
+    pruned = copy.deepcopy(model)
+    masks = upop.attach_masks(pruned)
+    with torch.no_grad():
+        for _, mask in masks.items():
+            mask.zero_()
+            mask[0] = 1.0
+    upop.prune(pruned, masks)
+    return pruned.eval()
+
+
 def inputs_for(model, batch: int):
     g = torch.Generator().manual_seed(0)
     size = model.config.vision_config.image_size
@@ -86,7 +104,7 @@ PARTS = {
 
 def variants_for(dense, batch: int, seconds: float):
     """(name, ratio, round_to, model) of every variant measured at ``batch``."""
-    out = [("dense", 0.0, 1, dense)]
+    out = [("dense", 0.0, 1, dense), ("floor", 1.0, 1, floor_model(dense))]
     groups = upop.find_groups(dense, text_tokens=min(32, dense.config.text_config.max_position_embeddings))
     auto, _ = resolve_round_to("auto", groups)
     table = measure_table(dense, groups, batch, "cpu", round_to=auto, seconds=min(seconds, 0.05))
@@ -99,11 +117,73 @@ def variants_for(dense, batch: int, seconds: float):
     return out
 
 
+def part_timer(fn):
+    """A :func:`upop.latency.timed_rounds` timer for one part: median ms of ``fn(model, x)`` repeated
+    for ``seconds`` (at least once)."""
+    import time
+
+    def timer(model, x, seconds: float) -> float:
+        times, start = [], time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            fn(model, x)
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - start >= seconds:
+                return 1e3 * statistics.median(times)
+    return timer
+
+
+def bound(flops: int, dense: dict, floor: dict) -> float:
+    """The Amdahl speedup the fixed part allows: latency ``floor + (dense - floor) x`` the share of
+    the prunable FLOPs kept (the floor model, every group at 1 unit, keeps what width pruning cannot
+    remove: embeddings, norms, residual adds, softmax, per-op overhead)."""
+    kept = (flops - floor["flops"]) / max(dense["flops"] - floor["flops"], 1)
+    return dense["ms"] / (floor["ms"] + (dense["ms"] - floor["ms"]) * kept)
+
+
+def measure(label: str, batch: int, part: str, variants, x, seconds: float, rounds: int) -> list[dict]:
+    """One (model, batch, part): every variant and the floor model timed in the same interleaved
+    rounds; each variant's speedup is the median of its per-round speedups over the dense model."""
+    fn = PARTS[part]
+    names = [v[0] for v in variants]
+    models = [v[3] for v in variants]
+    times = timed_rounds(models, x, rounds=rounds, seconds=seconds, timer=part_timer(fn),
+                         warmup=1 if batch > 1 else 3)
+    by = {}
+    for (name, ratio, round_to, model), ms in zip(variants, times):
+        by[name] = {"ms": statistics.median(ms), "per_round": ms, "flops": upop.count_flops(model, x, forward=fn),
+                    "params": upop.count_params(model)}
+    dense, floor = by["dense"], by["floor"]
+    rows = []
+    for name, ratio, round_to, model in variants:
+        if name == "floor":
+            continue
+        r = by[name]
+        speedups = [d / c for d, c in zip(dense["per_round"], r["per_round"])]
+        speedup, flops_ratio = statistics.median(speedups), dense["flops"] / r["flops"]
+        limit = bound(r["flops"], dense, floor)
+        spread_ = spread(speedups)
+        rows.append({"model": label, "part": part, "batch": batch, "variant": name, "ratio": ratio,
+                     "round_to": round_to, "params": r["params"], "flops": r["flops"],
+                     "latency_ms": r["ms"], "latency_ms_per_round": r["per_round"],
+                     "throughput_per_s": 1000.0 * batch / r["ms"], "speedup": speedup,
+                     "speedup_per_round": speedups, "speedup_spread": spread_, "noisy": is_noisy(spread_),
+                     "flops_ratio": flops_ratio, "speedup_over_flops_ratio": speedup / flops_ratio,
+                     "fixed_share": floor["ms"] / dense["ms"], "bound_speedup": limit,
+                     "bound_over_flops_ratio": limit / flops_ratio, "speedup_over_bound": speedup / limit,
+                     "speedup_over_params_ratio": speedup / (dense["params"] / r["params"])})
+        print(f"{label:45s} {part:9s} b{batch:<3d} {name:28s} {r['ms']:9.2f} ms  speedup {speedup:5.2f}x "
+              f"(IQR {100 * (spread_['relative_iqr'] or 0):.0f}%; FLOPs {flops_ratio:5.2f}x, bound {limit:5.2f}x, "
+              f"params {dense['params'] / r['params']:5.2f}x)", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seconds", type=float, default=None, help="min run time per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (best kept)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="timing per model per measurement, split over the rounds (x3, as upop's report)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds per measurement")
     args = parser.parse_args()
     seconds = args.seconds or (0.2 if args.quick else 1.0)
     batches = (1, 32)
@@ -112,35 +192,29 @@ def main() -> None:
         for batch in batches:
             variants = variants_for(dense, batch, seconds)
             x = inputs_for(dense, batch)
-            for part, fn in PARTS.items():
-                base = {}
-                # rounds interleave the variants; the best median of each is kept (noise only slows)
-                best = {name: upop.measure_latency(model, x, forward=fn, min_run_time=seconds)
-                        for name, _, _, model in variants}
-                for _ in range(args.rounds - 1):
-                    for name, _, _, model in variants:
-                        best[name] = min(best[name], upop.measure_latency(model, x, forward=fn, min_run_time=seconds))
-                for name, ratio, round_to, model in variants:
-                    flops, params, ms = upop.count_flops(model, x, forward=fn), upop.count_params(model), best[name]
-                    if name == "dense":
-                        base = {"ms": ms, "flops": flops, "params": params}
-                    speedup = base["ms"] / ms
-                    rows.append({"model": label, "part": part, "batch": batch, "variant": name, "ratio": ratio,
-                                 "round_to": round_to, "params": params, "flops": flops,
-                                 "latency_ms": ms, "throughput_per_s": 1000.0 * batch / ms,
-                                 "speedup": speedup, "flops_ratio": base["flops"] / flops,
-                                 "speedup_over_flops_ratio": speedup / (base["flops"] / flops),
-                                 "speedup_over_params_ratio": speedup / (base["params"] / params)})
-                    print(f"{label:45s} {part:9s} b{batch:<3d} {name:28s} {ms:9.2f} ms  speedup {speedup:5.2f}x "
-                          f"(FLOPs {base['flops'] / flops:5.2f}x, params {base['params'] / params:5.2f}x)", flush=True)
-    md = ["| model | part | batch | variant | latency (ms) | throughput (/s) | speedup | FLOPs reduction | speedup / FLOPs "
-          "| speedup / params |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            for part in PARTS:
+                rows += measure(label, batch, part, variants, x, seconds, args.rounds)
+    md = ["| model | part | batch | variant | latency (ms) | throughput (/s) | speedup (IQR) | FLOPs reduction "
+          "| speedup / FLOPs | fixed-part bound | bound / FLOPs | speedup / bound | speedup / params |",
+          "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        iqr = r["speedup_spread"]["relative_iqr"] or 0.0
         md.append(f"| {r['model']} | {r['part']} | {r['batch']} | {r['variant']} | {r['latency_ms']:.2f} | "
-                  f"{r['throughput_per_s']:.1f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | "
-                  f"{r['speedup_over_flops_ratio']:.2f} | {r['speedup_over_params_ratio']:.2f} |")
-    write_results("speed" + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick},
-                  "## Speed of compressed CLIP (CPU)\n\n" + "\n".join(md))
+                  f"{r['throughput_per_s']:.1f} | {r['speedup']:.2f}x ({100 * iqr:.0f}%) | {r['flops_ratio']:.2f}x | "
+                  f"{r['speedup_over_flops_ratio']:.2f} | {r['bound_speedup']:.2f}x | {r['bound_over_flops_ratio']:.2f} | "
+                  f"{r['speedup_over_bound']:.2f} | {r['speedup_over_params_ratio']:.2f} |")
+    threads = torch.get_num_threads()
+    notes = [f"Timing: {args.rounds} interleaved rounds per (model, batch, part), every variant and the floor model "
+             f"in each round ({3 * seconds:.1f} s per model in all; {threads} CPU threads); speedup = median of the "
+             "per-round speedups over the dense model, with the interquartile range of those speedups over their "
+             "median in brackets.",
+             "Fixed-part bound: the speedup an Amdahl model allows, latency = floor + (dense - floor) x the share "
+             "of the prunable FLOPs kept, where the floor model (every group at 1 unit, timed in the same rounds) "
+             "holds what width pruning cannot remove (embeddings, layer norms, residual adds, softmax, per-op "
+             "overhead). \"speedup / bound\" near 1 means the pruned widths run as fast as their FLOPs allow."]
+    write_results("speed" + ("-quick" if args.quick else ""), {"rows": rows, "quick": args.quick, "rounds": args.rounds,
+                                                              "threads": threads},
+                  "## Speed of compressed CLIP (CPU)\n\n" + "\n".join(md) + "\n\n" + "\n\n".join(notes))
 
 
 if __name__ == "__main__":

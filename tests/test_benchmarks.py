@@ -70,3 +70,15 @@ def test_ablation_row_log_resumes(tmp_path):
     assert rows2 == [row] and calls == [1] and path.read_text().count("\n") == 1  # reused, not re-logged
     fresh = ablations.RowLog(path, resume=False)
     assert not fresh.saved and not path.exists()
+
+
+def test_speed_fixed_part_bound():
+    """benchmarks/speed.py's Amdahl bound: no speedup for the dense FLOPs, dense / floor for the
+    floor's, and the floor plus the kept share of the prunable time in between."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+
+    dense, floor = {"ms": 100.0, "flops": 1000}, {"ms": 20.0, "flops": 200}
+    assert speed.bound(1000, dense, floor) == pytest.approx(1.0)
+    assert speed.bound(200, dense, floor) == pytest.approx(5.0)
+    assert speed.bound(400, dense, floor) == pytest.approx(100.0 / (20.0 + 80.0 * 0.25))
