@@ -34,7 +34,7 @@ from _common import RESULTS, machine  # noqa: E402
 
 # the transfer benchmark: 5 seeds; at 2x and 8x only the compressing rows (4x has the references)
 SEEDS = ["--seeds", "0", "1", "2", "3", "4"]
-COMPRESSING = ["upop", "score", "granularity", "distill", "combined", "one-shot", "uniform", "magnitude", "random",
+COMPRESSING = ["upop", "score", "granularity", "distill", "combined", "weight", "one-shot", "uniform", "magnitude", "random",
                "torch-pruning"]
 # name -> (script and arguments, phase); the longest quality runs first so the lanes finish together
 BENCHMARKS = {
@@ -49,7 +49,7 @@ BENCHMARKS = {
                     "quality"),
     "transfer-cost": (["transfer.py", "--cost"], "timing"),
     "vision_ratios": (["vision_ratios.py"], "quality"),
-    "speed": (["speed.py"], "timing"),
+    "speed": (["speed.py", "--seconds", "0.5"], "timing"),
     "profile_batch1": (["profile_batch1.py", "--modes", "inference_mode", "compiled"], "timing"),
     "overhead": (["overhead.py"], "timing"),
     "scaling": (["scaling.py"], "timing"),

@@ -137,3 +137,15 @@ def test_distilled_retraining_changes_the_result(quick):
     moved = [not torch.equal(a, b) for a, b in zip(plain.parameters(), distilled.parameters())]
     assert any(moved)
     assert any(not torch.equal(a, b) for a, b in zip(dense.parameters(), distilled.parameters()))
+
+
+def test_weight_rows_are_valid_configs_with_their_weight():
+    """--methods weight: one row per distillation mode and weight, each a valid config that sets
+    the weight it is labelled with (so a resumed log matches its rows by label)."""
+    base = dict(search_epochs=2, retrain_epochs=2)
+    rows, notes = transfer.method_rows(["weight"], base)
+    assert not notes and len(rows) == len(transfer.VARIANTS["distill"]) * len(transfer.DISTILL_WEIGHTS)
+    for label, kind, over in rows:
+        cfg = upop.UPopConfig(ratio=0.75, **base, **over)
+        assert kind == "upop" and cfg.score == "taylor" and cfg.distill in transfer.VARIANTS["distill"]
+        assert label.endswith(f"distill_weight={cfg.distill_weight:g}") and f"distill={cfg.distill}," in label
