@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ from _common import clip_b16_config, write_results  # noqa: E402
 
 import upop  # noqa: E402
 from upop.latency_table import measure_table  # noqa: E402
-from upop.latency import ROUNDS, timed_rounds  # noqa: E402
+from upop.latency import ROUNDS, forward_ms, timed_rounds  # noqa: E402
 from upop.report import is_noisy, spread  # noqa: E402
 from upop.search import UPopSearch, resolve_round_to  # noqa: E402
 
@@ -117,22 +118,6 @@ def variants_for(dense, batch: int, seconds: float):
     return out
 
 
-def part_timer(fn):
-    """A :func:`upop.latency.timed_rounds` timer for one part: median ms of ``fn(model, x)`` repeated
-    for ``seconds`` (at least once)."""
-    import time
-
-    def timer(model, x, seconds: float) -> float:
-        times, start = [], time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            fn(model, x)
-            times.append(time.perf_counter() - t0)
-            if time.perf_counter() - start >= seconds:
-                return 1e3 * statistics.median(times)
-    return timer
-
-
 def bound(flops: int, dense: dict, floor: dict) -> float:
     """The Amdahl speedup the fixed part allows: latency ``floor + (dense - floor) x`` the share of
     the prunable FLOPs kept (the floor model, every group at 1 unit, keeps what width pruning cannot
@@ -147,7 +132,7 @@ def measure(label: str, batch: int, part: str, variants, x, seconds: float, roun
     fn = PARTS[part]
     names = [v[0] for v in variants]
     models = [v[3] for v in variants]
-    times = timed_rounds(models, x, rounds=rounds, seconds=seconds, timer=part_timer(fn),
+    times = timed_rounds(models, x, rounds=rounds, seconds=seconds, timer=functools.partial(forward_ms, forward=fn),
                          warmup=1 if batch > 1 else 3)
     by = {}
     for (name, ratio, round_to, model), ms in zip(variants, times):

@@ -104,6 +104,9 @@ def test_real_timer_and_a_truthful_setup():
     a, b = Tiny(), Tiny()
     inputs = {"x": torch.zeros(3, 4)}
     assert latency.forward_ms(a, inputs, 0.0) > 0
+    calls = []
+    assert latency.forward_ms(a, inputs, 0.0, forward=lambda m, x: calls.append((m, x))) > 0
+    assert calls == [(a, inputs)]  # a given forward replaces model(**inputs), once for 0 seconds
     result = latency.paired_latency(a, b, inputs, seconds=0.001, warmup=1)
     assert result["rounds"] == latency.ROUNDS and len(result["dense_ms_per_round"]) == latency.ROUNDS
     assert (result["device"], result["dtype"], result["batch"], result["autocast"]) == ("cpu", "float32", 3, None)

@@ -27,9 +27,11 @@ WARMUP = 3
 """Untimed forwards of each model before the rounds."""
 
 
-def forward_ms(model: nn.Module, inputs: dict, seconds: float) -> float:
-    """Median milliseconds of one forward of ``model`` on ``inputs``, over forwards repeated for
-    ``seconds`` (at least one), each timed with ``time.perf_counter`` and CUDA synchronised."""
+def forward_ms(model: nn.Module, inputs: dict, seconds: float,
+               forward: Callable[[nn.Module, dict], Any] | None = None) -> float:
+    """Median milliseconds of one forward of ``model`` on ``inputs`` (``forward(model, inputs)``
+    when given, e.g. one tower of a two-tower model), over forwards repeated for ``seconds`` (at
+    least one), each timed with ``time.perf_counter`` and CUDA synchronised."""
     import statistics
     import time
 
@@ -39,7 +41,7 @@ def forward_ms(model: nn.Module, inputs: dict, seconds: float) -> float:
     stop = time.perf_counter() + seconds
     while not times or time.perf_counter() < stop:
         start = time.perf_counter()
-        model(**inputs)
+        forward(model, inputs) if forward is not None else model(**inputs)
         sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
