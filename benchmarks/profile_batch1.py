@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import clip_b16_config, write_results  # noqa: E402
-from speed import PARTS, inputs_for  # noqa: E402
+from speed import PARTS, bound, floor_model, inputs_for  # noqa: E402
 
 import upop  # noqa: E402
 from upop.search import UPopSearch, resolve_round_to  # noqa: E402
@@ -80,24 +80,17 @@ def category(op: str) -> str:
     return "other"
 
 
-def compress(model, ratio: float, granularity: str = "head-dim", seed: int = 0, floor: bool = False):
+def compress(model, ratio: float, granularity: str = "head-dim", seed: int = 0):
     """A copy of ``model`` pruned with upop's defaults (``round_to="auto"``, budget in params) over
-    random scores, as ``speed.py`` does (same widths for head-dim units); ``floor``: every group
-    kept at 1 unit (the narrowest model pruning can make)."""
+    random scores, as ``speed.py`` does (same widths for head-dim units)."""
     pruned = copy.deepcopy(model)
     groups = upop.find_groups(pruned, granularity=granularity)
     masks = upop.attach_masks(pruned, groups=groups)
-    if floor:
-        with torch.no_grad():
-            for _, mask in masks.items():
-                mask.zero_()
-                mask[0] = 1.0
-    else:
-        round_to, _ = resolve_round_to("auto", masks.groups)
-        g = torch.Generator().manual_seed(seed)
-        for name in masks.keys():
-            masks.grad_sum[name] = torch.randn(masks[name].numel(), generator=g, dtype=torch.float64)
-        UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to, method="one-shot").update(0)
+    round_to, _ = resolve_round_to("auto", masks.groups)
+    g = torch.Generator().manual_seed(seed)
+    for name in masks.keys():
+        masks.grad_sum[name] = torch.randn(masks[name].numel(), generator=g, dtype=torch.float64)
+    UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to, method="one-shot").update(0)
     upop.prune(pruned, masks)
     return pruned.eval()
 
@@ -110,7 +103,7 @@ def build_variants(dense, modes=()) -> list[tuple[str, torch.nn.Module, str]]:
     """(name, model, mode) of every variant: ``"eager"``, or one of :data:`MODES` (dense and 4x)."""
     out = [("dense", dense, "eager"), ("2x", compress(dense, 0.5), "eager"), ("4x", compress(dense, 0.75), "eager"),
            ("4x heads", compress(dense, 0.75, granularity="head"), "eager"),
-           ("floor", compress(dense, 0, floor=True), "eager")]
+           ("floor", floor_model(dense), "eager")]
     for mode in modes:
         out += [(f"dense {mode}", dense, mode), (f"4x {mode}", out[2][1], mode)]
     return out
@@ -228,9 +221,8 @@ def _amdahl(rows: list[dict]) -> None:
         if r["mode"] != "eager":
             r["amdahl_speedup"] = r["amdahl_ratio"] = None
             continue
-        kept = (r["flops"] - floor["flops"]) / max(dense["flops"] - floor["flops"], 1)
-        predicted = floor["latency_ms"] + (dense["latency_ms"] - floor["latency_ms"]) * kept
-        r["amdahl_speedup"] = dense["latency_ms"] / predicted
+        r["amdahl_speedup"] = bound(r["flops"], {"ms": dense["latency_ms"], "flops": dense["flops"]},
+                                    {"ms": floor["latency_ms"], "flops": floor["flops"]})
         r["amdahl_ratio"] = r["amdahl_speedup"] / r["flops_ratio"]
 
 

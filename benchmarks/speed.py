@@ -130,7 +130,6 @@ def measure(label: str, batch: int, part: str, variants, x, seconds: float, roun
     """One (model, batch, part): every variant and the floor model timed in the same interleaved
     rounds; each variant's speedup is the median of its per-round speedups over the dense model."""
     fn = PARTS[part]
-    names = [v[0] for v in variants]
     models = [v[3] for v in variants]
     times = timed_rounds(models, x, rounds=rounds, seconds=seconds, timer=functools.partial(forward_ms, forward=fn),
                          warmup=1 if batch > 1 else 3)
