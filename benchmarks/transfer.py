@@ -102,7 +102,7 @@ VARIANTS = {"score": ("gradient", "taylor", "fisher"), "granularity": ("head-dim
             "distill": ("logits", "logits+hidden")}
 #: "combined": the best score and the best distillation of the single-change rows together (a row
 #: added after those rows had been seen, and labelled so in the results)
-COMBINED = {"score": "taylor", "distill": "logits+hidden"}
+COMBINED = {"score": "taylor", "distill": "logits+hidden", "distill_weight": 1.0}
 #: "weight": the distillation term weighted DISTILL_WEIGHTS times the task loss, with the Taylor score
 #: and each distillation mode (rows added after every row above had been seen, at 5 seeds; motivated
 #: by a reference row: the dense model fine-tuned on the task set falls below its zero-shot score on
@@ -112,6 +112,9 @@ DISTILL_WEIGHTS = (4.0, 16.0)
 #: what the single-change rows change one field of: the paper's search (signed mask gradient, no
 #: distillation), so a row means the same whatever upop's defaults are ("upop (default)" is its own row)
 PAPER = {"score": "gradient", "distill": "none"}
+#: the distillation weight of the "distill" and "combined" rows (upop's default until the "weight"
+#: rows made it 4): pinned so that those rows mean what they meant when they ran
+FIRST_WEIGHT = {"distill_weight": 1.0}
 METHOD_IDS = ("upop", "score", "granularity", "distill", "combined", "weight", "one-shot", "uniform", "magnitude", "random",
               "torch-pruning", "dense", "scratch")
 QUICK_METHODS = ("upop", "distill", "magnitude", "dense")
@@ -198,9 +201,11 @@ def method_rows(methods, base: dict) -> tuple[list[tuple[str, str, dict]], list[
                 except ConfigError as exc:
                     notes.append(f"upop, {mid}={value} skipped: {exc}")
                     continue
-                rows.append((f"upop, {mid}={value}", "upop", {**PAPER, mid: value}))
+                over = {**PAPER, mid: value, **(FIRST_WEIGHT if mid == "distill" else {})}
+                rows.append((f"upop, {mid}={value}", "upop", over))
         elif mid == "combined":
-            rows.append(("upop, " + ", ".join(f"{k}={v}" for k, v in COMBINED.items()), "upop", dict(COMBINED)))
+            rows.append(("upop, " + ", ".join(f"{k}={v}" for k, v in COMBINED.items() if k in ("score", "distill")),
+                         "upop", dict(COMBINED)))
         elif mid == "weight":
             for mode in VARIANTS["distill"]:
                 for weight in DISTILL_WEIGHTS:

@@ -182,7 +182,7 @@ class Distiller:
     teacher, and returns ``(task loss, distillation term)``.
     """
 
-    def __init__(self, teacher: nn.Module, mode: str, weight: float = 1.0, temperature: float = 1.0,
+    def __init__(self, teacher: nn.Module, mode: str, weight: float = 4.0, temperature: float = 1.0,
                  blocks: list[str] | None = None, autocast_bf16: bool = False):
         if mode not in MODES or mode == "none":
             raise ValueError(f"distill mode must be one of {', '.join(MODES[1:])}, got {mode!r}")

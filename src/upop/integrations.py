@@ -96,7 +96,7 @@ class UPopTrainerCallback(TrainerCallback):
                  method: str = "upop", score: str = "taylor", round_to: int | str = "auto",
                  allocation: str = "unified", granularity: str = "head-dim", w_attn: float = 6.4e-3,
                  w_mlp: float = 2e-4, unit_costs: dict[str, float] | None = None, text_tokens: int | None = None,
-                 distill: str = "none", distill_weight: float = 1.0, distill_temperature: float = 1.0,
+                 distill: str = "none", distill_weight: float = 4.0, distill_temperature: float = 1.0,
                  teacher_precision: str = "fp32", teacher: nn.Module | None = None, trainer=None):
         _check_choices(ratio, cost, method, score, allocation, round_to)
         check_distill(distill, distill_weight, distill_temperature, teacher_precision)

@@ -58,7 +58,7 @@ class TrainerDistiller:
     :attr:`last` holds the last term's parts (floats), for logging.
     """
 
-    def __init__(self, model: nn.Module, mode: str, weight: float = 1.0, temperature: float = 1.0,
+    def __init__(self, model: nn.Module, mode: str, weight: float = 4.0, temperature: float = 1.0,
                  teacher: nn.Module | None = None, precision: str = "fp32"):
         check_distill(mode, weight, temperature, precision)
         if mode == "none":
