@@ -226,3 +226,20 @@ def test_cached_teacher_run_resumes_to_the_uninterrupted_result(world, tmp_path)
     assert off.report["distill"]["teacher_cached"] is False
     assert off.report["compressed"]["metrics"]["r_mean"] == pytest.approx(ref.report["compressed"]["metrics"]["r_mean"],
                                                                           abs=2.0)
+
+
+def test_distillation_settings_count_on_resume_only_when_distilling():
+    """A run without distillation resumes whatever its distillation settings were (e.g. a run started
+    before distill_weight's default became 4); with distillation they must match."""
+    from upop.resume import differences
+
+    def fp(**settings):
+        return {"task": "retrieval", "settings": {"ratio": 0.5, **settings}}
+
+    old = fp(distill="none", distill_weight=1.0, distill_temperature=1.0, teacher_precision="fp32")
+    assert differences(old, fp(distill="none", distill_weight=4.0, distill_temperature=2.0,
+                               teacher_precision="bf16")) == []
+    assert differences(fp(distill="logits", distill_weight=1.0), fp(distill="logits", distill_weight=4.0)) == \
+        ["distill_weight (1.0 -> 4.0)"]
+    assert "distill ('none' -> 'logits')" in differences(old, fp(distill="logits", distill_weight=1.0))
+    assert differences(fp(distill="none"), fp(distill="none", ratio=0.75)) == ["ratio (0.5 -> 0.75)"]

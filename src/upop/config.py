@@ -51,8 +51,8 @@ class UPopConfig:
                       "distributions, class and per-pixel logits) or logits+hidden (plus every block's output, "
                       "the residual stream pruning keeps); the teacher is a frozen copy of the dense model",
                       choices=DISTILL_MODES)
-    distill_weight: float = _f(4.0, "weight of the distillation term added to the task loss (4: the best of 1, 4 "
-                                    "and 16 on benchmarks/transfer.py at 2x, 4x and 8x)")
+    distill_weight: float = _f(4.0, "weight of the distillation term added to the task loss (4: on "
+                                    "benchmarks/transfer.py better than 1 at 2x, 4x and 8x, and than 16 at 4x and 8x)")
     distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)")
     teacher_precision: str = _f("fp32", "dtype the distillation teacher is held and run in: fp32, or bf16 (half "
                                 "the memory)", choices=("fp32", "bf16"))

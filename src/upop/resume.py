@@ -24,7 +24,19 @@ from .errors import CheckpointError, ConfigError
 #: settings that do not change what a run computes (so they may differ on resume)
 FREE_SETTINGS = frozenset({"workers", "checkpoint_every", "latency_time", "latency_batch_size"})
 
+#: settings that change nothing while distillation is off (``distill="none"``): a run is the same
+#: run whatever they are then (so a run started before a default of theirs changed still resumes)
+DISTILL_ONLY = frozenset({"distill_weight", "distill_temperature", "teacher_precision", "distill_cache"})
+
 PHASES = ("search", "retrain", "done")
+
+
+def _effective(settings: dict) -> dict:
+    """``settings`` without the ones that do not act in this run (:data:`DISTILL_ONLY` without
+    distillation)."""
+    if settings.get("distill", "none") != "none":
+        return settings
+    return {k: v for k, v in settings.items() if k not in DISTILL_ONLY}
 
 
 def _digest(h: "hashlib._Hash") -> str:
@@ -67,7 +79,7 @@ def fingerprint(*, task: str, settings: dict, model: nn.Module, datasets: dict[s
     return {
         "task": task,
         "processes": int(processes),
-        "settings": {k: v for k, v in sorted(settings.items()) if k not in FREE_SETTINGS},
+        "settings": {k: v for k, v in sorted(_effective(settings).items()) if k not in FREE_SETTINGS},
         "model": model_digest(model),
         "data": data_digest(datasets),
     }
@@ -79,6 +91,7 @@ def differences(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = _effective(a), _effective(b)
             for name in sorted(set(a) | set(b)):
                 if a.get(name) != b.get(name):
                     out.append(f"{name} ({a.get(name)!r} -> {b.get(name)!r})")
