@@ -54,12 +54,14 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
 
 
 # (family, task, master port, extra options): every family with a task, each on its own port so
-# that a case left hanging cannot block the next one; three of them distil from the dense model
-# (BLIP retrieval: the teacher replays a loss with collectives and a paused ITM part; CLIP: the
-# teacher's similarities come from embeddings computed once, gathered over the global batch)
+# that a case left hanging cannot block the next one; four of them distil from the dense model
+# (BLIP retrieval with logits+hidden: the teacher replays a loss with collectives and a paused ITM
+# part; CLIP and BLIP with logits: the teacher's similarities come from embeddings computed once,
+# gathered over the global batch)
 COMPRESS_CASES = [
     ("clip", "retrieval", 29571, ["--distill", "logits"]),
     ("blip-retrieval", "retrieval", 29572, ["--distill", "logits+hidden"]),
+    ("blip-retrieval", "retrieval", 29579, ["--distill", "logits"]),
     ("blip-vqa", "vqa", 29573, []),
     ("blip-caption", "caption", 29574, []),
     ("blip-nlvr", "nlvr", 29575, []),
@@ -89,7 +91,7 @@ def folders(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("family,task,port,extra", COMPRESS_CASES, ids=[f"{f}-{t}" for f, t, _, _ in COMPRESS_CASES])
+@pytest.mark.parametrize("family,task,port,extra", COMPRESS_CASES, ids=[f"{f}-{t}" + (f"-{e[1]}" if e[:1] == ["--distill"] else "") for f, t, _, e in COMPRESS_CASES])
 def test_every_family_compresses_under_torchrun_like_one_process(family, task, port, extra, folders, tmp_path, capsys):
     """Two processes compress each family end to end: the loss runs through the data-parallel
     wrapper (same weights on both after every phase), both choose the same plan, and the report's
@@ -110,7 +112,7 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
     assert [r for r in records if r["phase"] == "prune"] == [{"phase": "prune", "processes": 2, "plans_identical": True}]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
-    assert report["distill"].get("teacher_cached", False) == (family == "clip")
+    assert report["distill"].get("teacher_cached", False) == (task == "retrieval" and extra[:2] == ["--distill", "logits"])
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", task, "--data", str(data),
                  "--batch-size", "8"]) == 0

@@ -56,7 +56,7 @@ class UPopConfig:
     distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)")
     teacher_precision: str = _f("fp32", "dtype the distillation teacher is held and run in: fp32, or bf16 (half "
                                 "the memory)", choices=("fp32", "bf16"))
-    distill_cache: bool = _f(True, "with --distill logits on CLIP / SigLIP retrieval, embed every training image "
+    distill_cache: bool = _f(True, "with --distill logits on CLIP / SigLIP / BLIP retrieval, embed every training image "
                              "and caption with the frozen teacher once and form each step's teacher similarities "
                              "from those embeddings (one teacher pass over the data instead of a teacher forward "
                              "per step); false: the teacher runs every step")

@@ -183,6 +183,36 @@ def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.T
 
 
 @torch.no_grad()
+@torch.no_grad()
+def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
+    """The ITC features of ``dataset``: L2-normalised ``vision_proj`` of every image's [CLS] and
+    ``text_proj`` of every caption's (all captions, flattened), as the loss computes them, split
+    across the processes of ``accelerator``; with ``txt2img`` and ``img2txt``."""
+    m = unwrap(model)
+    collate = RetrievalCollator(processor, padding="longest")
+    device = next(m.parameters()).device
+    texts, txt2img, img2txt = dataset.flat_captions()
+
+    def run_images(lo: int, hi: int) -> torch.Tensor:
+        pixels = collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device)
+        return _features(m, pixel_values=pixels)["image_feat"].float().cpu()
+
+    def run_texts(lo: int, hi: int) -> torch.Tensor:
+        enc = {key: v.to(device) for key, v in collate.encode_texts(texts[lo:hi]).items()}
+        return _features(m, **enc)["text_feat"].float().cpu()
+
+    with evaluating(m):
+        images = torch.cat(map_batches(len(dataset), batch_size, run_images, accelerator))
+        captions = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator))
+    return images, captions, txt2img, img2txt
+
+
+def replay_affinity(model) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The exposed ITC matrix from a batch's cached features (:mod:`._teacher_replay`): image rows
+    over caption columns, divided by the fixed temperature, as :func:`_loss` computes it."""
+    return lambda images, texts: images @ texts.t() / ITC_TEMPERATURE
+
+
 def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None,
              accelerator=None) -> dict[str, float]:
     """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates (default: BLIP's

@@ -74,12 +74,13 @@ class RetrievalTask(Task):
 
     def teacher_replay(self, teacher, train, processor, batch_size: int = 64, accelerator=None):
         """A builder of the teacher's per-step similarities from embeddings computed once, or None
-        where the teacher must run each step (BLIP, captions behind a prompt): :mod:`._teacher_replay`."""
-        from ._teacher_replay import retrieval_replay
+        where the teacher must run each step (captions behind a prompt): :mod:`._teacher_replay`."""
+        from ._teacher_replay import clip_affinity, retrieval_replay
 
         variant = _variant(teacher)
-        embed = self.embed if variant is None else getattr(variant, "embed", None) if variant is siglip_retrieval else None
-        return retrieval_replay(self, teacher, train, processor, batch_size, accelerator, embed)
+        embed = self.embed if variant is None else variant.embed
+        affinity = variant.replay_affinity if variant is blip_retrieval else clip_affinity
+        return retrieval_replay(self, teacher, train, processor, batch_size, accelerator, embed, affinity)
 
     @torch.no_grad()
     def embed(self, model, dataset: RetrievalDataset, processor, batch_size: int = 64, accelerator=None):
