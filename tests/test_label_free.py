@@ -4,6 +4,8 @@ one-line errors for bad data or models."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -15,7 +17,7 @@ from upop.data.unlabelled import (MIN_DISTINCT, SPLITS, UnlabelledCollator, assi
 from upop.distill import make_teacher
 from upop.errors import DataError, TaskError
 from upop.tasks import get_task
-from upop.tasks.distill import kind
+from upop.tasks.distill import kind, outputs
 
 from ._families import FAMILIES
 
@@ -121,6 +123,32 @@ def test_loss_zero_for_the_teacher_and_positive_after_a_change(case, data):
     assert task.evaluate(model, splits["val"], processor, batch_size=3)["cosine"] < 99.0
 
 
+@pytest.mark.parametrize("case", ["clip", "siglip", "siglip2", "vit", "bert"])
+def test_cached_teacher_gives_the_forwards_targets(case, data):
+    """``distill_cache``: a two-tower model's targets (embeddings and the similarity matrix) come
+    from a table built once, equal to the teacher's forward, and so does the loss; image and text
+    models keep the forward (their targets hold every token's state)."""
+    model, processor, task, splits = _prepared(case, data)
+    train = splits["train"]
+    batch = task.collator(processor)([train[i] for i in (7, 2, 30, 11)])
+    student = copy.deepcopy(model)
+    _perturb(student)
+    forward_loss = task.loss(student, batch)
+    cached = task.cache_teacher(train, processor, batch_size=5)
+    assert cached == task.teacher_cached == (kind(model) == "paired")
+    if not cached:
+        return
+    with torch.no_grad():
+        target = outputs(task.teacher, batch)
+    replayed = task._cached_targets(batch)
+    for name, tensor in target["embeds"].items():
+        torch.testing.assert_close(replayed["embeds"][name], tensor.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(replayed["affinity"], target["affinity"].float(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(task.loss(student, batch), forward_loss, atol=1e-5, rtol=1e-4)
+    task.set_teacher(task.teacher)  # a new teacher drops the table
+    assert not task.teacher_cached
+
+
 @pytest.mark.parametrize("case,param", [("vit", "classifier.weight"), ("bert-mlm", "cls.predictions.bias"),
                                         ("clip", "logit_scale"), ("siglip", "logit_bias")])
 def test_heads_and_similarity_structure_are_distilled(case, param, data):
@@ -167,6 +195,7 @@ def test_compress_end_to_end(family, data, tmp_path):
     result = upop.compress(model, "distill", data, processor=processor, out_dir=tmp_path / "run",
                            config=upop.UPopConfig(**TINY), check_images="none", progress=False, log=lambda _: None)
     report = result.report
+    assert report["distill"] == {"mode": "task", "teacher_cached": family in ("clip", "siglip2")}
     assert report["dense"]["metrics"]["cosine"] == pytest.approx(100.0, abs=1e-6)
     assert 0 < report["compressed"]["metrics"]["cosine"] < 100.0
     assert report["compressed"]["params"] < report["dense"]["params"]
@@ -177,6 +206,30 @@ def test_compress_end_to_end(family, data, tmp_path):
     test = task.load_splits(data, ("test",))["test"]
     again = task.evaluate(reloaded, test, processor, batch_size=32)
     assert again == pytest.approx(report["compressed"]["metrics"], abs=1e-3)
+
+
+def test_cached_label_free_run_resumes_to_the_uninterrupted_result(data, tmp_path):
+    """A label-free CLIP run with the cached teacher, stopped mid-search and resumed, ends with the
+    uninterrupted run's weights (the table is rebuilt the same); ``distill_cache`` counts on resume."""
+    from safetensors.torch import load_file
+
+    cfg = {**TINY, "search_epochs": 2, "checkpoint_every": 2, "interval": 2}
+
+    def run(out, settings=None, **kw):
+        return upop.compress(M.make_model("clip"), "distill", data, processor=M.make_processor("clip", 32),
+                             out_dir=out, config=upop.UPopConfig(**{**cfg, **(settings or {})}), check_images="none",
+                             progress=False, log=lambda _: None, **kw)
+
+    ref = run(tmp_path / "ref")
+    assert ref.report["distill"]["teacher_cached"] is True
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", stop_after=5)
+    with pytest.raises(upop.ConfigError, match="distill_cache"):
+        run(tmp_path / "run", {"distill_cache": False}, resume=True)
+    run(tmp_path / "run", resume=True)
+    a = load_file(str(tmp_path / "ref" / "compressed" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "compressed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _folder(root, images=0, texts=None, bad_image=False):

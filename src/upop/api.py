@@ -324,7 +324,8 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
     )
     report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
     report["score"] = config.score
-    report["distill"] = {"mode": "task"} if getattr(task, "needs_teacher", False) else run.distill_info
+    report["distill"] = {"mode": "task", "teacher_cached": bool(getattr(task, "teacher_cached", False))} \
+        if getattr(task, "needs_teacher", False) else run.distill_info
     report["validation"] = {"best": result.best_metrics, "history": result.history}
     report["device"] = str(p.device)
     report["processes"] = dist.num_processes

@@ -59,7 +59,8 @@ class UPopConfig:
     distill_cache: bool = _f(True, "with --distill logits on CLIP / SigLIP / BLIP retrieval, embed every training image "
                              "and caption with the frozen teacher once and form each step's teacher similarities "
                              "from those embeddings (one teacher pass over the data instead of a teacher forward "
-                             "per step); false: the teacher runs every step")
+                             "per step); with --task distill on a two-tower model, its embeddings of every training item "
+                             "likewise; false: the teacher runs every step")
     w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
     w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
     round_to: int | str = _f("auto", "every group keeps a multiple of this many units: auto (8, the width kernels "

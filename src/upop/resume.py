@@ -31,12 +31,13 @@ DISTILL_ONLY = frozenset({"distill_weight", "distill_temperature", "teacher_prec
 PHASES = ("search", "retrain", "done")
 
 
-def _effective(settings: dict) -> dict:
+def _effective(settings: dict, task: str | None) -> dict:
     """``settings`` without the ones that do not act in this run (:data:`DISTILL_ONLY` without
-    distillation)."""
+    distillation; task ``distill`` uses ``distill_cache``)."""
     if settings.get("distill", "none") != "none":
         return settings
-    return {k: v for k, v in settings.items() if k not in DISTILL_ONLY}
+    inert = DISTILL_ONLY - {"distill_cache"} if task == "distill" else DISTILL_ONLY
+    return {k: v for k, v in settings.items() if k not in inert}
 
 
 def _digest(h: "hashlib._Hash") -> str:
@@ -79,7 +80,7 @@ def fingerprint(*, task: str, settings: dict, model: nn.Module, datasets: dict[s
     return {
         "task": task,
         "processes": int(processes),
-        "settings": {k: v for k, v in sorted(_effective(settings).items()) if k not in FREE_SETTINGS},
+        "settings": {k: v for k, v in sorted(_effective(settings, task).items()) if k not in FREE_SETTINGS},
         "model": model_digest(model),
         "data": data_digest(datasets),
     }
@@ -91,7 +92,7 @@ def differences(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
-            a, b = _effective(a), _effective(b)
+            a, b = _effective(a, saved.get("task")), _effective(b, current.get("task"))
             for name in sorted(set(a) | set(b)):
                 if a.get(name) != b.get(name):
                     out.append(f"{name} ({a.get(name)!r} -> {b.get(name)!r})")

@@ -104,6 +104,8 @@ class Run:
         teacher = make_teacher(model, device=self.acc.device, dtype=dtype)
         if getattr(self.task, "needs_teacher", False):
             self.task.set_teacher(teacher)
+            if cfg.distill_cache and hasattr(self.task, "cache_teacher"):
+                self.task.cache_teacher(self.train_set, self.processor, cfg.eval_batch_size, self.acc)
         if cfg.distill == "none":
             return teacher, None
         distiller = Distiller(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature,

@@ -184,6 +184,8 @@ class DistillTask(Task):
 
     def __init__(self):
         self.teacher: nn.Module | None = None
+        #: (image embeddings, sentence embeddings, affinity) of every training item (:meth:`cache_teacher`)
+        self._cache: tuple[torch.Tensor, torch.Tensor, object] | None = None
         self._text_limit: int | None = None
         self._fixed_length: int | None = None
 
@@ -197,7 +199,49 @@ class DistillTask(Task):
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """The frozen dense model every output is compared with (:func:`upop.distill.make_teacher`)."""
-        self.teacher = teacher
+        self.teacher, self._cache = teacher, None
+
+    @torch.no_grad()
+    def cache_teacher(self, train, processor, batch_size: int = 64, accelerator=None) -> bool:
+        """``distill_cache`` for a two-tower model: the teacher's ``image_embeds`` and
+        ``text_embeds`` of every training item, computed once (batches of fixed composition split
+        across the processes of ``accelerator``, so a resumed run builds the same table). The
+        data is not augmented and the teacher is frozen, so each step's targets are the rows of
+        its batch, and its similarity matrix their product (``scale * I @ T.T``, ``+ bias`` for
+        SigLIP): what the teacher's forward gives up to float rounding, for one pass over the data
+        instead of a teacher forward per step. Image and text models keep the forward (their
+        targets include every token's state). Returns whether the table was built."""
+        from ._teacher_replay import clip_affinity
+
+        teacher, self._cache = self._teacher(), None
+        if kind(teacher) != "paired":
+            return False
+        collate = self.collator(processor)
+        device = next(teacher.parameters()).device
+
+        def run(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = {k: v.to(device) for k, v in collate([train[i] for i in range(lo, hi)]).items()}
+            with _teacher_mode(teacher):
+                embeds = outputs(teacher, batch)["embeds"]
+            return embeds["image"].float().cpu(), embeds["text"].float().cpu()
+
+        with evaluating(teacher):
+            images, texts = zip(*map_batches(len(train), batch_size, run, accelerator))
+        self._cache = (torch.cat(images), torch.cat(texts), clip_affinity(unwrap(teacher)))
+        return True
+
+    @property
+    def teacher_cached(self) -> bool:
+        """Whether the training targets come from :meth:`cache_teacher`'s table."""
+        return self._cache is not None
+
+    def _cached_targets(self, batch) -> dict:
+        """The teacher's :func:`outputs` for ``batch``, from the table (see :meth:`cache_teacher`)."""
+        images, texts, affinity = self._cache
+        index = batch["index"].cpu()
+        image, text = images[index], texts[index]
+        return {"embeds": {"image": image, "text": text}, "tokens": None, "logits": {},
+                "affinity": affinity(image, text).t()}
 
     def _teacher(self) -> nn.Module:
         if self.teacher is None:
@@ -232,8 +276,11 @@ class DistillTask(Task):
         in-batch similarity structure; see the module docstring."""
         teacher = self._teacher()
         student = outputs(model, batch)
-        with _teacher_mode(teacher):
-            target = outputs(teacher, batch)
+        if self._cache is not None:
+            target = self._cached_targets(batch)
+        else:
+            with _teacher_mode(teacher):
+                target = outputs(teacher, batch)
         cosines = [_cosine(s, target["embeds"][n]).mean() for n, s in student["embeds"].items()]
         if student["tokens"] is not None:
             cosines.append(_token_cosine(student["tokens"][0], target["tokens"][0], student["tokens"][1]).mean())
