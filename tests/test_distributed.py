@@ -68,6 +68,7 @@ COMPRESS_CASES = [
     ("vit", "classification", 29576, []),
     ("deit", "classification", 29577, ["--distill", "logits", "--score", "taylor"]),
     ("segmenter", "segmentation", 29578, []),
+    ("clip", "distill", 29580, []),  # label-free: the teacher's embeddings cached over both processes
 ]
 
 
@@ -112,10 +113,11 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
     assert [r for r in records if r["phase"] == "prune"] == [{"phase": "prune", "processes": 2, "plans_identical": True}]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
-    assert report["distill"].get("teacher_cached", False) == (task == "retrieval" and extra[:2] == ["--distill", "logits"])
+    assert report["distill"].get("teacher_cached", False) == (task == "distill" or (task == "retrieval" and extra[:2] == ["--distill", "logits"]))
     capsys.readouterr()
+    teacher = ["--teacher", str(model)] if task == "distill" else []
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", task, "--data", str(data),
-                 "--batch-size", "8"]) == 0
+                 "--batch-size", "8", *teacher]) == 0
     single = json.loads(capsys.readouterr().out)
     assert single == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
 
