@@ -119,7 +119,8 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
     assert main(["evaluate", "--model", str(out / "compressed"), "--task", task, "--data", str(data),
                  "--batch-size", "8", *teacher]) == 0
     single = json.loads(capsys.readouterr().out)
-    assert single == pytest.approx(report["compressed"]["metrics"], abs=1e-9)
+    # recalls are counts (exact); the label-free cosines are float means, summed in another order
+    assert single == pytest.approx(report["compressed"]["metrics"], abs=1e-9 if task != "distill" else 1e-4)
 
 
 def test_through_wrapper_runs_the_loss_as_the_wrappers_forward():
