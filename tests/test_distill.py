@@ -53,8 +53,10 @@ def batches(tmp_path_factory):
             train = task.load_splits(folder / "data", splits=("train",))["train"]
             batch = task.collator(processor)([train[i] for i in range(4)])
             built[case] = (model.eval(), task, batch, processor, train)
+            get.folders[case] = folder
         return built[case] if full else built[case][:3]
 
+    get.folders = {}  # case -> its folder (data/, model/)
     return get
 
 
@@ -77,6 +79,21 @@ def test_term_is_zero_for_the_teacher_itself_and_positive_otherwise(case, mode, 
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), model.state_dict().values()))
     distiller.close()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_evaluation_builds_no_graph(case, batches):
+    """Every task evaluates with gradients off (no autograd graph kept through the test split)."""
+    model, task, _, processor, _ = batches(case, full=True)
+    test = task.load_splits(batches.folders[case] / "data", splits=("test",))["test"]
+    grad_on: list[bool] = []
+    handles = [m.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled())) for m in model.modules()]
+    try:
+        task.evaluate(model, test, processor, batch_size=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert grad_on and not any(grad_on)
 
 
 def test_kl_is_zero_only_when_distributions_agree():

@@ -183,7 +183,6 @@ def rerank(sim: torch.Tensor, k: int, itm_score: Callable[[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-@torch.no_grad()
 def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
     """The ITC features of ``dataset``: L2-normalised ``vision_proj`` of every image's [CLS] and
     ``text_proj`` of every caption's (all captions, flattened), as the loss computes them, split
@@ -213,6 +212,7 @@ def replay_affinity(model) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     return lambda images, texts: images @ texts.t() / ITC_TEMPERATURE
 
 
+@torch.no_grad()
 def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None,
              accelerator=None) -> dict[str, float]:
     """R@1/5/10 both ways after ITM re-ranking of the top ``k`` ITC candidates (default: BLIP's
