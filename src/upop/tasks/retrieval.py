@@ -79,7 +79,7 @@ class RetrievalTask(Task):
 
         variant = _variant(teacher)
         embed = self.embed if variant is None else variant.embed
-        affinity = variant.replay_affinity if variant is blip_retrieval else clip_affinity
+        affinity = getattr(variant, "replay_affinity", clip_affinity)  # BLIP's ITC matrix; else CLIP's
         return retrieval_replay(self, teacher, train, processor, batch_size, accelerator, embed, affinity)
 
     @torch.no_grad()
