@@ -149,6 +149,20 @@ def test_cached_teacher_gives_the_forwards_targets(case, data):
     assert not task.teacher_cached
 
 
+
+def test_teacher_table_beyond_the_limit_keeps_the_forward(data, monkeypatch):
+    """A training set whose table would pass CACHE_LIMIT_BYTES is not cached (the run distils with
+    the teacher's forward), so an unlabelled folder of millions of items cannot fill host memory."""
+    import upop.tasks.distill as D
+
+    model, processor, task, splits = _prepared("clip", data)
+    width = model.config.projection_dim * 2
+    monkeypatch.setattr(D, "CACHE_LIMIT_BYTES", len(splits["train"]) * width * 4 - 1)
+    assert not task.cache_teacher(splits["train"], processor, batch_size=8) and not task.teacher_cached
+    monkeypatch.setattr(D, "CACHE_LIMIT_BYTES", len(splits["train"]) * width * 4)
+    assert task.cache_teacher(splits["train"], processor, batch_size=8) and task.teacher_cached
+
+
 @pytest.mark.parametrize("case,param", [("vit", "classifier.weight"), ("bert-mlm", "cls.predictions.bias"),
                                         ("clip", "logit_scale"), ("siglip", "logit_bias")])
 def test_heads_and_similarity_structure_are_distilled(case, param, data):
