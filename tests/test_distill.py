@@ -225,6 +225,26 @@ def test_teacher_replay_is_the_teachers_forward(case, batches):
     torch.testing.assert_close(with_cache, with_forward, atol=1e-5, rtol=1e-4)
 
 
+def test_teacher_table_beyond_the_limit_keeps_the_teachers_forward(batches, monkeypatch):
+    """A retrieval set whose teacher table would pass CACHE_LIMIT_BYTES is not cached: the builder
+    gives None and the distiller keeps its teacher and runs it (the same term as without a cache)."""
+    import upop.tasks._teacher_replay as R
+
+    model, task, batch, processor, train = batches("clip-retrieval", full=True)
+    teacher = make_teacher(model)
+    monkeypatch.setattr(R, "CACHE_LIMIT_BYTES", 1)
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plain, limited = Distiller(teacher, "logits"), Distiller(teacher, "logits")
+    limited.replay_factory = task.teacher_replay(teacher, train, processor, batch_size=3)
+    _, with_forward = plain.loss(task.loss, student, student, batch)
+    _, term = limited.loss(task.loss, student, student, batch)
+    assert not limited.describe()["teacher_cached"] and not limited.teacher_released
+    torch.testing.assert_close(term, with_forward)
+
+
 def test_cached_teacher_run_resumes_to_the_uninterrupted_result(world, tmp_path):
     logits = {"distill": "logits"}
     ref = _compress(world, tmp_path / "ref", logits)

@@ -153,7 +153,7 @@ def test_cached_teacher_gives_the_forwards_targets(case, data):
 def test_teacher_table_beyond_the_limit_keeps_the_forward(data, monkeypatch):
     """A training set whose table would pass CACHE_LIMIT_BYTES is not cached (the run distils with
     the teacher's forward), so an unlabelled folder of millions of items cannot fill host memory."""
-    import upop.tasks.distill as D
+    import upop.tasks._teacher_replay as D
 
     model, processor, task, splits = _prepared("clip", data)
     width = model.config.projection_dim * 2

@@ -212,7 +212,8 @@ class Distiller:
         hidden = self.mode == "logits+hidden"
         if not hidden and self.replay_factory is not None:  # built once, before the student's graph exists
             self._replay, self.replay_factory = self.replay_factory(), None
-            self.teacher = None  # no longer needed: the run drops its copy too (:attr:`teacher_released`)
+            if self._replay is not None:  # (None: the task could not cache after all; the teacher runs)
+                self.teacher = None  # no longer needed: the run drops its copy too (:attr:`teacher_released`)
         hooks = self._student_hooks(inner) if hidden else None
         with _record() as exposed_s, (hooks.collect() if hidden else contextlib.nullcontext([])) as hs:
             loss = task_loss(student, batch)

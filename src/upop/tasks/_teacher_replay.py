@@ -12,7 +12,8 @@ over the data instead of one teacher forward per step (for BLIP, one that includ
 over hard negatives, which is not distilled).
 
 Not used (the teacher runs every step) for ``logits+hidden`` (block outputs need the forward), for
-captions behind a prompt, or with ``distill_cache`` off.
+captions behind a prompt, with ``distill_cache`` off, or when the table would pass
+:data:`CACHE_LIMIT_BYTES`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import torch
 from ..data.retrieval import RetrievalDataset, RetrievalPairs
 from ._blip import unwrap
 from ._gather import gather, world
+
+
+#: the largest teacher table a process builds (host memory); a larger training set keeps the
+#: teacher's forward (4 GiB: about 2M embeddings 512 wide; COCO's 680k images and captions need 1.4 GB)
+CACHE_LIMIT_BYTES = 4 * 2**30
 
 
 def clip_affinity(model) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -50,13 +56,17 @@ def retrieval_replay(task, teacher, train, processor, batch_size: int, accelerat
     if embed is None or not isinstance(train, RetrievalPairs) or getattr(task.collator(processor), "prompt", ""):
         return None
 
-    def build() -> Callable[[dict], dict[str, torch.Tensor]]:
+    def build() -> Callable[[dict], dict[str, torch.Tensor]] | None:
         inner = unwrap(teacher)
         p = next(inner.parameters())
         autocast = torch.autocast(p.device.type, dtype=torch.bfloat16) if p.dtype == torch.bfloat16 \
             else contextlib.nullcontext()
+        dataset = RetrievalDataset(train.items)
         with torch.no_grad(), autocast:
-            images, texts, _, _ = embed(inner, RetrievalDataset(train.items), processor, batch_size, accelerator)
+            width = embed(inner, RetrievalDataset(train.items[:1]), processor, 1, None)[0].shape[-1]
+            if (len(dataset) + len(dataset.flat_captions()[0])) * width * 4 > CACHE_LIMIT_BYTES:
+                return None  # too large for host memory: the teacher keeps running every step
+            images, texts, _, _ = embed(inner, dataset, processor, batch_size, accelerator)
         similarity = affinity(inner)
 
         def replay(batch: dict) -> dict[str, torch.Tensor]:

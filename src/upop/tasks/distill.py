@@ -55,9 +55,6 @@ TEXT = ("BertModel", "BertForSequenceClassification", "BertForTokenClassificatio
 #: logits over the positions of the sentence (question-answering spans), not over classes
 POSITION_LOGITS = ("start_logits", "end_logits")
 _SIMILARITY_ROWS = 1024  # images per block of the image x sentence similarity in evaluation
-#: the largest teacher table :meth:`DistillTask.cache_teacher` builds (host memory per process); a
-#: larger training set keeps the teacher's forward (4 GiB: about 1M items of two 512-wide embeddings)
-CACHE_LIMIT_BYTES = 4 * 2**30
 
 
 def kind(model: nn.Module) -> str:
@@ -214,8 +211,8 @@ class DistillTask(Task):
         SigLIP): what the teacher's forward gives up to float rounding, for one pass over the data
         instead of a teacher forward per step. Image and text models keep the forward (their
         targets include every token's state), and so does a training set whose table would pass
-        :data:`CACHE_LIMIT_BYTES`. Returns whether the table was built."""
-        from ._teacher_replay import clip_affinity
+        :data:`._teacher_replay.CACHE_LIMIT_BYTES`. Returns whether the table was built."""
+        from . import _teacher_replay
 
         teacher, self._cache = self._teacher(), None
         if kind(teacher) != "paired":
@@ -231,10 +228,10 @@ class DistillTask(Task):
 
         with evaluating(teacher):
             width = sum(t.shape[-1] for t in run(0, 1))
-            if len(train) * width * 4 > CACHE_LIMIT_BYTES:
+            if len(train) * width * 4 > _teacher_replay.CACHE_LIMIT_BYTES:
                 return False
             images, texts = zip(*map_batches(len(train), batch_size, run, accelerator))
-        self._cache = (torch.cat(images), torch.cat(texts), clip_affinity(unwrap(teacher)))
+        self._cache = (torch.cat(images), torch.cat(texts), _teacher_replay.clip_affinity(unwrap(teacher)))
         return True
 
     @property
