@@ -25,9 +25,14 @@ import torch
 from upop.train import finetune, step_batches, steps_per_epoch
 
 
-def distill_setting(config) -> dict | None:
-    """``{"mode", "weight", "temperature"}`` of ``config``'s distillation, or None without one."""
+def distill_setting(config, task: str = "retrieval") -> dict | None:
+    """``{"mode", "weight", "temperature"}`` of ``config``'s distillation in ``task`` (``"auto"``:
+    the mode it stands for there, :func:`upop.distill.resolve`), or None without one."""
     mode = getattr(config, "distill", None)
+    if mode == "auto":
+        from upop.distill import resolve
+
+        mode = resolve(mode, task, getattr(config, "distill_cache", True))
     if mode in (None, "none"):
         return None
     return {"mode": mode, "weight": float(getattr(config, "distill_weight", 1.0)),

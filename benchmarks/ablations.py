@@ -54,7 +54,16 @@ METHODS = {
     "upop, free widths": dict(method="upop", allocation="unified", round_to=1),  # the paper's widths
     "one-shot": dict(method="one-shot", allocation="unified"),
     "uniform": dict(method="upop", allocation="uniform"),
+    # the budget in measured time (--cost latency) with the Taylor score: units ranked by importance per
+    # millisecond (upop's ranking for it) vs by the score alone (the paper's ranking): what the ranking
+    # costs or gains in quality at the same time budget
+    "upop, cost latency, taylor, per-ms ranking": dict(method="upop", allocation="unified", cost="latency",
+                                                       score="taylor", ranking="per-cost"),
+    "upop, cost latency, taylor, score ranking": dict(method="upop", allocation="unified", cost="latency",
+                                                      score="taylor", ranking="score"),
 }
+#: the rows that are not UPop runs (``--methods``)
+BASELINES = ("magnitude", "random + retraining", "torch-pruning", "random, no retraining")
 
 
 def unit_norms(model, group) -> torch.Tensor:
@@ -401,10 +410,11 @@ class RowLog:
 
 
 def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float], work: Path,
-             peer: str | None = None, log: RowLog | None = None) -> list[dict]:
-    """Every method on one task; ``peer`` ("taylor" or "magnitude") adds the Torch-Pruning row.
-    Rows found in ``log`` are reused."""
+             peer: str | None = None, log: RowLog | None = None, methods=None) -> list[dict]:
+    """Every method on one task (or those in ``methods``: names of METHODS and BASELINES); ``peer``
+    ("taylor" or "magnitude") adds the Torch-Pruning row. Rows found in ``log`` are reused."""
     log = log or RowLog(None, False)
+    wanted = set(methods) if methods else set(METHODS) | set(BASELINES)
     task, dense, processor, splits, data = setup(task_name, quick, work)
     metric = task.main_metric
     rows: list[dict] = []
@@ -419,23 +429,28 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
     for ratio in ratios:
         for seed in seeds:
             for method, settings in METHODS.items():
+                if method not in wanted:
+                    continue
                 if log.has(task_name, method, ratio, seed):
                     log.add(rows, log.saved[(task_name, method, ratio, seed)])
                     continue
                 cfg = upop.UPopConfig(ratio=ratio, search_epochs=epochs[0], retrain_epochs=epochs[1], batch_size=batch,
                                       lr=lr[0], retrain_lr=lr[1], seed=seed, latency_time=0.05, augment="none",
-                                      score="gradient", **settings)  # the paper's score, as these results were made
+                                      **{"score": "gradient", "distill": "none", **settings})  # the paper's score, no distillation, as these results were made
                 with tempfile.TemporaryDirectory() as out:
                     result = compress(copy.deepcopy(dense), task, train=splits["train"], val=splits["val"],
                                       test=splits["test"], processor=processor, config=cfg, out_dir=Path(out) / "run",
                                       progress=False, log=lambda m: None)
                 log.add(rows, {"task": task_name, "method": method, "ratio": ratio, "seed": seed,
                                "metric": result.report["compressed"]["metrics"][metric],
-                               "achieved": result.report["achieved_ratio"]})
+                               "achieved": result.report["achieved_ratio"],
+                               "achieved_by_cost": result.report.get("achieved_ratio_by_cost")})
 
             def retrained(make, method: str) -> None:
                 """Prune with ``make()`` (model, extra row fields), retrain for the search + retrain
                 steps, evaluate, add its row (or reuse the logged one)."""
+                if method not in wanted and not (method in PEER_LABELS.values() and "torch-pruning" in wanted):
+                    return
                 if log.has(task_name, method, ratio, seed):
                     log.add(rows, log.saved[(task_name, method, ratio, seed)])
                     return
@@ -470,7 +485,7 @@ def run_task(task_name: str, quick: bool, seeds: list[int], ratios: list[float],
             retrained(at_random, "random + retraining")
             if peer:
                 retrained(by_peer, PEER_LABELS[peer])
-    for seed in seeds:
+    for seed in seeds if "random, no retraining" in wanted else ():
         def cut():
             model = copy.deepcopy(dense)
             g = torch.Generator().manual_seed(seed)
@@ -504,6 +519,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--name", default="ablations", help="results file name (results/NAME.json|md)")
     parser.add_argument("--cache", default="~/.cache/upop-bench/ablations", help="where finished rows are logged")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *BASELINES], default=None,
+                        help="only these rows (default: all)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the rows an interrupted run with the same script and arguments logged")
     args = parser.parse_args()
@@ -522,12 +539,17 @@ def main() -> None:
             if task_name not in TASKS:
                 print(f"skipping {task_name}: no such task in this version")
                 continue
-            rows += run_task(task_name, args.quick, seeds, ratios, Path(work), peer, log)
+            rows += run_task(task_name, args.quick, seeds, ratios, Path(work), peer, log, args.methods)
     text = table(rows)
     print(text)
     metric_names = {"retrieval": "R-mean (%)", "classification": "top-1 (%)"}
     note = ("\n\nMetrics: " + ", ".join(f"{t}: {m}" for t, m in metric_names.items() if t in args.tasks) +
             ". Every method trains for the same number of steps (search + retrain, or retrain only).")
+    if any("cost latency" in r["method"] for r in rows):
+        note += (" The cost latency rows remove the given share of the prunable time (measured per unit at the "
+                 "run's start), not of the parameters (JSON rows: achieved_by_cost), with the Taylor score; they "
+                 "differ only in the ranking: importance per millisecond (upop's, for this cost) or the score "
+                 "alone (the paper's).")
     if any(r["method"] in PEER_LABELS.values() for r in rows):
         how = {"taylor": f"Taylor importance (loss gradients of {PEER_TAYLOR_BATCHES} training batches)",
                "magnitude": "L2 magnitude importance"}[peer]

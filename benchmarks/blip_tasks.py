@@ -121,7 +121,7 @@ def run_task(task_name: str, setting: dict, work: Path, log, init: dict | None =
     search_lr, retrain_lr = setting.get("compress_lr", {}).get(task_name, (lr / 4, lr / 2))
     config = upop.UPopConfig(ratio=0.5, search_epochs=setting["search"], retrain_epochs=setting["retrain"],
                              batch_size=setting["batch"], lr=search_lr, retrain_lr=retrain_lr, eval_batch_size=64,
-                             score="gradient")  # the paper's score, as these results were made
+                             score="gradient", distill="none")  # the paper's score, no distillation, as these results were made
     start = time.perf_counter()
     result = upop.compress(copy.deepcopy(model), task, train=splits["train"], val=splits["val"], test=splits["test"],
                            processor=processor, config=config, out_dir=work / f"run-{task_name}", progress=False,

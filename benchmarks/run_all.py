@@ -48,6 +48,7 @@ BENCHMARKS = {
     "transfer-8x": (["transfer.py", "--ratios", "0.875", *SEEDS, "--name", "transfer-8x", "--methods", *COMPRESSING],
                     "quality"),
     "transfer-cost": (["transfer.py", "--cost"], "timing"),
+    "distill_default": (["distill_default.py"], "quality"),
     "vision_ratios": (["vision_ratios.py"], "quality"),
     "speed": (["speed.py", "--seconds", "0.5"], "timing"),
     "profile_batch1": (["profile_batch1.py", "--modes", "inference_mode", "compiled"], "timing"),

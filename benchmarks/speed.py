@@ -5,11 +5,12 @@ the FLOPs reduction (the physical limit of this kind of pruning).
     python benchmarks/speed.py              # demo size, CLIP-small (256 wide) and CLIP ViT-B/16
     python benchmarks/speed.py --quick      # demo size only, short timings (CI)
 
-Widths: a UPop selection (global ranking, per-type standardised) over random accumulated scores
-gives the uneven per-layer widths a search produces; speed depends only on the widths. Each
-ratio is measured with upop's defaults (``round_to="auto"``, budget in params), with free widths
-(``round_to=1``, the paper) and with ``cost="latency"`` (the budget in time per unit measured on
-this machine at the row's batch, :mod:`upop.latency_table`).
+Widths: a UPop selection over random accumulated importances (upop's default Taylor score: global
+ranking, per-type standardised) gives the uneven per-layer widths a search produces; speed depends
+only on the widths. Each ratio is measured with upop's defaults (``round_to="auto"``, budget in
+params), with free widths (``round_to=1``, the paper) and with ``cost="latency"`` (the budget in
+time per unit measured on this machine at the row's batch, :mod:`upop.latency_table`; the units
+then ranked by importance per millisecond, the same random importances).
 Latency: as upop's report times it (:func:`upop.latency.timed_rounds`): every variant, the dense
 model and the floor model (every group at 1 unit) in the same interleaved rounds; a variant's
 speedup is the median of its per-round speedups, so a burst of load on a shared machine shifts a
@@ -60,16 +61,16 @@ def models(quick: bool):
 
 
 def compress_widths(model, ratio: float, round_to: int | str, seed: int = 0, unit_costs=None):
-    """A copy of ``model`` pruned to a UPop selection over random scores (``unit_costs``: the
-    latency table's ms per unit, for ``cost="latency"``)."""
+    """A copy of ``model`` pruned to a UPop selection over random Taylor importances (``unit_costs``:
+    the latency table's ms per unit, for ``cost="latency"``, which ranks by importance per ms)."""
     pruned = copy.deepcopy(model)
     masks = upop.attach_masks(pruned)
     round_to, _ = resolve_round_to(round_to, masks.groups)
     g = torch.Generator().manual_seed(seed)
     for name in masks.keys():
-        masks.grad_sum[name] = torch.randn(masks[name].numel(), generator=g, dtype=torch.float64)
+        masks.grad_sum[name] = torch.randn(masks[name].numel(), generator=g, dtype=torch.float64).abs()
     search = UPopSearch(masks, ratio=ratio, total_steps=1, interval=1, round_to=round_to, method="one-shot",
-                        cost="latency" if unit_costs else "params", unit_costs=unit_costs)
+                        cost="latency" if unit_costs else "params", unit_costs=unit_costs, score="taylor")
     search.update(0)
     upop.prune(pruned, masks)
     return pruned.eval()

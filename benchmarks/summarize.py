@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ORDER = ["speed", "profile_batch1", "overhead", "ablations-retrieval", "ablations-classification", "transfer-2x", "transfer-4x",
-         "transfer-8x", "transfer-cost", "vision_ratios", "blip_tasks", "scaling", "dataloading"]
+         "transfer-8x", "transfer-cost", "distill_default", "vision_ratios", "blip_tasks", "scaling", "dataloading"]
 
 
 def section() -> str:

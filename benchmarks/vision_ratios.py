@@ -70,7 +70,7 @@ def run_task(task_name: str, setting: dict, work: Path, log) -> dict:
         config = upop.UPopConfig(ratio=ratio, search_epochs=setting["search"], retrain_epochs=setting["retrain"],
                                  batch_size=setting["batch"], lr=setting["lr"] / 4, retrain_lr=setting["lr"] / 2,
                                  eval_batch_size=64, augment="none",
-                                 score="gradient")  # the paper's score, as these results were made
+                                 score="gradient", distill="none")  # the paper's score, no distillation, as these results were made
         start = time.perf_counter()
         result = upop.compress(copy.deepcopy(model), task, train=splits["train"], val=splits["val"],
                                test=splits["test"], processor=processor, config=config,

@@ -22,6 +22,7 @@ QUICK = {
     "blip_tasks": ["benchmarks/blip_tasks.py", "--quick", "--tasks", "vqa", "nlvr"],
     "vision_ratios": ["benchmarks/vision_ratios.py", "--quick", "--tasks", "classification"],
     "profile_batch1": ["benchmarks/profile_batch1.py", "--quick"],
+    "distill_default": ["benchmarks/distill_default.py", "--quick"],
 }
 
 

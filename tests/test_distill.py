@@ -276,3 +276,66 @@ def test_distillation_settings_count_on_resume_only_when_distilling():
         ["distill_weight (1.0 -> 4.0)"]
     assert "distill ('none' -> 'logits')" in differences(old, fp(distill="logits", distill_weight=1.0))
     assert differences(fp(distill="none"), fp(distill="none", ratio=0.75)) == ["ratio (0.5 -> 0.75)"]
+
+
+@pytest.mark.parametrize("task, cache, expected", [
+    ("retrieval", True, "logits"), ("retrieval", False, "none"), ("classification", True, "none"),
+    ("vqa", True, "none"), ("caption", True, "none"), ("nlvr", True, "none"), ("segmentation", True, "none"),
+    ("distill", True, "none"), (None, True, "none")])
+def test_auto_is_logits_only_where_the_teacher_is_cached(task, cache, expected):
+    from upop.distill import CACHED_TASKS, resolve
+
+    assert resolve("auto", task, cache) == expected
+    for mode in ("none", "logits", "logits+hidden"):
+        assert resolve(mode, task, cache) == mode
+    if task is not None:  # the cached tasks are exactly those that can replay the teacher
+        assert (task in CACHED_TASKS) == hasattr(get_task(task), "teacher_replay")
+
+
+def test_auto_distils_retrieval_from_the_cache_and_equals_explicit_logits(world, tmp_path):
+    """The default ``distill="auto"`` on retrieval is ``logits`` with the cached teacher (the same
+    weights bitwise as asking for it), says so in the report, and resumes like it; with the cache
+    off or a table too large for the limit it distils nothing (and equals ``none``)."""
+    import upop.tasks._teacher_replay as R
+
+    auto = _compress(world, tmp_path / "auto", {"distill": "auto", "distill_weight": 4.0, "distill_temperature": 1.0})
+    assert UPopConfig().distill == "auto"
+    info = auto.report["distill"]
+    assert info["mode"] == "logits" and info["teacher_cached"] is True and info["setting"] == "auto"
+    assert "--distill auto: retrieval with the cached teacher" in (tmp_path / "auto" / "report.md").read_text()
+    explicit = _compress(world, tmp_path / "logits", {"distill": "logits", "distill_weight": 4.0,
+                                                      "distill_temperature": 1.0})
+    a = load_file(str(tmp_path / "auto" / "compressed" / "model.safetensors"))
+    b = load_file(str(tmp_path / "logits" / "compressed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    none = _compress(world, tmp_path / "none", {"distill": "none"})
+    off = _compress(world, tmp_path / "off", {"distill": "auto", "distill_cache": False})
+    assert off.report["distill"] == {"mode": "none", "setting": "auto", "why": "off: --distill-cache false"}
+    R_limit = R.CACHE_LIMIT_BYTES
+    try:
+        R.CACHE_LIMIT_BYTES = 1
+        big = _compress(world, tmp_path / "big", {"distill": "auto"})
+    finally:
+        R.CACHE_LIMIT_BYTES = R_limit
+    assert big.report["distill"]["mode"] == "none" and "cannot be cached" in big.report["distill"]["why"]
+    ref = load_file(str(tmp_path / "none" / "compressed" / "model.safetensors"))
+    for run in ("off", "big"):
+        c = load_file(str(tmp_path / run / "compressed" / "model.safetensors"))
+        assert c.keys() == ref.keys() and all(torch.equal(c[k], ref[k]) for k in ref)
+
+
+def test_auto_counts_on_resume_as_the_mode_it_stands_for():
+    """A run started with ``distill="none"`` (the default before ``auto``) resumes under ``auto``
+    where auto distils nothing; where it distils, the refusal says how to resume."""
+    from upop.errors import ConfigError
+    from upop.resume import check_same_run, differences
+
+    def fp(task, **settings):
+        return {"task": task, "settings": {"ratio": 0.5, "distill_cache": True, **settings}}
+
+    assert differences(fp("classification", distill="none"), fp("classification", distill="auto")) == []
+    assert differences(fp("retrieval", distill="logits"), fp("retrieval", distill="auto")) == []
+    assert differences(fp("retrieval", distill="none"), fp("retrieval", distill="auto", distill_cache=False)) == []
+    with pytest.raises(ConfigError, match=r"distill \('none' -> 'logits'\).*pass --distill none to resume it"):
+        check_same_run(fp("retrieval", distill="none"), fp("retrieval", distill="auto"), "runs/x")

@@ -101,6 +101,50 @@ def test_latency_budget_is_met_in_measured_time(ratio):
     assert all(len(p.kept) >= 1 for p in plan.groups.values())
 
 
+@pytest.mark.parametrize("score, ranking", [("gradient", "score"), ("taylor", "per-cost"), ("fisher", "per-cost")])
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_latency_cost_ranks_by_importance_per_unit_of_time(score, ranking, round_to):
+    """With ``cost="latency"``, a Taylor or Fisher search takes units in order of importance per
+    millisecond (HALP's greedy knapsack): every pruned unit has no more importance per ms than any
+    kept unit that was a candidate, so a group whose units take 6x the time gives up more of them at
+    equal importance; the paper's signed gradient keeps the score-only ranking. The plan stays
+    within the time budget and keeps widths multiple of ``round_to``."""
+    model = FAMILIES["clip"][0]().train()
+    masks = upop.attach_masks(model)
+    costs = _costs(masks.groups)
+    g = torch.Generator().manual_seed(0)
+    for name in masks.keys():  # the same importance distribution in every group
+        masks.grad_sum[name] = torch.rand(masks[name].numel(), generator=g, dtype=torch.float64) + 0.5
+    search = UPopSearch(masks, ratio=0.4, total_steps=1, interval=1, cost="latency", method="one-shot",
+                        unit_costs=costs, score=score, round_to=round_to)
+    assert search.ranking == ranking and search.settings().get("ranking", "score") == ranking
+    before = {name: masks.grad_sum[name].clone() for name in masks.keys()}
+    search.update(0)
+    total = sum(costs[x.name] * x.num_units for x in masks.groups)
+    removed = sum(costs[x.name] * int((masks[x.name] == 0).sum()) for x in masks.groups)
+    assert 0.4 * total <= removed < 0.4 * total + round_to * max(costs.values())
+    assert all(int((masks[x.name] != 0).sum()) % round_to == 0 for x in masks.groups)
+    share = {kind: sum(int((masks[x.name] == 0).sum()) for x in masks.groups if x.kind == kind) /
+             sum(x.num_units for x in masks.groups if x.kind == kind) for kind in ("attention", "mlp")}
+    if ranking == "per-cost":
+        assert share["attention"] > share["mlp"]  # the 6x slower units go first at equal importance
+        if round_to == 1:
+            per_ms = {x.name: before[x.name] / costs[x.name] for x in masks.groups}
+            pruned = torch.cat([per_ms[x.name][masks[x.name] == 0] for x in masks.groups])
+            kept = torch.cat([per_ms[x.name][masks[x.name] != 0].sort().values[:-1] for x in masks.groups])  # candidates
+            assert float(pruned.max()) <= float(kept.min())
+
+
+def test_per_cost_ranking_needs_an_importance():
+    masks = upop.attach_masks(FAMILIES["clip"][0]())
+    costs = _costs(masks.groups)
+    with pytest.raises(ConfigError, match="per-cost.*needs score 'taylor' or 'fisher'"):
+        UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, cost="latency", unit_costs=costs, ranking="per-cost")
+    with pytest.raises(ConfigError, match="ranking must be one of"):
+        UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, ranking="time")
+    assert UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, score="taylor").ranking == "score"  # params
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"cost": "latency"}, "needs unit_costs"),
     ({"cost": "params", "unit_costs": {}}, "needs cost='latency'"),

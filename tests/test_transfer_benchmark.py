@@ -126,7 +126,10 @@ def test_distilled_retraining_changes_the_result(quick):
     splits = task.load_splits(folder, ("train", "val"))
     processor = upop.models.make_processor("clip", 32)
     dense = transfer.clip_model(len(processor.tokenizer), 32, **transfer.QUICK["model"])
-    assert distill_setting(upop.UPopConfig()) is None
+    assert distill_setting(upop.UPopConfig(distill="none")) is None
+    # the default "auto" is the logits on retrieval (the cached teacher), nothing on other tasks
+    assert distill_setting(upop.UPopConfig()) == {"mode": "logits", "weight": 4.0, "temperature": 1.0}
+    assert distill_setting(upop.UPopConfig(), task="classification") is None
     kw = dict(epochs=1, lr=1e-3, batch_size=16, seed=0)
     plain = retrain(copy.deepcopy(dense), task, splits["train"], splits["val"], processor, **kw)
     setting = {"mode": "logits+hidden", "weight": 1.0, "temperature": 1.0}

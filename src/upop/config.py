@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .distill import MODES as DISTILL_MODES
-from .search import ALLOCATIONS, COSTS, METHODS, SCORES
+from .distill import SETTINGS as DISTILL_SETTINGS
+from .search import ALLOCATIONS, COSTS, METHODS, RANKINGS, SCORES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -32,7 +32,8 @@ class UPopConfig:
                          "(the same ratio in every layer: the paper's non-unified ablation)", choices=ALLOCATIONS)
     cost: str = _f("params", "budget the ratio is measured in: params (exact counts), flops, or latency (time per "
                    "unit measured at the run's start on its device, --latency-batch-size and --eval-precision; "
-                   "cached in the run folder)", choices=COSTS)
+                   "cached in the run folder; with the taylor or fisher score, units are then ranked by importance per "
+                   "millisecond)", choices=COSTS)
     search_epochs: int = _f(2, "epochs of the search phase (weights train, masks are searched)")
     retrain_epochs: int = _f(2, "epochs of retraining the compressed model (best on validation kept)")
     batch_size: int = _f(32, "training batch size per process")
@@ -46,21 +47,27 @@ class UPopConfig:
                     "benchmark), gradient (the paper: the accumulated mask gradient, dL/dzeta summed over steps) or "
                     "fisher (the accumulated squared gradient); same schedule, selection and projection",
                     choices=SCORES)
-    distill: str = _f("none", "distillation from the dense model during search and retraining: none, logits (the "
-                      "task's outputs: retrieval's image-text similarities both ways, VQA/caption token "
-                      "distributions, class and per-pixel logits) or logits+hidden (plus every block's output, "
-                      "the residual stream pruning keeps); the teacher is a frozen copy of the dense model",
-                      choices=DISTILL_MODES)
+    ranking: str = _f("auto", "what orders the units: auto (per-cost with --cost latency and the taylor or fisher "
+                      "score, else score), score (the paper: the scores alone, standardised per structure type) or "
+                      "per-cost (importance per unit of cost, least first; needs --score taylor or fisher)",
+                      choices=("auto", *RANKINGS))
+    distill: str = _f("auto", "distillation from the dense model during search and retraining: auto (upop's default: "
+                      "logits where the teacher can be cached, i.e. retrieval with --distill-cache, where it is free "
+                      "and gained 1.4-3.0 points on benchmarks/transfer.py; none elsewhere, where it costs a teacher "
+                      "forward per step), none, logits (the task's outputs: retrieval's image-text similarities both "
+                      "ways, VQA/caption token distributions, class and per-pixel logits) or logits+hidden (plus "
+                      "every block's output, the residual stream pruning keeps); the teacher is a frozen copy of the "
+                      "dense model", choices=DISTILL_SETTINGS)
     distill_weight: float = _f(4.0, "weight of the distillation term added to the task loss (4: on "
                                     "benchmarks/transfer.py better than 1 at 2x, 4x and 8x, and than 16 at 4x and 8x)")
     distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)")
     teacher_precision: str = _f("fp32", "dtype the distillation teacher is held and run in: fp32, or bf16 (half "
                                 "the memory)", choices=("fp32", "bf16"))
-    distill_cache: bool = _f(True, "with --distill logits on CLIP / SigLIP / BLIP retrieval, embed every training image "
+    distill_cache: bool = _f(True, "with --distill logits (or auto) on CLIP / SigLIP / BLIP retrieval, embed every training image "
                              "and caption with the frozen teacher once and form each step's teacher similarities "
                              "from those embeddings (one teacher pass over the data instead of a teacher forward "
                              "per step); with --task distill on a two-tower model, its embeddings of every training item "
-                             "likewise; false: the teacher runs every step")
+                             "likewise; false: the teacher runs every step (and --distill auto distils nothing)")
     w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
     w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
     round_to: int | str = _f("auto", "every group keeps a multiple of this many units: auto (8, the width kernels "
@@ -134,6 +141,8 @@ class UPopConfig:
             bad("round_to", "need auto or an integer >= 1")
         if self.allocation == "uniform" and self.round_to not in ("auto", 1):
             bad("round_to", "the uniform allocation does not round widths; use auto or 1 with it")
+        if self.ranking == "per-cost" and self.score == "gradient":
+            bad("ranking", "per-cost divides an importance by its cost; use it with --score taylor or fisher")
         if self.granularity != "head-dim" and self.cost == "latency":  # the latency table times head widths only
             bad("granularity", "cost=latency measures head-dim channels only; use head-dim with it, or cost params "
                 "or flops")

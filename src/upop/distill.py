@@ -29,6 +29,22 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("none", "logits", "logits+hidden")
+#: what ``UPopConfig.distill`` accepts: a mode, or ``"auto"`` (see :func:`resolve`)
+SETTINGS = ("auto", *MODES)
+#: the tasks whose teacher outputs can be cached (computed once, before the first step), where
+#: ``distill="auto"`` distils the logits at no per-step cost
+CACHED_TASKS = ("retrieval",)
+
+
+def resolve(setting: str, task: str | None, cache: bool = True) -> str:
+    """The mode ``setting`` stands for in a run of ``task``: ``"auto"`` is ``"logits"`` where the
+    teacher can be cached (:data:`CACHED_TASKS`, with ``distill_cache`` on) and ``"none"``
+    elsewhere, where distilling costs a teacher forward per step; a mode stands for itself. (A run
+    whose teacher table turns out too large for host memory still drops ``"auto"`` to ``"none"``
+    when it starts: :meth:`upop.train.Run._teacher`.)"""
+    if setting != "auto":
+        return setting
+    return "logits" if cache and task in CACHED_TASKS else "none"
 
 #: the tensors exposed by the current student (or teacher) pass, or None outside a recording
 _RECORDING: list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]] = []

@@ -81,7 +81,8 @@ class UPopTrainerCallback(TrainerCallback):
         text_tokens: text length for FLOPs costs of text units (default: the model's maximum).
         distill, distill_weight, distill_temperature, teacher_precision: distillation from the dense
             model during the search and the retraining, as ``upop compress --distill`` (``"none"``,
-            default, ``"logits"`` or ``"logits+hidden"``), read off the model output's
+            default: the Trainer's loop has no cached teacher, so ``upop compress``'s free
+            ``"auto"`` does not exist here; ``"logits"`` or ``"logits+hidden"``), read off the model output's
             ``logits_per_image`` or ``logits`` (:mod:`upop.trainer_distill`). The teacher is a frozen
             copy of ``trainer.model`` made when the callback is attached (the dense model: attach
             before training, also when resuming), or ``teacher`` if given.

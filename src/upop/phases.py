@@ -63,6 +63,7 @@ def search_phase(run, state: dict | None) -> PruningPlan:
     masks = attach_masks(model, groups)
     search = UPopSearch(masks, cfg.ratio, run.search_steps, run.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
                         round_to=run.round_to, allocation=cfg.allocation, score=cfg.score,
+                        ranking=None if cfg.ranking == "auto" else cfg.ranking,
                         unit_costs=run._latency_costs(model, groups) if cfg.cost == "latency" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0

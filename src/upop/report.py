@@ -156,14 +156,15 @@ def build_report(
 
 def distill_words(distill: dict) -> str:
     """One sentence on what the run distilled from the dense model."""
+    auto = f" (--distill auto: {distill['why']})" if distill.get("setting") == "auto" else ""
     if distill.get("mode", "none") == "none":
-        return " No distillation."
+        return f" No distillation{auto}."
     if distill["mode"] == "task":
         return " Label-free: the loss is the agreement with the dense model."
     what = "the task's outputs" + (f" and the outputs of {distill['hidden_blocks']} blocks"
                                    if distill.get("hidden_blocks") else "")
     return (f" Distilled from the dense model: {what} (weight {distill['weight']:g}, "
-            f"temperature {distill['temperature']:g}).")
+            f"temperature {distill['temperature']:g}){auto}.")
 
 
 def markdown(report: dict[str, Any]) -> str:

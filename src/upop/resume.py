@@ -33,7 +33,15 @@ PHASES = ("search", "retrain", "done")
 
 def _effective(settings: dict, task: str | None) -> dict:
     """``settings`` without the ones that do not act in this run (:data:`DISTILL_ONLY` without
-    distillation; task ``distill`` uses ``distill_cache``)."""
+    distillation; task ``distill`` uses ``distill_cache``), ``distill="auto"`` as the mode it
+    stands for in this task (:func:`upop.distill.resolve`)."""
+    from .distill import resolve
+
+    if settings.get("ranking") == "auto":  # as before the field existed; a changed ranking mid-search is
+        settings = {k: v for k, v in settings.items() if k != "ranking"}  # refused by the search state's settings
+    setting = settings.get("distill", "none")
+    if setting == "auto":  # compared as what it stands for: a run of "none" before the default changed is the same run
+        settings = {**settings, "distill": resolve(setting, task, settings.get("distill_cache", True))}
     if settings.get("distill", "none") != "none":
         return settings
     inert = DISTILL_ONLY - {"distill_cache"} if task == "distill" else DISTILL_ONLY
@@ -110,7 +118,10 @@ def check_same_run(saved: dict | None, current: dict, where: Path) -> None:
     diff = differences(saved, current)
     if diff:
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-        raise ConfigError(f"--resume: this command differs from the run in {where}: {shown}; "
+        hint = ""
+        if any(d.startswith("distill ('none' -> ") for d in diff) and current.get("settings", {}).get("distill") == "auto":
+            hint = " (--distill auto, the default since this run started, distils here: pass --distill none to resume it)"
+        raise ConfigError(f"--resume: this command differs from the run in {where}: {shown}{hint}; "
                           "use the same model, data and settings, or --overwrite to start again")
 
 

@@ -26,8 +26,8 @@ import torch
 from .errors import ConfigError
 from .groups import Group
 from .masks import Masks
-from .search_settings import (ALLOCATIONS, COSTS, METHODS, ROUND_TO_AUTO, SCORES, _check_settings,  # noqa: F401
-                              resolve_round_to)
+from .search_settings import (ALLOCATIONS, COSTS, METHODS, RANKINGS, ROUND_TO_AUTO, SCORES,  # noqa: F401
+                              _check_settings, resolve_round_to)
 from .selection import KIND_CHANNELS, KIND_HEADS, KIND_MLP, CostTable, select_chunks, select_unified, select_uniform
 
 
@@ -60,6 +60,12 @@ class UPopSearch:
             ``method="upop"``, any value >= 1 for one-shot.
         cost: ``"params"`` (exact parameter counts, default), ``"flops"``, or ``"latency"`` (measured
             milliseconds per unit, given as ``unit_costs``; see :mod:`upop.latency_table`).
+        ranking: what orders the units: ``"score"`` (the paper: the scores alone, standardised per
+            structure type) or ``"per-cost"`` (importance per unit of cost, least first: the
+            greedy answer to "remove this much time for the least importance", as latency-aware
+            pruning (HALP) ranks; needs ``score`` ``"taylor"`` or ``"fisher"``, whose importances are
+            non-negative estimates of the loss change, comparable across structure types). Default
+            (None): ``"per-cost"`` with ``cost="latency"`` and a Taylor or Fisher score, else ``"score"``.
         method: ``"upop"`` (progressive projection) or ``"one-shot"`` (masks stay 1 during the
             search and the final prune set is cut to 0 at the last step).
         w_attn, w_mlp: weights of the L1 sparsity terms on attention and MLP masks.
@@ -79,10 +85,19 @@ class UPopSearch:
         allocation: str = "unified",
         unit_costs: dict[str, float] | None = None,
         score: str = "gradient",
+        ranking: str | None = None,
     ):
         if score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
         self.score = score
+        if ranking is None:
+            ranking = "per-cost" if cost == "latency" and score != "gradient" else "score"
+        if ranking not in RANKINGS:
+            raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+        if ranking == "per-cost" and score == "gradient":
+            raise ConfigError("ranking='per-cost' needs score 'taylor' or 'fisher' (non-negative importances); the "
+                              "signed gradient score ranks by score alone")
+        self.ranking = ranking
         _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to)
         if (cost == "latency") != (unit_costs is not None):
             raise ConfigError("cost='latency' needs unit_costs (the measured time per unit of every group), "
@@ -186,8 +201,14 @@ class UPopSearch:
         """Accumulated scores standardised per structure type (attention channels, attention heads,
         MLP neurons), all modalities, larger = pruned first: the signed gradient sum as it is (a
         unit whose mask gradient is positive lowers the loss when its mask shrinks), the Taylor and
-        Fisher importances negated (the least important units go first)."""
+        Fisher importances negated (the least important units go first). With ``ranking="per-cost"``:
+        minus each unit's importance divided by its cost (not standardised: the importances are
+        already on one scale, the loss change the unit's removal is estimated to cause)."""
         s = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
+        if self.ranking == "per-cost":
+            cost = torch.cat([torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64)
+                              for g in self.masks.groups])
+            return -(s.to(torch.float64) / cost)
         if self.score != "gradient":
             s = -s
         out = torch.empty_like(s)
@@ -262,6 +283,7 @@ class UPopSearch:
             "round_to": self.round_to,
             "allocation": self.allocation,
             **({"score": self.score} if self.score != "gradient" else {}),
+            **({"ranking": self.ranking} if self.ranking != "score" else {}),
             **({"unit_costs": self.unit_costs} if self.unit_costs is not None else {}),
         }
 

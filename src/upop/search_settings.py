@@ -13,6 +13,8 @@ ALLOCATIONS = ("unified", "uniform")
 COSTS = ("params", "flops", "latency")
 SCORES = ("gradient", "taylor", "fisher")
 """What a unit's score accumulates per step (see :meth:`upop.masks.Masks.accumulate_grads`)."""
+RANKINGS = ("score", "per-cost")
+"""What orders the units for selection (see :class:`upop.search.UPopSearch`)."""
 
 
 

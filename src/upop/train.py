@@ -90,15 +90,25 @@ class Run:
         self.signals = StopSignals()
         self.teacher, self.distiller = self._teacher(model)
         #: what the run distils, for the report (the distiller is released when the run ends)
-        self.distill_info = self.distiller.describe() if self.distiller is not None else {"mode": "none"}
+        self.distill_info = self._describe_distill()
 
     def _teacher(self, model: nn.Module):
         """The frozen dense teacher (a copy of ``model`` taken before any mask or pruning, on the
-        run's device) when the run distils or the task learns from it, and the distiller."""
-        from .distill import Distiller, make_teacher
+        run's device) when the run distils or the task learns from it, and the distiller.
+
+        ``distill="auto"`` distils the logits only where the teacher's outputs are cached
+        (:func:`upop.distill.resolve`); its table is then built here, and where it cannot be (too
+        large for host memory, captions behind a prompt) the run distils nothing and frees the copy.
+        :attr:`auto_why` says what ``auto`` chose, for the report."""
+        from .distill import CACHED_TASKS, Distiller, make_teacher, resolve
 
         cfg = self.config
-        if cfg.distill == "none" and not getattr(self.task, "needs_teacher", False):
+        mode = resolve(cfg.distill, self.task.name, cfg.distill_cache)
+        self.auto_why = None if cfg.distill != "auto" or getattr(self.task, "needs_teacher", False) else (
+            "retrieval with the cached teacher: no teacher forward per step" if mode == "logits" else
+            "off: --distill-cache false" if self.task.name in CACHED_TASKS else
+            f"off: task {self.task.name} would run the teacher every step; pass --distill logits to distil")
+        if mode == "none" and not getattr(self.task, "needs_teacher", False):
             return None, None
         dtype = torch.bfloat16 if cfg.teacher_precision == "bf16" else None
         teacher = make_teacher(model, device=self.acc.device, dtype=dtype)
@@ -106,14 +116,29 @@ class Run:
             self.task.set_teacher(teacher)
             if cfg.distill_cache and hasattr(self.task, "cache_teacher"):
                 self.task.cache_teacher(self.train_set, self.processor, cfg.eval_batch_size, self.acc)
-        if cfg.distill == "none":
+        if mode == "none":
             return teacher, None
-        distiller = Distiller(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature,
+        distiller = Distiller(teacher, mode, cfg.distill_weight, cfg.distill_temperature,
                               autocast_bf16=dtype is not None)
         replay = getattr(self.task, "teacher_replay", None)
-        if cfg.distill == "logits" and cfg.distill_cache and replay is not None:
+        if mode == "logits" and cfg.distill_cache and replay is not None:
             distiller.replay_factory = replay(teacher, self.train_set, self.processor, cfg.eval_batch_size, self.acc)
+            if cfg.distill == "auto":  # free or not at all: build the table now, drop the teacher without one
+                built = distiller.replay_factory() if distiller.replay_factory is not None else None
+                if built is None:
+                    distiller.close()
+                    self.auto_why = ("off: the teacher's outputs cannot be cached here (a table over "
+                                     "host-memory's limit, or captions behind a prompt)")
+                    return None, None
+                distiller.replay_factory = lambda: built
         return teacher, distiller
+
+    def _describe_distill(self) -> dict:
+        """What the run distils, for the report (with what ``distill="auto"`` chose and why)."""
+        info = self.distiller.describe() if self.distiller is not None else {"mode": "none"}
+        if self.auto_why is not None:
+            info.update(setting="auto", why=self.auto_why)
+        return info
 
     def _task_loss(self, wrapped: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(task loss, distillation term or None)`` of ``batch``."""
@@ -305,7 +330,7 @@ class Run:
             return self._run()
         finally:
             if self.distiller is not None:
-                self.distill_info = self.distiller.describe()
+                self.distill_info = self._describe_distill()
                 self.distiller.close()
             self.teacher = self.distiller = None
 

@@ -192,9 +192,9 @@ class DistillTask(Task):
     def configure(self, config) -> "DistillTask":
         """Refuse the run-level ``distill`` option: this task's loss already is the distillation."""
         mode = getattr(config, "distill", "none")
-        if mode != "none":
+        if mode not in ("none", "auto"):  # auto: none for this task (upop.distill.resolve)
             raise ConfigError(f"distill={show(mode)} does not apply to task 'distill', whose loss already is "
-                              "agreement with the dense teacher; leave distill at 'none'")
+                              "agreement with the dense teacher; leave distill at 'auto' or 'none'")
         return super().configure(config)
 
     def set_teacher(self, teacher: nn.Module) -> None:
