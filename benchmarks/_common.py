@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import platform
 import sys
 import time
@@ -30,7 +31,7 @@ def machine() -> dict:
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``results/NAME.json`` and ``results/NAME.md`` (command and machine included)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     payload = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
     js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     js.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")

@@ -214,6 +214,13 @@ class Distiller:
         self.replay_factory = None
         self._replay = None
 
+    def use_replay(self, replay) -> None:
+        """Give the teacher's exposed tensors from ``replay(batch)`` from now on (``logits`` mode)
+        and let go of the teacher (:attr:`teacher_released`)."""
+        if self.mode != "logits":
+            raise ValueError("a replay stands for the teacher's outputs only in 'logits' mode")
+        self._replay, self.replay_factory, self.teacher = replay, None, None
+
     def _student_hooks(self, student: nn.Module) -> _BlockOutputs:
         """Block hooks on ``student`` (re-attached when the student changes, e.g. after pruning)."""
         if self._student_of is not student:

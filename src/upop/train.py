@@ -122,15 +122,18 @@ class Run:
                               autocast_bf16=dtype is not None)
         replay = getattr(self.task, "teacher_replay", None)
         if mode == "logits" and cfg.distill_cache and replay is not None:
-            distiller.replay_factory = replay(teacher, self.train_set, self.processor, cfg.eval_batch_size, self.acc)
-            if cfg.distill == "auto":  # free or not at all: build the table now, drop the teacher without one
-                built = distiller.replay_factory() if distiller.replay_factory is not None else None
-                if built is None:
-                    distiller.close()
-                    self.auto_why = ("off: the teacher's outputs cannot be cached here (a table over "
-                                     "host-memory's limit, or captions behind a prompt)")
-                    return None, None
-                distiller.replay_factory = lambda: built
+            # the teacher's table is built now, before any training memory exists, and the dense copy
+            # is dropped at once (its memory goes back before the first step's optimizer state)
+            factory = replay(teacher, self.train_set, self.processor, cfg.eval_batch_size, self.acc)
+            built = factory() if factory is not None else None
+            if built is not None:
+                distiller.use_replay(built)
+                return None, distiller
+            if cfg.distill == "auto":  # free or not at all: without a table, no distillation
+                distiller.close()
+                self.auto_why = ("off: the teacher's outputs cannot be cached here (a table over "
+                                 "host-memory's limit, or captions behind a prompt)")
+                return None, None
         return teacher, distiller
 
     def _describe_distill(self) -> dict:
