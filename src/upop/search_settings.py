@@ -46,8 +46,8 @@ def _check_settings(ratio, total_steps, interval, cost, method, allocation, roun
 ROUND_TO_AUTO = 8
 """The multiple ``round_to="auto"`` aims for: on CUDA, fp16/bf16 tensor-core tiles and fused attention
 kernels want widths (and head dims) that are multiples of 8; on CPU, ``benchmarks/speed.py`` measured
-free widths realising 0.82-0.95 of the FLOPs reduction of CLIP-B/16's vision tower and whole forward
-at batch 32 and multiples of 8 0.95-1.09 (the vector units work on 8 or 16 floats)."""
+free widths realising 0.95-1.08 of the FLOPs reduction of CLIP-B/16's vision tower and whole forward
+at batch 32 and multiples of 8 1.02-1.14 (the vector units work on 8 or 16 floats)."""
 
 
 def resolve_round_to(round_to: int | str, groups: list[Group], device_type: str = "cpu",
