@@ -145,6 +145,33 @@ def test_per_cost_ranking_needs_an_importance():
     assert UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, score="taylor").ranking == "score"  # params
 
 
+def test_a_resumed_search_cannot_switch_its_ranking():
+    """The ranking is part of the search state: a state saved with the per-ms ranking does not load
+    into a search with the paper's score ranking (or back), so a resume cannot mix two orders."""
+    masks = upop.attach_masks(FAMILIES["clip"][0]())
+    costs = _costs(masks.groups)
+    make = lambda ranking: UPopSearch(masks, ratio=0.5, total_steps=4, interval=2, cost="latency", unit_costs=costs,
+                                      score="taylor", ranking=ranking)
+    per_ms, paper = make("per-cost"), make("score")
+    with pytest.raises(ConfigError, match="per-cost"):
+        paper.load_state_dict(per_ms.state_dict())
+    with pytest.raises(ConfigError, match="search state was saved with settings"):
+        per_ms.load_state_dict(paper.state_dict())
+    make("per-cost").load_state_dict(per_ms.state_dict())  # the same ranking resumes
+
+
+def test_a_changed_ranking_is_named_on_resume():
+    """The run fingerprint names a changed ``--ranking``, the default shown as 'auto' (not None)."""
+    from upop.resume import differences
+
+    def fp(**settings):
+        return {"task": "retrieval", "settings": {"ratio": 0.5, "cost": "latency", **settings}}
+
+    assert differences(fp(ranking="auto"), fp(ranking="score")) == ["ranking ('auto' -> 'score')"]
+    assert differences(fp(ranking="per-cost"), fp(ranking="auto")) == ["ranking ('per-cost' -> 'auto')"]
+    assert differences(fp(ranking="auto"), fp(ranking="auto")) == []
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"cost": "latency"}, "needs unit_costs"),
     ({"cost": "params", "unit_costs": {}}, "needs cost='latency'"),

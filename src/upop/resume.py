@@ -103,7 +103,9 @@ def differences(saved: dict, current: dict) -> list[str]:
             a, b = _effective(a, saved.get("task")), _effective(b, current.get("task"))
             for name in sorted(set(a) | set(b)):
                 if a.get(name) != b.get(name):
-                    out.append(f"{name} ({a.get(name)!r} -> {b.get(name)!r})")
+                    # a ranking dropped by _effective was "auto" (or predates the field, which acts alike)
+                    was, now = ("auto" if name == "ranking" and v is None else v for v in (a.get(name), b.get(name)))
+                    out.append(f"{name} ({was!r} -> {now!r})")
         elif a != b:
             out.append(f"{key} ({a!r} -> {b!r})" if key in ("task", "processes") else
                        {"model": "model weights", "data": "data annotations"}.get(key, key))
