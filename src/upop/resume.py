@@ -37,8 +37,9 @@ def _effective(settings: dict, task: str | None) -> dict:
     stands for in this task (:func:`upop.distill.resolve`)."""
     from .distill import resolve
 
-    if settings.get("ranking") == "auto":  # as before the field existed; a changed ranking mid-search is
-        settings = {k: v for k, v in settings.items() if k != "ranking"}  # refused by the search state's settings
+    # a run from before the field existed counts as "auto"; what a ranking does mid-search is checked by
+    # the search state's settings
+    settings = {**settings, "ranking": settings.get("ranking", "auto")}
     setting = settings.get("distill", "none")
     if setting == "auto":  # compared as what it stands for: a run of "none" before the default changed is the same run
         settings = {**settings, "distill": resolve(setting, task, settings.get("distill_cache", True))}
@@ -103,9 +104,7 @@ def differences(saved: dict, current: dict) -> list[str]:
             a, b = _effective(a, saved.get("task")), _effective(b, current.get("task"))
             for name in sorted(set(a) | set(b)):
                 if a.get(name) != b.get(name):
-                    # a ranking dropped by _effective was "auto" (or predates the field, which acts alike)
-                    was, now = ("auto" if name == "ranking" and v is None else v for v in (a.get(name), b.get(name)))
-                    out.append(f"{name} ({was!r} -> {now!r})")
+                    out.append(f"{name} ({a.get(name)!r} -> {b.get(name)!r})")
         elif a != b:
             out.append(f"{key} ({a!r} -> {b!r})" if key in ("task", "processes") else
                        {"model": "model weights", "data": "data annotations"}.get(key, key))
