@@ -20,7 +20,8 @@ from .errors import CheckpointError, ConfigError, UPopError, show
 from .latency import paired_latency
 from .report import build_report, describe_setup, retime_command, write_report
 from .resume import check_same_run, fingerprint
-from .rundir import OWN_FILES, RUN_FILES, RunDir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
+from .masks import refuse_pruned
+from .rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
 from .runtime import PhaseClock, append_log, device_record, eval_autocast
 from .train import Run
@@ -163,6 +164,7 @@ def _start_run(rundir: RunDir, *, resume: bool, overwrite: bool, restart_if_miss
     rundir.acquire()
     rundir.check_overwrite(resume, overwrite)
     rundir.clean_temp()
+    rundir.note_existing()  # a rejected fresh run removes only what it wrote itself
     run_file = out / "run.json"
     if resume:
         if run_file.is_file():
@@ -173,8 +175,9 @@ def _start_run(rundir: RunDir, *, resume: bool, overwrite: bool, restart_if_miss
             check_same_run(saved.get("fingerprint") if isinstance(saved, dict) else None, info["fingerprint"], out)
             return False
         if not restart_if_missing:
-            raise ConfigError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start a "
-                              "new run there, or pass --restart-if-missing")
+            raise ConfigError(f"--resume: {show(out)} holds no run to resume (no run.json); drop --resume to start "
+                              "a new run there, or pass --restart-if-missing")
+        rundir.check_empty("--restart-if-missing starts a new run only in an empty folder")
         rundir.check_free(min_free)
     else:
         rundir.check_free(min_free)
@@ -218,6 +221,9 @@ def compress(
     config.validate()
     task = get_task(task).configure(config)
     task.check_model(model)
+    refuse_pruned(model)
+    out = check_out_dir(out_dir, {"model": base_model or str(getattr(model.config, "_name_or_path", "") or ""),
+                                  "data": data})
     if processor is None:
         raise ConfigError("processor is required (the model's image processor and tokenizer)")
     if check_images not in ("header", "full", "none"):
@@ -235,7 +241,6 @@ def compress(
     from accelerate import PartialState
 
     dist = PartialState(cpu=not torch.cuda.is_available())
-    out = Path(out_dir)
     base_model = base_model or str(getattr(model.config, "_name_or_path", "") or "")
     info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict(),
             "fingerprint": fingerprint(task=task.name, settings=config.to_dict(), model=model,
@@ -277,9 +282,9 @@ def compress(
 
 
 def _abandon(rundir: RunDir) -> None:
-    """Remove what a rejected fresh run wrote (only names a run writes) and bring back the
-    previous run that ``--overwrite`` set aside."""
-    for name in sorted(RUN_FILES - OWN_FILES):
+    """Remove what a rejected fresh run wrote (only names a run writes, and none that was in the
+    folder when the run took it) and bring back the previous run that ``--overwrite`` set aside."""
+    for name in sorted(RUN_FILES - OWN_FILES - rundir.existing):
         path = rundir.path / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

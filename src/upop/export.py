@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError, show
+from .rundir import check_out_dir
 from .export_graph import (REFUSED, TOWERS, TWO_TOWERS, _graph_of, example_inputs)  # noqa: F401 - upop.export.<name>
 from .export_graph import PARTS, _dynamic_axes, _Graph, _max_tokens
 from .export_ort import _ort_outputs, _paired_latency, _session
@@ -255,7 +256,8 @@ def export_onnx(model, out: str | os.PathLike, *, part: str | None = None, dense
     (dynamo, else TorchScript), ``"dynamo"`` or ``"torchscript"``; ``latency_time``: each model is
     timed ``3 x`` this many seconds over 7 rounds."""
     onnx, ort = require_onnx()
-    out = Path(out)
+    out = check_out_dir(out, {"model": None if isinstance(model, nn.Module) else model,
+                              "dense model": None if dense is None or isinstance(dense, nn.Module) else dense})
     _check_options(out, overwrite, part, batch, opset, tolerance, exporter, latency_time, onnx)
     graph = _graph_of(model, part, type(model).__name__ if isinstance(model, nn.Module) else show(model))
     dense_graph = None if dense is None else _graph_of(dense, part, "--dense")

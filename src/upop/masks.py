@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, find_groups, get_spec
+from .errors import ConfigError, show
 from .groups import Group
 
 
@@ -233,6 +234,21 @@ def _world_size() -> int:
     return 1
 
 
+def refuse_pruned(model: nn.Module) -> None:
+    """Refuse to search or prune a model upop already pruned (one that carries a plan).
+
+    Plans do not compose: a second plan would count the pruned widths as dense, while the folder
+    keeps the dense ``config.json`` the first plan is replayed on, so the result could not be
+    loaded. Refused before anything is done; compress the dense model once with the ratio wanted.
+    """
+    plan = getattr(model, "upop_plan", None)
+    if plan is not None:
+        base = f" (dense model: {show(plan.base_model)})" if plan.base_model else ""
+        raise ConfigError(f"this {type(model).__name__} is already compressed by upop{base}; compressing a compressed "
+                          "model again is not supported (plans do not compose): compress the dense model once, with "
+                          "the --ratio you want in the end")
+
+
 def attach_masks(
     model: nn.Module, groups: list[Group] | None = None, spec: ArchSpec | None = None
 ) -> Masks:
@@ -241,6 +257,7 @@ def attach_masks(
     The masks are not parameters of ``model``. Call :func:`upop.prune` to slice the units whose
     mask is 0 (it also removes the masks), or ``masks.remove()`` to drop them.
     """
+    refuse_pruned(model)
     spec = spec or get_spec(model)
     groups = groups if groups is not None else find_groups(model, spec)
     existing = getattr(model, "_upop_masks", None)

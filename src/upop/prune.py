@@ -21,7 +21,7 @@ from .arch import ArchSpec, find_groups, get_spec
 from .arch._spec import fold_query_scale, set_head_count
 from .errors import CheckpointError, ConfigError, show
 from .groups import HEADS_SUFFIX, Group, cell_rows, exact_cost
-from .masks import Masks
+from .masks import Masks, refuse_pruned
 
 FORMAT_VERSION = 1
 #: the plan's file in a compressed checkpoint folder, next to ``config.json`` and the weights
@@ -194,6 +194,7 @@ def prune(model: nn.Module, masks: Masks, base_model: str = "", search: dict | N
     All masks are checked before anything changes, so a refused call leaves the model and its
     masks as they were. Every group keeps at least one unit.
     """
+    refuse_pruned(model)
     spec = masks.spec
     kept = _kept_units(masks)
     masks.remove()

@@ -42,7 +42,7 @@ from .atomic import (MARKER_PREFIX, TEMP_NAME, _fsync_dir, _open_temp, _show, sh
 from .errors import ConfigError
 from .folder_lock import LOCK_FILE, FolderLock
 
-__all__ = ["KINDS", "LOCK_FILE", "MARKER_PREFIX", "OWN_FILES", "PREVIOUS_DIR", "RUN_FILES", "RunDir", "sees_marker",
+__all__ = ["KINDS", "check_out_dir", "LOCK_FILE", "MARKER_PREFIX", "OWN_FILES", "PREVIOUS_DIR", "RUN_FILES", "RunDir", "sees_marker",
            "shared_marker", "torch_save_atomic", "write_dir_atomic", "write_file_atomic", "write_json_atomic",
            "write_text_atomic"]
 
@@ -115,6 +115,8 @@ class RunDir(FolderLock):
         self._lock_fd: int | None = None
         self._lock_pid: int | None = None
         self._aside: Path | None = None
+        #: the kind's names that were in the folder when this command took it (:meth:`note_existing`)
+        self.existing: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"RunDir({os.fspath(self.path)!r}, kind={self.kind!r})"
@@ -202,6 +204,23 @@ class RunDir(FolderLock):
         if links:
             raise ConfigError(f"output folder {_show(self.path)} holds symbolic links ({_show_some(links)}); "
                               "upop never writes through links, remove them or choose another --out")
+
+    def check_empty(self, why: str) -> None:
+        """Refuse a folder that holds anything but rundir's own lock, markers and the temps of
+        killed writes (``why`` says which rule asked, e.g. ``--restart-if-missing``)."""
+        self._refuse_link_or_file()
+        if not self.path.exists():
+            return
+        held = [e for e in self._entries() if e != LOCK_FILE and not e.startswith(MARKER_PREFIX)
+                and not _is_temp_of(e, self.files | {_PROBE})]
+        if held:
+            raise ConfigError(f"output folder {_show(self.path)} holds files but no run ({_show_some(held)}); {why}: "
+                              "choose another --out, or --overwrite to replace what an earlier upop run wrote")
+
+    def note_existing(self) -> None:
+        """Remember which of the kind's names the folder holds now: what a rejected run may
+        remove is only what it wrote itself."""
+        self.existing = frozenset(e for e in self._entries() if e in self.files)
 
     # set aside / restore / drop --------------------------------------------------------------
     def _previous_dirs(self) -> list[str]:
@@ -321,3 +340,41 @@ class RunDir(FolderLock):
         if free < min_bytes:
             raise ConfigError(f"output folder {_show(self.path)}: only {free / 2**20:.0f} MiB free on its disk, "
                               f"need about {min_bytes / 2**20:.0f} MiB")
+
+
+# ----------------------------------------------------------------------------- where a run may write
+
+
+def _real(path: str | os.PathLike) -> Path | None:
+    """``path`` resolved (links followed, as far as they exist); None if it cannot be (a NUL in it)."""
+    try:
+        return Path(os.path.realpath(os.fspath(path)))
+    except (ValueError, OSError):
+        return None
+
+
+def check_out_dir(out: str | os.PathLike | None, inputs: dict[str, str | os.PathLike | None],
+                  flag: str = "--out") -> Path:
+    """``out`` as a folder a command may write, checked against the command's inputs.
+
+    Refused (one line): an empty ``out`` (it would mean the current folder), and an ``out`` that is
+    one of ``inputs`` (name -> a local file or folder, e.g. ``{"model": ..., "data": ...}``; ids
+    and missing paths are skipped) or lies inside one: the run's files would land among the
+    model's or the data's (an ``allocation.png`` as an eleventh class, a report beside the weights)
+    and change what the next command reads.
+    """
+    if out is None or not os.fspath(out).strip():
+        raise ConfigError(f"{flag} {_show(os.fspath(out) if out is not None else '')} is empty (it would mean the "
+                          f"current folder); name the folder to write, e.g. {flag} upop-out")
+    target = _real(out)
+    for name, given in inputs.items():
+        if given is None or not os.fspath(given) or not os.path.exists(os.fspath(given)):
+            continue
+        source = _real(given)
+        if target is None or source is None:
+            continue
+        if target == source or source in target.parents:
+            where = "is" if target == source else "is inside"
+            raise ConfigError(f"{flag} {_show(out)} {where} the {name} {_show(given)}; upop never writes into its "
+                              f"inputs (the {name} would change under the next command): choose an {flag} outside it")
+    return Path(out)

@@ -48,6 +48,25 @@ class SearchUpdate:
     selected: int
 
 
+def _check_reachable(costs: CostTable, ratio: float, round_to: int, cost: str) -> None:
+    """Refuse a ratio that no selection can reach once every group keeps ``round_to`` units."""
+    removable = costs.removable(round_to)
+    if removable < ratio * costs.total:
+        raise ConfigError(
+            f"ratio={ratio} cannot be met with round_to={round_to}: groups must keep at least {round_to} units "
+            + ("(the head groups of granularity both: 1 head), " if costs.has_pairs else "")
+            + f"so at most {removable / costs.total:.3f} of the prunable {cost} can be removed; "
+            "lower --ratio or --round-to"
+        )
+
+
+def check_reachable(groups: list[Group], ratio: float, round_to: int, cost: str) -> None:
+    """The same check before a run starts, for a params or FLOPs budget (a latency budget's unit
+    times are measured later, on the run's device: :class:`UPopSearch` checks it then)."""
+    if cost != "latency":
+        _check_reachable(CostTable(groups, lambda g: float(g.cost(cost))), ratio, round_to, cost)
+
+
 class UPopSearch:
     """Unified, progressive search over every group of ``masks``.
 
@@ -124,14 +143,7 @@ class UPopSearch:
         # exact costs (a pair of granularity "both" counted once, bilinearly; upop.selection)
         self._costs = CostTable(masks.groups, self._group_cost)
         self.total_cost = self._costs.total
-        removable = self._costs.removable(round_to)
-        if removable < ratio * self.total_cost:
-            raise ConfigError(
-                f"ratio={ratio} cannot be met with round_to={round_to}: groups must keep at least {round_to} units "
-                + ("(the head groups of granularity both: 1 head), " if self._costs.has_pairs else "")
-                + f"so at most {removable / self.total_cost:.3f} of the prunable {cost} can be removed; "
-                "lower --ratio or --round-to"
-            )
+        _check_reachable(self._costs, ratio, round_to, cost)
 
     def _group_cost(self, g: Group) -> float:
         """Cost of one unit of ``g`` under this search's budget."""
