@@ -16,28 +16,62 @@ or, stage by stage:
     model = upop.load_compressed("out/compressed")   # same class as the dense model
 """
 
-from .api import CompressResult, compress, evaluate
-from .latency import time_models
-from .arch import ArchSpec, find_groups, get_spec, register_spec, supported_model_types
-from .checkpoint import load_compressed, read_plan, save_compressed
-from .config import UPopConfig
-from .cost import count_flops, count_params, measure_latency, prunable_cost
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    TaskError,
-    UnsupportedModelError,
-    UPopError,
-)
-from .groups import Group
-from .integrations import UPopTrainerCallback
-from .masks import Masks, attach_masks
-from .models import load_any as load_model
-from .prune import PruningPlan, apply_plan, prune
-from .search import UPopSearch, ratio_at
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+#: public name -> the module that defines it. The package face imports nothing until a name is
+#: used (PEP 562), so ``import upop`` is instant and pulls in neither torch's nor transformers'
+#: heavy parts (the Trainer machinery only with ``upop.UPopTrainerCallback``).
+_EXPORTS = {
+    "CompressResult": "api", "compress": "api", "evaluate": "api",
+    "time_models": "latency",
+    "ArchSpec": "arch", "find_groups": "arch", "get_spec": "arch", "register_spec": "arch",
+    "supported_model_types": "arch",
+    "load_compressed": "checkpoint", "read_plan": "checkpoint", "save_compressed": "checkpoint",
+    "UPopConfig": "config",
+    "count_flops": "cost", "count_params": "cost", "measure_latency": "cost", "prunable_cost": "cost",
+    "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors", "TaskError": "errors",
+    "UnsupportedModelError": "errors", "UPopError": "errors",
+    "Group": "groups",
+    "UPopTrainerCallback": "integrations",
+    "Masks": "masks", "attach_masks": "masks",
+    "load_model": ("models", "load_any"),
+    "PruningPlan": "prune", "apply_plan": "prune", "prune": "prune",
+    "UPopSearch": "search", "ratio_at": "search",
+}
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'upop' has no attribute {name!r}")
+    module, attr = (target, name) if isinstance(target, str) else target
+    value = getattr(import_module(f".{module}", __name__), attr)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
+    from .api import CompressResult, compress, evaluate  # noqa: F401
+    from .arch import ArchSpec, find_groups, get_spec, register_spec, supported_model_types  # noqa: F401
+    from .checkpoint import load_compressed, read_plan, save_compressed  # noqa: F401
+    from .config import UPopConfig  # noqa: F401
+    from .cost import count_flops, count_params, measure_latency, prunable_cost  # noqa: F401
+    from .errors import (CheckpointError, ConfigError, DataError, TaskError, UnsupportedModelError,  # noqa: F401
+                         UPopError)
+    from .groups import Group  # noqa: F401
+    from .integrations import UPopTrainerCallback  # noqa: F401
+    from .latency import time_models  # noqa: F401
+    from .masks import Masks, attach_masks  # noqa: F401
+    from .models import load_any as load_model  # noqa: F401
+    from .prune import PruningPlan, apply_plan, prune  # noqa: F401
+    from .search import UPopSearch, ratio_at  # noqa: F401
+
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "ArchSpec",

@@ -226,7 +226,7 @@ def _check_imports(source: str) -> None:
 
 def modeling_source(model: nn.Module, record: dict[str, Any]) -> str:
     """The text of ``modeling_upop.py`` for ``model`` (whose :func:`shape_record` is ``record``)."""
-    from . import __version__
+    from ._version import __version__
 
     cls = type(model)
     parts = [_HEADER.format(version=__version__)]
