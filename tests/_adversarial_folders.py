@@ -67,6 +67,8 @@ ROWS: dict[str, Row] = {
     "restart-if-missing over the user's files, the run then rejected": Row(
         lambda w, t: _restart_over_users_files(w, t, "--check-images", "none", data=_truncated_test_image(w, t)),
         "holds files but no run", watch=("mine", "data")),
+    "overwrite over the user's run-named files, no run.json": Row(
+        lambda w, t: compress(w, _users_folder(t), "--overwrite"), "but no run.json", watch=("mine",)),
     "overwrite over the user's hidden file beside run names": Row(
         lambda w, t: compress(w, write(_users_folder(t) / ".env", "TOKEN=1").parent, "--overwrite"),
         "'.env'", watch=("mine",)),

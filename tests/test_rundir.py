@@ -69,6 +69,7 @@ def tree(root: Path, skip: tuple[str, ...] = (LOCK_FILE,)) -> dict[str, str]:
 
 
 RUN_SPEC = {
+    "run.json": "{}\n",
     "report.md": "# report\n",
     "report.json": '{"a": 1}\n',
     "log.jsonl": '{"step": 1}\n',
@@ -175,6 +176,8 @@ OVERWRITE_CASES = [
     ("hidden user files", {"report.md": "r", ".git/HEAD": "ref", ".env": "SECRET=1"}, None, False, True,
      r"holds files upop did not write \('\.env', '\.git'\); refusing to overwrite, choose another --out$"),
     ("user file", {"report.md": "r", "notes.txt": "mine"}, None, False, True, r"did not write \('notes\.txt'\)"),
+    ("run names but no run.json", {"report.md": "mine", "log.jsonl": "x", "compressed/thesis.tex": "t"}, None, False,
+     True, r"holds 'compressed', 'log\.jsonl', 'report\.md' but no run\.json, so no upop run wrote them"),
     ("temp look-alike", {".notes.txt.tmp-1-0123abcd": "x"}, None, False, True, r"did not write"),
     ("many user files", {n: n for n in "abcde"}, None, False, True, r"\('a', 'b', 'c' and 2 more\)"),
     ("newline in a name", {"bad\nname": "x"}, None, False, True, r"\('bad\\nname'\)"),

@@ -204,6 +204,11 @@ class RunDir(FolderLock):
         if links:
             raise ConfigError(f"output folder {_show(self.path)} holds symbolic links ({_show_some(links)}); "
                               "upop never writes through links, remove them or choose another --out")
+        if overwrite and not resume and self.kind == "run" and "run.json" not in entries:
+            named = [e for e in entries if e in self.files]
+            if named:  # a run writes run.json first: without it, these are not a run's files
+                raise ConfigError(f"output folder {_show(self.path)} holds {_show_some(named)} but no run.json, so no "
+                                  "upop run wrote them; refusing to overwrite, choose another --out")
 
     def check_empty(self, why: str) -> None:
         """Refuse a folder that holds anything but rundir's own lock, markers and the temps of
