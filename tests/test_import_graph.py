@@ -100,3 +100,13 @@ def test_the_package_face_names_exist():
 
     for name in upop.__all__:
         assert getattr(upop, name) is not None, name
+
+
+def test_a_submodule_never_hides_a_public_name():
+    """``upop.prune`` is the function even after the submodule ``upop.prune`` was imported."""
+    import subprocess
+    import sys
+
+    code = "import upop.prune, upop.masks, upop; print(callable(upop.prune), type(upop.prune).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "function"], out

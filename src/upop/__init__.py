@@ -16,7 +16,10 @@ or, stage by stage:
     model = upop.load_compressed("out/compressed")   # same class as the dense model
 """
 
+import sys
+import types
 from importlib import import_module
+from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 #: public name -> the module that defines it. The package face imports nothing until a name is
@@ -44,6 +47,8 @@ _EXPORTS = {
 def __getattr__(name: str):
     target = _EXPORTS.get(name)
     if target is None:
+        if not name.startswith("__") and find_spec(f"{__name__}.{name}") is not None:
+            return import_module(f".{name}", __name__)  # a submodule, as ``upop.models`` was before
         raise AttributeError(f"module 'upop' has no attribute {name!r}")
     module, attr = (target, name) if isinstance(target, str) else target
     value = getattr(import_module(f".{module}", __name__), attr)
@@ -53,6 +58,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Face(types.ModuleType):
+    """The package's module type: importing the submodule ``upop.prune`` must not replace the
+    public function ``upop.prune`` (the import system binds a loaded submodule as an attribute of
+    its package; a public name wins over a submodule of the same name)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
