@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -457,3 +458,78 @@ def test_full_disk_is_reported_before_training(world, tmp_path, monkeypatch):
         _compress_into(world, tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- bounded inputs
+
+
+def test_show_is_bounded_for_huge_deep_and_cyclic_values():
+    """``show`` never builds the full repr: a 9**9-item shared list, a 100,000-deep list, a
+    cycle and a 10,000-digit integer all give a short line, fast."""
+    import time
+
+    from upop.errors import show
+
+    bomb: list = ["x"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9
+    deep: list = []
+    node = deep
+    for _ in range(100_000):
+        node.append([])
+        node = node[0]
+    cycle: list = [1]
+    cycle.append(cycle)
+    start = time.monotonic()
+    texts = [show(v) for v in (bomb, deep, cycle, 10**10_000, "a\nb" * 10**6, {"k": bomb}, set(), (1,))]
+    assert time.monotonic() - start < 1.0
+    assert all(len(t) <= 210 and "\n" not in t for t in texts), texts
+    assert texts[3] == "<an integer of 33220 bits>" and texts[6] == "set()" and texts[7] == "(1,)"
+    assert show([1, "a", None, 2.5, {"b": (1, 2)}]) == "[1, 'a', None, 2.5, {'b': (1, 2)}]"
+
+
+def test_numeric_strings_of_yaml_are_numbers(tmp_path):
+    """YAML 1.1 reads ``1e-5`` as a string: number settings take numeric strings, words are refused."""
+    config = upop.UPopConfig.from_yaml(_write(tmp_path / "c.yaml", 'lr: 1e-5\nretrain_lr: "5e-05"\nbatch_size: "3"\n'
+                                              "latency_time: '0.25'\nround_to: '8'\n"))
+    assert (config.lr, config.retrain_lr, config.batch_size, config.latency_time, config.round_to) == \
+        (1e-5, 5e-5, 3, 0.25, 8)
+    for text, needle in (("lr: fast\n", "lr='fast'"), ("batch_size: '3.5'\n", "batch_size='3.5'"),
+                         ("seed: '-1'\n", "seed=-1"), ("ratio: 'nan'\n", "ratio='nan'")):
+        with pytest.raises(upop.ConfigError, match=re.escape(needle)):
+            upop.UPopConfig.from_yaml(_write(tmp_path / "c.yaml", text))
+
+
+def test_every_size_option_documents_its_range():
+    """Each size-like option names its range in --help (and the parser checks it)."""
+    from upop.cli_parser import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    wanted = {"compress": ["--seed", "--batch-size", "--eval-batch-size", "--search-epochs", "--retrain-epochs",
+                           "--checkpoint-every", "--latency-batch-size", "--workers", "--interval", "--itm-k",
+                           "--vqa-k", "--caption-beams", "--latency-time", "--round-to"],
+              "data": ["--train", "--val", "--test", "--image-size", "--seed"],
+              "make-model": ["--image-size", "--seed", "--num-labels"],
+              "evaluate": ["--batch-size", "--latency-batch-size", "--latency-time"],
+              "export": ["--batch", "--latency-time"]}
+    for command, flags in wanted.items():
+        helps = {s: a.help for a in subs[command]._actions for s in a.option_strings}
+        for flag in flags:
+            assert "range" in helps[flag], (command, flag, helps[flag])
+
+
+def test_config_file_is_read_boundedly(tmp_path):
+    """A config file that is not a regular file is named as what it is; nothing is read from it."""
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "nothing.yaml")
+    _write(tmp_path / "big.yaml", "#" * (2 << 20))
+    for name, needle in (("fifo.yaml", "is a FIFO"), ("zero.yaml", "is a character device"), ("dir.yaml", "is a folder"),
+                         ("a.yaml", "symbolic link loop"), ("gone.yaml", "link to a missing file"),
+                         ("big.yaml", "too large"), ("none.yaml", "does not exist")):
+        with pytest.raises(upop.ConfigError, match=needle):
+            upop.UPopConfig.from_yaml(tmp_path / name)

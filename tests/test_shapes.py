@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 from pathlib import Path
 
@@ -304,3 +305,111 @@ def test_tokenizer_round_trip(tmp_path):
     assert again.model_max_length == 24 and again.padding_side == "right"
     assert {k: getattr(again, f"{k}_token_id") for k in SPECIAL_IDS} == SPECIAL_IDS
     assert again.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(9))
+
+
+# ----------------------------------------------------------------------------- every task, the smallest sizes
+
+
+def _sizes_cases():
+    from upop.data import WRITERS, shapes_min_split
+
+    for task in sorted(WRITERS):
+        least = shapes_min_split(task)
+        for size in sorted({1, 2, 3, least}):
+            yield task, size
+
+
+@pytest.mark.parametrize("task,size", list(_sizes_cases()))
+def test_data_shapes_at_small_sizes_is_accepted_or_refused_before_writing(task, size, tmp_path, capsys):
+    """Every writer of the registry, at split sizes 1, 2, 3 and its minimum: the data it writes
+    passes ``upop data check`` and loads with the task's reader, or the size is refused in one
+    line before anything is written."""
+    from upop.cli import main
+    from upop.data import shapes_min_split
+    from upop.tasks import get_task
+
+    out = tmp_path / "d"
+    code = main(["data", "shapes", "--task", task, "--out", str(out), "--train", str(size), "--val", str(size),
+                 "--test", str(size), "--image-size", "16"])
+    err = capsys.readouterr().err
+    if size < shapes_min_split(task):
+        assert code == 2 and err.count("\n") == 1 and f"need at least {shapes_min_split(task)}" in err, err
+        assert not out.exists()
+        return
+    assert code == 0, err
+    assert main(["data", "check", "--task", task, "--data", str(out), "--images", "full"]) == 0, capsys.readouterr()
+    splits = get_task(task).load_splits(out)
+    assert all(len(splits[s]) >= 1 for s in ("train", "val", "test"))
+
+
+def test_classification_writer_refuses_too_few_images_per_class(tmp_path):
+    from upop.data.shapes_vision import write_classification
+
+    with pytest.raises(ConfigError, match=r"val=8 is not allowed \(need an integer >= 10\)"):
+        write_classification(tmp_path / "d", train=10, val=8, test=10, image_size=16)
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- all or nothing
+
+
+def test_data_shapes_failing_mid_write_leaves_nothing_of_it(tmp_path, monkeypatch):
+    """A writer that fails after writing some images leaves the folder as it was (the user's
+    file kept, no staged temp, no partial data)."""
+    import upop.data.shapes as shapes_module
+    from upop.cli import main
+
+    out = tmp_path / "d"
+    out.mkdir()
+    calls = []
+    real = shapes_module.atomic_save_png
+
+    def failing(img, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(img, path)
+
+    monkeypatch.setattr(shapes_module, "atomic_save_png", failing)
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(out), "--train", "4", "--val", "2",
+                 "--test", "2", "--image-size", "16"]) == 130
+    assert len(calls) == 3 and sorted(p.name for p in out.iterdir()) == []
+
+
+def test_data_shapes_killed_mid_write_leaves_nothing_then_overwrite_cleans_up(tmp_path):
+    """SIGKILL a ``data shapes`` process while it writes: none of the data's entries is in --out
+    (only the staged temp and the stale lock file, both upop's); the next ``--overwrite`` run
+    removes them and writes data that ``data check`` accepts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from upop.cli import main
+    from upop.cli import SHAPES_FILES
+
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "upop", "data", "shapes", "--task", "retrieval", "--out", str(out),
+                             "--train", "20000", "--val", "1", "--test", "1", "--image-size", "16"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            staged = list(out.glob(".shapes.json.tmp-*/images/*.png")) if out.is_dir() else []
+            if len(staged) >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the writer ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = sorted(os.listdir(out))
+    assert not set(left) & set(SHAPES_FILES), left
+    assert any(name.startswith(".shapes.json.tmp-") for name in left), left
+    assert main(["data", "shapes", "--task", "retrieval", "--out", str(out), "--train", "2", "--val", "1", "--test",
+                 "1", "--image-size", "16", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["images", "shapes.json", "test.json", "train.json", "val.json"]
+    assert main(["data", "check", "--task", "retrieval", "--data", str(out)]) == 0

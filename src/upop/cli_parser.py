@@ -8,9 +8,53 @@ from __future__ import annotations
 
 import argparse
 
-from .config import config_fields
+from .config import INT_RANGES, LATENCY_TIME_RANGE, SEED_RANGE, config_fields
+from .errors import show
 
 EXIT_USER_ERROR = 2
+
+SPLIT_SIZE_RANGE = (1, 100_000)
+"""Images (VQA: images, NLVR2: pairs) per split ``upop data shapes`` writes."""
+SHAPES_IMAGE_SIZE_RANGE = (16, 512)
+"""Side of the Shapes images in pixels (the renderer's limits)."""
+MODEL_IMAGE_SIZE_RANGE = (16, 1024)
+"""Input side of a ``make-model`` model in pixels (patches of 8 up to 96, of 16 above)."""
+NUM_LABELS_RANGE = (1, 100_000)
+EXPORT_BATCH_RANGE = (1, 4096)
+
+
+def _int_in(name: str, low: int, high: int, sep: str = "="):
+    """An argparse type: an integer in ``[low, high]``, else one line naming ``name``, the value
+    and the range (argparse prints it as ``upop: error: argument --x: ...``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip()) if len(text) <= 40 else None
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            shown = show(value) if value is not None else show(text)
+            raise argparse.ArgumentTypeError(f"{name}{sep}{shown} is not allowed; need an integer in [{low}, {high}]")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(name: str, low: float, high: float, sep: str = "="):
+    """An argparse type: a number in ``[low, high]`` (like :func:`_int_in`)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            shown = show(value) if value is not None else show(text)
+            raise argparse.ArgumentTypeError(f"{name}{sep}{shown} is not allowed; need a number in "
+                                             f"[{low:g}, {high:g}]")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _bool(text: str) -> bool:
@@ -23,13 +67,14 @@ def _bool(text: str) -> bool:
 
 
 def _round_to(text: str):
-    """``--round-to``: auto or an integer."""
+    """``--round-to``: auto or an integer in its range."""
     if text == "auto":
         return text
+    low, high = INT_RANGES["round_to"]
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"need auto or an integer >= 1, got {text!r}") from None
+        return _int_in("round_to", low, high)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("need an integer", "need auto or an integer")) from None
 
 
 def _type_for(name: str, default):
@@ -37,11 +82,23 @@ def _type_for(name: str, default):
         return _round_to
     if isinstance(default, bool):
         return _bool
+    if name in INT_RANGES:
+        return _int_in(name, *INT_RANGES[name])
+    if name == "latency_time":
+        return _float_in(name, *LATENCY_TIME_RANGE)
     if name in ("retrain_lr", "max_grad_norm"):
         return float
-    if name in ("interval", "workers", "itm_k"):
-        return int
     return type(default) if default is not None else str
+
+
+def _range_note(name: str) -> str:
+    """The documented range of a setting for its help text ("" if it has none)."""
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
+        return f"; range {low}..{high}"
+    if name == "latency_time":
+        return f"; range {LATENCY_TIME_RANGE[0]:g}..{LATENCY_TIME_RANGE[1]:g} seconds"
+    return ""
 
 
 def _add_config_options(parser: argparse.ArgumentParser, task_only: bool = False) -> None:
@@ -49,7 +106,8 @@ def _add_config_options(parser: argparse.ArgumentParser, task_only: bool = False
                                       "UPop settings (also settable in --config YAML; the command line wins)")
     for name, default, help_text, choices in config_fields(task_only):
         flag = "--" + name.replace("_", "-")
-        kwargs = dict(dest=name, default=None, help=f"{help_text} (default: {default})".replace("%", "%%"))
+        kwargs = dict(dest=name, default=None,
+                      help=f"{help_text} (default: {default}{_range_note(name)})".replace("%", "%%"))
         if choices:
             kwargs["choices"] = choices
         else:
@@ -113,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset folder")
     e.add_argument("--split", default="test", help="split to evaluate, or to take the timed samples from "
                    "(default: test)")
-    e.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (metrics; default: 64)")
+    e.add_argument("--batch-size", type=_int_in("batch_size", *INT_RANGES["eval_batch_size"]), default=None,
+                   help="evaluation batch size (metrics; default: 64; range %d..%d)" % INT_RANGES["eval_batch_size"])
     e.add_argument("--teacher", default=None, help="task distill only: the dense model folder the compressed model's "
                    "agreement is measured against")
     timing = e.add_argument_group("latency (with --latency only)")
@@ -121,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time --model (and --baseline) instead of computing metrics")
     timing.add_argument("--baseline", help="a second model folder (e.g. the dense model) timed interleaved with "
                         "--model; the speedup is baseline latency / model latency")
-    timing.add_argument("--latency-batch-size", type=int, default=None,
-                        help="samples per timed forward (default: 1, as a run)")
-    timing.add_argument("--latency-time", type=float, default=None,
-                        help="each model is timed 3 x this many seconds in all, over 7 rounds (default: 0.5, as a run)")
+    timing.add_argument("--latency-batch-size", type=_int_in("latency_batch_size", *INT_RANGES["latency_batch_size"]),
+                        default=None, help="samples per timed forward (default: 1, as a run; range %d..%d)"
+                        % INT_RANGES["latency_batch_size"])
+    timing.add_argument("--latency-time", type=_float_in("latency_time", *LATENCY_TIME_RANGE), default=None,
+                        help="each model is timed 3 x this many seconds in all, over 7 rounds (default: 0.5, as a run; "
+                        "range %g..%g seconds)" % LATENCY_TIME_RANGE)
     timing.add_argument("--eval-precision", choices=["fp32", "bf16"], default=None,
                         help="fp32, or bf16 autocast as a run with --eval-precision bf16 (default: fp32)")
     timing.add_argument("--tf32", type=_bool, default=None,
@@ -142,11 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images", choices=["header", "full"], default="header",
                    help="check: 'header' opens and verifies each image without decoding it (fast); 'full' "
                    "decodes every image as training will (default: header)")
-    d.add_argument("--train", type=int, default=2000)
-    d.add_argument("--val", type=int, default=200)
-    d.add_argument("--test", type=int, default=200)
-    d.add_argument("--image-size", type=int, default=64)
-    d.add_argument("--seed", type=int, default=0)
+    for split, default in (("train", 2000), ("val", 200), ("test", 200)):
+        d.add_argument(f"--{split}", type=_int_in(split, *SPLIT_SIZE_RANGE), default=default,
+                       help=f"shapes: images in the {split} split (NLVR2: image pairs; default: {default}; range "
+                       f"%d..%d; classification needs at least one per class, 10)" % SPLIT_SIZE_RANGE)
+    d.add_argument("--image-size", type=_int_in("image_size", *SHAPES_IMAGE_SIZE_RANGE), default=64,
+                   help="shapes: image side in pixels (default: 64; range %d..%d)" % SHAPES_IMAGE_SIZE_RANGE)
+    d.add_argument("--seed", type=_int_in("seed", *SEED_RANGE), default=0,
+                   help="shapes: seed of the generated data (default: 0; range %d..%d)" % SEED_RANGE)
     d.add_argument("--overwrite", action="store_true",
                    help="shapes: replace a Shapes data set in --out (default: refuse a non-empty --out)")
 
@@ -154,10 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("family", choices=FAMILIES, help="model family")
     m.add_argument("--out", required=True)
     m.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-    m.add_argument("--image-size", type=int, default=64)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--num-labels", type=int, default=None,
-                   help="classes of a classifier / segmenter (default: those of the Shapes data set of its task)")
+    m.add_argument("--image-size", type=_int_in("image_size", *MODEL_IMAGE_SIZE_RANGE), default=64,
+                   help="input image side in pixels (default: 64; range %d..%d)" % MODEL_IMAGE_SIZE_RANGE)
+    m.add_argument("--seed", type=_int_in("seed", *SEED_RANGE), default=0,
+                   help="seed of the random weights (default: 0; range %d..%d)" % SEED_RANGE)
+    m.add_argument("--num-labels", type=_int_in("num_labels", *NUM_LABELS_RANGE), default=None,
+                   help="classes of a classifier / segmenter (default: those of the Shapes data set of its task; "
+                   "range %d..%d)" % NUM_LABELS_RANGE)
     m.add_argument("--overwrite", action="store_true",
                    help="replace a model folder upop wrote (default: refuse a non-empty --out, so a fine-tuned "
                    "model is never replaced by a random one)")
@@ -187,15 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "attention_mask -> text_embeds); BLIP: --part vision (pixel_values -> last_hidden_state, "
                    "pooler_output); SigLIP2: --part text; default: the whole model")
     x.add_argument("--dense", default=None, help="the dense model folder: time dense vs compressed in ONNX Runtime")
-    x.add_argument("--batch", type=int, default=2, help="batch of the parity check (also checked at batch + 1) and "
-                   "of the timing (default: 2)")
+    x.add_argument("--batch", type=_int_in("batch", *EXPORT_BATCH_RANGE, sep=" "), default=2,
+                   help="batch of the parity check (also checked at batch + 1) and of the timing (default: 2; range "
+                   "%d..%d)" % EXPORT_BATCH_RANGE)
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     x.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest allowed |onnx - torch| as a fraction of max(1, max |output|) (default: 1e-3)")
     x.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="auto: dynamo (torch.export), the TorchScript exporter if it fails (default: auto)")
-    x.add_argument("--latency-time", type=float, default=0.5,
-                   help="with --dense: each model is timed 3 x this many seconds over 7 rounds (default: 0.5)")
+    x.add_argument("--latency-time", type=_float_in("latency_time", *LATENCY_TIME_RANGE), default=0.5,
+                   help="with --dense: each model is timed 3 x this many seconds over 7 rounds (default: 0.5; range "
+                   "%g..%g seconds)" % LATENCY_TIME_RANGE)
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")

@@ -4,17 +4,41 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, show
 from .distill import SETTINGS as DISTILL_SETTINGS
 from .search import ALLOCATIONS, COSTS, METHODS, RANKINGS, SCORES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds every generator takes (NumPy's are 32-bit)."""
+
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "search_epochs": (1, 10_000), "retrain_epochs": (0, 10_000), "batch_size": (1, 65_536),
+    "eval_batch_size": (1, 65_536), "interval": (1, 10**9), "round_to": (1, 4096), "seed": SEED_RANGE,
+    "checkpoint_every": (1, 10**9), "workers": (0, 256), "latency_batch_size": (1, 4096), "itm_k": (1, 10_000),
+    "vqa_k": (1, 10_000), "caption_beams": (1, 64),
+}
+"""The documented range of every integer setting (checked by :meth:`UPopConfig.validate` and by the
+command line's parser, and named in each option's help): far beyond any real run, small enough that
+no value can overflow a generator, an allocation or a loop."""
+
+LATENCY_TIME_RANGE = (0.01, 60.0)
+"""Seconds ``latency_time`` may be: 3 x this is each model's timing budget (a round of 0 ms times nothing)."""
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest ``--config`` file read (1 MiB; a settings file is a few hundred bytes)."""
+MAX_YAML_ALIASES = 16
+MAX_YAML_DEPTH = 32
+"""YAML aliases (``*name``) and nesting levels a config file may use: a flat mapping of settings
+needs neither; a few aliases are allowed, a "billion laughs" alias bomb is refused while parsing."""
 
 
 def _f(default, help: str, **kw):
@@ -120,25 +144,21 @@ class UPopConfig:
 
     def validate(self) -> None:
         def bad(name, allowed):
-            raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; {allowed}")
+            raise ConfigError(f"{name}={show(getattr(self, name))} is not allowed; {allowed}")
 
-        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0 or math.isnan(self.ratio):
+        if not 0.0 < _real(self.ratio, math.nan) < 1.0:
             bad("ratio", "need a number in (0, 1), e.g. 0.5 for 2x")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"choose one of: {', '.join(choices)}")
-        for name, low in (("search_epochs", 1), ("retrain_epochs", 0), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("checkpoint_every", 1), ("latency_batch_size", 1), ("vqa_k", 1),
-                          ("caption_beams", 1)):
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(name, f"need an integer >= {low}")
-        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1):
-            bad("interval", "need an integer >= 1 (or leave unset)")
-        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
-                                        or self.round_to < 1):
-            bad("round_to", "need auto or an integer >= 1")
+            if value is None and name in ("interval", "workers", "itm_k") or name == "round_to" and value == "auto":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                unset = " (or leave unset)" if name in ("interval", "workers", "itm_k") else ""
+                bad(name, f"need {'auto or ' if name == 'round_to' else ''}an integer in [{low}, {high}]{unset}")
         if self.allocation == "uniform" and self.round_to not in ("auto", 1):
             bad("round_to", "the uniform allocation does not round widths; use auto or 1 with it")
         if self.ranking == "per-cost" and self.score == "gradient":
@@ -146,31 +166,29 @@ class UPopConfig:
         if self.granularity != "head-dim" and self.cost == "latency":  # the latency table times head widths only
             bad("granularity", "cost=latency measures head-dim channels only; use head-dim with it, or cost params "
                 "or flops")
-        if self.itm_k is not None and (isinstance(self.itm_k, bool) or not isinstance(self.itm_k, int) or self.itm_k < 1):
-            bad("itm_k", "need an integer >= 1 (or leave unset)")
         if self.answer_list is not None and not isinstance(self.answer_list, (str, os.PathLike)):
             bad("answer_list", "need a file path (or leave unset)")
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
-            bad("workers", "need an integer >= 0 (or leave unset)")
         for name in ("lr", "retrain_lr"):
             value = getattr(self, name)
             if value is None and name == "retrain_lr":
                 continue
-            if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0 or not math.isfinite(value):
+            if not 0.0 < _real(value, math.nan) < 1.0:
                 bad(name, "need a positive number below 1")
-        if not isinstance(self.distill_temperature, (int, float)) or isinstance(self.distill_temperature, bool) \
-                or not math.isfinite(self.distill_temperature) or self.distill_temperature <= 0:
+        if not 0 < _real(self.distill_temperature, math.nan) < math.inf:
             bad("distill_temperature", "need a finite number > 0")
-        for name in ("weight_decay", "w_attn", "w_mlp", "latency_time", "distill_weight"):
+        for name in ("weight_decay", "w_attn", "w_mlp", "distill_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not 0 <= _real(value, math.nan) < math.inf:
                 bad(name, "need a finite number >= 0")
+        low, high = LATENCY_TIME_RANGE
+        if not low <= _real(self.latency_time, math.nan) <= high:
+            bad("latency_time", f"need a number of seconds in [{low}, {high:g}]")
         if not isinstance(self.tf32, bool):
             bad("tf32", "need true or false")
         if not isinstance(self.distill_cache, bool):
             bad("distill_cache", "need true or false")
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
-            bad("max_grad_norm", "need a positive number (or leave unset)")
+        if self.max_grad_norm is not None and not 0 < _real(self.max_grad_norm, math.nan) < math.inf:
+            bad("max_grad_norm", "need a positive finite number (or leave unset)")
 
     def resolved_workers(self, processes: int = 1) -> int:
         """``workers``, or the default: 0 without a GPU, else min(4, cores per process - 1)."""
@@ -192,27 +210,125 @@ class UPopConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "UPopConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
+        """The settings of ``data`` (setting name -> value). A numeric string is read as the
+        number it spells for a number setting (YAML 1.1 reads ``lr: 1e-5`` as the string
+        ``"1e-5"``); anything else keeps its value and is checked by :meth:`validate`."""
+        names = {f.name: f for f in fields(cls)}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise ConfigError(f"{source}: setting names must be text, got {show(odd[0])}")
+        unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**data)
+            shown = ", ".join(show(k, 60) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5
+                                                                  else "")
+            raise ConfigError(f"{source}: unknown setting(s) {shown}; known: {', '.join(sorted(names))}")
+        return cls(**{k: _from_text(names[k].type, v) for k, v in data.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "UPopConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        """The settings of a YAML file: a mapping of setting names (``-`` or ``_``) to values.
+        The file must be a regular UTF-8 file of at most :data:`MAX_CONFIG_BYTES`; YAML aliases
+        and nesting are limited (:data:`MAX_YAML_ALIASES`, :data:`MAX_YAML_DEPTH`)."""
+        data = load_yaml_file(path, "config file")
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        return cls.from_dict(data, source=str(path))
+            raise ConfigError(f"config file {show(Path(path))}: expected a mapping of settings, got "
+                              f"{type(data).__name__}")
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise ConfigError(f"config file {show(Path(path))}: setting names must be text, got {show(odd[0])}")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()}, source=show(Path(path)))
+
+
+def _real(value, otherwise: float) -> float:
+    """``value`` as a float if it is an int or float (not a bool), else ``otherwise``; an int too
+    large for a float is infinite (so range checks refuse it instead of overflowing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return otherwise
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+_NUMERIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d{1,20}")
+
+
+def _from_text(annotation: str, value):
+    """``value``, or the number a numeric string spells where the setting (of type
+    ``annotation``) is a number: ``"1e-5"`` -> 1e-05 for a float, ``"3"`` -> 3 for an int."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    kinds = {part.strip() for part in str(annotation).split("|")}
+    if "float" in kinds and len(text) <= 64 and _NUMERIC.fullmatch(text):
+        return float(text)
+    if "int" in kinds and _INTEGER.fullmatch(text):
+        return int(text)
+    return value
+
+
+def load_yaml_file(path: str | os.PathLike, what: str):
+    """Parse the YAML file ``path`` safely and boundedly: a regular UTF-8 file of at most
+    :data:`MAX_CONFIG_BYTES`, at most :data:`MAX_YAML_ALIASES` aliases and
+    :data:`MAX_YAML_DEPTH` levels (refused while composing, before anything is built); every
+    problem is one ConfigError line naming the file."""
+    import yaml
+
+    from .data._files import decode_utf8, read_limited
+
+    path = Path(path)
+    text = decode_utf8(read_limited(path, MAX_CONFIG_BYTES, what, ConfigError), path, what, ConfigError)
+    loader = _BoundedLoader(text, f"{what} {show(path)}")
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what} {show(path)} is not valid YAML ({show(first, 120)})") from None
+    finally:
+        loader.dispose()
+
+
+def _bounded_loader_class():
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        """PyYAML's safe loader counting aliases and nesting while it composes the document."""
+
+        def __init__(self, stream, where: str):
+            super().__init__(stream)
+            self.where, self.aliases, self.depth = where, 0, 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise ConfigError(f"{self.where} uses more than {MAX_YAML_ALIASES} YAML aliases (*name); refused "
+                                      "as a possible alias bomb (a config file is a flat mapping of settings)")
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{self.where} nests deeper than {MAX_YAML_DEPTH} levels (a config file is a "
+                                      "flat mapping of settings)")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedLoader
+
+
+class _LazyLoader:
+    """Builds the loader class on first use (PyYAML is imported only when a YAML file is read)."""
+
+    cls = None
+
+    def __call__(self, stream, where: str):
+        if _LazyLoader.cls is None:
+            _LazyLoader.cls = _bounded_loader_class()
+        return _LazyLoader.cls(stream, where)
+
+
+_BoundedLoader = _LazyLoader()
 
 
 def config_fields(task_only: bool = False):

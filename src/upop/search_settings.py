@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 
-from .errors import ConfigError
+from .errors import ConfigError, show
 from .groups import Group
 
 METHODS = ("upop", "one-shot")
@@ -21,26 +21,26 @@ RANKINGS = ("score", "per-cost")
 def _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to) -> None:
     """Refuse settings the search cannot run as asked, each with a one-line :class:`ConfigError`."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio < 1.0:
-        raise ConfigError(f"ratio must be a number in (0, 1), e.g. 0.5 for 2x, got {ratio!r}")
+        raise ConfigError(f"ratio must be a number in (0, 1), e.g. 0.5 for 2x, got {show(ratio)}")
     for name, value in (("total_steps", total_steps), ("interval", interval)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 1, got {show(value)}")
     if cost not in COSTS:
-        raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+        raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {show(cost)}")
     if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {show(method)}")
     if method == "upop" and interval >= total_steps:
         raise ConfigError(
-            f"interval={interval!r} with total_steps={total_steps!r}: the progressive search needs "
+            f"interval={show(interval)} with total_steps={show(total_steps)}: the progressive search needs "
             "interval < total_steps (else its only update is the last step, a one-shot cut); "
             "lower interval, raise total_steps, or ask for method='one-shot'"
         )
     if allocation not in ALLOCATIONS:
-        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {show(allocation)}")
     if allocation == "uniform" and round_to != 1:
         raise ConfigError("round_to applies to the unified allocation only")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
+        raise ConfigError(f"round_to must be an integer >= 1, got {show(round_to)}")
 
 
 ROUND_TO_AUTO = 8

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
+from ._files import image_files, not_a_file
 from ._problems import report
 from .augment import check_augment, input_size
 from .images import load_label_map, load_rgb_image
@@ -122,17 +123,19 @@ def load_ade20k_split(data_dir, split: str, problems: list[str] | None = None) -
         if not d.is_dir():
             raise DataError(f"folder {show(d)} does not exist (ADE20K layout: {show(root)}/images/{folder}/*.jpg "
                             f"and {show(root)}/annotations/{folder}/*.png; split {show(split)})")
-    files = sorted(p for p in images.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    files = image_files(images.iterdir(), IMAGE_EXTENSIONS, problems)
     if not files:
         raise DataError(f"image folder {show(images)} has no images (need *.jpg or *.png files)")
     pairs = []
     for image in files:
         ann = annotations / (image.stem + ".png")
-        if ann.is_file():
+        problem = not_a_file(ann)
+        if problem is None:
             pairs.append((image, ann))
-        else:
+        elif problem == "does not exist":
             report(problems, f"image {show(image)} has no annotation (expected {show(ann)})")
+        else:
+            report(problems, f"annotation {show(ann)} of image {show(image)} {problem} (need a PNG file)")
     return pairs
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
+from ._files import image_files
 from ._problems import report
 from .augment import center_crop_eval, check_augment, deit_params, input_size, normalize
 from .images import load_rgb_image
@@ -53,8 +54,7 @@ def load_imagefolder_split(data_dir, split: str,
                         "*.png)")
     items = []
     for index, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        files = image_files((folder / name).iterdir(), IMAGE_EXTENSIONS, problems)
         if not files:
             report(problems, f"class folder {show(folder / name)} has no images (need *.png, *.jpg or *.jpeg files)")
         items.extend((p, index) for p in files)

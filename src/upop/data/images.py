@@ -24,6 +24,7 @@ Every failure is a one-line :class:`~upop.errors.DataError` naming the file (esc
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import warnings
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, show
+from ._files import kind_of, not_a_file
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest ``width * height`` upop decodes (Pillow's default bomb-warning threshold, ~9459^2)."""
@@ -80,13 +82,29 @@ def _check_header(img: Image.Image, path, what: str, modes: tuple[str, ...]) -> 
                         f"limit of {MAX_IMAGE_PIXELS:,}; refused as a possible decompression bomb")
 
 
+def _open_regular(path, what: str):
+    """``path`` opened for binary reading if it is a regular file; a folder, FIFO, device or
+    symbolic link loop is a one-line DataError saying what it is (a FIFO is never opened for
+    reading: it would block; ``/dev/zero`` would never end)."""
+    problem = not_a_file(path)
+    if problem:
+        raise DataError(f"{what} {show(path)} {problem}" + ("" if problem.startswith("does not") else
+                                                           " (need an image file)"))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced since the check above
+        os.close(fd)
+        raise DataError(f"{what} {show(path)} {kind_of(mode)}, not a regular file (need an image file)")
+    return os.fdopen(fd, "rb")
+
+
 @contextmanager
 def _opened(path, what: str, modes: tuple[str, ...]) -> Iterator[Image.Image]:
     """``path`` opened (header parsed and checked); any failure inside becomes a DataError."""
     if "\x00" in os.fspath(path):
         raise DataError(f"{what} {show(path)} has a NUL character in its path, which no file name can hold")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with _open_regular(path, what) as f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f) as img:
                 _check_header(img, path, what, modes)

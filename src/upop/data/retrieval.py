@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, show
+from ._files import not_a_file
 from ._problems import collect, report, require_fields
 from .images import load_rgb_image
 
@@ -156,20 +157,22 @@ def _parse_karpathy(path: Path, data: Any, split: str,
 
 def check_images_exist(path: Path, images: Sequence[tuple[Path, str]], root: Path,
                        problems: list[str] | None) -> set[Path]:
-    """The image files of ``(image, where)`` pairs that do not exist, each reported.
+    """The image files of ``(image, where)`` pairs that are not readable regular files, each
+    reported as what it is (missing, a folder, a FIFO, a device, a symbolic link loop...; never
+    opened, so a FIFO cannot block).
 
     Loading for a run stops at the first with a count; a check (``problems`` given) lists every one.
     """
-    missing = [(image, where) for image, where in images if not image.is_file()]
-    if missing and problems is None:
-        first, where = missing[0]
-        raise DataError(f"annotation file {show(path)}: image file {show(first)} ({where}) does not exist "
-                        f"({len(missing)} of {len(images)} images missing; paths are relative to {show(root)}, "
-                        "pass image_root=...)")
-    for image, where in missing:
-        report(problems, f"annotation file {show(path)}: image file {show(image)} ({where}) does not exist "
+    bad = [(image, where, problem) for image, where in images if (problem := not_a_file(image))]
+    if bad and problems is None:
+        first, where, problem = bad[0]
+        raise DataError(f"annotation file {show(path)}: image file {show(first)} ({where}) {problem} "
+                        f"({len(bad)} of {len(images)} images missing or unreadable; paths are relative to "
+                        f"{show(root)}, pass image_root=...)")
+    for image, where, problem in bad:
+        report(problems, f"annotation file {show(path)}: image file {show(image)} ({where}) {problem} "
                          f"(paths are relative to {show(root)})")
-    return {image for image, _ in missing}
+    return {image for image, _, _ in bad}
 
 
 def load_retrieval_split(data_dir, split: str, image_root=None,

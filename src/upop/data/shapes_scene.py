@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ConfigError
+from ..errors import ConfigError, show
 
 VERSION = 1
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
@@ -150,7 +150,7 @@ def _check_int(where: str, name: str, value, lo: int, hi: int | None = None) -> 
     """Return ``value`` if it is an int in [lo, hi], else raise a one-line ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
-        raise ConfigError(f"{where}: {name}={value!r} is not allowed (need {allowed})")
+        raise ConfigError(f"{where}: {name}={show(value)} is not allowed (need {allowed})")
     return value
 
 

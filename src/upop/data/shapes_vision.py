@@ -119,6 +119,8 @@ def write_classification(out_dir, *, train: int = 2000, val: int = 200, test: in
     """
     where = "write_classification"
     counts = _check_counts(where, train, val, test, image_size, seed)
+    for split, count in counts.items():  # an empty class folder is refused by the reader
+        _check_int(where, split, count, len(CLASSIFICATION_CLASSES))
     names = [class_name(c, k) for c, k in CLASSIFICATION_CLASSES]
     settings = {"format": "upop-shapes-classification", "version": VERSION, "seed": seed, "image_size": image_size,
                 **counts, "classes": sorted(names)}
@@ -139,6 +141,10 @@ def write_classification(out_dir, *, train: int = 2000, val: int = 200, test: in
     _remove_stale([out / s / n for s in counts for n in names], set(expected))
     atomic_write_json(out / "shapes.json", settings)
     return summary
+
+
+write_classification.min_split = len(CLASSIFICATION_CLASSES)  # type: ignore[attr-defined]
+"""Every split needs one image per class (see :func:`upop.data.shapes_min_split`)."""
 
 
 def annotation_map(scene: Scene, mask: np.ndarray) -> np.ndarray:
