@@ -1,9 +1,9 @@
-"""Rebuild the README's results section from benchmarks/results/*.md (full-size runs only).
+"""Rebuild the tables of docs/results.md from benchmarks/results/*.md (full-size runs only).
 
     python benchmarks/summarize.py
 
-Every table in the section is a results file written by a benchmark, with the exact command and
-the machine it ran on under it; nothing is typed by hand.
+Every table between the page's markers is a results file written by a benchmark, with the exact
+command and the machine it ran on under it; nothing is typed by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+PAGE = ROOT / "docs" / "results.md"  # the README links to it; the README itself holds no results tables
 ORDER = ["speed", "profile_batch1", "overhead", "ablations-retrieval", "ablations-classification", "transfer-2x", "transfer-4x",
          "transfer-8x", "transfer-cost", "distill_default", "vision_ratios", "blip_tasks", "scaling", "dataloading"]
 
@@ -41,14 +42,13 @@ def section() -> str:
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = PAGE.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
+        raise SystemExit(f"{PAGE.relative_to(ROOT)} has no {START} ... {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
-    print("README.md results section rebuilt from", RESULTS)
+    PAGE.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
+    print(f"{PAGE.relative_to(ROOT)} tables rebuilt from", RESULTS)
 
 
 if __name__ == "__main__":

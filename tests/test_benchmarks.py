@@ -38,17 +38,21 @@ def test_quick_benchmark_writes_results(name, tmp_path):
     assert "Command:" in md and "|" in md
 
 
-def test_readme_results_section_is_the_results_files():
-    """The README section equals what summarize.py builds from benchmarks/results (no hand edits),
-    and it holds every full-size results file with its command line."""
+def test_results_page_is_the_results_files():
+    """docs/results.md's tables equal what summarize.py builds from benchmarks/results (no hand
+    edits), they hold every full-size results file with its command line, summarize.py writes
+    that page, and the README links to it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import summarize
 
-    text = (ROOT / "README.md").read_text()
+    assert summarize.PAGE == ROOT / "docs" / "results.md"
+    text = summarize.PAGE.read_text()
     section = text.split(summarize.START, 1)[1].split(summarize.END, 1)[0].strip()
     assert section == summarize.section().strip()
     full = [p for p in (ROOT / "benchmarks" / "results").glob("*.md") if not p.stem.endswith("quick")]
     assert full and section.count("Command:") == len(full)
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/results.md" in readme and summarize.START not in readme  # no second, stale copy
 
 
 def test_ablation_row_log_resumes(tmp_path):
