@@ -26,7 +26,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/upop demo
 
-# every benchmark at full size (about an hour on 2 cores); rewrites benchmarks/results and the README section.
+# every benchmark at full size (about an hour on 2 cores); rewrites benchmarks/results and docs/results.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 

@@ -1,4 +1,4 @@
-"""Run every benchmark and refresh the README's results section.
+"""Run every benchmark and refresh docs/results.md.
 
     python benchmarks/run_all.py            # everything, full size (about an hour on 2 cores)
     python benchmarks/run_all.py --quick    # every benchmark in its CI-sized variant
@@ -14,8 +14,8 @@ Two phases:
    idle machine, so their ratios are not disturbed by the training runs.
 
 Each benchmark writes results/NAME.json and results/NAME.md; results/run_all.json records how
-long each one and the whole command took; then summarize.py rebuilds the README's results
-section from the full-size results files.
+long each one and the whole command took; then summarize.py rebuilds docs/results.md from
+the full-size results files.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="quality benchmarks run this many at a time (default: min(2, cores))")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results section")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/results.md")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
