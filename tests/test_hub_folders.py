@@ -21,6 +21,7 @@ import upop
 import upop.models as M
 from upop.errors import CheckpointError
 from upop.hub import MODELING_FILE, PREFIX, SHAPES_KEY
+from upop.prune import prune
 
 from ._families import FAMILIES
 from .test_engine import _random_masks
@@ -164,7 +165,7 @@ def _pruned(family: str):
     model = FAMILIES[family][0]()
     masks = upop.attach_masks(model)
     _random_masks(masks, seed=3)
-    upop.prune(model, masks)
+    prune(model, masks)  # not upop.prune, which names the submodule once it is imported
     return model
 
 
@@ -393,3 +394,60 @@ def test_shape_record_lists_only_what_pruning_changed():
     for name, entry in modules.items():
         for key, shape in entry.get("tensors", {}).items():
             assert list(getattr(model.get_submodule(name), key).shape) == shape
+
+
+# --- the generated class refuses weights that would leave a tensor randomly initialised ----------
+
+MISSING_CHILD = CHILD.split("\nimport transformers\n")[0] + textwrap.dedent('''
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    report = {}
+    for folder in sys.argv[2:]:
+        try:
+            transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
+            report[folder] = "loaded"
+        except ValueError as exc:
+            report[folder] = str(exc)
+    Path(sys.argv[1]).write_text(json.dumps(report))
+''')
+
+
+def _without(src: Path, dst: Path, keys: list[str]) -> Path:
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    state = load_file(str(dst / "model.safetensors"))
+    for key in keys:
+        state.pop(key, None)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_generated_class_refuses_missing_tensors_without_upop(hub_world, tmp_path):
+    """transformers alone (upop blocked) loading a folder whose weights lack a tied pair (BLIP's
+    decoder embeddings and LM head) or one ordinary weight: the generated UPop class raises one
+    ValueError naming the tensor instead of initialising it randomly; the intact folder loads."""
+    tied = ["text_decoder.bert.embeddings.word_embeddings.weight", "text_decoder.cls.predictions.decoder.weight",
+            "text_decoder.cls.predictions.bias"]
+    cases = {
+        _without(hub_world[0] / "blip-caption-saved", tmp_path / "blip", tied): "'text_decoder.",
+        _without(hub_world[0] / "vit-saved", tmp_path / "vit", ["vit.embeddings.patch_embeddings.projection.weight"]):
+            "'vit.embeddings.patch_embeddings.projection.weight'",
+        hub_world[0] / "vit-saved": None,
+    }
+    (tmp_path / "child.py").write_text(MISSING_CHILD)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "report.json"),
+                           *map(str, cases)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    for folder, needle in cases.items():
+        if needle is None:
+            assert report[str(folder)] == "loaded"
+        else:
+            message = report[str(folder)]
+            assert "\n" not in message and f"tensor {needle}" in message and "randomly initialised" in message, message

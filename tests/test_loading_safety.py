@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import upop
 from upop.cli import main
+from upop.prune import prune
 
 from ._families import clip_world
 
@@ -39,7 +40,7 @@ def world(tmp_path_factory):
     model, _ = upop.load_model(root / "model")
     masks = upop.attach_masks(model)
     masks[masks.groups[0].name].data[:3] = 0
-    upop.prune(model, masks)
+    prune(model, masks)  # not upop.prune, which names the submodule once it is imported
     upop.save_compressed(model, root / "compressed")
     other = upop.models.make_model("clip", size="small", image_size=32)
     save_file(other.state_dict(), str(root / "other-size.safetensors"), metadata={"format": "pt"})
@@ -381,3 +382,287 @@ def test_yes_on_stdin_changes_nothing(entry, with_yes):
         line = _one_line(result["err"])
         assert line.startswith("upop: error: ") and needle in line, line
     assert not (root / "out").exists()
+
+
+# ---- every key that makes a library import code, in every file it can appear in ----------------
+
+EVIL_MAP = {"AutoModel": "modeling_evil.EvilModel"}
+EVIL_PIPELINE = {"evil-task": {"impl": "evil/repo--pipe.EvilPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
+
+
+def _put(*path_and_value) -> Callable[[object], object]:
+    """An edit of parsed JSON (None for a file that does not exist yet): set ``path`` to ``value``."""
+    *path, value = path_and_value
+
+    def change(data):
+        data = {} if data is None else data
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        return data
+    return change
+
+
+def _modules(kind: str, sub: str = "") -> Callable[[object], object]:
+    return lambda data: [{"idx": 0, "name": "0", "path": sub, "type": kind}]
+
+
+# case -> (file, edit of its parsed JSON, text naming the file and the key)
+HOOKS = {
+    "config.json custom_pipelines": ("config.json", _put("custom_pipelines", EVIL_PIPELINE),
+                                     "config.json has custom_pipelines"),
+    "config.json text_config.auto_map": ("config.json", _put("text_config", "auto_map", EVIL_MAP),
+                                         "config.json has an auto_map (at text_config.auto_map)"),
+    "config.json text_config.custom_pipelines": ("config.json", _put("text_config", "custom_pipelines", EVIL_PIPELINE),
+                                                 "config.json has text_config.custom_pipelines"),
+    "config.json trust_remote_code": ("config.json", _put("trust_remote_code", True),
+                                      "config.json sets trust_remote_code to True"),
+    "config.json attn_implementation of a Hub kernel": ("config.json", _put("attn_implementation", "evil/attn"),
+                                                        "config.json has attn_implementation 'evil/attn'"),
+    "config.json tokenizer_class": ("config.json", _put("tokenizer_class", "EvilTokenizer"),
+                                    "config.json has tokenizer_class 'EvilTokenizer'"),
+    "generation_config.json trust_remote_code": ("generation_config.json", _put("trust_remote_code", True),
+                                                 "generation_config.json sets trust_remote_code"),
+    "generation_config.json custom_pipelines": ("generation_config.json", _put("custom_pipelines", EVIL_PIPELINE),
+                                                "generation_config.json has custom_pipelines"),
+    "tokenizer_config.json auto_map": ("tokenizer_config.json", _put("auto_map", {"AutoTokenizer": ["t.Evil", None]}),
+                                       "tokenizer_config.json has an auto_map"),
+    "tokenizer_config.json tokenizer_class": ("tokenizer_config.json", _put("tokenizer_class", "EvilTokenizer"),
+                                              "tokenizer_config.json has tokenizer_class 'EvilTokenizer'"),
+    "tokenizer_config.json processor_class": ("tokenizer_config.json", _put("processor_class", "EvilProcessor"),
+                                              "tokenizer_config.json has processor_class 'EvilProcessor'"),
+    "tokenizer_config.json trust_remote_code": ("tokenizer_config.json", _put("trust_remote_code", True),
+                                                "tokenizer_config.json sets trust_remote_code"),
+    "special_tokens_map.json auto_map": ("special_tokens_map.json", _put("auto_map", EVIL_MAP),
+                                         "special_tokens_map.json has an auto_map"),
+    "processor_config.json auto_map": ("processor_config.json", _put("auto_map", {"AutoProcessor": "p.Evil"}),
+                                       "processor_config.json has an auto_map"),
+    "processor_config.json processor_class": ("processor_config.json", _put("processor_class", "EvilProcessor"),
+                                              "processor_config.json has processor_class 'EvilProcessor'"),
+    "processor_config.json image_processor.auto_map": (
+        "processor_config.json", _put("image_processor", "auto_map", {"AutoImageProcessor": "p.Evil"}),
+        "processor_config.json has an auto_map (at image_processor.auto_map)"),
+    "processor_config.json image_processor.image_processor_type": (
+        "processor_config.json", _put("image_processor", "image_processor_type", "EvilImageProcessor"),
+        "processor_config.json has image_processor.image_processor_type 'EvilImageProcessor'"),
+    "preprocessor_config.json auto_map": ("preprocessor_config.json", _put("auto_map", {"AutoImageProcessor": "p.E"}),
+                                          "preprocessor_config.json has an auto_map"),
+    "preprocessor_config.json image_processor_type": (
+        "preprocessor_config.json", _put("image_processor_type", "EvilImageProcessor"),
+        "preprocessor_config.json has image_processor_type 'EvilImageProcessor'"),
+    "preprocessor_config.json feature_extractor_type": (
+        "preprocessor_config.json", _put("feature_extractor_type", "EvilFeatureExtractor"),
+        "preprocessor_config.json has feature_extractor_type 'EvilFeatureExtractor'"),
+    "video_preprocessor_config.json auto_map": ("video_preprocessor_config.json",
+                                                _put("auto_map", {"AutoVideoProcessor": "v.Evil"}),
+                                                "video_preprocessor_config.json has an auto_map"),
+    "video_preprocessor_config.json video_processor_type": (
+        "video_preprocessor_config.json", _put("video_processor_type", "EvilVideoProcessor"),
+        "video_preprocessor_config.json has video_processor_type 'EvilVideoProcessor'"),
+    "audio_tokenizer_config.json auto_map": ("audio_tokenizer_config.json", _put("auto_map", EVIL_MAP),
+                                             "audio_tokenizer_config.json has an auto_map"),
+    "chat_template.json auto_map": ("chat_template.json", _put("auto_map", EVIL_MAP), "chat_template.json has an auto_map"),
+    "modules.json foreign type": ("modules.json", _modules("evil.EvilModule"),
+                                  "modules.json has module 0 of type 'evil.EvilModule'"),
+    "modules.json Dense activation_function": ("1_Dense/config.json", _put("activation_function", "os.system"),
+                                               "whose config.json has activation_function 'os.system'"),
+    "sentence_bert_config.json model_args.trust_remote_code": (
+        "sentence_bert_config.json", _put("model_args", "trust_remote_code", True),
+        "sentence_bert_config.json sets model_args.trust_remote_code to True"),
+    "sentence_bert_config.json config_kwargs.trust_remote_code": (
+        "sentence_bert_config.json", _put("config_kwargs", "trust_remote_code", True),
+        "sentence_bert_config.json sets config_kwargs.trust_remote_code"),
+    "config_sentence_transformers.json trust_remote_code": (
+        "config_sentence_transformers.json", _put("trust_remote_code", True),
+        "config_sentence_transformers.json sets trust_remote_code"),
+    "custom_generate folder": ("custom_generate/generate.py", None, "has a custom_generate folder"),
+}
+
+
+def _hooked(source: Path, folder: Path, case: str) -> Path:
+    """A copy of ``source`` with the code hook of ``case`` (and, for a sentence-transformers
+    module's file, the modules.json that names its folder)."""
+    name, change, _ = HOOKS[case]
+    shutil.copytree(source, folder)
+    file = folder / name
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if change is None:  # a file of code, not a key
+        file.write_text(EVIL_SOURCE.format(marker=str(folder.parent / MARKER)))
+        return folder
+    file.write_text(json.dumps(change(json.loads(file.read_text()) if file.is_file() else None)))
+    if name.startswith("1_Dense/"):
+        (folder / "modules.json").write_text(json.dumps(
+            [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}]))
+    return folder
+
+
+@pytest.mark.parametrize("source", ["model", "compressed"])
+@pytest.mark.parametrize("case", sorted(HOOKS))
+def test_code_hooks_are_refused_on_input(case, source, world, tmp_path):
+    """Each hook, in a dense and in a compressed folder: one line naming the file and the key."""
+    folder = _hooked(world / source, tmp_path / "m", case)
+    load = upop.load_compressed if source == "compressed" else upop.load_model
+    with pytest.raises(upop.CheckpointError) as info:
+        load(folder)
+    message = str(info.value)
+    assert "\n" not in message and HOOKS[case][2] in message and NO_CODE in message, message
+    assert message.startswith(repr(str(folder)) + ": "), message
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("case", sorted(HOOKS))
+def test_code_hooks_are_never_written(case, world, tmp_path):
+    """A base model folder whose files carry the hook (edited after the model was loaded):
+    save_compressed copies its tokenizer / processor files only without hooks. Either the save
+    is refused in one line naming the file and the key (nothing written), or the folder it
+    writes has no such key (upop's own loader, which refuses every hook, reads it)."""
+    model, _ = upop.load_model(world / "model")
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:2] = 0
+    plan = prune(model, masks)
+    base = _hooked(world / "model", tmp_path / "base", case)
+    plan = type(plan).from_dict({**plan.to_dict(), "base_model": str(base)})
+    try:
+        upop.save_compressed(model, tmp_path / "out", plan=plan)
+    except upop.CheckpointError as exc:
+        file = HOOKS[case][0]
+        assert "\n" not in str(exc) and f"the compressed folder's {file}" in str(exc), str(exc)
+        assert not (tmp_path / "out").exists()
+        return
+    upop.load_compressed(tmp_path / "out")
+    assert not (tmp_path / "out" / HOOKS[case][0]).exists() or HOOKS[case][0] == "config.json"
+    assert not (tmp_path / "out" / "custom_generate").exists()
+
+
+# set in Python on the model's config (what a Trainer script might do) -> key path named
+PYTHON_HOOKS = {
+    "custom_pipelines": (("custom_pipelines",), EVIL_PIPELINE, "has custom_pipelines"),
+    "trust_remote_code": (("trust_remote_code",), True, "sets trust_remote_code to True"),
+    "a foreign auto_map": (("auto_map",), EVIL_MAP, "has an auto_map"),
+    "a sub-config's auto_map": (("text_config", "auto_map"), EVIL_MAP, "has an auto_map (at text_config.auto_map)"),
+    "tokenizer_class": (("tokenizer_class",), "EvilTokenizer", "has tokenizer_class 'EvilTokenizer'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PYTHON_HOOKS))
+def test_a_hook_set_in_python_is_refused_on_save(case, world, tmp_path):
+    """upop.save_compressed and save_pretrained of a pruned model whose config got a code hook in
+    Python: refused in one line, before anything is written (save_compressed and save_pretrained)."""
+    path, value, needle = PYTHON_HOOKS[case]
+    model, _ = upop.load_model(world / "model")
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:2] = 0
+    prune(model, masks)
+    target = model.config
+    for name in path[:-1]:
+        target = getattr(target, name)
+    setattr(target, path[-1], value)
+    with pytest.raises(upop.CheckpointError) as info:
+        upop.save_compressed(model, tmp_path / "out")
+    assert "\n" not in str(info.value) and f"the model's config {needle}" in str(info.value), str(info.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(upop.CheckpointError, match="the model's config"):
+        model.save_pretrained(tmp_path / "pretrained")
+    assert not (tmp_path / "pretrained").exists()
+
+
+def test_a_generation_config_hook_is_refused_on_save(tmp_path):
+    model = upop.models.make_model("blip-caption")
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:2] = 0
+    prune(model, masks)
+    model.generation_config.trust_remote_code = True
+    with pytest.raises(upop.CheckpointError, match="the model's generation config sets trust_remote_code to True"):
+        upop.save_compressed(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_keys_the_config_class_defines_are_written(world, tmp_path):
+    """Harmless keys the config class does not define (set in Python, or carried by a loaded
+    folder) are dropped; every key the class defines is kept, with its value."""
+    model, processor = upop.load_model(world / "model")
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:2] = 0
+    prune(model, masks)
+    model.config.my_note = "not a CLIPConfig field"
+    model.config.text_config.my_other_note = 3
+    upop.save_compressed(model, tmp_path / "out", processor=processor)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    dense = json.loads((world / "model" / "config.json").read_text())
+    assert "my_note" not in written and "my_other_note" not in written["text_config"]
+    assert set(written) == set(dense) | {"auto_map", "upop_shapes"}
+    assert dense["text_config"].items() <= written["text_config"].items()
+    assert written["projection_dim"] == dense["projection_dim"]
+    loaded = upop.load_compressed(tmp_path / "out")
+    assert not hasattr(loaded.config, "my_note")
+
+
+def test_only_data_files_of_a_processor_are_written(world, tmp_path):
+    """A processor whose save_pretrained also writes a Python file: the file is not copied."""
+    model, processor = upop.load_model(world / "model")
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:2] = 0
+    prune(model, masks)
+
+    class Writes:
+        def save_pretrained(self, folder):
+            processor.save_pretrained(folder)
+            (Path(folder) / "processing_evil.py").write_text("raise SystemExit(3)\n")
+            (Path(folder) / "notes.bin").write_bytes(b"\0")
+
+    upop.save_compressed(model, tmp_path / "out", processor=Writes())
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "processing_evil.py" not in names and "notes.bin" not in names
+    assert {"config.json", "upop_plan.json", "model.safetensors", "modeling_upop.py", "tokenizer.json"} <= names
+
+
+# ---- every loaded tensor is accounted for, in every family upop can make -------------------------
+
+def _stored_group(model, stored: set[str]) -> list[str]:
+    """A tied group (several names, one tensor) of ``model`` if it has one, else one weight."""
+    from upop.checkpoint import tied_groups
+
+    groups = tied_groups(model)
+    tied = [g for g in groups if len(g) > 1 and any(k in stored for k in g)]
+    return tied[0] if tied else next(g for g in groups if g[0].endswith(".weight") and g[0] in stored)
+
+
+@pytest.mark.parametrize("family", upop.models.FAMILIES)
+def test_a_missing_tensor_is_refused_in_every_family(family, tmp_path):
+    """Delete every stored member of a tied group (or, for a family without one, one weight)
+    from a compressed folder: load_compressed refuses in one line naming the tensor."""
+    model = upop.models.make_model(family)
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:1] = 0
+    prune(model, masks)
+    upop.save_compressed(model, tmp_path / "c")
+    state = load_file(str(tmp_path / "c" / "model.safetensors"))
+    group = _stored_group(model, set(state))
+    for key in group:
+        state.pop(key, None)
+    save_file(state, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(upop.CheckpointError) as info:
+        upop.load_compressed(tmp_path / "c")
+    message = str(info.value)
+    assert "\n" not in message and "missing tensor" in message and "randomly initialised" in message, message
+    assert any(f"missing tensor {key!r}" in message for key in group), (group, message)
+
+
+def test_blip_caption_tied_pair_missing_is_refused_by_the_cli(world, tmp_path, capsys):
+    """The reported case: BLIP's decoder embeddings and LM head (one tied pair) both removed."""
+    model = upop.models.make_model("blip-caption")
+    masks = upop.attach_masks(model)
+    masks[masks.groups[0].name].data[:1] = 0
+    prune(model, masks)
+    upop.save_compressed(model, tmp_path / "c")
+    state = load_file(str(tmp_path / "c" / "model.safetensors"))
+    for key in ("text_decoder.bert.embeddings.word_embeddings.weight", "text_decoder.cls.predictions.decoder.weight",
+                "text_decoder.cls.predictions.bias"):
+        state.pop(key, None)
+    save_file(state, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(tmp_path / "c"), "--task", "retrieval", "--data", str(world / "data")])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("upop: error: ") and "missing tensor 'text_decoder." in line, line

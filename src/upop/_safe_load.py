@@ -3,9 +3,10 @@
 upop never executes code that comes with a model folder (or a Hub repository: only its data
 files are fetched, :func:`local_folder`). Before transformers sees a folder,
 :func:`check_folder` reads its JSON files itself and refuses an ``auto_map`` or a model type that
-only the folder's own Python defines, so no transformers code path can reach its "run the custom
-code? [y/N]" prompt (every call also passes ``trust_remote_code=False``). Weights come from
-safetensors files only (:func:`weight_files`); :func:`scan_safetensors` and :func:`check_dtypes`
+only the folder's own Python defines, and every other key that would make transformers or
+sentence-transformers import code (:mod:`upop.allow_list`), so no code path can reach the "run
+the custom code? [y/N]" prompt (every call also passes ``trust_remote_code=False``). Weights
+come from safetensors files only (:func:`weight_files`); :func:`scan_safetensors` and :func:`check_dtypes`
 refuse tensors that would otherwise be cast silently or that hold NaN/Inf. Every refusal is a
 one-line :class:`CheckpointError` naming the folder, file or tensor.
 """
@@ -35,8 +36,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 #: what is fetched of a Hub model: configs, safetensors weights, tokenizer vocabularies
 HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
-#: files whose ``auto_map`` would make transformers import Python from the folder
-CODE_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 NO_CODE = "upop never runs code from model folders"
 
 
@@ -114,30 +113,28 @@ def _is_repo_id(text: str) -> bool:
 
 
 def check_folder(folder: Path) -> dict[str, Any]:
-    """``config.json`` of a model folder, once nothing in the folder asks for its own code.
+    """``config.json`` of a model folder, once nothing in the folder asks for code to be imported.
 
-    Refused (one line naming the folder): no ``config.json``, one that is not a JSON object, an
-    ``auto_map`` in it (other than exactly the one upop writes for ``modeling_upop.py``, a file
-    upop itself never imports: :func:`upop.hub.check_upop_auto_map`) or in the tokenizer/processor
-    configs, and a ``model_type`` that neither transformers nor upop defines (only the folder's own
-    Python could build such a model).
+    Refused (one line naming the folder, the file and the key): no ``config.json``, one that is
+    not a JSON object, an ``auto_map`` in it other than exactly the one upop writes for
+    ``modeling_upop.py`` (a file upop itself never imports: :func:`upop.hub.check_upop_auto_map`),
+    any other code hook in the JSON files transformers or sentence-transformers read
+    (:func:`upop.allow_list.refuse_code_hooks`: ``auto_map`` in the tokenizer / processor
+    configs, ``custom_pipelines``, ``trust_remote_code``, class names transformers does not
+    define, foreign ``modules.json`` types...), and a ``model_type`` that neither transformers nor
+    upop defines (only the folder's own Python could build such a model).
     """
+    from .allow_list import refuse_code_hooks
+    from .hub import check_upop_auto_map
+
     file = folder / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{show(folder)}: no config.json; is this a Hugging Face model folder?")
     config = read_json(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{show(file)}: a JSON {type(config).__name__}, not an object of config fields")
-    for name in CODE_MAP_FILES:
-        data = config if name == "config.json" else _json_if_present(folder / name)
-        if name == "config.json" and "auto_map" in data:
-            from .hub import check_upop_auto_map
-
-            check_upop_auto_map(data, show(folder))  # upop's own (never imported) passes; any other is refused
-            continue
-        if isinstance(data, dict) and "auto_map" in data:
-            raise CheckpointError(f"{show(folder)}: {name} has an auto_map, so the folder needs its own Python code "
-                                  f"to load; {NO_CODE} (use a supported transformers model class, without auto_map)")
+    check_upop_auto_map(config, show(folder))  # upop's own (never imported) passes; any other is refused
+    refuse_code_hooks(folder, config, read_json)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         from .arch import supported_model_types
@@ -146,10 +143,6 @@ def check_folder(folder: Path) -> dict[str, Any]:
                               f"or upop defines, so the folder needs its own Python code to load; {NO_CODE} "
                               f"(supported: {', '.join(supported_model_types())})")
     return config
-
-
-def _json_if_present(file: Path) -> Any:
-    return read_json(file) if file.is_file() else None
 
 
 def read_config(folder: Path, cls: type) -> transformers.PretrainedConfig:

@@ -32,9 +32,10 @@ from torch import nn
 
 from ._safe_load import (SAFE_INDEX, _shards, check_dtypes, check_folder, quiet_transformers, read_config, read_json,
                          reason, scan_safetensors)
+from .allow_list import drop_unknown_files, refuse_config_hooks, refuse_folder_hooks
 from .arch import ArchSpec, get_spec, spec_by_name
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, show
-from .hub import strip_hub_fields, write_hub_files
+from .hub import MODELING_FILE, is_upop_auto_map, strip_hub_fields, write_hub_files
 from .prune import PLAN_FILE, PruningPlan, apply_plan
 from .rundir import write_dir_atomic
 
@@ -50,7 +51,10 @@ _PROCESSOR_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
     "chat_template.json",
+    "chat_template.jinja",
 )
+#: the files upop itself writes into a compressed folder
+_OWN_FILES = {"config.json", "generation_config.json", PLAN_FILE, WEIGHTS_FILE, MODELING_FILE}
 
 
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None, plan: PruningPlan | None = None) -> Path:
@@ -60,27 +64,46 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
     the plan's base model is a local folder, its tokenizer/processor files are copied. The folder
     also gets ``modeling_upop.py`` and an ``auto_map`` (:mod:`upop.hub`), so transformers alone
     loads it with ``trust_remote_code=True``.
+
+    Only what upop knows is written (:mod:`upop.allow_list`): config keys the config class
+    defines, tokenizer / processor data files, upop's own files. A config, generation config or
+    processor file with a key that makes a library import code (``custom_pipelines``, a foreign
+    ``auto_map``...) is refused in one line and nothing is written.
     """
     plan = plan or getattr(model, "upop_plan", None)
     if plan is None:
         raise CheckpointError("this model has no pruning plan: call upop.prune(model, masks) before save_compressed")
+    refuse_config_hooks(model.config, is_own=is_upop_auto_map)
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not getattr(model, "can_generate", lambda: False)():
+        gen = None
+    else:
+        refuse_config_hooks(gen, "the model's generation config")
+
     def fill(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
-        write_hub_files(model, tmp)  # modeling_upop.py + auto_map: loadable by transformers without upop
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and getattr(model, "can_generate", lambda: False)():
+        if gen is not None:
             gen.save_pretrained(tmp)
+        write_hub_files(model, tmp)  # modeling_upop.py + auto_map; config keys cut to the allow-list
         (tmp / PLAN_FILE).write_text(plan.to_json())
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "upop_format": str(plan.format_version)})
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        elif plan.base_model and Path(plan.base_model).is_dir():
-            for name in _PROCESSOR_FILES:
-                src = Path(plan.base_model) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+        _save_processor(tmp, processor, plan)
 
     return write_dir_atomic(out_dir, fill)
+
+
+def _save_processor(tmp: Path, processor, plan: PruningPlan) -> None:
+    """The tokenizer / processor files: ``processor``'s own, else the base model folder's
+    :data:`_PROCESSOR_FILES`; refused with a code hook, and only data files are kept."""
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    elif plan.base_model and Path(plan.base_model).is_dir():
+        for name in _PROCESSOR_FILES:
+            src = Path(plan.base_model) / name
+            if src.is_file():
+                shutil.copy2(src, tmp / name)
+    refuse_folder_hooks(tmp, read_json)
+    drop_unknown_files(tmp, _OWN_FILES)
 
 
 def read_plan(path: str | os.PathLike) -> PruningPlan:
@@ -344,6 +367,11 @@ def _plan_spec(plan: PruningPlan, spec: ArchSpec | None, model: nn.Module, path:
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Load ``state`` into ``model``: every tensor known, of the plan's shape, and every tensor of
+    the model given by the file. Tied tensors (one storage under several names) are stored once,
+    so a group of them needs one member stored; a group with none is missing like any other
+    tensor (the model would keep its random initialisation). Persistent buffers are in
+    ``state_dict`` and so must be stored too; non-persistent ones are not part of it."""
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:
@@ -353,23 +381,19 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -
         if tuple(own[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{show(file)}: tensor {show(key, 120)} has shape {tuple(tensor.shape)} but the "
                                   f"plan gives {tuple(own[key].shape)}")
-    result = model.load_state_dict(state, strict=False)
-    # Tied weights are stored once; a missing key that aliases a stored tensor is fine.
-    tied = set(_tied_keys(model))
-    really_missing = [k for k in result.missing_keys if k not in tied]
-    if really_missing:
-        raise CheckpointError(f"{show(file)}: missing tensor {really_missing[0]} (and {len(really_missing) - 1} more)")
+    missing = [key for group in tied_groups(model) if not any(k in state for k in group) for key in group]
+    if missing:
+        raise CheckpointError(f"{show(file)}: missing tensor {show(missing[0], 120)} (and {len(missing) - 1} more): "
+                              "the model would keep it randomly initialised; the folder is incomplete or damaged")
+    model.load_state_dict(state, strict=False)
 
 
-def _tied_keys(model: nn.Module) -> list[str]:
-    """State-dict keys that share storage with another key (stored once by safetensors)."""
-    seen: dict[int, str] = {}
-    tied = []
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """The model's state-dict keys grouped by the tensor they hold: a tied group (one storage
+    under several names, e.g. input embeddings and the LM head) has several keys, any other
+    tensor is a group of one."""
+    groups: dict[tuple, list[str]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
-        if ptr in seen and tensor.numel() > 0:
-            tied.append(key)
-            tied.append(seen[ptr])
-        else:
-            seen[ptr] = key
-    return tied
+        same = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() > 0 else (key,)
+        groups.setdefault(same, []).append(key)
+    return list(groups.values())

@@ -18,7 +18,10 @@ compressed model) also holds:
 
 So ``AutoModel...from_pretrained(folder, trust_remote_code=True)`` and ``pipeline(...,
 trust_remote_code=True)`` load the compressed model without upop installed; transformers loads
-the safetensors weights as usual. :func:`upop.load_compressed` never imports that file: it
+the safetensors weights as usual, and ``UPopX.from_pretrained`` raises when its loading report
+lists a tensor the weights did not give (missing or of another shape), which transformers would
+otherwise initialise randomly. ``config.json`` holds only the keys its config class defines plus
+these two (:mod:`upop.allow_list`), so no other key can make a library import code. :func:`upop.load_compressed` never imports that file: it
 accepts exactly the ``auto_map`` this module writes (:func:`check_upop_auto_map`) and rebuilds
 the model from the plan, as before.
 """
@@ -102,6 +105,27 @@ class {prefix}{name}({base}):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         _upop_reshape(self, getattr(config, "upop_shapes", None))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``from_pretrained``, refusing weights that leave a tensor newly initialised."""
+        wanted = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _upop_check_loaded(cls.__name__, info)
+        return (model, info) if wanted else model
+'''
+
+_CHECK_LOADED = '''
+
+def _upop_check_loaded(name, info):
+    """Raise when ``from_pretrained``'s loading report lists a tensor that the weights did not
+    give (transformers would initialise it randomly) or gave at another shape."""
+    for kind, what in (("missing_keys", "is missing from the weights"), ("mismatched_keys", "has another shape")):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or ())
+        if keys:
+            raise ValueError(f"{{name}}: tensor {{keys[0]!r}} (and {{len(keys) - 1}} more) {{what}} in this "
+                             "compressed folder; it would be left randomly initialised, so the folder is incomplete "
+                             "or damaged")
 '''
 
 
@@ -241,6 +265,7 @@ def modeling_source(model: nn.Module, record: dict[str, Any]) -> str:
     for name in sorted(swapped):
         parts.append(f"\n\n# ---- copied from {by_name[name].__module__} ----\n" + _class_source(by_name[name]))
     parts.append(_RESHAPE.format(version=SHAPES_VERSION, swaps=", ".join(f"{n!r}: {n}" for n in sorted(swapped))))
+    parts.append(_CHECK_LOADED.format())
     parts.append(_SUBCLASS.format(prefix=PREFIX, name=cls.__name__, base=base))
     source = "".join(parts)
     _check_imports(source)
@@ -249,10 +274,24 @@ def modeling_source(model: nn.Module, record: dict[str, Any]) -> str:
 
 def write_hub_files(model: nn.Module, folder: str | Path) -> bool:
     """Write ``modeling_upop.py`` into ``folder`` and add ``auto_map`` and ``upop_shapes`` to its
-    ``config.json`` (already written). A model that cannot be described this way (a class upop
-    cannot copy, e.g. one of a spec of your own) gets a warning and no Hub files: the folder still
-    loads with :func:`upop.load_compressed`. Returns whether the files were written."""
+    ``config.json`` (already written), after cutting that file (and ``generation_config.json``)
+    down to the keys their classes define (:mod:`upop.allow_list`). A config that carries a code
+    hook (e.g. ``custom_pipelines`` set in Python) is refused in one line, once the files on disk
+    are without it. A model that cannot be described this way (a class upop cannot copy, e.g. one
+    of a spec of your own) gets a warning and no Hub files: the folder still loads with
+    :func:`upop.load_compressed`. Returns whether the Hub files were written."""
+    from .allow_list import known_config, known_generation_config, refuse_config_hooks
+
     folder = Path(folder)
+    file = folder / "config.json"
+    config = known_config(json.loads(file.read_text(encoding="utf-8")), type(model.config))
+    _write_json(file, config)
+    gen_file, gen = folder / "generation_config.json", getattr(model, "generation_config", None)
+    if gen_file.is_file():
+        _write_json(gen_file, known_generation_config(json.loads(gen_file.read_text(encoding="utf-8"))))
+    refuse_config_hooks(model.config, is_own=is_upop_auto_map)
+    if gen is not None:
+        refuse_config_hooks(gen, "the model's generation config")
     try:
         record = shape_record(model)
         source = modeling_source(model, record)
@@ -261,14 +300,16 @@ def write_hub_files(model: nn.Module, folder: str | Path) -> bool:
         warnings.warn(f"{type(model).__name__}: no {MODELING_FILE} written, so the folder loads with "
                       f"upop.load_compressed only, not with transformers' trust_remote_code ({exc})", stacklevel=3)
         return False
-    file = folder / "config.json"
-    config = json.loads(file.read_text(encoding="utf-8"))
     config["architectures"] = [type(model).__name__]  # as save_pretrained records it; the auto_map names it
     config["auto_map"] = mapping
     config[SHAPES_KEY] = record
-    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_json(file, config)
     (folder / MODELING_FILE).write_text(source, encoding="utf-8")
     return True
+
+
+def _write_json(file: Path, data: dict[str, Any]) -> None:
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def strip_hub_fields(config: transformers.PretrainedConfig) -> None:
@@ -276,6 +317,14 @@ def strip_hub_fields(config: transformers.PretrainedConfig) -> None:
     plain class; a later save writes fresh ones)."""
     for key in (SHAPES_KEY, "auto_map"):
         config.__dict__.pop(key, None)
+
+
+def is_upop_auto_map(config: dict[str, Any]) -> bool:
+    """Whether ``config`` (a config as a dict) has an ``auto_map`` of the kind upop writes."""
+    try:
+        return check_upop_auto_map(config, "config")
+    except CheckpointError:
+        return False
 
 
 def check_upop_auto_map(config: dict[str, Any], where: str) -> bool:
