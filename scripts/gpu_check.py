@@ -33,21 +33,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FAMILY_TASKS: dict[str, str] = {
-    "clip": "retrieval",
-    "siglip": "retrieval",
-    "siglip2": "retrieval",
-    "blip-retrieval": "retrieval",
-    "blip-vqa": "vqa",
-    "blip-caption": "caption",
-    "blip-nlvr": "nlvr",
-    "vit": "classification",
-    "deit": "classification",
-    "dinov2": "classification",
-    "segmenter": "segmentation",
-    "bert": "distill",
-}
-"""Every model family with a task (bert: the label-free task)."""
+def _family_tasks() -> dict[str, str]:
+    from upop.arch import TINY
+
+    return {tiny.name: tiny.data_task for tiny in TINY.values()}
+
+
+FAMILY_TASKS: dict[str, str] = _family_tasks()
+"""Every registered tiny model with the task of its Shapes data (bert: the label-free task)."""
 
 PHASES = ("dense_eval", "search", "retrain", "final_eval", "latency")
 """The phases of a run that must each report their device (log.jsonl ``device`` records)."""

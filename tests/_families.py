@@ -156,6 +156,16 @@ FAMILIES = {
 }
 
 
+#: the row of the table above that builds each registered tiny model (``upop.arch.TINY``), where
+#: the row is not named after it
+_ROW_OF_TINY = {"deit": "deit-teacher"}
+
+
+def row_of(tiny: str) -> str:
+    """The row of :data:`FAMILIES` that is the registered tiny model ``tiny``."""
+    return _ROW_OF_TINY.get(tiny, tiny)
+
+
 def _sub(family: str, cls_name: str, sub_config: str | None):
     import transformers
 

@@ -35,18 +35,26 @@ def _compressed(family: str, root, dense: bool = False):
     return root / "compressed"
 
 
-# case -> (tests/_families.py entry, --part)
-CASES = {
-    "clip": ("clip", None),
-    "clip-vision-tower": ("clip", "vision"),
-    "clip-text-tower": ("clip", "text"),
-    "vit": ("vit", None),
-    "deit": ("deit-teacher", None),
-    "bert": ("bert", None),
-    "segmenter": ("segmenter", None),
-    "siglip": ("siglip", None),
-    "dinov2": ("dinov2", None),
-}
+def _cases() -> dict[str, tuple[str, str | None]]:
+    """case -> (tests/_families.py row, --part), over the registry: every registered tiny model
+    whose class exports whole (``ModelClass.export_refused`` is None), and each of its towers
+    exported through ``get_*_features`` (towers exported as a submodule: tests/test_export_parts.py)."""
+    from upop.arch import CLASSES, TINY
+
+    from ._families import row_of
+
+    cases = {}
+    for tiny in TINY.values():
+        info = CLASSES[tiny.model_class][1]
+        if info.export_refused is None:
+            cases[tiny.name] = (row_of(tiny.name), None)
+        for part, how in info.export.items():
+            if how == "features":
+                cases[f"{tiny.name}-{part}-tower"] = (row_of(tiny.name), part)
+    return cases
+
+
+CASES = _cases()
 
 
 def _reference(model, part, inputs):

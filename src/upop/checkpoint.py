@@ -114,27 +114,23 @@ def read_plan(path: str | os.PathLike) -> PruningPlan:
     return PruningPlan.from_dict(read_json(file), source=str(file))
 
 
-#: model classes defined in this project (task models without a transformers class), by name;
-#: their arch specs list them in ``classes`` so ``load_compressed`` can resolve them
-PROJECT_CLASSES: dict[str, str] = {
-    "BlipForNLVR": "upop.blip_nlvr:BlipForNLVR",
-    "SegmenterForSemanticSegmentation": "upop.segmenter:SegmenterForSemanticSegmentation",
-}
-
-
 def project_class(name: str):
-    """A model class defined in this project, by name."""
-    if name not in PROJECT_CLASSES:
+    """A model class defined in this project (a family's :class:`~upop.arch.ModelClass` with
+    ``project``), by name."""
+    from .arch import model_class_info
+
+    info = model_class_info(name)
+    if info is None or info.project is None:
         raise CheckpointError(f"model class {show(name, 80)} is not available in this version of transformers or upop")
-    module, cls = PROJECT_CLASSES[name].split(":")
+    module, cls = info.project.split(":")
     return getattr(import_module(module), cls)
 
 
 def model_class(name: str):
-    """Resolve a model class name to a class, only among classes an arch spec declares."""
-    from .arch import _REGISTRY
+    """Resolve a model class name to a class, only among the classes the registry declares."""
+    from .arch import known_classes
 
-    known = {c for spec in _REGISTRY.values() for c in spec.classes}
+    known = known_classes()
     if name not in known:
         raise CheckpointError(f"model class {show(name, 80)} is not one upop knows; known: {', '.join(sorted(known))}")
     cls = getattr(transformers, name, None)

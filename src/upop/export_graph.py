@@ -18,29 +18,18 @@ import inspect
 import torch
 from torch import nn
 
+from .arch import CLASSES
 from .errors import ConfigError, UnsupportedModelError
 
 PARTS = ("vision", "text")
-_BLIP = ("BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipForConditionalGeneration", "BlipForNLVR")
 #: class -> {part: "features" or the name of the tower's submodule}: the towers ``part`` exports
-TOWERS: dict[str, dict[str, str]] = {
-    "CLIPModel": {"vision": "features", "text": "features"},
-    "SiglipModel": {"vision": "features", "text": "features"},
-    "Siglip2Model": {"text": "features"},
-    **{name: {"vision": "vision_model"} for name in _BLIP},
-}
+#: (each family declares its classes' ``ModelClass.export``)
+TOWERS: dict[str, dict[str, str]] = {name: dict(info.export) for name, (_, info) in CLASSES.items() if info.export}
 #: the classes whose towers are all exportable (kept for callers of the earlier name)
 TWO_TOWERS = tuple(name for name, parts in TOWERS.items() if set(parts) == set(PARTS))
 #: classes (or their towers not in TOWERS) whose forward is not one graph worth exporting, and why
-REFUSED = {
-    "BlipForConditionalGeneration": "a captioning model: its output is a decoding loop (generate), not one forward",
-    "BlipForQuestionAnswering": "a VQA model: its answers come from a decoding loop (generate), not one forward",
-    "BlipForImageTextRetrieval": "a retrieval model whose forward is one of two modes (ITM head or ITC "
-                                 "similarity) of the same weights, re-run per candidate pair",
-    "BlipForNLVR": "an NLVR model whose forward takes image pairs through upop's own fusion layers",
-    **dict.fromkeys(("Siglip2Model", "Siglip2VisionModel", "Siglip2ForImageClassification"), "a NaFlex vision tower "
-                    "(SigLIP2): spatial_shapes sizes its position embeddings per image; a Siglip2TextModel exports"),
-}
+#: (``ModelClass.export_refused``)
+REFUSED = {name: info.export_refused for name, (_, info) in CLASSES.items() if info.export_refused}
 _NOT_OUTPUTS = ("loss", "hidden_states", "attentions", "past_key_values")
 
 

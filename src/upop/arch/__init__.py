@@ -1,55 +1,27 @@
 """Architecture registry: one :class:`ArchSpec` per model family, keyed by ``config.model_type``.
 
-All specs are registered here, in one visible place. A user can register a spec of their own
-with :func:`register_spec` or pass one to :func:`find_groups` directly.
+Each family registers itself in its own module (:func:`register_family`, see :mod:`._family`);
+this package imports every module in it. A user can register a spec of their own with
+:func:`register_spec` or pass one to :func:`find_groups` directly.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+import importlib
+import pkgutil
+
 from ..groups import Group
-from . import bert, blip, clip, vit
-from . import dinov2, segmenter, siglip, siglip2
+from ._family import (CLASSES, FAMILIES, SIZES, SPECS, TINY, Family, ModelClass, TinyModel, classes_for,  # noqa: F401
+                      get_spec, known_classes, model_class_info, pairs, register_family, register_spec, spec_by_name,
+                      supported_model_types)
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs, vision_tokens
+from ..errors import UnsupportedModelError
 
-_REGISTRY: dict[str, ArchSpec] = {}
-
-
-def register_spec(spec: ArchSpec, *, replace: bool = False) -> None:
-    """Register ``spec`` for each of its ``model_types``."""
-    for model_type in spec.model_types:
-        if model_type in _REGISTRY and not replace:
-            raise ValueError(f"model_type {model_type!r} already has the spec {_REGISTRY[model_type].name!r}")
-        _REGISTRY[model_type] = spec
-
-
-for _spec in (clip.SPEC, blip.SPEC, vit.VIT, vit.DEIT, bert.SPEC, segmenter.SPEC, siglip.SPEC, siglip2.SPEC, dinov2.SPEC):
-    register_spec(_spec)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_spec(model: nn.Module) -> ArchSpec:
-    """The spec for ``model`` (by ``model.config.model_type``), or a clear error."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _REGISTRY:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} ({type(model).__name__}) is not supported; "
-            f"supported model types: {', '.join(supported_model_types())} (or pass spec=ArchSpec(...))"
-        )
-    return _REGISTRY[model_type]
-
-
-def spec_by_name(name: str) -> ArchSpec:
-    for spec in _REGISTRY.values():
-        if spec.name == name:
-            return spec
-    raise UnsupportedModelError(f"no architecture spec named {name!r}; known: {sorted({s.name for s in _REGISTRY.values()})}")
+# every family module registers itself (``register_family`` at its end): a new family is a new file
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def find_groups(model: nn.Module, spec: ArchSpec | None = None, text_tokens: int | None = None,

@@ -4,6 +4,9 @@ The attention stores ``scaling`` at construction; its forward reshapes with
 ``attention_head_size``. Cross-attention (``add_cross_attention``) is a ``fusion`` group.
 """
 
+import transformers
+
+from ._family import Family, ModelClass, TinyModel, register_family
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 
@@ -31,15 +34,27 @@ SPEC = ArchSpec(
     model_types=("bert",),
     towers=(Tower(("encoder.layer", "bert.encoder.layer"), "text", (SELF_ATTN, CROSS_ATTN), MLP),),
     set_head_dim=SET_HEAD_SIZE,
-    classes=(
-        "BertModel",
-        "BertForSequenceClassification",
-        "BertForTokenClassification",
-        "BertForQuestionAnswering",
-        "BertForMultipleChoice",
-        "BertForMaskedLM",
-        "BertForPreTraining",
-        "BertLMHeadModel",
-        "BertForNextSentencePrediction",
-    ),
 )
+
+
+def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.BertForSequenceClassification:
+    h, n, heads, inter = widths
+    cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=32, num_labels=num_labels,
+    )
+    return transformers.BertForSequenceClassification(cfg)
+
+
+_TEXT = dict(tasks=("distill",), reads=("text",))
+FAMILY = register_family(Family(
+    spec=SPEC,
+    classes=(
+        *(ModelClass(name, **_TEXT) for name in (
+            "BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
+            "BertForMaskedLM", "BertForPreTraining", "BertLMHeadModel", "BertForNextSentencePrediction")),
+        ModelClass("BertForMultipleChoice", reads=("text",)),  # loads and prunes; no task reads its choices
+    ),
+    tiny=(TinyModel("bert", "BertForSequenceClassification", build=_tiny, processor=lambda size, tokenizer: tokenizer,
+                    data_task="distill"),),
+))

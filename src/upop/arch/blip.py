@@ -18,6 +18,9 @@ import torch
 from torch import nn
 from transformers.models.blip.modeling_blip import BlipAttention
 
+import transformers
+
+from ._family import Family, ModelClass, TinyModel, register_family
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower
 from .bert import MLP as TEXT_MLP
 from .bert import _attention
@@ -75,6 +78,73 @@ SPEC = ArchSpec(
     set_head_dim=_set_head_dim,
     fold_scale_classes=("BlipTextSelfAttention",),
     swap_class=_swap,
-    classes=("BlipForImageTextRetrieval", "BlipForQuestionAnswering", "BlipForConditionalGeneration",
-             "BlipForNLVR"),
 )
+
+
+def _config(widths, vocab: int, image_size: int) -> transformers.BlipConfig:
+    h, n, heads, inter = widths
+    patch = 8 if image_size <= 96 else 16
+    return transformers.BlipConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=h, encoder_hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+            intermediate_size=inter, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+            sep_token_id=5,
+        ),
+        vision_config=dict(
+            hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
+            image_size=image_size, patch_size=patch,
+            initializer_range=0.02,  # BlipVisionConfig's default 1e-10 leaves a random vision tower at ~0
+        ),
+        projection_dim=h,
+        image_text_hidden_size=h,
+    )
+
+
+def _nlvr(widths, vocab: int, image_size: int, num_labels: int):
+    """BLIP's NLVR layout: layers from the middle on merge their two cross-attentions by a Linear
+    (BLIP's 12-layer encoder: from layer 6), so a tiny model has both kinds of layer."""
+    from ..blip_nlvr import BlipForNLVR
+
+    config = _config(widths, vocab, image_size)
+    config.text_config.nlvr_merge_from = config.text_config.num_hidden_layers // 2
+    return BlipForNLVR(config)
+
+
+def _built(cls_name: str):
+    return lambda widths, vocab, image_size, num_labels: getattr(transformers, cls_name)(
+        _config(widths, vocab, image_size))
+
+
+def _processor(image_size: int, tokenizer):
+    from transformers import BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+_VISION = {"vision": "vision_model"}
+_BOTH = ("image", "text")
+FAMILY = register_family(Family(
+    spec=SPEC,
+    classes=(
+        ModelClass("BlipForImageTextRetrieval", tasks=("retrieval",), reads=_BOTH, retrieval="blip", export=_VISION,
+                   export_refused="a retrieval model whose forward is one of two modes (ITM head or ITC similarity) "
+                                  "of the same weights, re-run per candidate pair"),
+        ModelClass("BlipForQuestionAnswering", tasks=("vqa",), reads=_BOTH, export=_VISION,
+                   export_refused="a VQA model: its answers come from a decoding loop (generate), not one forward"),
+        ModelClass("BlipForConditionalGeneration", tasks=("caption",), reads=_BOTH, export=_VISION,
+                   export_refused="a captioning model: its output is a decoding loop (generate), not one forward"),
+        ModelClass("BlipForNLVR", tasks=("nlvr",), reads=_BOTH, project="upop.blip_nlvr:BlipForNLVR", export=_VISION,
+                   export_refused="an NLVR model whose forward takes image pairs through upop's own fusion layers"),
+    ),
+    tiny=(
+        TinyModel("blip-retrieval", "BlipForImageTextRetrieval", build=_built("BlipForImageTextRetrieval"),
+                  processor=_processor, data_task="retrieval"),
+        TinyModel("blip-vqa", "BlipForQuestionAnswering", build=_built("BlipForQuestionAnswering"),
+                  processor=_processor, data_task="vqa"),
+        TinyModel("blip-caption", "BlipForConditionalGeneration", build=_built("BlipForConditionalGeneration"),
+                  processor=_processor, data_task="caption"),
+        TinyModel("blip-nlvr", "BlipForNLVR", build=_nlvr, processor=_processor, data_task="nlvr"),
+    ),
+))

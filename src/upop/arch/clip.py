@@ -3,6 +3,9 @@
 The attention stores its scale (``self.scale``) at construction, so only ``head_dim`` changes.
 """
 
+import transformers
+
+from ._family import Family, ModelClass, TinyModel, register_family
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
@@ -21,11 +24,40 @@ SPEC = ArchSpec(
         Tower(("encoder.layers",), "text", (_ATTN,), _MLP, only=("clip_text_model",)),
     ),
     set_head_dim=set_attrs(head_dim=lambda new, dense, heads: new),
-    classes=(
-        "CLIPModel",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPTextModel",
-        "CLIPTextModelWithProjection",
-    ),
 )
+
+
+def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.CLIPModel:
+    h, n, heads, inter = widths
+    cfg = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+            intermediate_size=inter, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter,
+            image_size=image_size, patch_size=8 if image_size <= 96 else 16,
+        ),
+        projection_dim=h,
+    )
+    return transformers.CLIPModel(cfg)
+
+
+def _processor(image_size: int, tokenizer):
+    from ..data.retrieval import make_clip_processor
+
+    return make_clip_processor(image_size, tokenizer)
+
+
+_BOTH = {"vision": "features", "text": "features"}
+FAMILY = register_family(Family(
+    spec=SPEC,
+    classes=(
+        ModelClass("CLIPModel", tasks=("retrieval", "distill"), reads=("image", "text"), export=_BOTH),
+        ModelClass("CLIPVisionModel", tasks=("distill",)),
+        ModelClass("CLIPVisionModelWithProjection", tasks=("distill",)),
+        ModelClass("CLIPTextModel", tasks=("distill",), reads=("text",)),
+        ModelClass("CLIPTextModelWithProjection", tasks=("distill",), reads=("text",)),
+    ),
+    tiny=(TinyModel("clip", "CLIPModel", build=_tiny, processor=_processor, data_task="retrieval"),),
+))

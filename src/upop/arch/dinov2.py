@@ -9,6 +9,10 @@ is not supported: :func:`check_model` refuses it.
 """
 
 from ..errors import UnsupportedModelError
+import transformers
+
+from ._family import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
+from .vit import classification_classes, vit_processor
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
@@ -30,5 +34,22 @@ SPEC = ArchSpec(
     model_types=("dinov2",),
     towers=(Tower(("encoder.layer", "dinov2.encoder.layer"), "vision", (_ATTN,), _MLP),),
     set_head_dim=set_attrs(head_dim=lambda new, dense, heads: new),
-    classes=("Dinov2Model", "Dinov2ForImageClassification"),
 )
+
+
+def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.Dinov2ForImageClassification:
+    h, n, heads, inter = widths
+    cfg = transformers.Dinov2Config(
+        hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, mlp_ratio=inter // h, image_size=image_size,
+        patch_size=8 if image_size <= 96 else 16, num_labels=num_labels,
+    )
+    return transformers.Dinov2ForImageClassification(cfg)
+
+
+FAMILY = register_family(Family(
+    spec=SPEC,
+    classes=(ModelClass("Dinov2Model", tasks=("distill",)),
+             ModelClass("Dinov2ForImageClassification", tasks=("classification", "distill"))),
+    tiny=(TinyModel("dinov2", "Dinov2ForImageClassification", build=_tiny, processor=vit_processor,
+                    data_task="classification", class_names=classification_classes),),
+))

@@ -12,6 +12,8 @@ registers ``SegmenterConfig`` with ``AutoConfig`` (so ``import upop`` is enough 
 """
 
 from .. import segmenter as _segmenter  # noqa: F401  (registers the config with AutoConfig)
+from ._family import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
+from .vit import vit_processor
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
@@ -27,5 +29,23 @@ SPEC = ArchSpec(
         Tower(("decoder.layers",), "decoder", (_ATTN,), _MLP),
     ),
     set_head_dim=set_attrs(head_dim=lambda new, dense, heads: new),
-    classes=("SegmenterForSemanticSegmentation",),
 )
+
+
+def _tiny(widths, vocab: int, image_size: int, num_labels: int):
+    return _segmenter.make_segmenter(*widths, image_size=image_size, num_labels=num_labels)
+
+
+def _classes() -> list[str]:
+    from ..data import shapes_vision
+
+    return list(shapes_vision.SEGMENTATION_CLASSES)
+
+
+FAMILY = register_family(Family(
+    spec=SPEC,
+    classes=(ModelClass("SegmenterForSemanticSegmentation", tasks=("segmentation",),
+                        project="upop.segmenter:SegmenterForSemanticSegmentation"),),
+    tiny=(TinyModel("segmenter", "SegmenterForSemanticSegmentation", build=_tiny, processor=vit_processor,
+                    data_task="segmentation", class_names=_classes),),
+))

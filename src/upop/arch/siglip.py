@@ -8,6 +8,9 @@ and the text ``head`` projection. SigLIP2 has its own spec (:mod:`.siglip2`): Na
 the vision token count for FLOPs costs is its config's maximum ``num_patches``.
 """
 
+import transformers
+
+from ._family import Family, ModelClass, TinyModel, register_family
 from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
@@ -27,5 +30,36 @@ SPEC = ArchSpec(
     ),
     set_head_dim=set_attrs(head_dim=lambda new, dense, heads: new),
     vision_extra_tokens=0,
-    classes=("SiglipModel", "SiglipVisionModel", "SiglipTextModel", "SiglipForImageClassification"),
 )
+
+
+def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.SiglipModel:
+    h, n, heads, inter = widths
+    common = dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter)
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=vocab, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                         projection_size=h, **common),
+        vision_config=dict(image_size=image_size, patch_size=8 if image_size <= 96 else 16, **common),
+    )
+    return transformers.SiglipModel(cfg)
+
+
+def _processor(image_size: int, tokenizer):
+    from transformers import SiglipProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+FAMILY = register_family(Family(
+    spec=SPEC,
+    classes=(
+        ModelClass("SiglipModel", tasks=("retrieval", "distill"), reads=("image", "text"), retrieval="siglip",
+                   export={"vision": "features", "text": "features"}),
+        ModelClass("SiglipVisionModel", tasks=("distill",)),
+        ModelClass("SiglipTextModel", tasks=("distill",), reads=("text",)),
+        ModelClass("SiglipForImageClassification", tasks=("classification",)),
+    ),
+    tiny=(TinyModel("siglip", "SiglipModel", build=_tiny, processor=_processor, data_task="retrieval"),),
+))

@@ -18,12 +18,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+class _RegisteredClasses:
+    """``Task.model_classes``: the model classes whose family registration lists the task
+    (:func:`upop.arch.classes_for`), on the class and on its instances alike."""
+
+    def __get__(self, obj, owner) -> tuple[str, ...]:
+        from ..arch import classes_for
+
+        return classes_for(owner.name)
+
+
 class Task:
     """Base class of a task. Subclasses fill the class attributes and the methods."""
 
     name: str = ""
-    #: model class names (``type(model).__name__``) the task can train and evaluate
-    model_classes: tuple[str, ...] = ()
+    #: model class names (``type(model).__name__``) the task can train and evaluate: declared by
+    #: each family for its classes (``ModelClass.tasks``), never listed here
+    model_classes = _RegisteredClasses()
     #: metric used to keep the best retrained checkpoint (higher is better)
     main_metric: str = ""
 

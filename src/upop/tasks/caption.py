@@ -26,7 +26,6 @@ from .retrieval import RetrievalTask
 
 class CaptionTask(Task):
     name = "caption"
-    model_classes = ("BlipForConditionalGeneration",)
     main_metric = "cider"
     settings = ("caption_beams",)
     #: beams of the decoding (BLIP: 3; 1 = greedy)

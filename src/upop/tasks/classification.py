@@ -67,8 +67,6 @@ def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
 
 class ClassificationTask(Task):
     name = "classification"
-    model_classes = ("ViTForImageClassification", "DeiTForImageClassification", WITH_TEACHER,
-                     "Dinov2ForImageClassification", "SiglipForImageClassification")
     main_metric = "top1"
     #: training augmentation: "deit" (DeiT's recipe) or "none" (the processor's resize only)
     augment = AUGMENT_CHOICES[0]

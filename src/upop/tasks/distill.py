@@ -39,19 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import model_class_info
 from ..data.unlabelled import IMAGE_KEYS, UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
 from ..distill import kl_logits
 from ..errors import ConfigError, TaskError, show
 from ._shard import evaluating, map_batches
 from .base import Task, unwrap
 
-PAIRED = ("CLIPModel", "SiglipModel", "Siglip2Model")
-VISION = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-          "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification", "CLIPVisionModel",
-          "CLIPVisionModelWithProjection", "SiglipVisionModel", "Siglip2VisionModel")
-TEXT = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
-        "BertForMaskedLM", "BertForPreTraining", "BertLMHeadModel", "BertForNextSentencePrediction", "CLIPTextModel",
-        "CLIPTextModelWithProjection", "SiglipTextModel", "Siglip2TextModel")
 #: logits over the positions of the sentence (question-answering spans), not over classes
 POSITION_LOGITS = ("start_logits", "end_logits")
 _SIMILARITY_ROWS = 1024  # images per block of the image x sentence similarity in evaluation
@@ -59,8 +53,9 @@ _SIMILARITY_ROWS = 1024  # images per block of the image x sentence similarity i
 
 def kind(model: nn.Module) -> str:
     """``"paired"``, ``"vision"`` or ``"text"``: what the model reads."""
-    cls = type(unwrap(model)).__name__
-    return "paired" if cls in PAIRED else "vision" if cls in VISION else "text"
+    info = model_class_info(type(unwrap(model)).__name__)
+    reads = set(info.reads) if info is not None else {"text"}
+    return "paired" if reads == {"image", "text"} else "vision" if reads == {"image"} else "text"
 
 
 def _text_config(model: nn.Module):
@@ -177,7 +172,6 @@ def _agreement(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
 
 class DistillTask(Task):
     name = "distill"
-    model_classes = PAIRED + VISION + TEXT
     main_metric = "cosine"
     #: the run hands over the frozen dense model (:meth:`set_teacher`) before it evaluates or trains
     needs_teacher = True

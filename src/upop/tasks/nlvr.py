@@ -15,7 +15,6 @@ from .base import Task
 
 class NLVRTask(Task):
     name = "nlvr"
-    model_classes = ("BlipForNLVR",)
     main_metric = "accuracy"
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):

@@ -17,15 +17,18 @@ from torch import nn
 
 from .. import distill
 from ..data.retrieval import RetrievalDataset, RetrievalPairs, load_retrieval_split
+from ..arch import CLASSES
 from . import blip_retrieval, siglip_retrieval
 from ._blip import unwrap
 from ._recall import METRICS, embed_split, recall_at_k
 from ._gather import batch_shapes, gather, gather_with_grad, world
 from .base import Task
 
-#: the retrieval variant of each model class other than CLIP (its loss and evaluation)
-VARIANTS = {"BlipForImageTextRetrieval": blip_retrieval, "SiglipModel": siglip_retrieval,
-            "Siglip2Model": siglip_retrieval}
+#: the modules of the retrieval variants a family may name (``ModelClass.retrieval``)
+_VARIANT_MODULES = {"blip": blip_retrieval, "siglip": siglip_retrieval}
+#: the retrieval variant of each model class other than CLIP (its loss and evaluation), as the
+#: families declare them
+VARIANTS = {name: _VARIANT_MODULES[info.retrieval] for name, (_, info) in CLASSES.items() if info.retrieval}
 
 
 def _variant(model):
@@ -35,7 +38,6 @@ def _variant(model):
 
 class RetrievalTask(Task):
     name = "retrieval"
-    model_classes = ("CLIPModel", "BlipForImageTextRetrieval", "SiglipModel", "Siglip2Model")  # see VARIANTS
     main_metric = "r_mean"
     settings = ("itm_k",)
     #: BLIP: ITC candidates per query re-ranked by ITM (None: 256 above 2,000 test images, else 128)

@@ -118,7 +118,6 @@ def check_labels(model: nn.Module, labels: torch.Tensor) -> None:
 
 class SegmentationTask(Task):
     name = "segmentation"
-    model_classes = ("SegmenterForSemanticSegmentation",)
     main_metric = "miou"
     #: training augmentation: "deit" (the papers' recipe: mmseg's pipeline) or "none" (resize only)
     augment = AUGMENT_CHOICES[0]

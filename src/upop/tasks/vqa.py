@@ -40,7 +40,6 @@ from .vqa_rank import encode_candidates, question_states, rank_answers
 
 class VQATask(Task):
     name = "vqa"
-    model_classes = ("BlipForQuestionAnswering",)
     main_metric = "vqa_acc"
     max_answer_tokens = 5
     settings = ("vqa_inference", "vqa_k", "answer_list")
