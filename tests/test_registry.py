@@ -64,9 +64,12 @@ def test_every_pair_is_served_by_its_task_and_has_shapes_data(tiny, task):
     assert task in WRITERS, f"upop data shapes cannot write data for {task!r}"
 
 
-def test_every_task_is_served_by_a_registered_class():
+def test_every_task_is_served_by_a_registered_class_and_has_a_writer_and_a_checker():
+    from upop.data.check import CHECKERS
+
     for task in TASKS:
         assert classes_for(task), f"no registered class serves task {task!r}"
+        assert task in WRITERS and task in CHECKERS, f"task {task!r} lacks a Shapes writer or a data checker"
 
 
 def test_gpu_check_runs_every_tiny_model_on_its_data_task():
