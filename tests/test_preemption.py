@@ -39,6 +39,36 @@ def loss(self, model, batch):
     return original(self, model, batch)
 
 RetrievalTask.loss = loss
+
+# SIGTERM in the last phases: during the retraining's last validation and save (KILL_LAST_SAVE),
+# or during the final latency timing (KILL_LATENCY); the time of the kill goes to KILL_TIME_FILE
+import time
+import upop.api, upop.phases
+
+def _kill_here():
+    with open(os.environ["KILL_TIME_FILE"], "w") as fh:
+        fh.write(repr(time.monotonic()))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+if os.environ.get("KILL_LAST_SAVE"):
+    step_end = upop.phases._Validate.step_end
+    def last_step_end(self, done, stop):
+        if done == self.run.retrain_steps:
+            _kill_here()
+        return step_end(self, done, stop)
+    upop.phases._Validate.step_end = last_step_end
+if os.environ.get("KILL_DENSE_EVAL"):
+    dense_baseline = upop.api._dense_baseline
+    def dense(*args, **kwargs):
+        _kill_here()
+        return dense_baseline(*args, **kwargs)
+    upop.api._dense_baseline = dense
+if os.environ.get("KILL_LATENCY"):
+    paired = upop.api.paired_latency
+    def latency(*args, **kwargs):
+        _kill_here()
+        return paired(*args, **kwargs)
+    upop.api.paired_latency = latency
 from upop.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -101,9 +131,41 @@ def test_sigterm_saves_the_step_and_resume_gives_the_uninterrupted_run(phase, ki
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
+@pytest.mark.parametrize("where,message", [("KILL_DENSE_EVAL", "during the dense evaluation"),
+                                           ("KILL_LAST_SAVE", "after the retraining"),
+                                           ("KILL_LATENCY", "during the final evaluation")])
+def test_sigterm_in_the_last_phases_stops_at_once_and_resume_finishes(where, message, world, reference, tmp_path):
+    """SIGTERM during the dense evaluation of a fresh run (it used to kill the process, leaving the
+    lock file; the fresh folder is kept, not abandoned), the retraining's last validation and save (it used to be swallowed: the run
+    went on to the end) and during the final latency timing (it used to kill the process with no
+    message and a stale lock file): the run stops at once with the usual two lines, the lock is
+    released, and --resume finishes with the uninterrupted run's model and metrics."""
+    out = tmp_path / "run"
+    stamp = tmp_path / "killed-at"
+    proc = _cli(world, out, env={where: "1", "KILL_TIME_FILE": str(stamp)})
+    ended = time.monotonic()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert ended - float(stamp.read_text()) < 10  # the interpreter's start and exit included
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"upop: stopped by SIGTERM {message}; the run is saved in "), lines[-2]
+    assert lines[-1] == "upop: continue with the same command and --resume"
+    assert "Traceback" not in proc.stderr
+    assert not (out / ".upop-lock").exists() and not (out / "report.json").exists()
+    proc = _cli(world, out, extra=["--resume"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert upop.read_plan(out / "compressed").groups == upop.read_plan(reference / "compressed").groups
+    a = load_file(str(reference / "compressed" / "model.safetensors"))
+    b = load_file(str(out / "compressed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mine, theirs = (json.loads((d / "report.json").read_text()) for d in (out, reference))
+    assert mine["compressed"]["metrics"] == theirs["compressed"]["metrics"]
+    assert not (out / ".upop-lock").exists() and not (out / "state" / "dense-model").exists()
+
+
 def test_a_failure_on_one_process_stops_every_process_quickly(world, tmp_path):
     """Process 1 raises at its 3rd step: both processes stop at that step, before backward (no
-    hang in an all-reduce), with one line naming the process and the step."""
+    hang in an all-reduce), with one line naming the process and the step. (Its 4th call of the
+    loss: under several processes the first looks for parameters without gradient.)"""
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "run"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(world / "wrapper.py"), "compress",
@@ -111,7 +173,7 @@ def test_a_failure_on_one_process_stops_every_process_quickly(world, tmp_path):
     cmd[cmd.index("--batch-size") + 1] = "4"
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "FAIL_AT": "3", "FAIL_RANK": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "FAIL_AT": "4", "FAIL_RANK": "1"})
     assert time.monotonic() - start < 60
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("upop: error:")]

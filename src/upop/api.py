@@ -23,7 +23,7 @@ from .resume import check_same_run, fingerprint
 from .masks import refuse_pruned
 from .rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from .tasks import Task, get_task
-from .runtime import PhaseClock, append_log, device_record, eval_autocast
+from .runtime import PhaseClock, append_log, device_record, disk_full_guard, eval_autocast
 from .train import Run
 
 @dataclass
@@ -258,11 +258,13 @@ def compress(
         _check_shared_folder(out, dist)
         model.to(dist.device)
         run.resume = resume and not fresh
-        dense = _dense_baseline(model, task, processor, test, config, out, dist)
-    except BaseException:
+        run.signals.where = f"during the dense evaluation; the run is saved in {out}"
+        with run.signals:  # a stop here is a stopped run (resumable), not a killed process
+            dense = _dense_baseline(model, task, processor, test, config, out, dist)
+    except BaseException as exc:
         if dist.is_main_process:
-            if fresh:  # a rejected fresh run: what it wrote goes, the previous run comes back
-                _abandon(rundir)
+            if fresh and not _interrupted(exc):  # a rejected fresh run: what it wrote goes, the previous run
+                _abandon(rundir)                 # comes back
             rundir.release()
             rundir.discard_created()
         raise
@@ -281,6 +283,17 @@ def compress(
     return CompressResult(model=compressed, plan=result.plan, report=report, out_dir=out)
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """A run that was taken and then stopped (a signal, Ctrl-C) or ran out of disk is kept: its
+    folder resumes with ``--resume``. Any other failure before the search rejects the fresh run."""
+    import errno
+
+    from .runtime import DiskFullError
+
+    return isinstance(exc, (KeyboardInterrupt, DiskFullError)) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)))
+
+
 def _abandon(rundir: RunDir) -> None:
     """Remove what a rejected fresh run wrote (only names a run writes, and none that was in the
     folder when the run took it) and bring back the previous run that ``--overwrite`` set aside."""
@@ -296,49 +309,59 @@ def _abandon(rundir: RunDir) -> None:
 def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, rundir: RunDir, dense: dict,
             dist) -> tuple[nn.Module, dict]:
     """Evaluate and time the compressed model on the run's device; write the report; the
-    previous run set aside by ``--overwrite`` goes only now."""
+    previous run set aside by ``--overwrite`` goes only now.
+
+    A stop (SIGTERM, Ctrl-C) here ends the run at once, as in the other phases: one message, the
+    lock released (by :func:`compress`); the state already says "done", so ``--resume`` redoes
+    only this phase. The report and the clean-up after it are written whole (a signal then is
+    only recorded: the run is complete)."""
     out = rundir.path
-    compressed = load_compressed(out / "compressed", device=dist.device)
-    if dist.is_main_process:
-        run.log(f"evaluating the compressed model on {len(test)} test samples")
-    with _phase("final_eval", compressed, out, config, dist):
-        comp = {**measure(compressed, task, processor, test),
-                "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size, accelerator=dist)}
-    inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
-    with _quiet_transformers():
-        dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR), trust_remote_code=False,
-                                                       use_safetensors=True).to(dist.device).eval()
-    with _phase("latency", compressed, out, config, dist):
-        latency = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time,
-                                 batch=config.latency_batch_size)
-    dense["latency_ms"], comp["latency_ms"] = latency["dense_ms"], latency["compressed_ms"]
-    del dense_model
-    p = next(compressed.parameters())
-    try:  # the data folder as the run was given it, for the re-time command
-        data = json.loads((out / "run.json").read_text()).get("data") or "DATA"
-    except (OSError, ValueError, AttributeError):
-        data = "DATA"
-    latency["retime_command"] = retime_command(
-        model=out / "compressed", baseline=result.plan.base_model or "DENSE_MODEL", task=task.name, data=data,
-        batch=config.latency_batch_size, seconds=config.latency_time, precision=config.eval_precision,
-        tf32=config.tf32)
-    report = build_report(
-        task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
-        cost=config.cost, settings=config.to_dict(), latency=latency,
-        latency_input=f"FLOPs: one test sample; latency: {describe_setup(latency)}",
-    )
-    report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
-    report["score"] = config.score
-    report["distill"] = {"mode": "task", "teacher_cached": bool(getattr(task, "teacher_cached", False))} \
-        if getattr(task, "needs_teacher", False) else run.distill_info
-    report["validation"] = {"best": result.best_metrics, "history": result.history}
-    report["device"] = str(p.device)
-    report["processes"] = dist.num_processes
-    if dist.is_main_process:
-        write_report(report, out)
-        shutil.rmtree(out / "state" / DENSE_DIR, ignore_errors=True)
-        rundir.drop_previous()
-    dist.wait_for_everyone()
+    signals = run.signals
+    signals.where = f"during the final evaluation; the run is saved in {out}"
+    with signals:
+        compressed = load_compressed(out / "compressed", device=dist.device)
+        if dist.is_main_process:
+            run.log(f"evaluating the compressed model on {len(test)} test samples")
+        with _phase("final_eval", compressed, out, config, dist):
+            comp = {**measure(compressed, task, processor, test),
+                    "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size, accelerator=dist)}
+        inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
+        with _quiet_transformers():
+            dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR), trust_remote_code=False,
+                                                           use_safetensors=True).to(dist.device).eval()
+        with _phase("latency", compressed, out, config, dist):
+            latency = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time,
+                                     batch=config.latency_batch_size)
+        dense["latency_ms"], comp["latency_ms"] = latency["dense_ms"], latency["compressed_ms"]
+        del dense_model
+        p = next(compressed.parameters())
+        try:  # the data folder as the run was given it, for the re-time command
+            data = json.loads((out / "run.json").read_text()).get("data") or "DATA"
+        except (OSError, ValueError, AttributeError):
+            data = "DATA"
+        latency["retime_command"] = retime_command(
+            model=out / "compressed", baseline=result.plan.base_model or "DENSE_MODEL", task=task.name, data=data,
+            batch=config.latency_batch_size, seconds=config.latency_time, precision=config.eval_precision,
+            tf32=config.tf32)
+        report = build_report(
+            task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
+            cost=config.cost, settings=config.to_dict(), latency=latency,
+            latency_input=f"FLOPs: one test sample; latency: {describe_setup(latency)}",
+        )
+        report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
+        report["score"] = config.score
+        report["distill"] = {"mode": "task", "teacher_cached": bool(getattr(task, "teacher_cached", False))} \
+            if getattr(task, "needs_teacher", False) else run.distill_info
+        report["validation"] = {"best": result.best_metrics, "history": result.history}
+        report["device"] = str(p.device)
+        report["processes"] = dist.num_processes
+        with signals.deferred():
+            if dist.is_main_process:
+                with disk_full_guard(out, out / "state", what=f"the report in {show(out)}"):
+                    write_report(report, out)
+                shutil.rmtree(out / "state" / DENSE_DIR, ignore_errors=True)
+                rundir.drop_previous()
+            dist.wait_for_everyone()
     return compressed, report
 
 

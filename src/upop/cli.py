@@ -85,7 +85,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import shapes_writer
+    from .data import check_shapes_sizes, write_shapes
     from .errors import DataError, show
 
     if args.source == "check":
@@ -102,8 +102,10 @@ def cmd_data(args) -> int:
         return 0
     if not args.out or args.data:
         raise ConfigError("upop data shapes needs --out DIR (the folder to write) and reads no --data")
-    info = _write_owned(Path(args.out), "data", SHAPES_FILES, args.overwrite, lambda: shapes_writer(args.task)(
-        args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size, seed=args.seed))
+    check_shapes_sizes(args.task, args.train, args.val, args.test)  # before anything is written
+    info = _write_owned(Path(args.out), "data", SHAPES_FILES, args.overwrite, lambda: write_shapes(
+        args.task, args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size,
+        seed=args.seed))
     print(f"{'reused' if info.get('reused') else 'wrote'} Shapes {args.task} data in {args.out}: "
           + ", ".join(f"{s} {v['images']} images" for s, v in info["splits"].items()))
     return 0
@@ -129,8 +131,8 @@ def _write_owned(out: Path, kind: str, files, overwrite: bool, write):
     rundir.create()
     try:
         with rundir.lock():
+            rundir.clean_temp()  # a killed write's temps first: they are upop's, not files to refuse over
             rundir.check_overwrite(False, overwrite)
-            rundir.clean_temp()
             if overwrite:
                 rundir.set_aside_previous()
             try:
@@ -243,6 +245,19 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         _error("upop: interrupted; continue with the same command and --resume")
         return 130
+    except OSError as exc:
+        import errno
+
+        from .errors import show
+
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        # a full disk in a write the run does not name itself (its own are TrainingErrors naming
+        # the file); the writers are atomic, so what was there before is intact
+        where = f" while writing {show(exc.filename)}" if exc.filename else ""
+        _error(f"upop: error: no space left on device{where}; free some space and run the same command again "
+               "(with --resume for upop compress)")
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         if not _distributed():
             raise
-        if not _peer_lost(exc):  # a peer's failure is reported by that peer (and by the launcher)
+        from .runtime import ddp_unused
+
+        unused = ddp_unused(exc)
+        if unused is not None:  # DDP's error outside a step's forward (the steps name the step): one line
+            import torch.distributed as dist
+
+            _error(f"upop: error: data parallelism failed on process {dist.get_rank()} of {dist.get_world_size()}: "
+                   f"parameter(s) {', '.join(unused) or '(not named by torch)'} got no gradient in the previous "
+                   "step; this is a bug, please report it")
+        elif not _peer_lost(exc):  # a peer's failure is reported by that peer (and by the launcher)
             import traceback
 
             traceback.print_exc()

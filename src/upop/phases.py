@@ -23,7 +23,8 @@ from .checkpoint import save_compressed
 from .loop import LoopCallback, StepLoop, cosine
 from .masks import attach_masks
 from .prune import PruningPlan, apply_plan
-from .runtime import PhaseClock, PhaseResult, device_record, eval_autocast, release_host_memory, seed_everything
+from .runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, eval_autocast, release_host_memory,
+                      seed_everything)
 from .search import UPopSearch
 
 
@@ -75,7 +76,7 @@ def search_phase(run, state: dict | None) -> PruningPlan:
         run.log(f"resuming the search at step {start}/{run.search_steps}")
     else:
         seed_everything(cfg.seed, acc.process_index)
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    wrapped, optimizer = run._prepare(model, optimizer, "search", start, run.search_steps)
     masks.to(acc.device)
     if state is not None:
         run._load_scaler(state)
@@ -146,7 +147,8 @@ class _Validate(LoopCallback):
         if self.best is None or value > self.best:
             self.best, self.best_metrics = value, metrics
             if run.acc.is_main_process:
-                save_compressed(model, self.dir, processor=run.processor, plan=self.plan)
+                with disk_full_guard(self.dir, run.state_dir):
+                    save_compressed(model, self.dir, processor=run.processor, plan=self.plan)
 
 
 def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
@@ -170,7 +172,7 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
         if start:
             run.log(f"resuming the retraining at step {start}/{run.retrain_steps}")
     compressed_dir = run.out / "compressed"
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    wrapped, optimizer = run._prepare(model, optimizer, "retrain", start, run.retrain_steps)
     if state is not None:
         run._load_scaler(state)
         run._restore_rng(state)
@@ -200,7 +202,8 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
         with eval_autocast(acc.device, cfg.eval_precision):
             best_metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=acc)
         if acc.is_main_process:
-            save_compressed(model, compressed_dir, processor=run.processor, plan=plan)
+            with disk_full_guard(compressed_dir, run.state_dir):
+                save_compressed(model, compressed_dir, processor=run.processor, plan=plan)
     run._save_state({"phase": "done", "step": run.retrain_steps, "plan": plan.to_dict(), "model": {},
                      "best": best, "best_metrics": best_metrics, "history": history})
     run.model = model

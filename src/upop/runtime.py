@@ -3,8 +3,11 @@
 - :func:`batch_indices`, :class:`StepBatches`, :func:`step_batches`: the batches of a step, a pure
   function of (seed, epoch, position, process), built in the process or by DataLoader workers;
 - random states (:func:`seed_everything`, saved and restored with a run's state), host memory;
-- :class:`RunStopped` and the signal handling that stops a loop at a step boundary;
-- the log (``log.jsonl``) records of devices and phases, and the evaluation autocast.
+- :class:`RunStopped` and the signal handling that stops a loop at a step boundary (and any
+  other phase at once); :class:`DiskFullError` for a full disk while writing;
+- the log (``log.jsonl``) records of devices and phases, and the evaluation autocast;
+- what data parallelism needs: parameters that get no gradient (:func:`graph_parameters`, DDP's
+  error mapped to names by :func:`ddp_unused`) and a training split every process gets items of.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import random
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -176,7 +180,7 @@ def eval_autocast(device: torch.device | str, precision: str):
 def append_log(out: Path, record: dict, is_main: bool) -> None:
     """Append ``record`` to ``out/log.jsonl`` (the main process writes, the others do nothing)."""
     if is_main:
-        with open(out / "log.jsonl", "a") as fh:
+        with disk_full_guard(out / "log.jsonl", out / "state"), open(out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
@@ -206,31 +210,152 @@ class PhaseClock:
 
 class StopSignals:
     """While active, SIGTERM and SIGINT ask the training loop to stop at the end of the current
-    step (``requested``); outside a loop (``in_loop`` False) they stop at once. The previous
-    handlers are restored on exit. Only the main thread can install handlers: elsewhere this is
-    a no-op and signals keep their default behaviour."""
+    step (``requested``); outside a loop (``in_loop`` False) they stop at once, with a
+    :class:`RunStopped` that says ``where`` the run was. The previous handlers are restored when
+    the outermost ``with`` exits (the object is re-entrant: the run's phases and the final
+    evaluation after them share one). Only the main thread can install handlers: elsewhere this
+    is a no-op and signals keep their default behaviour."""
 
     def __init__(self):
         self.requested: int | None = None
         self.in_loop = False
+        #: what the run is doing, for the message of a stop outside the loop ("during ...")
+        self.where = ""
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def _handle(self, signum, frame) -> None:
         if self.in_loop and self.requested is None:
             self.requested = signum
             return
+        raise self.stopped(signum)
+
+    def stopped(self, signum: int) -> "RunStopped":
+        """The :class:`RunStopped` of ``signum`` outside a loop (``where`` the run was)."""
         name = signal.Signals(signum).name
-        raise RunStopped(f"stopped by {name}", 128 + signum)
+        stopped = RunStopped(f"stopped by {name}" + (f" {self.where}" if self.where else ""), 128 + int(signum))
+        stopped.shared = True  # a launcher signals every process: the main process says so
+        return stopped
+
+    @contextmanager
+    def deferred(self):
+        """A stretch that must not be cut (a write and its bookkeeping): a signal inside it is only
+        recorded in ``requested``, as in the loop; the caller decides what to do after it."""
+        was = self.in_loop
+        self.in_loop = True
+        try:
+            yield self
+        finally:
+            self.in_loop = was
 
     def __enter__(self):
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class DiskFullError(TrainingError):
+    """The disk filled up while the run wrote a file: the write was dropped whole (atomic
+    writes), so the last good checkpoint is intact and ``--resume`` continues once there is room."""
+
+
+@contextmanager
+def disk_full_guard(path: str | os.PathLike, checkpoint: str | os.PathLike, what: str = ""):
+    """Turn a full disk (``ENOSPC``, or the quota's ``EDQUOT``) while writing ``path`` (described
+    as ``what`` if given) into one line that names it and where the last good checkpoint is
+    (``checkpoint``). Why here and not at the writer: ``torch.save`` into a file object raises
+    ``OSError(ENOSPC)`` with no file name, so only the caller knows which file it was."""
+    import errno
+
+    from .errors import show
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        error = DiskFullError(f"no space left on device while writing {what or show(os.fspath(path))}; the last good "
+                              f"checkpoint is kept in {show(os.fspath(checkpoint))}: free some space and run the "
+                              "same command with --resume")
+        error.located = True
+        raise error from None
+
+
+def graph_parameters(loss: torch.Tensor) -> set[int]:
+    """``id`` of every leaf tensor (parameter) that backpropagating ``loss`` would reach: a walk
+    over its autograd graph, the same walk DDP's ``find_unused_parameters`` does every step."""
+    found: set[int] = set()
+    seen: set = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it fills
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def reducer_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters in the order DDP's reducer numbers them (module
+    order, trainable only, a shared parameter once): what its error's "indices" refer to."""
+    seen: set[int] = set()
+    names = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+    return names
+
+
+_DDP_UNFINISHED = "Expected to have finished reduction in the prior iteration"
+
+
+def ddp_unused(exc: BaseException, names: list[str] | None = None) -> list[str] | None:
+    """The parameters DDP says got no gradient, if ``exc`` is its "unfinished reduction" error
+    (names from ``TORCH_DISTRIBUTED_DEBUG``, or its indices mapped through ``names``; the indices
+    as text where no names are known); None for any other exception."""
+    import re
+
+    text = str(exc)
+    if _DDP_UNFINISHED not in text:
+        return None
+    named = re.search(r"Parameters which did not receive grad for rank \d+: ([^\n]+)", text)
+    if named:
+        return [n.strip() for n in named.group(1).split(",") if n.strip()]
+    indices = re.search(r"Parameter indices which did not receive grad for rank \d+: ([\d ]+)", text)
+    if not indices:
+        return []
+    numbers = [int(i) for i in indices.group(1).split()]
+    return [names[i] if names is not None and i < len(names) else f"#{i}" for i in numbers]
+
+
+def check_shards(n: int, batch_size: int, world: int, split: str = "training") -> None:
+    """Refuse a ``split`` of ``n`` items that leaves a process without an item in a step: below
+    one global batch every step is ``perm[:n]``, cut in ``world`` slices of ``batch_size``, so the
+    last process gets nothing when ``n <= batch_size * (world - 1)`` (an empty batch breaks the
+    collators and the gathered losses)."""
+    from .errors import DataError
+
+    if world > 1 and n <= batch_size * (world - 1):
+        error = DataError(f"the {split} split has {n} item{'s' if n != 1 else ''}: too few for {world} processes "
+                          f"at --batch-size {batch_size} (process {world - 1} would get no item; need more than "
+                          f"{batch_size * (world - 1)}, best {batch_size * world}: a full batch per process); use "
+                          "more data, a smaller --batch-size or fewer processes")
+        error.shared = True  # every process finds it: the main process says so
+        raise error

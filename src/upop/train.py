@@ -34,9 +34,10 @@ from .phases import retrain_phase, search_phase
 from .prune import PruningPlan
 from .resume import read_state
 from .runtime import (STATE_FILE, PhaseResult, RunStopped, StopSignals, TrainingError, append_log, batch_indices,
-                      make_accelerator, rng_state, seed_everything, set_rng_state, step_batches, steps_per_epoch)
+                      check_shards, ddp_unused, disk_full_guard, graph_parameters, make_accelerator, reducer_names,
+                      rng_state, seed_everything, set_rng_state, step_batches, steps_per_epoch)
 from .rundir import torch_save_atomic
-from .search import resolve_round_to
+from .search import check_reachable, resolve_round_to
 from .tasks import Task
 
 
@@ -73,20 +74,26 @@ class Run:
         self.fingerprint = fingerprint or {}
         self.acc = make_accelerator(config)
         self.collate = task.collator(processor, seed=config.seed)
+        check_shards(len(train), config.batch_size, self.acc.num_processes)
         self.spe = steps_per_epoch(len(train), config.batch_size, self.acc.num_processes)
         self.search_steps = config.search_epochs * self.spe
         self.retrain_steps = config.retrain_epochs * self.spe
         self.interval = config.resolved_interval(self.search_steps)
         if config.method == "upop" and self.interval >= self.search_steps:
-            raise ConfigError(
+            error = ConfigError(
                 f"the search has {self.search_steps} steps ({config.search_epochs} epochs of {self.spe}: "
                 f"{len(train)} samples / ({config.batch_size} x {self.acc.num_processes} processes)) and interval="
                 f"{self.interval}: a progressive search needs more steps than its interval; use more data or "
                 "--search-epochs, a smaller --batch-size or --interval, or --method one-shot")
+            error.shared = True  # every process finds it: the main process says so
+            raise error
         # the width multiple (round_to "auto" depends on the device and the narrowest group)
-        self.round_to, self.round_to_why = resolve_round_to(
-            config.round_to, find_groups(model, granularity=config.granularity), self.acc.device.type, config.allocation)
+        groups = find_groups(model, granularity=config.granularity)
+        self.round_to, self.round_to_why = resolve_round_to(config.round_to, groups, self.acc.device.type,
+                                                            config.allocation)
+        check_reachable(groups, config.ratio, self.round_to, config.cost)  # before the folder is touched
         self._steps_done = 0
+        self._ddp_names: list[str] | None = None  # the wrapped model's parameters, in DDP's order
         self.signals = StopSignals()
         self.teacher, self.distiller = self._teacher(model)
         #: what the run distils, for the report (the distiller is released when the run ends)
@@ -174,7 +181,8 @@ class Run:
             state["rng"] = rng
             state["fingerprint"] = self.fingerprint
             state["totals"] = {"search": self.search_steps, "retrain": self.retrain_steps}
-            torch_save_atomic(state, self.state_dir / STATE_FILE)
+            with disk_full_guard(self.state_dir / STATE_FILE, self.state_dir):
+                torch_save_atomic(state, self.state_dir / STATE_FILE)
         self.acc.wait_for_everyone()
 
     def load_state(self) -> dict | None:
@@ -250,7 +258,11 @@ class Run:
 
     def _failure(self, exc: BaseException, phase: str, step: int) -> BaseException:
         """``exc`` raised at a step, as the user should see it: a user error keeps its type and
-        says where it happened and how to continue; anything else (a bug) is left as it is."""
+        says where it happened and how to continue; DDP's error about parameters that got no
+        gradient becomes one line naming them; anything else (a bug) is left as it is."""
+        unused = ddp_unused(exc, self._ddp_names)
+        if unused is not None:
+            return self._ddp_failure(unused, phase, step)
         if isinstance(exc, UPopError) and not isinstance(exc, TrainingError) and not getattr(exc, "located", False):
             message = str(exc).strip()
             if "\n" in message:  # re-raised from a DataLoader worker: the original message is the last line
@@ -260,6 +272,75 @@ class Run:
             error.located = True
             return error
         return exc
+
+    def _ddp_failure(self, unused: list[str], phase: str, step: int) -> TrainingError:
+        """The one line of DDP's "unfinished reduction": raised at the forward of ``step``, about
+        the backward of the step before. Every process finds it together (the main process
+        prints it)."""
+        shown = ", ".join(repr(n) for n in unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        error = TrainingError(
+            f"data parallelism failed at {self._where(phase, max(step - 1, 0))}: parameter"
+            f"{'s' if len(unused) != 1 else ''} {shown or '(not named by torch)'} got no gradient in that step (a "
+            "part of the model the loss skips in some steps only); this is a bug, please report it; the last good "
+            f"checkpoint is in {self.state_dir}")
+        error.shared = True
+        return error
+
+    def _prepare(self, model: nn.Module, optimizer, phase: str, start: int, total: int):
+        """``acc.prepare(model, optimizer)`` for ``phase`` (steps ``start .. total-1``).
+
+        Several processes wrap the model in DDP, which by default expects a gradient for every
+        parameter in every step; a parameter the task's loss never reaches (DINOv2's
+        ``mask_token``, SigLIP's vision ``head`` under classification) stops the second step.
+        The parameters the first step's loss does not reach are found once (:meth:`_unused`) and
+        only then is DDP told to look for unused parameters every step. Why this and not the
+        others: ``find_unused_parameters`` stays correct if the set changes from step to step
+        (with the data, or with masks), and its cost (a walk over the autograd graph each step,
+        and torch's warning when there is nothing to find) is paid only by models that need it;
+        freezing the parameters found, or DDP's ``static_graph``, would be wrong as soon as a
+        parameter unused in the first step is used in a later one. A parameter no process uses
+        gets no gradient (DDP leaves it ``None``), so AdamW skips it as with one process: it stays
+        bit-identical to the dense model's."""
+        if self.acc.num_processes > 1:
+            unused = self._unused(model, phase, start, total)
+            self.acc.ddp_handler.find_unused_parameters = bool(unused)
+            self._log({"phase": "ddp", "of": phase, "unused_parameters": unused,
+                       "find_unused_parameters": bool(unused)})
+            self._ddp_names = reducer_names(model)
+        return self.acc.prepare(model, optimizer)
+
+    def _unused(self, model: nn.Module, phase: str, start: int, total: int) -> list[str]:
+        """Names of the trainable parameters the task loss of step ``start``'s batch does not reach
+        on some process (a forward in training mode, no backward; the random state, the buffers,
+        e.g. BatchNorm's running statistics, and the mode are put back: the run is the one it
+        would be without this look). An error in the loss is that of ``phase``'s step ``start``."""
+        if start >= total:
+            return []
+        rng = rng_state()
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        training = model.training
+        model.train()
+        try:
+            batch = next(iter(step_batches(self.train_set, self.collate, batch_size=self.config.batch_size,
+                                           seed=self.config.seed, start=start, stop=start + 1,
+                                           rank=self.acc.process_index, world=self.acc.num_processes)))
+            batch = {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with self.acc.autocast():
+                reached = graph_parameters(self.task.loss(model, batch))
+        except Exception as exc:
+            raise self._failure(exc, phase, start) from None
+        finally:
+            model.train(training)
+            set_rng_state(rng)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+        names = reducer_names(model)
+        params = dict(model.named_parameters())
+        missing = torch.tensor([float(id(params[n]) not in reached) for n in names], device=self.acc.device)
+        missing = self.acc.reduce(missing, reduction="sum")
+        return [n for n, flag in zip(names, missing.tolist()) if flag > 0]
 
     def _forward(self, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], phase: str, step: int):
         """Run one step's forward and agree with the other processes on how it went.
@@ -346,11 +427,32 @@ class Run:
                 self.model = load_compressed(self.out / "compressed", device=self.acc.device)
                 return PhaseResult(PruningPlan.from_dict(state["plan"]), state["best_metrics"], state["history"])
             if state is None or state["phase"] == "search":
+                self.signals.where = f"during the search; the run is saved in {self.out}"
                 plan = self._search(state)
                 state = None
+                self._stop_if_requested("after the search and the pruning")
             else:
                 plan = PruningPlan.from_dict(state["plan"])
-            return self._retrain(plan, state)
+            self.signals.where = f"during the retraining; the run is saved in {self.out}"
+            result = self._retrain(plan, state)
+            self._stop_if_requested("after the retraining")
+            return result
+
+    def _stop_if_requested(self, when: str) -> None:
+        """At a phase boundary (its state just saved): stop if a signal came after the loop's
+        last step, when the loop no longer stops (validation, the last save, pruning); otherwise
+        it would be swallowed and the run go on to the end. The processes agree first (a signal
+        may reach only some of them); every process stops, the main process says so."""
+        flag = torch.tensor([float(self.signals.requested is not None)], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        if not flag.item():
+            return
+        signum = self.signals.requested or signal.SIGTERM
+        name = signal.Signals(signum).name if self.signals.requested else "a stop request on another process"
+        stopped = RunStopped(f"stopped by {name} {when}; the run is saved in {self.out}", 128 + int(signum))
+        stopped.shared = True
+        raise stopped
 
     def _run_loop(self, loop, phase: str, start: int, total: int, bar) -> None:
         """Steps ``start .. total-1`` of ``phase`` on ``loop``; the progress bar is closed (cleared)
