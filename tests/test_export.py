@@ -209,3 +209,14 @@ def test_without_onnx_the_install_command_is_printed(tmp_path, monkeypatch, caps
     assert 'pip install "upop[onnx]"' in err and err.count("\n") == 1
     with pytest.raises(ConfigError, match="onnxruntime"):
         upop.export.export_onnx(tmp_path, tmp_path / "m.onnx")
+
+
+def test_exporting_a_module_leaves_the_callers_model_as_it_was(ort, tmp_path):
+    """A model in bf16 and in training mode (as after training on a GPU): the export works on a
+    float32 CPU copy; the caller's model keeps its dtype, device and mode."""
+    model = prune_every_third(FAMILIES["vit"][0]()).to(torch.bfloat16).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = upop.export.export_onnx(model, tmp_path / "vit.onnx")
+    assert all(p.relative <= 1e-3 for p in result.parity)
+    assert model.training and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -13,6 +13,8 @@ classes and towers export at all (:data:`TOWERS`, :data:`REFUSED`, :func:`_graph
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 
 import torch
@@ -105,6 +107,17 @@ def _dynamic_axes(graph: _Graph, inputs: dict[str, torch.Tensor]) -> dict[str, d
             for n in graph.input_names}
 
 
+def _cpu_fp32(model: nn.Module) -> nn.Module:
+    """The caller's ``model`` as the exporter needs it: on the CPU in float32 and in eval mode.
+    A model elsewhere (a GPU), in another dtype or in training mode is copied first, so the export
+    never moves, casts or switches the caller's model (the graph is traced on the CPU, where the
+    parity reference and its example inputs are)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    ready = not model.training and all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
+                                       for t in tensors)
+    return model if ready else copy.deepcopy(model).to("cpu", torch.float32).eval()
+
+
 def _graph_of(model, part: str | None, what: str) -> _Graph:
     """Load ``model`` (a folder or a module) as float32 and wrap it (or its ``part`` tower), or
     refuse it in one line."""
@@ -112,6 +125,8 @@ def _graph_of(model, part: str | None, what: str) -> _Graph:
         from .models import load_any
 
         model = load_any(model)[0]
+    else:
+        model = _cpu_fp32(model)
     model = model.float().eval()
     name = type(model).__name__
     towers = TOWERS.get(name, {})

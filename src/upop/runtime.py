@@ -113,7 +113,9 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's GPU only (a run uses one per process): a state of every visible GPU could not
+        # be restored where fewer are visible (resumed with CUDA_VISIBLE_DEVICES=0)
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "python": random.getstate(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
     }
@@ -121,8 +123,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available():
+        # one state (this process's GPU); a state saved by an older upop holds every visible GPU's:
+        # the one of this process's device index, where there is one
+        index = torch.cuda.current_device()
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[index] if index < len(cuda) else cuda[0])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

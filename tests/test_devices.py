@@ -1,0 +1,65 @@
+"""What a GPU machine would do, shown on the CPU: device state that must not depend on how many
+devices are visible, and exports that never change the caller's model (issue "Ready for the GPU
+it has never met"). The CUDA calls are simulated where the fault lives in upop's bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from upop import runtime
+
+
+class _FakeCuda:
+    """``torch.cuda`` as seen by a process on GPU ``index`` of ``visible`` GPUs (RNG calls only)."""
+
+    def __init__(self, visible: int, index: int = 0):
+        self.visible, self.index, self.set = visible, index, []
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.visible)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.index)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((4,), self.index,
+                                                                                          dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                            lambda: [torch.full((4,), i, dtype=torch.uint8) for i in range(self.visible)])
+
+        def set_state(state, device="cuda"):
+            if self.index >= self.visible:
+                raise IndexError("device index out of range")
+            self.set.append(int(state[0]))
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+
+        def set_all(states):
+            for i, state in enumerate(states):
+                if i >= self.visible:
+                    raise IndexError("list index out of range")  # what torch does with fewer GPUs
+                self.set.append(int(state[0]))
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+
+
+def test_a_state_saved_on_eight_gpus_restores_with_one_visible(monkeypatch):
+    """Saved by process 3 of an 8-GPU node, resumed with CUDA_VISIBLE_DEVICES=0: the state is this
+    process's GPU only, restored on the one GPU it now has (it used to be all eight, IndexError)."""
+    _FakeCuda(8, index=3).install(monkeypatch)
+    saved = runtime.rng_state()
+    assert len(saved["cuda"]) == 1 and int(saved["cuda"][0][0]) == 3
+    later = _FakeCuda(1, index=0)
+    later.install(monkeypatch)
+    runtime.set_rng_state(saved)
+    assert later.set == [3]
+
+
+@pytest.mark.parametrize("index, expected", [(0, 0), (2, 2)])
+def test_an_older_state_of_every_gpu_restores_this_process_s_one(monkeypatch, index, expected):
+    """A state written by an earlier upop (every visible GPU's) restores the one of this process's
+    device where it has one, with as many or fewer GPUs visible."""
+    _FakeCuda(8).install(monkeypatch)
+    saved = {**runtime.rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+    later = _FakeCuda(index + 1, index=index)
+    later.install(monkeypatch)
+    runtime.set_rng_state(saved)
+    assert later.set == [expected]
