@@ -55,6 +55,7 @@ BENCHMARKS = {
     "overhead": (["overhead.py"], "timing"),
     "scaling": (["scaling.py"], "timing"),
     "dataloading": (["dataloading.py"], "timing"),
+    "startup": (["startup.py"], "timing"),
 }
 
 

@@ -23,6 +23,7 @@ QUICK = {
     "vision_ratios": ["benchmarks/vision_ratios.py", "--quick", "--tasks", "classification"],
     "profile_batch1": ["benchmarks/profile_batch1.py", "--quick"],
     "distill_default": ["benchmarks/distill_default.py", "--quick"],
+    "startup": ["benchmarks/startup.py", "--quick"],
 }
 
 

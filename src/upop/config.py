@@ -9,11 +9,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ConfigError, show
-from .distill import SETTINGS as DISTILL_SETTINGS
-from .search import ALLOCATIONS, COSTS, METHODS, RANKINGS, SCORES
+from .search_settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, RANKINGS, SCORES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -194,6 +191,8 @@ class UPopConfig:
         """``workers``, or the default: 0 without a GPU, else min(4, cores per process - 1)."""
         if self.workers is not None:
             return self.workers
+        import torch
+
         if not torch.cuda.is_available():
             return 0
         return max(0, min(4, (os.cpu_count() or 1) // max(1, processes) - 1))

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("none", "logits", "logits+hidden")
-#: what ``UPopConfig.distill`` accepts: a mode, or ``"auto"`` (see :func:`resolve`)
-SETTINGS = ("auto", *MODES)
+from .search_settings import DISTILL_MODES as MODES
+from .search_settings import DISTILL_SETTINGS as SETTINGS  # noqa: F401 (what UPopConfig.distill accepts)
 #: the tasks whose teacher outputs can be cached (computed once, before the first step), where
 #: ``distill="auto"`` distils the logits at no per-step cost
 CACHED_TASKS = ("retrieval",)

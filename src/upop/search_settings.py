@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import numbers
 
+from typing import TYPE_CHECKING
+
 from .errors import ConfigError, show
-from .groups import Group
+
+if TYPE_CHECKING:  # annotations only: this module is read by the CLI's parser, which imports no torch
+    from .groups import Group
+
+#: the distillation modes, and what ``UPopConfig.distill`` accepts: a mode, or ``"auto"``
+#: (:func:`upop.distill.resolve`)
+DISTILL_MODES = ("none", "logits", "logits+hidden")
+DISTILL_SETTINGS = ("auto", *DISTILL_MODES)
 
 METHODS = ("upop", "one-shot")
 ALLOCATIONS = ("unified", "uniform")
