@@ -27,6 +27,7 @@ QUICK = {
 }
 
 
+@pytest.mark.slow  # CI runs these in its second stage (.ci/run): ~4 minutes on 2 cores
 @pytest.mark.parametrize("name", sorted(QUICK))
 def test_quick_benchmark_writes_results(name, tmp_path):
     env = {**os.environ, "UPOP_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}

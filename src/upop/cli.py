@@ -262,7 +262,10 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or argparse's one-line refusal (already printed)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else EXIT_USER_ERROR
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
