@@ -63,3 +63,26 @@ def test_an_older_state_of_every_gpu_restores_this_process_s_one(monkeypatch, in
     later.install(monkeypatch)
     runtime.set_rng_state(saved)
     assert later.set == [expected]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mask_gradient_sums_are_formed_in_float32_in_half_precision(dtype):
+    """A unit's mask gradient is a sum over its weight row; under fp16 and a loss scale it
+    overflows where no element of the weight gradient does (the step's mask gradient was then
+    dropped as non-finite), and in bf16 it loses all but 8 bits. Formed in float32 it is finite and
+    equals the float64 sum of the same half-precision products."""
+    from upop.masks import _MaskedLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 128, generator=g).to(dtype)
+    weight = torch.rand(8, 128, generator=g).to(dtype)
+    scale = torch.ones(8, dtype=torch.float32, requires_grad=True)
+    out = _MaskedLinear.apply(x, weight, None, scale)
+    grad_out = torch.full_like(out, 64.0)  # a loss-scaled gradient: every token pushes the same way
+    out.backward(grad_out)
+    big_g = (grad_out.reshape(-1, 8).to(dtype).t() @ x.reshape(-1, 128)).to(torch.float64)
+    expected = (big_g * weight.to(torch.float64)).sum(1)
+    assert torch.isfinite(scale.grad).all()
+    if dtype == torch.float16:
+        assert float(expected.max()) > torch.finfo(torch.float16).max  # the fp16 sum would overflow
+    assert torch.allclose(scale.grad.to(torch.float64), expected, rtol=1e-3)

@@ -140,6 +140,22 @@ class Masks(nn.Module):
             self.grad_sum[group.name] = sums[group.name].to(p.device, torch.float64).clone()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+_DOT_CHUNK = 1 << 20  # elements of a float32 temporary in _row_dots
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_j a_ij * b_ij`` per row ``i``: a unit's mask gradient. In half precision the sums are
+    formed in float32 (fp16 overflows where the weight gradient does not, e.g. under a large loss
+    scale, and bf16 keeps 8 bits of mantissa), a few rows at a time so no weight-sized float32
+    temporary exists; in float32 / float64 one batched product, as before."""
+    if a.dtype not in _HALF:
+        return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+    rows = max(1, _DOT_CHUNK // max(1, a.shape[1]))
+    return torch.cat([(a[i:i + rows].float().unsqueeze(1) @ b[i:i + rows].float().unsqueeze(2)).view(-1)
+                      for i in range(0, a.shape[0], rows)])
+
+
 class _MaskedLinear(torch.autograd.Function):
     """``y = (x W^T + b) * s`` with the memory of a plain Linear.
 
@@ -176,9 +192,9 @@ class _MaskedLinear(torch.autograd.Function):
             # no weight-sized temporaries beyond big_g (each one is a fresh allocation per layer
             # and step): the row dots as a batched product, the weight gradient scaled in place
             if ctx.needs_input_grad[3]:
-                grad_s = (big_g.unsqueeze(1) @ w.unsqueeze(2)).view(-1)
+                grad_s = _row_dots(big_g, w)
                 if bias is not None:
-                    grad_s = grad_s + g_sum * bias.to(dtype)
+                    grad_s = grad_s + g2.sum(0, dtype=grad_s.dtype) * bias.to(grad_s.dtype)
                 grad_s = grad_s.to(scale.dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = big_g.mul_(s.unsqueeze(1)).to(weight.dtype)
