@@ -86,3 +86,26 @@ def test_mask_gradient_sums_are_formed_in_float32_in_half_precision(dtype):
     if dtype == torch.float16:
         assert float(expected.max()) > torch.finfo(torch.float16).max  # the fp16 sum would overflow
     assert torch.allclose(scale.grad.to(torch.float64), expected, rtol=1e-3)
+
+
+def test_tf32_is_set_and_read_through_the_api_a_trainer_used():
+    """After a transformers Trainer set TF32 through torch's new API (fp32_precision), reading or
+    setting the legacy allow_tf32 raises "mix of the legacy and new APIs": upop's run set-up and
+    latency timing use the API in force (a fresh interpreter: the flags are process-wide)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from upop import latency, runtime
+torch.backends.cuda.matmul.fp32_precision = "ieee"   # as a Trainer with tf32=False leaves it
+with latency._tf32(torch.device("cuda"), True):
+    assert runtime.tf32_enabled()
+assert not runtime.tf32_enabled() and torch.backends.cuda.matmul.fp32_precision == "ieee"
+before = runtime.set_tf32(True)
+assert runtime.tf32_enabled() and torch.backends.cudnn.conv.fp32_precision == "tf32"
+runtime.restore_tf32(before)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -15,7 +15,7 @@ from .config import UPopConfig
 from .errors import ConfigError
 from .report import NOISE_RULE, is_noisy, paired_summary, spread
 from .tasks import Task, get_task
-from .runtime import eval_autocast
+from .runtime import eval_autocast, restore_tf32, set_tf32, tf32_enabled
 
 ROUNDS = 7
 """Rounds of a latency measurement: every round times each model once, the order alternating."""
@@ -86,20 +86,21 @@ def latency_setup(models: list[nn.Module], inputs: dict, batch: int) -> dict[str
         autocast = str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
     cuda = device.type == "cuda"
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
-            "dtype": "/".join(dtypes), "autocast": autocast, "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+            "dtype": "/".join(dtypes), "autocast": autocast, "tf32": tf32_enabled() if cuda else None,
             "batch": batch, "threads": torch.get_num_threads()}
 
 
 @contextlib.contextmanager
 def _tf32(device: torch.device, on: bool):
     """TF32 matmuls and convolutions on (as a run sets them with ``tf32``) or off, on CUDA only."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    if device.type != "cuda":
+        yield
+        return
+    before = set_tf32(on)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        restore_tf32(before)
 
 
 def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds: int = ROUNDS,

@@ -37,6 +37,37 @@ class TrainingError(UPopError):
     """The run cannot go on (non-finite loss or mask gradient); the last checkpoint is intact."""
 
 
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use TF32 on CUDA, read through torch's current API
+    (``fp32_precision``; reading the legacy ``allow_tf32`` raises once anything in the process,
+    e.g. a transformers Trainer, set the new one)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)  # torch before the new API
+
+
+def set_tf32(on: bool) -> tuple:
+    """TF32 for fp32 matmuls and convolutions on (``"tf32"``) or off (``"ieee"``), through the
+    API the process already uses; returns what was set before, for :func:`restore_tf32`."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        before = ("new", matmul.fp32_precision, conv.conv.fp32_precision)
+        matmul.fp32_precision = conv.conv.fp32_precision = "tf32" if on else "ieee"
+        return before
+    before = ("legacy", matmul.allow_tf32, conv.allow_tf32)
+    matmul.allow_tf32 = conv.allow_tf32 = on
+    return before
+
+
+def restore_tf32(before: tuple) -> None:
+    api, matmul, conv = before
+    if api == "new":
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
 def make_accelerator(config: UPopConfig):
     """The run's Accelerator: its device is the one device of every phase of the run."""
     from accelerate import Accelerator
@@ -44,8 +75,7 @@ def make_accelerator(config: UPopConfig):
 
     cuda = torch.cuda.is_available()
     if cuda:  # TF32 matmuls for fp32 on Ampere and newer (--tf32 false keeps exact fp32)
-        torch.backends.cuda.matmul.allow_tf32 = config.tf32
-        torch.backends.cudnn.allow_tf32 = config.tf32
+        set_tf32(config.tf32)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
     # gradients live in DDP's all-reduce buckets: no second copy of every gradient
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
