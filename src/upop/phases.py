@@ -23,7 +23,7 @@ from .checkpoint import save_compressed
 from .loop import LoopCallback, StepLoop, cosine
 from .masks import attach_masks
 from .prune import PruningPlan, apply_plan
-from .runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, eval_autocast, release_host_memory,
+from .runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, evaluating, release_host_memory,
                       seed_everything)
 from .search import UPopSearch
 
@@ -139,11 +139,11 @@ class _Validate(LoopCallback):
             return
         model = run.acc.unwrap_model(self.wrapped)
         run._check_same_weights(model, "retrain", done)
-        with eval_autocast(run.acc.device, cfg.eval_precision):
+        with evaluating(model, run.acc.device, cfg.eval_precision):
             metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=run.acc)
         value = metrics[run.task.main_metric]
         self.history.append({"step": done, **metrics})
-        run._log({"phase": "val", "step": done, **metrics})
+        run._log({"phase": "val", "step": done, "eval_precision": cfg.eval_precision, **metrics})
         if self.best is None or value > self.best:
             self.best, self.best_metrics = value, metrics
             if run.acc.is_main_process:
@@ -199,7 +199,7 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
     wrapped = optimizer = scheduler = loop = val = None  # noqa: F841 (dropped references)
     acc.free_memory()
     if run.retrain_steps == 0 or not (compressed_dir / "upop_plan.json").is_file():
-        with eval_autocast(acc.device, cfg.eval_precision):
+        with evaluating(model, acc.device, cfg.eval_precision):
             best_metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=acc)
         if acc.is_main_process:
             with disk_full_guard(compressed_dir, run.state_dir):

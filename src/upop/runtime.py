@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -211,6 +212,26 @@ def eval_autocast(device: torch.device | str, precision: str):
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, device, precision: str):
+    """Evaluate ``model`` (unwrapped from the training wrapper) at the evaluation precision: the
+    mixed-precision forward Accelerate installed for training (autocast to bf16/fp16, outputs
+    cast to fp32; it stays on the module :meth:`Accelerator.unwrap_model` returns) is swapped for
+    the model's own while inside, then put back, and the evaluation autocast (:func:`eval_autocast`)
+    applies. Without it, validation during retraining ran at the training precision while the
+    dense and final evaluations ran in fp32."""
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is not None and wrapped is not None:
+        model.forward = original
+    try:
+        with eval_autocast(device, precision):
+            yield model
+    finally:
+        if original is not None and wrapped is not None:
+            model.forward = wrapped
 
 
 def append_log(out: Path, record: dict, is_main: bool) -> None:
