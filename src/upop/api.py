@@ -329,6 +329,7 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
         with _quiet_transformers():
             dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR), trust_remote_code=False,
                                                            use_safetensors=True).to(dist.device).eval()
+        dist.wait_for_everyone()  # every process has read state/dense-model before the main one may delete it
         with _phase("latency", compressed, out, config, dist):
             latency = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time,
                                      batch=config.latency_batch_size)

@@ -198,7 +198,7 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
     best, best_metrics, history = val.best, val.best_metrics, val.history
     wrapped = optimizer = scheduler = loop = val = None  # noqa: F841 (dropped references)
     acc.free_memory()
-    if run.retrain_steps == 0 or not (compressed_dir / "upop_plan.json").is_file():
+    if run.retrain_steps == 0 or not _main_sees(acc, compressed_dir / "upop_plan.json"):
         with evaluating(model, acc.device, cfg.eval_precision):
             best_metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=acc)
         if acc.is_main_process:
@@ -208,3 +208,15 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
                      "best": best, "best_metrics": best_metrics, "history": history})
     run.model = model
     return PhaseResult(plan=plan, best_metrics=best_metrics, history=history)
+
+
+def _main_sees(acc, file) -> bool:
+    """Whether the main process sees ``file``, the same answer on every process: each process
+    asking its own file system (a network one may lag) could send one of them alone into an
+    evaluation's collectives, where it would wait forever."""
+    seen = [file.is_file() if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(seen)
+    return bool(seen[0])
