@@ -8,7 +8,6 @@ checksum after the refused command as before it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import upop
 from upop.cli import main
 from upop.rundir import RunDir
 
+from ._adversarial_common import tree_sum
 from ._families import clip_world
 
 TINY = ["--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "8", "--no-progress", "--latency-time", "0.02"]
@@ -193,28 +193,6 @@ def _one_line(text: str) -> str:
     assert len(lines) == 1, lines
     assert "\n" not in text.strip() and "Traceback" not in text, text
     return lines[0]
-
-
-def tree_sum(root: Path) -> str | None:
-    """sha256 over the relative path and bytes of every file under ``root`` and the target of
-    every symbolic link (never followed); None if ``root`` does not exist."""
-    if not os.path.lexists(root):
-        return None
-    digest = hashlib.sha256()
-    if root.is_symlink() or not root.is_dir():
-        digest.update(os.readlink(root).encode() if root.is_symlink() else root.read_bytes())
-        return digest.hexdigest()
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = Path(folder) / name
-            digest.update(os.fsencode(path.relative_to(root)) + b"\0")
-            if path.is_symlink():
-                digest.update(b"link:" + os.fsencode(os.readlink(path)))
-            elif path.is_file():
-                digest.update(b"file:" + path.read_bytes())
-            digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def _sums(*roots: Path) -> dict[str, str | None]:
