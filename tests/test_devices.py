@@ -115,22 +115,30 @@ def test_validation_during_bf16_training_runs_at_the_evaluation_precision():
     """Accelerate's bf16 training forward (autocast, outputs cast to fp32) stays on the module its
     unwrap_model returns; retraining's validation used it, so the best checkpoint was chosen in
     bf16 while the dense and final evaluations ran in fp32. Inside ``evaluating`` the model's own
-    forward runs (fp32 here, or bf16 autocast with --eval-precision bf16); after it, training's."""
-    from accelerate import Accelerator
+    forward runs (fp32 here, or bf16 autocast with --eval-precision bf16); after it, training's.
+    (A fresh interpreter: Accelerate's state is one per process.)"""
+    import subprocess
+    import sys
 
-    from upop.runtime import evaluating
+    code = """
+import torch
+from accelerate import Accelerator
+from upop.runtime import evaluating
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
-    x = torch.randn(8, 64)
-    exact = model(x)
-    acc = Accelerator(mixed_precision="bf16", cpu=True)
-    prepared = acc.prepare(model)
-    unwrapped = acc.unwrap_model(prepared)
-    trained = unwrapped(x)  # the training forward: bf16 matmul, fp32 output
-    assert not torch.equal(trained, exact)
-    with evaluating(unwrapped, acc.device, "fp32") as m:
-        assert torch.equal(m(x), exact)
-    with evaluating(unwrapped, acc.device, "bf16") as m:
-        assert torch.allclose(m(x).float(), trained, atol=1e-2)
-    assert torch.equal(unwrapped(x), trained)  # training's forward is back
+torch.manual_seed(0)
+model = torch.nn.Linear(64, 64)
+x = torch.randn(8, 64)
+exact = model(x)
+acc = Accelerator(mixed_precision="bf16", cpu=True)
+unwrapped = acc.unwrap_model(acc.prepare(model))
+trained = unwrapped(x)  # the training forward: bf16 matmul, fp32 output
+assert not torch.equal(trained, exact)
+with evaluating(unwrapped, acc.device, "fp32") as m:
+    assert torch.equal(m(x), exact)
+with evaluating(unwrapped, acc.device, "bf16") as m:
+    assert torch.allclose(m(x).float(), trained, atol=1e-2)
+assert torch.equal(unwrapped(x), trained)  # training's forward is back
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
