@@ -270,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    # transformers' note that an image processor falls back to its PIL class without torchvision:
+    # upop uses the PIL backend on purpose, and the note would stand beside upop's one-line errors
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     try:
         code = _run(args)
     except BaseException as exc:
