@@ -666,3 +666,32 @@ def test_blip_caption_tied_pair_missing_is_refused_by_the_cli(world, tmp_path, c
     code = main(["evaluate", "--model", str(tmp_path / "c"), "--task", "retrieval", "--data", str(world / "data")])
     line = _one_line(capsys.readouterr().err)
     assert code == 2 and line.startswith("upop: error: ") and "missing tensor 'text_decoder." in line, line
+
+
+def test_load_compressed_takes_a_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
+    """``upop.load_compressed("org/name")`` resolves a Hub id as ``from_pretrained`` does: here from
+    the Hugging Face cache with HF_HUB_OFFLINE=1 (no network); the cached copy loads exactly, and
+    an id the cache lacks is one line."""
+    import huggingface_hub.constants as hub_constants
+
+    from ._families import prune_every_third
+
+    model = prune_every_third(upop.models.make_model("vit"))
+    folder = tmp_path / "compressed"
+    upop.save_compressed(model, folder)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny-vit" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (cache / "models--org--tiny-vit" / "refs").mkdir()
+    (cache / "models--org--tiny-vit" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    loaded = upop.load_compressed("org/tiny-vit")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).logits, upop.load_compressed(folder)(pixel_values=x).logits)
+    with pytest.raises(upop.CheckpointError, match="org/missing") as info:
+        upop.load_compressed("org/missing")
+    assert "\n" not in str(info.value)

@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from ._safe_load import (SAFE_INDEX, _shards, check_dtypes, check_folder, quiet_transformers, read_config, read_json,
-                         reason, scan_safetensors)
+from ._safe_load import (SAFE_INDEX, _shards, check_dtypes, check_folder, local_folder, quiet_transformers, read_config,
+                         read_json, reason, scan_safetensors)
 from .allow_list import drop_unknown_files, refuse_config_hooks, refuse_folder_hooks
 from .arch import ArchSpec, get_spec, spec_by_name
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, show
@@ -144,6 +144,10 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device | None =
                     trust_remote_code: bool = False) -> nn.Module:
     """Load a compressed checkpoint folder: same class as the dense model, in eval mode.
 
+    ``path`` is a local folder or a Hugging Face Hub id (``org/name``), fetched like
+    ``from_pretrained`` does (the local cache first; ``HF_HUB_OFFLINE=1`` uses only the cache),
+    data files only: configs, safetensors and vocabularies, never Python.
+
     Everything is checked before a model is built: the plan, that nothing in the folder asks for
     its own code (upop never runs it), that the plan's class and model type are the ones
     ``config.json`` records, and every stored tensor (readable, finite). The model is then built
@@ -167,9 +171,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device | None =
     dtype = _check_dtype(dtype if dtype is not None else torch_dtype)
     if device is not None and device_map is not None:
         raise ConfigError(f"device {show(device)} and device_map {show(device_map)} both given; give one")
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{show(path)}: not a directory")
+    path = local_folder(path)  # a folder, or a Hub id: its data files from the cache or the Hub (never code)
     plan = read_plan(path)
     config_json = check_folder(path)
     _check_config_matches_plan(config_json, plan, path)
