@@ -92,6 +92,9 @@ ROWS: dict[str, Row] = {
         "is inside the data", watch=("data",)),
     # 7. export over the model's own weights
     "export --out over the model's weights": Row(_export_over_weights, "is inside the model", watch=("model",)),
+    "import --out the tokenizer folder it reads": Row(
+        lambda w, t: ["import", "blip-nlvr", str(write(t / "nlvr.pth", b"x")), "--out", str(_copy(w / "model", t / "model")),
+                      "--tokenizer", str(t / "model"), "--overwrite"], "is the tokenizer folder", watch=("model",)),
     "export --out empty": Row(lambda w, t: ["export", "--model", str(w / "run" / "compressed"), "--out", ""],
                               "is empty"),
     # 5. plans do not compose: refused before the folder is touched

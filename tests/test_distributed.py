@@ -54,11 +54,10 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
     assert [r["after"] for r in syncs] == ["search", "retrain"] and all(r["weights_identical"] for r in syncs)
 
 
-# The multi-process compress cases come from the registries, not from a hand-written list: every
-# family that ``make-model`` builds (upop.models.FAMILIES) with every task whose ``model_classes``
-# name its class (upop.tasks.TASKS), plus the task classes no family builds but a folder derived
-# from one gives (DERIVED: SigLIP's classifier). A family or task added later is compressed under
-# torchrun without anyone remembering to add it here.
+# The multi-process compress cases come from the registry, not from a hand-written list: every
+# (tiny model, task) pair it declares (upop.arch.pairs), plus the task classes no tiny model builds
+# but a folder derived from one gives (DERIVED: SigLIP's classifier). A family or task added later
+# is compressed under torchrun without anyone remembering to add it here.
 #: options of the case of a (family, task), where it runs with more than the defaults: four runs
 #: distil from the dense model (BLIP retrieval with logits+hidden: the teacher replays a loss with
 #: collectives and a paused ITM part; CLIP and BLIP with logits: the teacher's similarities come
@@ -81,22 +80,14 @@ SLOW = {("blip-retrieval", "retrieval", "--distill logits+hidden"),
         ("blip-caption", "caption", ""), ("blip-nlvr", "nlvr", "")}
 
 
-def _model_class(family: str) -> str:
-    from upop.models import make_model
-
-    return type(make_model(family, image_size=32)).__name__
-
-
 def registry_cases() -> list[tuple[str, str, list[str]]]:
-    """(model, task, options) for every family x task the registries declare, then the variants."""
-    from upop.models import FAMILIES
-    from upop.tasks import TASKS, get_task
+    """(model, task, options) for every (tiny model, task) pair the registry declares
+    (:func:`upop.arch.pairs`), the DERIVED folders with every task of their class, then the variants."""
+    from upop.arch import CLASSES, pairs
 
-    classes = {family: _model_class(family) for family in FAMILIES}
-    classes.update({name: cls for name, (_, cls) in DERIVED.items()})
-    cases = [(model, task, OPTIONS.get((model, task), [])) for model, cls in classes.items() for task in TASKS
-             if cls in get_task(task).model_classes]
-    return cases + [(family, task, list(extra)) for family, task, extra in VARIANTS]
+    cases = list(pairs()) + [(name, task) for name, (_, cls) in DERIVED.items() for task in CLASSES[cls][1].tasks]
+    return [(model, task, OPTIONS.get((model, task), [])) for model, task in cases] + \
+        [(family, task, list(extra)) for family, task, extra in VARIANTS]
 
 
 COMPRESS_CASES = registry_cases()
@@ -105,14 +96,14 @@ COMPRESS_CASES = registry_cases()
 def test_the_cases_cover_every_family_and_task():
     """What the registries declare is what runs: every task and every family has a case, and every
     family compresses under both classification and distill where its class allows them."""
-    from upop.models import FAMILIES
+    from upop.arch import TINY
     from upop.tasks import TASKS, get_task
 
     pairs = {(m, t) for m, t, _ in COMPRESS_CASES}
     assert {t for _, t in pairs} == set(TASKS)
-    assert set(FAMILIES) <= {m for m, _ in pairs}
+    assert set(TINY) <= {m for m, _ in pairs}
     for task in ("classification", "distill"):
-        want = {f for f in FAMILIES if _model_class(f) in get_task(task).model_classes}
+        want = {f for f, tiny in TINY.items() if tiny.model_class in get_task(task).model_classes}
         assert want <= {m for m, t in pairs if t == task}, task
     assert {("dinov2", "classification"), ("siglip-classifier", "classification"), ("siglip", "retrieval"),
             ("siglip2", "retrieval"), ("bert", "distill"), ("vit", "distill"), ("clip", "distill")} <= pairs

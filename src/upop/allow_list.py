@@ -163,7 +163,8 @@ def _modules_hook(folder: Path, modules: Any, read_json) -> str | None:
         sub = entry.get("path")
         if isinstance(sub, str) and sub and (folder / sub).resolve().is_relative_to(folder.resolve()):
             for file in sorted((folder / sub).glob("*.json")) if (folder / sub).is_dir() else ():
-                problem = find_hook(read_json(file)) or _activation_hook(read_json(file))
+                data = read_json(file)
+                problem = find_hook(data) or _activation_hook(data)
                 if problem is not None:
                     return f"names module folder {show(sub, 80)}, whose {file.name} {problem}"
     return None

@@ -286,12 +286,9 @@ def compress(
 def _interrupted(exc: BaseException) -> bool:
     """A run that was taken and then stopped (a signal, Ctrl-C) or ran out of disk is kept: its
     folder resumes with ``--resume``. Any other failure before the search rejects the fresh run."""
-    import errno
+    from .runtime import DiskFullError, is_disk_full
 
-    from .runtime import DiskFullError
-
-    return isinstance(exc, (KeyboardInterrupt, DiskFullError)) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)))
+    return isinstance(exc, (KeyboardInterrupt, DiskFullError)) or is_disk_full(exc)
 
 
 def _abandon(rundir: RunDir) -> None:

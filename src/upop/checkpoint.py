@@ -32,10 +32,10 @@ from torch import nn
 
 from ._safe_load import (SAFE_INDEX, _shards, check_dtypes, check_folder, local_folder, quiet_transformers, read_config,
                          read_json, reason, scan_safetensors)
-from .allow_list import drop_unknown_files, refuse_config_hooks, refuse_folder_hooks
+from .allow_list import drop_unknown_files, refuse_folder_hooks
 from .arch import ArchSpec, get_spec, spec_by_name
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, show
-from .hub import MODELING_FILE, is_upop_auto_map, strip_hub_fields, write_hub_files
+from .hub import MODELING_FILE, refuse_hooks, strip_hub_fields, write_hub_files
 from .prune import PLAN_FILE, PruningPlan, apply_plan
 from .rundir import write_dir_atomic
 
@@ -73,12 +73,10 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
     plan = plan or getattr(model, "upop_plan", None)
     if plan is None:
         raise CheckpointError("this model has no pruning plan: call upop.prune(model, masks) before save_compressed")
-    refuse_config_hooks(model.config, is_own=is_upop_auto_map)
+    refuse_hooks(model)
     gen = getattr(model, "generation_config", None)
-    if gen is None or not getattr(model, "can_generate", lambda: False)():
+    if not getattr(model, "can_generate", lambda: False)():
         gen = None
-    else:
-        refuse_config_hooks(gen, "the model's generation config")
 
     def fill(tmp: Path) -> None:
         model.config.save_pretrained(tmp)

@@ -163,7 +163,10 @@ def cmd_import(args) -> int:
     from .importers import import_blip_nlvr
     from .importers_blip import IMPORTERS
 
+    from .rundir import check_out_dir
+
     importer = {"blip-nlvr": import_blip_nlvr, **IMPORTERS}[args.source]
+    check_out_dir(args.out, {"checkpoint": args.checkpoint, "tokenizer folder": args.tokenizer})
     model = _write_owned(Path(args.out), "model", MODEL_FILES, args.overwrite,
                          lambda: importer(args.checkpoint, args.out, tokenizer=args.tokenizer))
     print(f"imported {args.checkpoint} as {type(model).__name__} ({count_params(model):,} params) to {args.out}")
@@ -246,11 +249,10 @@ def _run(args) -> int:
         _error("upop: interrupted; continue with the same command and --resume")
         return 130
     except OSError as exc:
-        import errno
-
         from .errors import show
+        from .runtime import is_disk_full
 
-        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if not is_disk_full(exc):
             raise
         # a full disk in a write the run does not name itself (its own are TrainingErrors naming
         # the file); the writers are atomic, so what was there before is intact

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -232,10 +233,8 @@ class UPopConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config file {show(Path(path))}: expected a mapping of settings, got "
                               f"{type(data).__name__}")
-        odd = [k for k in data if not isinstance(k, str)]
-        if odd:
-            raise ConfigError(f"config file {show(Path(path))}: setting names must be text, got {show(odd[0])}")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()}, source=show(Path(path)))
+        return cls.from_dict({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()},
+                             source=f"config file {show(Path(path))}")
 
 
 def _real(value, otherwise: float) -> float:
@@ -278,7 +277,7 @@ def load_yaml_file(path: str | os.PathLike, what: str):
 
     path = Path(path)
     text = decode_utf8(read_limited(path, MAX_CONFIG_BYTES, what, ConfigError), path, what, ConfigError)
-    loader = _BoundedLoader(text, f"{what} {show(path)}")
+    loader = _bounded_loader_class()(text, f"{what} {show(path)}")
     try:
         return loader.get_single_data()
     except yaml.YAMLError as exc:
@@ -288,7 +287,9 @@ def load_yaml_file(path: str | os.PathLike, what: str):
         loader.dispose()
 
 
+@functools.lru_cache(maxsize=None)
 def _bounded_loader_class():
+    """PyYAML's safe loader with limits (built on first use: PyYAML is imported only then)."""
     import yaml
 
     class BoundedLoader(yaml.SafeLoader):
@@ -316,18 +317,6 @@ def _bounded_loader_class():
     return BoundedLoader
 
 
-class _LazyLoader:
-    """Builds the loader class on first use (PyYAML is imported only when a YAML file is read)."""
-
-    cls = None
-
-    def __call__(self, stream, where: str):
-        if _LazyLoader.cls is None:
-            _LazyLoader.cls = _bounded_loader_class()
-        return _LazyLoader.cls(stream, where)
-
-
-_BoundedLoader = _LazyLoader()
 
 
 def config_fields(task_only: bool = False):

@@ -89,7 +89,7 @@ def _bounded_repr(value, limit: int) -> str:
                 text = _scalar_repr(obj, limit)
             elif not len(obj):
                 text = repr(obj)  # set() and frozenset() have no bracket form
-            elif depth >= SHOW_DEPTH and len(obj):
+            elif depth >= SHOW_DEPTH:
                 text = _OPEN[kind][0] + "..." + _OPEN[kind][1]
             else:
                 text = _OPEN[kind][0]

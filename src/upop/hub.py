@@ -275,23 +275,19 @@ def modeling_source(model: nn.Module, record: dict[str, Any]) -> str:
 def write_hub_files(model: nn.Module, folder: str | Path) -> bool:
     """Write ``modeling_upop.py`` into ``folder`` and add ``auto_map`` and ``upop_shapes`` to its
     ``config.json`` (already written), after cutting that file (and ``generation_config.json``)
-    down to the keys their classes define (:mod:`upop.allow_list`). A config that carries a code
-    hook (e.g. ``custom_pipelines`` set in Python) is refused in one line, once the files on disk
-    are without it. A model that cannot be described this way (a class upop cannot copy, e.g. one
+    down to the keys their classes define (:mod:`upop.allow_list`); its callers refused a config
+    with a code hook before writing anything (:func:`refuse_hooks`). A model that cannot be described this way (a class upop cannot copy, e.g. one
     of a spec of your own) gets a warning and no Hub files: the folder still loads with
     :func:`upop.load_compressed`. Returns whether the Hub files were written."""
-    from .allow_list import known_config, known_generation_config, refuse_config_hooks
+    from .allow_list import known_config, known_generation_config
 
     folder = Path(folder)
     file = folder / "config.json"
     config = known_config(json.loads(file.read_text(encoding="utf-8")), type(model.config))
     _write_json(file, config)
-    gen_file, gen = folder / "generation_config.json", getattr(model, "generation_config", None)
+    gen_file = folder / "generation_config.json"
     if gen_file.is_file():
         _write_json(gen_file, known_generation_config(json.loads(gen_file.read_text(encoding="utf-8"))))
-    refuse_config_hooks(model.config, is_own=is_upop_auto_map)
-    if gen is not None:
-        refuse_config_hooks(gen, "the model's generation config")
     try:
         record = shape_record(model)
         source = modeling_source(model, record)
@@ -317,6 +313,18 @@ def strip_hub_fields(config: transformers.PretrainedConfig) -> None:
     plain class; a later save writes fresh ones)."""
     for key in (SHAPES_KEY, "auto_map"):
         config.__dict__.pop(key, None)
+
+
+def refuse_hooks(model: nn.Module) -> None:
+    """Refuse, before anything is written, to save ``model`` when its config or its generation
+    config carries a key that makes a library import code (one set in Python, e.g.
+    ``config.custom_pipelines = ...``); upop's own ``auto_map`` passes (it is rewritten)."""
+    from .allow_list import refuse_config_hooks
+
+    refuse_config_hooks(model.config, is_own=is_upop_auto_map)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        refuse_config_hooks(gen, "the model's generation config")
 
 
 def is_upop_auto_map(config: dict[str, Any]) -> bool:

@@ -320,10 +320,9 @@ class _SavePretrainedWithPlan:
         push = bool(kwargs.pop("push_to_hub", False))
         hub_args = {k: kwargs.pop(k) for k in _PUSH_ARGS if k in kwargs}
         if writes:
-            from .allow_list import refuse_config_hooks
-            from .hub import is_upop_auto_map
+            from .hub import refuse_hooks
 
-            refuse_config_hooks(model.config, is_own=is_upop_auto_map)  # before anything is written
+            refuse_hooks(model)  # before anything is written
             folder.mkdir(parents=True, exist_ok=True)
             (folder / PLAN_FILE).write_text(model.upop_plan.to_json())
         result = save(model, save_directory, *args, **kwargs)

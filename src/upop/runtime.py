@@ -328,20 +328,25 @@ class DiskFullError(TrainingError):
     writes), so the last good checkpoint is intact and ``--resume`` continues once there is room."""
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk: ``ENOSPC``, or the quota's ``EDQUOT``."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 @contextmanager
 def disk_full_guard(path: str | os.PathLike, checkpoint: str | os.PathLike, what: str = ""):
     """Turn a full disk (``ENOSPC``, or the quota's ``EDQUOT``) while writing ``path`` (described
     as ``what`` if given) into one line that names it and where the last good checkpoint is
     (``checkpoint``). Why here and not at the writer: ``torch.save`` into a file object raises
     ``OSError(ENOSPC)`` with no file name, so only the caller knows which file it was."""
-    import errno
-
     from .errors import show
 
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if not is_disk_full(exc):
             raise
         error = DiskFullError(f"no space left on device while writing {what or show(os.fspath(path))}; the last good "
                               f"checkpoint is kept in {show(os.fspath(checkpoint))}: free some space and run the "

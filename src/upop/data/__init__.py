@@ -46,9 +46,9 @@ def check_shapes_sizes(task: str, train: int, val: int, test: int) -> None:
     least = shapes_min_split(task)
     for split, count in (("train", train), ("val", val), ("test", test)):
         if isinstance(count, int) and not isinstance(count, bool) and count < least:
-            why = " (one per class)" if task == "classification" else ""
+            why = getattr(shapes_writer(task), "min_split_why", "")
             raise ConfigError(f"--{split} {count} is too few for the Shapes {task} data: need at least {least} "
-                              f"images per split{why}")
+                              f"images per split{f' ({why})' if why else ''}")
 
 
 def write_shapes(task: str, out_dir, **settings) -> dict:
