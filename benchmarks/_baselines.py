@@ -8,7 +8,7 @@ imported unchanged; this module adds what the transfer benchmark needs on top:
 - :func:`retrain`: the retraining of a pruned (or dense) model for a number of epochs: with no
   distillation exactly ablations.py's ``finetune`` call (AdamW, cosine from ``lr``, no weight
   decay, best validation epoch kept); with distillation the same loop with
-  :class:`upop.distill.Distiller` adding ``distill_weight x`` the KD term of the same mode and
+  :class:`upop.distill.distiller.Distiller` adding ``distill_weight x`` the KD term of the same mode and
   temperature to the task loss, the frozen dense model as teacher (what a UPop run with that
   config does in its retraining);
 - :func:`table` and :func:`winners`: the results tables (mean +- std over seeds per method and
@@ -22,15 +22,15 @@ import statistics
 
 import torch
 
-from upop.train import finetune, step_batches, steps_per_epoch
+from upop.engine.run import finetune, step_batches, steps_per_epoch
 
 
 def distill_setting(config, task: str = "retrieval") -> dict | None:
     """``{"mode", "weight", "temperature"}`` of ``config``'s distillation in ``task`` (``"auto"``:
-    the mode it stands for there, :func:`upop.distill.resolve`), or None without one."""
+    the mode it stands for there, :func:`upop.distill.distiller.resolve`), or None without one."""
     mode = getattr(config, "distill", None)
     if mode == "auto":
-        from upop.distill import resolve
+        from upop.distill.distiller import resolve
 
         mode = resolve(mode, task, getattr(config, "distill_cache", True))
     if mode in (None, "none"):
@@ -48,7 +48,7 @@ def retrain(model, task, train, val, processor, *, epochs: int, lr: float, batch
     if distill is None:
         return finetune(model, task, train, val, processor, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         weight_decay=0.0, progress=False, log=lambda m: None)[0]
-    from upop.distill import Distiller
+    from upop.distill.distiller import Distiller
 
     distiller = Distiller(teacher, distill["mode"], weight=distill["weight"], temperature=distill["temperature"])
     collate = task.collator(processor, seed=seed)

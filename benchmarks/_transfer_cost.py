@@ -2,7 +2,7 @@
 
 CLIP ViT-B/16 from its config (random weights), batch 8, on CPU: one UPop search step (masks
 attached, sparsity loss, mask update) and one retraining step (the model pruned 2x, random
-units) with distillation from the frozen dense teacher (:mod:`upop.distill`, modes "logits" and
+units) with distillation from the frozen dense teacher (:mod:`upop.distill.distiller`, modes "logits" and
 "logits+hidden", UPopConfig's default weight and temperature) vs without ("none").
 
 Time: the three modes of a phase alternate in one process (same machine state), median over
@@ -51,7 +51,7 @@ class CostStepper:
         self.batch |= {"index": torch.arange(n), "sample": torch.arange(n)}
         self.distiller = self.search = None
         if mode != "none":
-            from upop.distill import Distiller, make_teacher
+            from upop.distill.distiller import Distiller, make_teacher
 
             defaults = upop.UPopConfig()
             teacher = make_teacher(self.model)

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from upop.data.shapes import (COLOURS, KINDS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, VERSION, Scene, _check_int,
+from upop.data.shapes import (COLOURS, KINDS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, VERSION, Scene, check_int,
                               atomic_save_png, atomic_write_json, caption_pool, captions, make_scene, render)
 from upop.errors import ConfigError
 
@@ -103,10 +103,10 @@ def write_folder(out: Path, splits: dict[str, tuple[int, str, int]], *, image_si
     captions. Reuses a finished folder of the same settings.
     Returns the settings."""
     held_out = _check_held_out(held_out)
-    _check_int(f"transfer data {name}", "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    check_int(f"transfer data {name}", "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     for split, (count, rule, caps) in splits.items():
-        _check_int(f"transfer data {name}", f"{split} images", count, 1)
-        _check_int(f"transfer data {name}", f"{split} captions", caps, 1)
+        check_int(f"transfer data {name}", f"{split} images", count, 1)
+        check_int(f"transfer data {name}", f"{split} captions", caps, 1)
         if rule not in RULES:
             raise ConfigError(f"transfer data {name}: split {split} has rule {rule!r} (allowed: {', '.join(RULES)})")
     settings = {"format": "upop-transfer-retrieval", "data_version": DATA_VERSION, "shapes_version": VERSION,

@@ -47,7 +47,7 @@ from _common import write_results  # noqa: E402
 import upop  # noqa: E402
 from upop.api import compress  # noqa: E402
 from upop.tasks import TASKS, get_task  # noqa: E402
-from upop.train import batch_indices, finetune, steps_per_epoch  # noqa: E402
+from upop.engine.run import batch_indices, finetune, steps_per_epoch  # noqa: E402
 
 METHODS = {
     "upop": dict(method="upop", allocation="unified"),  # upop's defaults: widths rounded (round_to "auto")
@@ -327,12 +327,12 @@ def setup(task_name: str, quick: bool, work: Path):
     task = get_task(task_name).configure(upop.UPopConfig(augment="none"))
     if task_name == "retrieval":
         from upop.data.shapes import write_retrieval
-        from upop.demo import DEMO_DATA, demo_model_path
+        from upop.cli.demo import DEMO_DATA, demo_model_path
 
         data = dict(DEMO_DATA) if not quick else dict(train=48, val=16, test=32, image_size=32, seed=0)  # 2 captions each
         write_retrieval(work / "retrieval", **data)
         if quick:
-            upop.models.make_model_folder("clip", work / "clip", size="tiny", image_size=32)
+            upop.models.folders.make_model_folder("clip", work / "clip", size="tiny", image_size=32)
             model, processor = upop.load_model(work / "clip")
         else:
             model, processor = upop.load_model(demo_model_path())
@@ -348,8 +348,8 @@ def setup(task_name: str, quick: bool, work: Path):
     shapes_writer("classification")(work / "classification", **counts)
     splits = task.load_splits(work / "classification")
     num_labels = len(splits["train"].classes)
-    model = upop.models.make_model("vit", size="small" if not quick else "tiny", image_size=32, num_labels=num_labels)
-    processor = upop.models.make_processor("vit", 32)
+    model = upop.models.folders.make_model("vit", size="small" if not quick else "tiny", image_size=32, num_labels=num_labels)
+    processor = upop.models.folders.make_processor("vit", 32)
     model, _ = finetune(model, task, splits["train"], splits["val"], processor, epochs=30 if not quick else 2,
                         lr=1e-3, batch_size=64 if not quick else 16, progress=False, log=lambda m: None, warmup_steps=50)
     return task, model, processor, splits, work / "classification"

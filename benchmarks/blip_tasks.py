@@ -4,7 +4,7 @@
     python benchmarks/blip_tasks.py --quick    # tiny BLIPs, little data; < 3 min
 
 For each task it writes Shapes data in the real format, trains a dense BLIP with
-``upop.train.finetune``, compresses a copy 2x (``ratio=0.5`` of the prunable parameters) with
+``upop.engine.run.finetune``, compresses a copy 2x (``ratio=0.5`` of the prunable parameters) with
 ``upop.compress`` and records dense vs compressed metrics, parameters, FLOPs and latency (batch
 1, paired with the dense model, from the run's report). Each task also gets a *blind baseline*
 computed from the data alone (no image): retrieval at random, the most frequent training answer
@@ -27,11 +27,11 @@ import torch
 
 import upop
 from upop.data import shapes_writer
-from upop.models import make_model, make_processor
+from upop.models.folders import make_model, make_processor
 from upop.tasks import get_task
 from upop.tasks.caption_metrics import bleu, cider_d
 from upop.tasks.vqa_metrics import vqa_accuracy
-from upop.train import finetune
+from upop.engine.run import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report_cells, task_bench_args, write_results  # noqa: E402
@@ -103,7 +103,7 @@ def run_task(task_name: str, setting: dict, work: Path, log, init: dict | None =
     vocab = len(processor.tokenizer)
     model = make_model(family, size=setting["size"], vocab_size=vocab, image_size=setting["image_size"], seed=0)
     if init is not None:
-        from upop.blip_nlvr import twin_cross_attention
+        from upop.models.blip_nlvr import twin_cross_attention
 
         state = {k: v for k, v in init.items() if k.startswith(("vision_model.", "text_encoder."))}
         # BLIP's NLVR model starts both cross-attentions of a layer from the one of the VQA model

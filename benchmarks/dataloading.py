@@ -5,7 +5,7 @@ collated in the training process or ahead of time by worker processes.
     python benchmarks/dataloading.py --quick
 
 Each setting runs the same training steps (forward, backward, AdamW) of a CLIP on Shapes retrieval
-data stored as PNG files, with the batches of ``upop.train.step_batches``; the table gives the
+data stored as PNG files, with the batches of ``upop.engine.run.step_batches``; the table gives the
 median seconds per step and the speedup over ``workers=0`` measured in the same run. One torch
 compute thread, so on a 2-core machine one worker has a core of its own.
 """
@@ -27,7 +27,7 @@ from _common import write_results  # noqa: E402
 import upop  # noqa: E402
 from upop.data.shapes import write_retrieval  # noqa: E402
 from upop.tasks import get_task  # noqa: E402
-from upop.train import step_batches  # noqa: E402
+from upop.engine.run import step_batches  # noqa: E402
 
 
 def seconds_per_step(model, task, train, collate, batch: int, steps: int, workers: int) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         write_retrieval(work / "data", train=batch * (steps + 2), val=4, test=4, image_size=image_size, seed=0)
-        upop.models.make_model_folder("clip", work / "model", size=size, image_size=image_size)
+        upop.models.folders.make_model_folder("clip", work / "model", size=size, image_size=image_size)
         model, processor = upop.load_model(work / "model")
         model.train()
         train = task.load_splits(work / "data", splits=("train",))["train"]

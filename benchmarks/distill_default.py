@@ -37,9 +37,9 @@ import torch
 
 import upop
 from upop.data import shapes_writer
-from upop.models import make_model, make_processor
+from upop.models.folders import make_model, make_processor
 from upop.tasks import get_task
-from upop.train import finetune
+from upop.engine.run import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402

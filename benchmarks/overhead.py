@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import blip_base_config, clip_b16_config, peak_rss_mb, write_results  # noqa: E402
 
 import upop  # noqa: E402
-from upop.runtime import release_host_memory  # noqa: E402
+from upop.engine.runtime import release_host_memory  # noqa: E402
 
 
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

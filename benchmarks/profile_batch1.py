@@ -41,7 +41,7 @@ from _common import clip_b16_config, write_results  # noqa: E402
 from speed import PARTS, bound, floor_model, inputs_for  # noqa: E402
 
 import upop  # noqa: E402
-from upop.search import UPopSearch, resolve_round_to  # noqa: E402
+from upop.search.mask_search import UPopSearch, resolve_round_to  # noqa: E402
 
 CATEGORIES = ("linear/matmul", "attention (sdpa)", "layernorm", "activation", "softmax", "elementwise",
               "reshape/view/copy", "embedding/patch conv", "other")
@@ -292,7 +292,7 @@ def main(argv=None) -> None:
                "vision": args.vision_batches or ([1] if args.quick else [1, 8])}
     torch.manual_seed(0)
     if args.quick:
-        from upop.demo import demo_model_path
+        from upop.cli.demo import demo_model_path
 
         label, dense = "demo CLIP (64 wide, 4+4 layers, 64 px)", upop.load_model(demo_model_path())[0].eval()
     else:

@@ -59,7 +59,7 @@ def search_step_time(width: int, depth: int, batch: int, steps: int) -> float:
 
 def pipeline_time(train: int, work: Path) -> float:
     from upop.data.shapes import write_retrieval
-    from upop.demo import demo_model_path
+    from upop.cli.demo import demo_model_path
 
     data = work / f"data-{train}"
     write_retrieval(data, train=train, val=50, test=100, image_size=64, seed=0)

@@ -9,9 +9,9 @@ Widths: a UPop selection over random accumulated importances (upop's default Tay
 ranking, per-type standardised) gives the uneven per-layer widths a search produces; speed depends
 only on the widths. Each ratio is measured with upop's defaults (``round_to="auto"``, budget in
 params), with free widths (``round_to=1``, the paper) and with ``cost="latency"`` (the budget in
-time per unit measured on this machine at the row's batch, :mod:`upop.latency_table`; the units
+time per unit measured on this machine at the row's batch, :mod:`upop.measure.latency_table`; the units
 then ranked by importance per millisecond, the same random importances).
-Latency: as upop's report times it (:func:`upop.latency.timed_rounds`): every variant, the dense
+Latency: as upop's report times it (:func:`upop.measure.latency.timed_rounds`): every variant, the dense
 model and the floor model (every group at 1 unit) in the same interleaved rounds; a variant's
 speedup is the median of its per-round speedups, so a burst of load on a shared machine shifts a
 round for all of them. The floor model bounds what width pruning can give (Amdahl): the
@@ -35,16 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import clip_b16_config, write_results  # noqa: E402
 
 import upop  # noqa: E402
-from upop.latency_table import measure_table  # noqa: E402
-from upop.latency import ROUNDS, forward_ms, timed_rounds  # noqa: E402
-from upop.report import is_noisy, spread  # noqa: E402
-from upop.search import UPopSearch, resolve_round_to  # noqa: E402
+from upop.measure.latency_table import measure_table  # noqa: E402
+from upop.measure.latency import ROUNDS, forward_ms, timed_rounds  # noqa: E402
+from upop.runs.report import is_noisy, spread  # noqa: E402
+from upop.search.mask_search import UPopSearch, resolve_round_to  # noqa: E402
 
 
 def models(quick: bool):
     import transformers
 
-    from upop.demo import demo_model_path
+    from upop.cli.demo import demo_model_path
 
     demo, _ = upop.load_model(demo_model_path())
     yield "demo (64 wide, 4+4 layers, 64 px)", demo

@@ -80,7 +80,7 @@ import upop  # noqa: E402
 from upop.api import compress  # noqa: E402
 from upop.errors import ConfigError  # noqa: E402
 from upop.tasks import get_task  # noqa: E402
-from upop.train import finetune, steps_per_epoch  # noqa: E402
+from upop.engine.run import finetune, steps_per_epoch  # noqa: E402
 
 FULL = dict(
     data=dict(pretrain=20000, pretrain_val=300, task=1000, task_val=200, test=500, seen=500, image_size=48, seed=0),
@@ -125,7 +125,7 @@ PEER = ablations.PEER_LABELS["taylor"]
 
 def clip_model(vocab: int, image_size: int, hidden: int, layers: int, heads: int, intermediate: int, patch: int,
                seed: int = 0):
-    """A randomly initialised CLIP of these widths (both towers alike), as upop.models builds them."""
+    """A randomly initialised CLIP of these widths (both towers alike), as upop.models.folders builds them."""
     import transformers
 
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -162,7 +162,7 @@ def pretrained(cache: Path, data: dict, proto: dict, task) -> tuple[Path, dict]:
     if record.is_file():
         return folder, json.loads(record.read_text())
     pre = proto["pretrain"]
-    processor = upop.models.make_processor("clip", data["settings"]["image_size"])
+    processor = upop.models.folders.make_processor("clip", data["settings"]["image_size"])
     model = clip_model(len(processor.tokenizer), data["settings"]["image_size"], seed=pre["seed"], **proto["model"])
     splits = task.load_splits(data["pretrain"], ("train", "val"))
     print(f"pretraining a {upop.count_params(model):,}-parameter CLIP on {len(splits['train'].items):,} images "
@@ -260,7 +260,7 @@ class Bench:
     def _retrain(self, model, seed: int, distill: dict | None):
         teacher = None
         if distill:
-            from upop.distill import make_teacher
+            from upop.distill.distiller import make_teacher
 
             teacher = make_teacher(self.dense)
         return retrain(model, self.task, self.splits["train"], self.splits["val"], self.processor, epochs=self.epochs,

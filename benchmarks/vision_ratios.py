@@ -4,7 +4,7 @@
     python benchmarks/vision_ratios.py --quick    # tiny models, few images; < 2 min
 
 For each task it writes Shapes data in the real format (ImageFolder / ADE20K), trains a dense
-model with ``upop.train.finetune`` until it is clearly better than chance, then compresses copies
+model with ``upop.engine.run.finetune`` until it is clearly better than chance, then compresses copies
 of it with ``upop.compress`` at ratios 0.1, 0.3 and 0.5 of the prunable parameters (short search
 and retraining), and records per ratio the metrics, parameters, FLOPs and latency (paired with the
 dense model, from the run's report). Results: ``benchmarks/results/vision_ratios{,-quick}.json``
@@ -23,9 +23,9 @@ import torch
 
 import upop
 from upop.data.shapes_vision import write_classification, write_segmentation
-from upop.models import make_model, make_processor
+from upop.models.folders import make_model, make_processor
 from upop.tasks import get_task
-from upop.train import finetune
+from upop.engine.run import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report_cells, task_bench_args, write_results  # noqa: E402

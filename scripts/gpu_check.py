@@ -161,7 +161,7 @@ def prepare(work: Path, family: str) -> tuple[Path, Path]:
     from transformers.utils import logging as hf_logging
 
     from upop.data import shapes_writer
-    from upop.models import make_model_folder
+    from upop.models.folders import make_model_folder
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars between the table rows
     task = FAMILY_TASKS[family]

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from upop.data.shapes import write_retrieval
-from upop.models import make_model_folder, load_any
+from upop.models.folders import make_model_folder, load_any
 from upop.tasks import get_task
-from upop.train import finetune
+from upop.engine.run import finetune
 
-from upop.demo import DEMO_DATA
+from upop.cli.demo import DEMO_DATA
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ class Row:
 def world(tmp_path_factory):
     """A tiny Shapes retrieval data set (``data``), a tiny CLIP (``model``) and a compressed copy
     of it made by a real (short) run (``run/compressed``)."""
-    from upop.cli import main
+    from upop.cli.main import main
 
     root = clip_world(tmp_path_factory.mktemp("adversarial"), 32, 8, 8)
     assert main(["compress", "--model", str(root / "model"), "--task", "retrieval", "--data", str(root / "data"),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import upop
-from upop.cli import main
+from upop.cli.main import main
 
 from ._adversarial_common import Row, compress, write
 

@@ -65,7 +65,7 @@ def _nothing_written(w: Path, tmp: Path) -> None:
 
 def _save_with_custom_pipelines(w: Path, tmp: Path) -> Callable[[], Any]:
     """The API case: a pruned model whose config got ``custom_pipelines`` in Python."""
-    from upop.prune import prune
+    from upop.pruning.prune import prune
 
     model, _ = upop.load_model(w / "model")
     masks = upop.attach_masks(model)

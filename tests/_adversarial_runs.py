@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 import upop.api
-import upop.phases
-import upop.train
-from upop.cli import main
+import upop.engine.phases
+import upop.engine.run
+from upop.cli.main import main
 
 from ._adversarial_common import Row, compress
 
@@ -78,14 +78,14 @@ def _resumable(phase: str | None, step: int = 0):
 
 # the tiny world's search has 4 steps: states at step 2, then after the pruning ("retrain", 0)
 ROWS["full-disk-saving-the-run-state"] = Row(
-    _full_disk_at(upop.train, "torch_save_atomic", 2, 1), needle="no space left on device while writing", code=1,
+    _full_disk_at(upop.engine.run, "torch_save_atomic", 2, 1), needle="no space left on device while writing", code=1,
     after=_resumable("search", 2))
 ROWS["full-disk-saving-the-first-run-state"] = Row(
-    _full_disk_at(upop.train, "torch_save_atomic", 1, 1), needle=f"{os.sep}state{os.sep}run.pt'; the last good",
+    _full_disk_at(upop.engine.run, "torch_save_atomic", 1, 1), needle=f"{os.sep}state{os.sep}run.pt'; the last good",
     code=1, after=_resumable(None))
 # the retraining's best model (its first validation, after 4 steps): the state before it stays
 ROWS["full-disk-saving-the-compressed-model"] = Row(
-    _full_disk_at(upop.phases, "save_compressed", 1, 1), needle="/compressed'; the last good checkpoint is kept in",
+    _full_disk_at(upop.engine.phases, "save_compressed", 1, 1), needle="/compressed'; the last good checkpoint is kept in",
     code=1, after=_resumable("retrain", 2))
 # a write the run does not name itself (the dense metrics, at the start): the CLI's own line; the
 # fresh run is kept (not abandoned) and resumes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-import upop.models as M
+import upop.models.folders as M
 
 
 def _ids(batch=2, length=12, seed=0):
@@ -215,7 +215,7 @@ def clip_world(root, train: int = 64, val: int = 16, test: int = 16):
     """A tiny Shapes retrieval data set (``root/data``) and a tiny random CLIP (``root/model``),
     written through the CLI as a user would. ``train`` counts training samples (image-caption
     pairs: ``train // 2`` images of 2 captions); ``val`` and ``test`` count images."""
-    from upop.cli import main
+    from upop.cli.main import main
 
     assert main(["data", "shapes", "--task", "retrieval", "--out", str(root / "data"), "--train", str(train // 2),
                  "--val", str(val), "--test", str(test), "--image-size", "32"]) == 0

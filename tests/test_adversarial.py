@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from upop.cli import main
+from upop.cli.main import main
 
 from ._adversarial_common import Row, one_line, sums, world  # noqa: F401 (world: the fixture)
 from ._adversarial_folders import ROWS as FOLDERS

@@ -14,7 +14,7 @@ from upop.data.augment import (AUG_KEYS, RA_OPS, deit_params, draw_mix, draw_ran
 from upop.data.augment_batch import (COLOUR_OPS, affine_matrices, augment_batch, deit_batch, erase_noise, mix,
                                      random_erase, warp)
 from upop.data.imagefolder import ImageClassificationCollator
-from upop.models import make_processor
+from upop.models.folders import make_processor
 from upop.tasks.classification import ClassificationTask
 
 SIZE = 32

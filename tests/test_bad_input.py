@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import upop
-from upop.cli import main
-from upop.rundir import RunDir
+from upop.cli.main import main
+from upop.runs.rundir import RunDir
 
 from ._adversarial_common import tree_sum
 from ._families import clip_world
@@ -480,7 +480,7 @@ def test_numeric_strings_of_yaml_are_numbers(tmp_path):
 
 def test_every_size_option_documents_its_range():
     """Each size-like option names its range in --help (and the parser checks it)."""
-    from upop.cli_parser import build_parser
+    from upop.cli.parser import build_parser
 
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices

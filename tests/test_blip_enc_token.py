@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from upop.models import make_model
+from upop.models.folders import make_model
 from upop.tasks._blip import encoder_ids
 
 ENC = 7

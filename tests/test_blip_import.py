@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import upop
-from upop.cli import main
-from upop.importers import SKIPPED, blip_to_upop
-from upop.models import load_any
+from upop.cli.main import main
+from upop.models.importers import SKIPPED, blip_to_upop
+from upop.models.folders import load_any
 
 # tiny sizes; widths are multiples of 64 (BLIP's head width): 2 heads each
 V_WIDTH, V_MLP, PATCH, IMAGE, T_WIDTH, T_MLP, LAYERS, MERGE_FROM, MAX_POS = 128, 192, 16, 32, 128, 160, 3, 1, 24
@@ -191,8 +191,8 @@ def test_bad_checkpoint_is_one_line_exit_2(case, imported, capsys):
 
 def test_single_cross_attention_state_initialises_both_twins():
     """BLIP's NLVR load_checkpoint: a VQA / retrieval text encoder's cross-attention fills self0 and self1."""
-    from upop.blip_nlvr import twin_cross_attention
-    from upop.models import make_model
+    from upop.models.blip_nlvr import twin_cross_attention
+    from upop.models.folders import make_model
 
     vqa, nlvr = make_model("blip-vqa"), make_model("blip-nlvr", seed=1)
     state = {k: v for k, v in vqa.state_dict().items() if k.startswith("text_encoder.")}

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upop.cli import main
-from upop.models import load_any
+from upop.cli.main import main
+from upop.models.folders import load_any
 
 # tiny sizes; widths are multiples of 64 (BLIP's head width). The vision width differs from the
 # text width where BLIP allows it (ViT-L with BERT-base), so cross-attention in-widths are checked.
@@ -222,7 +222,7 @@ def imported(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_tensor_round_trips_and_nothing_is_left_unmapped(kind, imported):
-    from upop.importers_blip import blip_to_hf, is_skipped
+    from upop.models.importers_blip import blip_to_hf, is_skipped
 
     _, sd, model, _ = imported(kind)
     assert type(model).__name__ == CLASSES[kind]
@@ -248,7 +248,7 @@ def test_every_tensor_round_trips_and_nothing_is_left_unmapped(kind, imported):
 def test_tied_keys_are_transformers_tied_keys():
     import transformers
 
-    from upop.importers_blip import TIED
+    from upop.models.importers_blip import TIED
 
     for cls in ("BlipForQuestionAnswering", "BlipForConditionalGeneration"):
         assert dict(TIED) == dict(getattr(transformers, cls)._tied_weights_keys)
@@ -373,7 +373,7 @@ def test_vqa_with_unequal_widths_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("kind", KINDS)
 def test_config_without_tokenizer_uses_blips_ids(kind):
     """At BLIP's vocabulary (BERT's 30522 + [DEC], [ENC]) the ids default to BLIP's tokenizer's; shapes only."""
-    from upop.importers_blip import blip_task_config, guess_kind
+    from upop.models.importers_blip import blip_task_config, guess_kind
 
     sd = {k: torch.empty(s, device="meta") for k, s in blip_layout(kind, 30524).items()}
     assert guess_kind(sd) == kind
@@ -384,7 +384,7 @@ def test_config_without_tokenizer_uses_blips_ids(kind):
 
 def test_pretrain_checkpoint_is_no_task_kind(tmp_path, capsys):
     """BLIP_Pretrain (ITC, ITM and the LM decoder together) is none of the three: the first foreign key is named."""
-    from upop.importers_blip import guess_kind
+    from upop.models.importers_blip import guess_kind
 
     layout = blip_layout("blip-retrieval", 40) | bert_layout("text_decoder.bert", 192, 40) | lm_layout("text_decoder", 40)
     assert guess_kind(layout) is None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import upop.api
-from upop.cli import main
+from upop.cli.main import main
 
 from ._families import largest_chunk_share
 

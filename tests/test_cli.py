@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop.cli import main
+from upop.cli.main import main
 
 from ._families import clip_world, largest_chunk_share
 
@@ -66,7 +66,7 @@ def test_compress_then_evaluate_reproduces_the_report(world, tmp_path, capsys):
 def test_python_api_does_the_same_in_three_lines(world, tmp_path):
     import upop
     from upop.api import compress
-    from upop.models import load_any
+    from upop.models.folders import load_any
 
     model, processor = load_any(world / "model")
     result = compress(model, "retrieval", world / "data", processor=processor, out_dir=tmp_path / "api",

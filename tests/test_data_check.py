@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from upop.cli import main
+from upop.cli.main import main
 from upop.data import shapes_writer
 from upop.data.ade20k import ADE20KDataset
 from upop.data.check import check_data
@@ -23,7 +23,7 @@ from upop.data.imagefolder import ImageClassificationCollator, load_imagefolder
 from upop.data.retrieval import RetrievalDataset
 from upop.data.shapes_vision import SEGMENTATION_CLASSES
 from upop.errors import DataError, show
-from upop.models import make_model
+from upop.models.folders import make_model
 from upop.tasks.classification import ClassificationTask
 from upop.tasks.segmentation import SegmentationTask
 

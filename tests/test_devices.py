@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from upop import runtime
+from upop.engine import runtime
 
 
 class _FakeCuda:
@@ -71,7 +71,7 @@ def test_mask_gradient_sums_are_formed_in_float32_in_half_precision(dtype):
     overflows where no element of the weight gradient does (the step's mask gradient was then
     dropped as non-finite), and in bf16 it loses all but 8 bits. Formed in float32 it is finite and
     equals the float64 sum of the same half-precision products."""
-    from upop.masks import _MaskedLinear
+    from upop.pruning.masks import _MaskedLinear
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 128, generator=g).to(dtype)
@@ -97,7 +97,8 @@ def test_tf32_is_set_and_read_through_the_api_a_trainer_used():
 
     code = """
 import torch
-from upop import latency, runtime
+from upop.engine import runtime
+from upop.measure import latency
 torch.backends.cuda.matmul.fp32_precision = "ieee"   # as a Trainer with tf32=False leaves it
 with latency._tf32(torch.device("cuda"), True):
     assert runtime.tf32_enabled()
@@ -123,7 +124,7 @@ def test_validation_during_bf16_training_runs_at_the_evaluation_precision():
     code = """
 import torch
 from accelerate import Accelerator
-from upop.runtime import evaluating
+from upop.engine.runtime import evaluating
 
 torch.manual_seed(0)
 model = torch.nn.Linear(64, 64)

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 import upop
 from upop.api import compress
-from upop.cli import main
+from upop.cli.main import main
 from upop.config import UPopConfig
-from upop.distill import Distiller, kl_logits, make_teacher
-from upop.models import load_any
-from upop.search import SCORES, UPopSearch
+from upop.distill.distiller import Distiller, kl_logits, make_teacher
+from upop.models.folders import load_any
+from upop.search.mask_search import SCORES, UPopSearch
 from upop.tasks import get_task
 
 from ._families import clip_world, largest_chunk_share
@@ -138,7 +138,7 @@ def test_resume_with_distillation_equals_uninterrupted(world, tmp_path):
 
 
 def test_distillation_changes_the_run_and_leaves_the_teacher_as_the_dense_model(world, tmp_path, monkeypatch):
-    from upop import train
+    from upop.engine import run as train
 
     seen = {}
     original = train.Run._teacher
@@ -178,7 +178,7 @@ def test_every_score_gives_a_valid_plan_within_the_budget(score, world, tmp_path
 def test_scores_rank_by_importance():
     """Gradient: the largest accumulated gradient is pruned first; Taylor and Fisher: the least
     important (smallest |g x m|, smallest g^2) first."""
-    model = upop.models.make_model("clip")
+    model = upop.models.folders.make_model("clip")
     masks = upop.attach_masks(model)
     order = {}
     for score in SCORES:
@@ -204,7 +204,7 @@ def test_teacher_replay_is_the_teachers_forward(case, batches):
     """``distill_cache``: the similarity matrix made from embeddings computed once equals the one
     the teacher's forward exposes for the batch (CLIP, SigLIP: logits_per_text; BLIP: the ITC
     matrix), and so does the distillation term."""
-    from upop.distill import _record
+    from upop.distill.distiller import _record
 
     model, task, batch, processor, train = batches(case, full=True)
     teacher = make_teacher(model)
@@ -264,7 +264,7 @@ def test_cached_teacher_run_resumes_to_the_uninterrupted_result(world, tmp_path)
 def test_distillation_settings_count_on_resume_only_when_distilling():
     """A run without distillation resumes whatever its distillation settings were (e.g. a run started
     before distill_weight's default became 4); with distillation they must match."""
-    from upop.resume import differences
+    from upop.engine.resume import differences
 
     def fp(**settings):
         return {"task": "retrieval", "settings": {"ratio": 0.5, **settings}}
@@ -283,7 +283,7 @@ def test_distillation_settings_count_on_resume_only_when_distilling():
     ("vqa", True, "none"), ("caption", True, "none"), ("nlvr", True, "none"), ("segmentation", True, "none"),
     ("distill", True, "none"), (None, True, "none")])
 def test_auto_is_logits_only_where_the_teacher_is_cached(task, cache, expected):
-    from upop.distill import CACHED_TASKS, resolve
+    from upop.distill.distiller import CACHED_TASKS, resolve
 
     assert resolve("auto", task, cache) == expected
     for mode in ("none", "logits", "logits+hidden"):
@@ -329,7 +329,7 @@ def test_auto_counts_on_resume_as_the_mode_it_stands_for():
     """A run started with ``distill="none"`` (the default before ``auto``) resumes under ``auto``
     where auto distils nothing; where it distils, the refusal says how to resume."""
     from upop.errors import ConfigError
-    from upop.resume import check_same_run, differences
+    from upop.engine.resume import check_same_run, differences
 
     def fp(task, **settings):
         return {"task": task, "settings": {"ratio": 0.5, "distill_cache": True, **settings}}

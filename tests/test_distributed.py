@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop.cli import main
+from upop.cli.main import main
 
 from ._families import clip_world
 
@@ -150,7 +150,7 @@ def _derive(name: str, folder: Path) -> None:
     the Shapes classes), with the family's processor."""
     import transformers
 
-    from upop.models import make_model, make_processor
+    from upop.models.folders import make_model, make_processor
 
     family, cls = DERIVED[name]
     base = make_model(family, image_size=32)
@@ -221,9 +221,9 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
 # before wrapping is switched off, so DINOv2's mask_token reaches DDP unannounced
 NO_LOOK = """
 import sys
-import upop.train
-upop.train.Run._unused = lambda self, model, phase, start, total: []
-from upop.cli import main
+import upop.engine.run
+upop.engine.run.Run._unused = lambda self, model, phase, start, total: []
+from upop.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -295,7 +295,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from upop.data import shapes_writer
-from upop.models import _shapes_labels, make_model, make_processor
+from upop.models.folders import _shapes_labels, make_model, make_processor
 from upop.tasks import get_task
 
 state = PartialState(cpu=True)

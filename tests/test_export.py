@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import upop
-import upop.export
-from upop.cli import main
+import upop.export.onnx
+from upop.cli.main import main
 from upop.errors import ConfigError, UnsupportedModelError
 
 from ._families import FAMILIES, prune_every_third
@@ -58,7 +58,7 @@ CASES = _cases()
 
 
 def _reference(model, part, inputs):
-    """The outputs PyTorch gives, by ONNX output name, computed here independently of upop.export."""
+    """The outputs PyTorch gives, by ONNX output name, computed here independently of upop.export.onnx."""
     with torch.no_grad():
         if part is not None:
             get = model.get_image_features if part == "vision" else model.get_text_features
@@ -77,7 +77,7 @@ def test_compressed_model_exports_and_matches(case, ort, tmp_path):
     folder = _compressed(family, tmp_path)
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
-    result = upop.export.export_onnx(folder, out, part=part)
+    result = upop.export.onnx.export_onnx(folder, out, part=part)
     assert result.exporter == "dynamo" and result.fallback_reason is None
     assert [p.batch for p in result.parity] == [2, 3] and all(p.relative <= 1e-3 for p in result.parity)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temp, no external data left
@@ -151,15 +151,15 @@ def test_bad_options_are_one_line_errors(name, ort, tmp_path, capsys):
 def test_blip_is_refused_with_the_reason(family, ort, tmp_path):
     model = FAMILIES[family][0]()
     with pytest.raises(UnsupportedModelError, match="does not export whole") as info:
-        upop.export.export_onnx(model, tmp_path / "m.onnx")
+        upop.export.onnx.export_onnx(model, tmp_path / "m.onnx")
     assert "\n" not in str(info.value) and "export its vision tower with --part vision" in str(info.value)
     assert not list(tmp_path.iterdir())
 
 
 def test_parity_failure_keeps_no_file(ort, tmp_path, monkeypatch, capsys):
     folder = _compressed("vit", tmp_path)
-    real = upop.export._ort_outputs
-    monkeypatch.setattr(upop.export, "_ort_outputs", lambda s, i: [o + 0.01 for o in real(s, i)])
+    real = upop.export.onnx.ort_outputs
+    monkeypatch.setattr(upop.export.onnx, "ort_outputs", lambda s, i: [o + 0.01 for o in real(s, i)])
     capsys.readouterr()
     assert _export("--model", folder, "--out", tmp_path / "m.onnx", "--exporter", "torchscript") == 2
     err = capsys.readouterr().err
@@ -174,13 +174,13 @@ def test_dynamo_failure_falls_back_to_torchscript(ort, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no torch.export today\nsecond line")
 
-    monkeypatch.setattr(upop.export, "_export_dynamo", broken)
-    result = upop.export.export_onnx(_compressed("vit", tmp_path), tmp_path / "m.onnx")
+    monkeypatch.setattr(upop.export.onnx, "_export_dynamo", broken)
+    result = upop.export.onnx.export_onnx(_compressed("vit", tmp_path), tmp_path / "m.onnx")
     assert result.exporter == "torchscript"
     assert result.fallback_reason == "RuntimeError: no torch.export today"
     assert "after the dynamo exporter failed: RuntimeError: no torch.export today" in result.summary()
     with pytest.raises(UnsupportedModelError, match="dynamo: RuntimeError: no torch.export today"):
-        upop.export.export_onnx(_compressed("vit", tmp_path), tmp_path / "n.onnx", exporter="dynamo")
+        upop.export.onnx.export_onnx(_compressed("vit", tmp_path), tmp_path / "n.onnx", exporter="dynamo")
     assert not (tmp_path / "n.onnx").exists()
 
 
@@ -192,7 +192,7 @@ def test_dense_and_compressed_timed_in_the_same_run(ort, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "dense export parity: batch 2" in text and "speedup" in text and "7 interleaved rounds" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense", "vit.onnx"]  # dense export not kept
-    result = upop.export.export_onnx(folder, tmp_path / "again.onnx", dense=tmp_path / "dense",
+    result = upop.export.onnx.export_onnx(folder, tmp_path / "again.onnx", dense=tmp_path / "dense",
                                      exporter="torchscript", latency_time=0.02)
     lat = result.latency
     assert lat["rounds"] == 7 and len(lat["dense_ms_per_round"]) == len(lat["compressed_ms_per_round"]) == 7
@@ -208,7 +208,7 @@ def test_without_onnx_the_install_command_is_printed(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert 'pip install "upop[onnx]"' in err and err.count("\n") == 1
     with pytest.raises(ConfigError, match="onnxruntime"):
-        upop.export.export_onnx(tmp_path, tmp_path / "m.onnx")
+        upop.export.onnx.export_onnx(tmp_path, tmp_path / "m.onnx")
 
 
 def test_exporting_a_module_leaves_the_callers_model_as_it_was(ort, tmp_path):
@@ -216,7 +216,7 @@ def test_exporting_a_module_leaves_the_callers_model_as_it_was(ort, tmp_path):
     float32 CPU copy; the caller's model keeps its dtype, device and mode."""
     model = prune_every_third(FAMILIES["vit"][0]()).to(torch.bfloat16).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = upop.export.export_onnx(model, tmp_path / "vit.onnx")
+    result = upop.export.onnx.export_onnx(model, tmp_path / "vit.onnx")
     assert all(p.relative <= 1e-3 for p in result.parity)
     assert model.training and all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,6 +1,6 @@
 """``upop export --part``: the towers of BLIP and SigLIP2 that are one forward export through the
 CLI and match PyTorch in ONNX Runtime (checked here again, against the loaded model, independently
-of upop.export); the whole BLIP models, BLIP's text towers and SigLIP2's NaFlex vision tower are
+of upop.export.onnx); the whole BLIP models, BLIP's text towers and SigLIP2's NaFlex vision tower are
 refused in one line with exit code 2, leaving no file. Skipped without onnx/onnxruntime."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import upop
-from upop.cli import main
+from upop.cli.main import main
 
 from ._families import FAMILIES, prune_every_third
 
@@ -27,7 +27,7 @@ def _submodule_towers() -> dict[str, str]:
 
 
 BLIP = _submodule_towers()
-# family -> the words of its one-line reason (upop.export_graph.REFUSED); a family BLIP gains
+# family -> the words of its one-line reason (upop.export.graph.REFUSED); a family BLIP gains
 # later fails below until its reason is written here
 REASONS = {"blip-retrieval": "two modes", "blip-vqa": "decoding loop", "blip-caption": "decoding loop",
            "blip-nlvr": "image pairs"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop.cli import main
+from upop.cli.main import main
 from upop.data import shapes_writer
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -34,10 +34,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from upop import attach_masks
 from upop.errors import ConfigError
-from upop.models import make_model, make_processor
+from upop.models.folders import make_model, make_processor
 from upop.tasks import get_task
 from upop.tasks._gather import batch_shapes
-from upop.train import batch_indices
+from upop.engine.run import batch_indices
 
 data, out_file, B = Path(sys.argv[1]), Path(sys.argv[2]), 4
 task = get_task("retrieval")

@@ -176,7 +176,7 @@ def test_bad_options_fail_with_one_line(argv, message, capsys):
 
 
 def test_defaults_cover_every_family_with_a_task_and_the_cpu_runs_fp32_and_bf16():
-    from upop.models import FAMILIES
+    from upop.models.folders import FAMILIES
     from upop.tasks import TASKS
 
     assert set(gpu_check.FAMILY_TASKS) == set(FAMILIES) and set(gpu_check.FAMILY_TASKS.values()) == set(TASKS)

@@ -12,9 +12,9 @@ import torch
 import upop
 from upop.arch._spec import vision_tokens
 from upop.errors import CheckpointError, ConfigError
-from upop.groups import exact_cost
-from upop.prune import PruningPlan
-from upop.search import UPopSearch, resolve_round_to
+from upop.arch.groups import exact_cost
+from upop.pruning.prune import PruningPlan
+from upop.search.mask_search import UPopSearch, resolve_round_to
 
 from ._families import FAMILIES, prunable_params
 
@@ -221,7 +221,7 @@ def test_unsupported_granularity_is_a_one_line_error(granularity, needle):
 
 
 def test_config_option():
-    from upop.cli import _config_from_args, build_parser
+    from upop.cli.main import _config_from_args, build_parser
 
     assert upop.UPopConfig().granularity == "head-dim"
     args = build_parser().parse_args(["compress", "--model", "m", "--task", "retrieval", "--data", "d", "--out", "o",
@@ -327,7 +327,7 @@ def test_both_gives_a_pair_per_attention_module(family):
 def _hand_groups():
     """Two attention modules (3 heads x 4 channels, cell cost 5; 2 heads x 6 channels, cell cost 2)
     and an MLP of 5 neurons of cost 7, as granularity both finds them."""
-    from upop.groups import Group
+    from upop.arch.groups import Group
 
     out = []
     for name, heads, width, cell in (("a", 3, 4, 5), ("b", 2, 6, 2)):
@@ -475,7 +475,7 @@ def test_both_round_to_auto_rounds_channels_only():
 def test_compress_with_both_end_to_end(tmp_path):
     """``upop compress --granularity both``: heads and channels searched together; the plan holds
     both groups of every attention module and loads back with the kept heads and widths."""
-    from upop.cli import _config_from_args, build_parser
+    from upop.cli.main import _config_from_args, build_parser
 
     args = build_parser().parse_args(["compress", "--model", "m", "--task", "retrieval", "--data", "d", "--out", "o",
                                       "--granularity", "both"])
@@ -502,8 +502,8 @@ def test_trainer_callback_passes_both_through(tmp_path):
     what ``trainer.save_model`` writes loads back with the same outputs."""
     import transformers
 
-    import upop.models as M
-    from upop.integrations import add_upop
+    import upop.models.folders as M
+    from upop.integrations.transformers.callback import add_upop
 
     g = torch.Generator().manual_seed(0)
     data = [{"pixel_values": x, "labels": y} for x, y in
@@ -539,8 +539,8 @@ def test_both_half_a_pair_is_refused():
 def test_prunable_cost_and_report_count_pairs_once():
     """``prunable_cost`` of the ``both`` groups equals that of the channel groups (each module
     counted once), and the report keeps heads and channels apart."""
-    import upop.models as M
-    from upop.report import allocation
+    import upop.models.folders as M
+    from upop.runs.report import allocation
 
     model = M.make_model("clip")
     for kind in ("params", "flops"):
@@ -578,7 +578,7 @@ def _short_search(model, forward, groups, ratio, round_to=1):
 def _cli_compress(tmp_path, granularity: str):
     """``upop compress`` of a tiny CLIP on Shapes retrieval at ratio 0.4 with ``--granularity``;
     returns the data/model folder and the run folder."""
-    from upop.cli import main
+    from upop.cli.main import main
 
     from ._families import clip_world
 

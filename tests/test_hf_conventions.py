@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import upop
-import upop.models as M
+import upop.models.folders as M
 from upop.errors import ConfigError
 
 from ._families import FAMILIES, _pixels

@@ -1,4 +1,4 @@
-"""Hub-shareable compressed folders (:mod:`upop.hub`): every family's compressed folder loads with
+"""Hub-shareable compressed folders (:mod:`upop.checkpoint.hub`): every family's compressed folder loads with
 ``AutoModel...from_pretrained(folder, trust_remote_code=True)`` and runs in ``pipeline(...)`` in a
 process where upop cannot be imported, with the outputs of ``upop.load_compressed``; upop itself
 accepts only its own ``auto_map`` and never imports ``modeling_upop.py``."""
@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 import upop
-import upop.models as M
+import upop.models.folders as M
 from upop.errors import CheckpointError
-from upop.hub import MODELING_FILE, PREFIX, SHAPES_KEY
-from upop.prune import prune
+from upop.checkpoint.hub import MODELING_FILE, PREFIX, SHAPES_KEY
+from upop.pruning.prune import prune
 
 from ._families import FAMILIES
 from .test_engine import _random_masks
@@ -165,7 +165,7 @@ def _pruned(family: str):
     model = FAMILIES[family][0]()
     masks = upop.attach_masks(model)
     _random_masks(masks, seed=3)
-    prune(model, masks)  # not upop.prune, which names the submodule once it is imported
+    prune(model, masks)  # the function, imported by name
     return model
 
 
@@ -335,7 +335,7 @@ def test_tokenizer_auto_map_still_refused(hub_world, tmp_path):
 
 def test_unsharable_model_warns_and_still_loads(tmp_path, monkeypatch):
     """A model whose classes upop cannot copy gets no Hub files (a warning), and loads with upop."""
-    import upop.hub as hub
+    import upop.checkpoint.hub as hub
 
     def refuse(model, record):
         raise CheckpointError("cannot copy this class")
@@ -377,7 +377,7 @@ def test_save_pretrained_push_to_hub_uploads_every_file(tmp_path, monkeypatch):
 def test_shape_record_lists_only_what_pruning_changed():
     """Diffing against a dense model of the same config: a dense model records nothing; a pruned
     one only its sliced Linears and attention widths, not modes (training, gradient checkpointing)."""
-    from upop.hub import shape_record
+    from upop.checkpoint.hub import shape_record
 
     dense = FAMILIES["vit"][0]()
     assert shape_record(dense)["modules"] == {}

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from upop.cli import main
+from upop.cli.main import main
 from upop.data.labels import model_class_names
-from upop.models import load_any
+from upop.models.folders import load_any
 from upop.tasks import get_task
 
 # family -> (Shapes task, first and last class name in id order)

@@ -103,11 +103,22 @@ def test_the_package_face_names_exist():
         assert getattr(upop, name) is not None, name
 
 
-def test_a_submodule_never_hides_a_public_name():
-    """``upop.prune`` is the function even after the submodule ``upop.prune`` was imported."""
+def test_no_public_name_is_spelled_like_a_subpackage():
+    """``upop.prune`` is the function and ``upop.pruning`` the package: a public name that were also a
+    module of the package would be replaced by the module once something imported it."""
+    import pkgutil
+
+    import upop
+
+    modules = {m.name for m in pkgutil.iter_modules(upop.__path__)}
+    assert not modules & set(upop.__all__), modules & set(upop.__all__)
+
+
+def test_a_public_name_stays_itself_after_its_module_is_imported():
     import subprocess
     import sys
 
-    code = "import upop.prune, upop.masks, upop; print(callable(upop.prune), type(upop.prune).__name__)"
+    code = ("import upop.pruning.prune, upop.search.mask_search, upop; "
+            "print(type(upop.prune).__name__, type(upop.UPopSearch).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "function"], out
+    assert out == ["function", "type"], out

@@ -11,10 +11,10 @@ import torch
 import transformers
 
 import upop
-import upop.models as M
+import upop.models.folders as M
 from upop.data.unlabelled import (MIN_DISTINCT, SPLITS, UnlabelledCollator, assign_splits, check_split,
                                   load_unlabelled, write_unlabelled)
-from upop.distill import make_teacher
+from upop.distill.distiller import make_teacher
 from upop.errors import DataError, TaskError
 from upop.tasks import get_task
 from upop.tasks.distill import kind, outputs
@@ -311,7 +311,7 @@ def test_cli_shapes_compress_and_evaluate_with_teacher(tmp_path, capsys):
     (images checked as by default), then `upop evaluate --teacher DENSE` reproduces the report."""
     import json
 
-    from upop.cli import main
+    from upop.cli.main import main
 
     data, model = tmp_path / "data", tmp_path / "model"
     assert main(["data", "shapes", "--task", "distill", "--out", str(data), "--train", "60", "--val", "8", "--test", "8",

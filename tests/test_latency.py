@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import upop.latency as latency
-from upop.cli import _summary, main
-from upop.report import NOISE_LIMIT, markdown, paired_summary
+import upop.measure.latency as latency
+from upop.cli.main import _summary, main
+from upop.runs.report import NOISE_LIMIT, markdown, paired_summary
 
 from ._families import clip_world
 
@@ -228,8 +228,8 @@ RETIME = [  # retime_command arguments -> what the CLI parses from the command
 
 @pytest.mark.parametrize("kw", RETIME)
 def test_the_retime_command_parses_back(kw):
-    from upop.cli import build_parser
-    from upop.report import retime_command
+    from upop.cli.main import build_parser
+    from upop.runs.report import retime_command
 
     args = build_parser().parse_args(shlex.split(retime_command(**kw))[1:])
     assert args.command == "evaluate" and args.latency
@@ -240,7 +240,7 @@ def test_the_retime_command_parses_back(kw):
 
 def test_time_models_pairs_modules_with_an_injected_timer(world):
     import upop
-    from upop.models import load_any
+    from upop.models.folders import load_any
 
     model, processor = load_any(world / "model")
     baseline, _ = load_any(world / "model")
@@ -249,5 +249,5 @@ def test_time_models_pairs_modules_with_an_injected_timer(world):
                               batch_size=3, timer=timer)
     assert result["latency_ms"] == {"model": 2.0, "baseline": 4.0} and result["speedup"] == 2.0
     assert result["latency_noisy"] is False and result["batch"] == 3 and result["rounds"] == 7
-    timed = timer.calls[2 * upop.latency.WARMUP:]
+    timed = timer.calls[2 * upop.measure.latency.WARMUP:]
     assert [m is model for m, _ in timed[:4]] == [True, False, False, True], "model first, then baseline first"

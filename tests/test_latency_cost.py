@@ -9,8 +9,8 @@ import torch
 
 import upop
 from upop.errors import ConfigError
-from upop.latency_table import TABLE_FILE, _widths, load_or_measure, measure_table
-from upop.search import ROUND_TO_AUTO, UPopSearch, resolve_round_to
+from upop.measure.latency_table import TABLE_FILE, _widths, load_or_measure, measure_table
+from upop.search.mask_search import ROUND_TO_AUTO, UPopSearch, resolve_round_to
 
 from ._families import FAMILIES, clip_world
 
@@ -162,7 +162,7 @@ def test_a_resumed_search_cannot_switch_its_ranking():
 
 def test_a_changed_ranking_is_named_on_resume():
     """The run fingerprint names a changed ``--ranking``, the default shown as 'auto' (not None)."""
-    from upop.resume import differences
+    from upop.engine.resume import differences
 
     def fp(**settings):
         return {"task": "retrieval", "settings": {"ratio": 0.5, "cost": "latency", **settings}}

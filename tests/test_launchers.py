@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from upop.cli import main
+from upop.cli.main import main
 
 from ._families import clip_world
 
@@ -53,7 +53,7 @@ import os, sys
 import upop.api
 if os.environ.get("RANK") == "1":  # this process's node mounts another disk at --out
     upop.api.sees_marker = lambda path, token: False
-from upop.cli import main
+from upop.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

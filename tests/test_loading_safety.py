@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import upop
-from upop.cli import main
-from upop.prune import prune
+from upop.cli.main import main
+from upop.pruning.prune import prune
 
 from ._families import clip_world
 
@@ -40,9 +40,9 @@ def world(tmp_path_factory):
     model, _ = upop.load_model(root / "model")
     masks = upop.attach_masks(model)
     masks[masks.groups[0].name].data[:3] = 0
-    prune(model, masks)  # not upop.prune, which names the submodule once it is imported
+    prune(model, masks)  # the function, imported by name
     upop.save_compressed(model, root / "compressed")
-    other = upop.models.make_model("clip", size="small", image_size=32)
+    other = upop.models.folders.make_model("clip", size="small", image_size=32)
     save_file(other.state_dict(), str(root / "other-size.safetensors"), metadata={"format": "pt"})
     return root
 
@@ -295,7 +295,7 @@ def test_a_hub_id_fetches_data_files_only(world, tmp_path, monkeypatch):
 
 
 def test_json_size_is_checked_before_parsing(world, tmp_path, monkeypatch):
-    import upop._safe_load as safe_load
+    import upop.checkpoint.safe_load as safe_load
 
     monkeypatch.setattr(safe_load, "MAX_JSON_BYTES", 100)
     with pytest.raises(upop.CheckpointError, match=r"upop_plan.json': [0-9,]+ bytes, more than the 100 "):
@@ -307,8 +307,8 @@ def test_json_size_is_checked_before_parsing(world, tmp_path, monkeypatch):
 DRIVER = """
 import contextlib, io, json, pathlib, sys
 import upop
-from upop.cli import main
-from upop.models import load_processor_or_none
+from upop.cli.main import main
+from upop.models.folders import load_processor_or_none
 
 data, out, dense, compressed, marker = sys.argv[1:6]
 tiny = ["--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "8", "--no-progress"]
@@ -569,7 +569,7 @@ def test_a_hook_set_in_python_is_refused_on_save(case, world, tmp_path):
 
 
 def test_a_generation_config_hook_is_refused_on_save(tmp_path):
-    model = upop.models.make_model("blip-caption")
+    model = upop.models.folders.make_model("blip-caption")
     masks = upop.attach_masks(model)
     masks[masks.groups[0].name].data[:2] = 0
     prune(model, masks)
@@ -622,18 +622,18 @@ def test_only_data_files_of_a_processor_are_written(world, tmp_path):
 
 def _stored_group(model, stored: set[str]) -> list[str]:
     """A tied group (several names, one tensor) of ``model`` if it has one, else one weight."""
-    from upop.checkpoint import tied_groups
+    from upop.checkpoint.folder import tied_groups
 
     groups = tied_groups(model)
     tied = [g for g in groups if len(g) > 1 and any(k in stored for k in g)]
     return tied[0] if tied else next(g for g in groups if g[0].endswith(".weight") and g[0] in stored)
 
 
-@pytest.mark.parametrize("family", upop.models.FAMILIES)
+@pytest.mark.parametrize("family", upop.models.folders.FAMILIES)
 def test_a_missing_tensor_is_refused_in_every_family(family, tmp_path):
     """Delete every stored member of a tied group (or, for a family without one, one weight)
     from a compressed folder: load_compressed refuses in one line naming the tensor."""
-    model = upop.models.make_model(family)
+    model = upop.models.folders.make_model(family)
     masks = upop.attach_masks(model)
     masks[masks.groups[0].name].data[:1] = 0
     prune(model, masks)
@@ -652,7 +652,7 @@ def test_a_missing_tensor_is_refused_in_every_family(family, tmp_path):
 
 def test_blip_caption_tied_pair_missing_is_refused_by_the_cli(world, tmp_path, capsys):
     """The reported case: BLIP's decoder embeddings and LM head (one tied pair) both removed."""
-    model = upop.models.make_model("blip-caption")
+    model = upop.models.folders.make_model("blip-caption")
     masks = upop.attach_masks(model)
     masks[masks.groups[0].name].data[:1] = 0
     prune(model, masks)
@@ -676,7 +676,7 @@ def test_load_compressed_takes_a_hub_id_from_the_offline_cache(tmp_path, monkeyp
 
     from ._families import prune_every_third
 
-    model = prune_every_third(upop.models.make_model("vit"))
+    model = prune_every_third(upop.models.folders.make_model("vit"))
     folder = tmp_path / "compressed"
     upop.save_compressed(model, folder)
     cache = tmp_path / "hub"

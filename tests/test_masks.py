@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from upop.masks import _MaskedLinear
+from upop.pruning.masks import _MaskedLinear
 
 
 @pytest.mark.parametrize("rows", [15, 2])  # more rows than input features, fewer (both backward branches)

@@ -15,7 +15,7 @@ import torch
 
 import upop
 
-import upop.models as M
+import upop.models.folders as M
 from upop.errors import UnsupportedModelError
 from upop.tasks import siglip_retrieval
 from upop.tasks.classification import ClassificationTask
@@ -131,7 +131,7 @@ def test_siglip_classifier_compresses_through_the_cli(tmp_path, capsys):
 
     import transformers
 
-    from upop.cli import main
+    from upop.cli.main import main
 
     assert main(["data", "shapes", "--task", "classification", "--out", str(tmp_path / "data"), "--train", "20",
                  "--val", "10", "--test", "10", "--image-size", "32"]) == 0

@@ -58,7 +58,7 @@ def _shapes(out, prefix: str = "") -> dict:
 ])
 def test_torch_pruning_matches_budget_and_keeps_widths(family, ratio, importance):
     torch.manual_seed(0)
-    dense = upop.models.make_model(family, size="tiny", image_size=32).eval()
+    dense = upop.models.folders.make_model(family, size="tiny", image_size=32).eval()
     inputs = _inputs(family)
     dense_params = upop.count_params(dense)
     groups = upop.find_groups(dense)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import upop
-from upop.train import seed_everything
+from upop.engine.run import seed_everything
 
 from ._families import clip_world
 
@@ -43,7 +43,7 @@ RetrievalTask.loss = loss
 # SIGTERM in the last phases: during the retraining's last validation and save (KILL_LAST_SAVE),
 # or during the final latency timing (KILL_LATENCY); the time of the kill goes to KILL_TIME_FILE
 import time
-import upop.api, upop.phases
+import upop.api, upop.engine.phases
 
 def _kill_here():
     with open(os.environ["KILL_TIME_FILE"], "w") as fh:
@@ -51,12 +51,12 @@ def _kill_here():
     os.kill(os.getpid(), signal.SIGTERM)
 
 if os.environ.get("KILL_LAST_SAVE"):
-    step_end = upop.phases._Validate.step_end
+    step_end = upop.engine.phases._Validate.step_end
     def last_step_end(self, done, stop):
         if done == self.run.retrain_steps:
             _kill_here()
         return step_end(self, done, stop)
-    upop.phases._Validate.step_end = last_step_end
+    upop.engine.phases._Validate.step_end = last_step_end
 if os.environ.get("KILL_DENSE_EVAL"):
     dense_baseline = upop.api._dense_baseline
     def dense(*args, **kwargs):
@@ -69,7 +69,7 @@ if os.environ.get("KILL_LATENCY"):
         _kill_here()
         return paired(*args, **kwargs)
     upop.api.paired_latency = latency
-from upop.cli import main
+from upop.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -181,7 +181,7 @@ def test_a_failure_on_one_process_stops_every_process_quickly(world, tmp_path):
     assert "search step 2 on process 1 of 2" in errors[0] and "changed on disk" in errors[0]
     assert "--resume" in errors[0]
     # no traceback from upop's processes (torchrun prints its own summary of the failed worker)
-    assert "upop/train.py" not in proc.stderr and "upop/api.py" not in proc.stderr
+    assert "upop/engine/run.py" not in proc.stderr and "upop/api.py" not in proc.stderr
 
 
 def test_seed_gives_each_process_its_own_reproducible_stream():
@@ -227,7 +227,7 @@ def test_loss_scale_state_is_saved_and_restored(world, tmp_path):
     """fp16's GradScaler state is part of the run state (CPU has no fp16 autocast in Accelerate,
     so the round trip is checked with a CPU GradScaler standing in)."""
     from upop.tasks import get_task
-    from upop.train import Run
+    from upop.engine.run import Run
 
     model, processor = upop.load_model(world / "model")
     task = get_task("retrieval")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import upop.models as M
+import upop.models.folders as M
 from upop.arch import CLASSES, FAMILIES, TINY, Family, ModelClass, TinyModel, classes_for, pairs, register_family
 from upop.arch._spec import ArchSpec
 from upop.data import WRITERS
@@ -102,8 +102,8 @@ def _toy_spec(name: str) -> ArchSpec:
 def test_a_registered_family_reaches_the_tables_by_that_act_alone(monkeypatch):
     """Registering a family (here a copy of ViT's under new names) makes make-model build it, the
     tasks accept its class, the pairs list it and load_compressed resolve its class name."""
-    from upop.arch import _family as reg
-    from upop.checkpoint import model_class
+    from upop.arch import registry as reg
+    from upop.checkpoint.folder import model_class
 
     for table in ("FAMILIES", "CLASSES", "TINY", "SPECS"):
         monkeypatch.setattr(reg, table, dict(getattr(reg, table)))

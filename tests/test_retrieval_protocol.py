@@ -12,7 +12,7 @@ import torch
 from upop.config import UPopConfig
 from upop.data import shapes as S
 from upop.data.retrieval import RetrievalCollator, RetrievalDataset, RetrievalPairs
-from upop.models import make_model, make_processor
+from upop.models.folders import make_model, make_processor
 from upop.tasks import blip_retrieval, get_task
 from upop.tasks.blip_retrieval import _hard_negatives, contrastive_loss, itm_depth, rerank
 

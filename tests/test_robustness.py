@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 import upop
 from upop.api import compress
-from upop.models import load_any
+from upop.models.folders import load_any
 from upop.tasks.retrieval import RetrievalTask
-from upop.train import STATE_FILE, TrainingError
+from upop.engine.run import STATE_FILE, TrainingError
 
 from ._families import FAMILIES, clip_world
 

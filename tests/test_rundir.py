@@ -1,4 +1,4 @@
-"""upop.rundir: the run folder's lock, overwrite policy, set-aside, temp clean-up and atomic writers."""
+"""upop.runs.rundir: the run folder's lock, overwrite policy, set-aside, temp clean-up and atomic writers."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop import rundir
+from upop.runs import rundir
 from upop.errors import ConfigError
-from upop.rundir import (
+from upop.runs.rundir import (
     LOCK_FILE,
     RUN_FILES,
     RunDir,
@@ -83,14 +83,14 @@ RUN_SPEC = {
 
 # ----------------------------------------------------------------------------- lock
 
-# The child imports upop.rundir without the package __init__ (which imports transformers), so it
+# The child imports upop.runs.rundir without the package __init__ (which imports transformers), so it
 # holds the lock within a second.
 HOLDER = """
 import sys, time, types
 pkg = types.ModuleType("upop")
 pkg.__path__ = [sys.argv[1]]
 sys.modules["upop"] = pkg
-from upop.rundir import RunDir
+from upop.runs.rundir import RunDir
 RunDir(sys.argv[2]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -490,7 +490,7 @@ def _deny(target):
 ])
 def test_check_free(tmp_path, monkeypatch, min_bytes, deny, error):
     if deny:
-        monkeypatch.setattr(rundir, "_open_temp", _deny)
+        monkeypatch.setattr(rundir, "open_temp", _deny)
     rd = RunDir(tmp_path / "run")
     if error is None:
         rd.check_free(min_bytes)

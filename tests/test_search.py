@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import upop
 from upop.errors import ConfigError
-from upop.search import UPopSearch, ratio_at
+from upop.search.mask_search import UPopSearch, ratio_at
 
 from ._families import FAMILIES
 

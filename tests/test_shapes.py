@@ -324,7 +324,7 @@ def test_data_shapes_at_small_sizes_is_accepted_or_refused_before_writing(task, 
     """Every writer of the registry, at split sizes 1, 2, 3 and its minimum: the data it writes
     passes ``upop data check`` and loads with the task's reader, or the size is refused in one
     line before anything is written."""
-    from upop.cli import main
+    from upop.cli.main import main
     from upop.data import shapes_min_split
     from upop.tasks import get_task
 
@@ -357,7 +357,7 @@ def test_data_shapes_failing_mid_write_leaves_nothing_of_it(tmp_path, monkeypatc
     """A writer that fails after writing some images leaves the folder as it was (the user's
     file kept, no staged temp, no partial data)."""
     import upop.data.shapes as shapes_module
-    from upop.cli import main
+    from upop.cli.main import main
 
     out = tmp_path / "d"
     out.mkdir()
@@ -385,8 +385,8 @@ def test_data_shapes_killed_mid_write_leaves_nothing_then_overwrite_cleans_up(tm
     import sys
     import time
 
-    from upop.cli import main
-    from upop.cli import SHAPES_FILES
+    from upop.cli.main import main
+    from upop.cli.main import SHAPES_FILES
 
     out = tmp_path / "d"
     proc = subprocess.Popen([sys.executable, "-m", "upop", "data", "shapes", "--task", "retrieval", "--out", str(out),

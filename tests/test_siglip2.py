@@ -18,9 +18,9 @@ import torch
 import transformers
 
 import upop
-import upop.models as M
+import upop.models.folders as M
 from upop.arch import vision_tokens
-from upop.cli import main
+from upop.cli.main import main
 from upop.errors import UnsupportedModelError
 from upop.tasks import siglip_retrieval
 from upop.tasks.retrieval import VARIANTS, RetrievalTask
@@ -158,10 +158,10 @@ def test_compress_end_to_end_on_shapes_retrieval(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["siglip2", "siglip2-vision", "siglip2-classifier"])
 def test_onnx_export_refuses_the_naflex_vision_tower(family, tmp_path):
-    import upop.export
+    import upop.export.onnx
 
     with pytest.raises(UnsupportedModelError, match="NaFlex") as info:
-        upop.export.export_onnx(FAMILIES[family][0](), tmp_path / "m.onnx")
+        upop.export.onnx.export_onnx(FAMILIES[family][0](), tmp_path / "m.onnx")
     assert "\n" not in str(info.value) and "spatial_shapes" in str(info.value)
     assert not list(tmp_path.iterdir())
 
@@ -169,12 +169,12 @@ def test_onnx_export_refuses_the_naflex_vision_tower(family, tmp_path):
 def test_onnx_export_of_the_text_tower(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    import upop.export
+    import upop.export.onnx
 
     model = FAMILIES["siglip2-text"][0]()
     prune_every_third(model)
     upop.save_compressed(model, tmp_path / "c")
-    result = upop.export.export_onnx(tmp_path / "c", tmp_path / "m.onnx")
+    result = upop.export.onnx.export_onnx(tmp_path / "c", tmp_path / "m.onnx")
     assert result.model_class == "Siglip2TextModel" and all(p.relative <= 1e-3 for p in result.parity)
     assert "pooler_output" in result.outputs
 

@@ -11,7 +11,7 @@ import torch
 
 import upop
 from upop.errors import ConfigError
-from upop.search import UPopSearch
+from upop.search.mask_search import UPopSearch
 
 from ._families import FAMILIES
 

@@ -14,8 +14,8 @@ import torch
 import transformers
 
 import upop
-import upop.models as M
-from upop.integrations import SEARCH_FILE, UPopTrainerCallback, add_upop
+import upop.models.folders as M
+from upop.integrations.transformers.callback import SEARCH_FILE, UPopTrainerCallback, add_upop
 
 transformers.logging.set_verbosity_error()
 LR = 1e-3
@@ -223,7 +223,7 @@ _DDP_SCRIPT = """
 import os, sys, torch, transformers
 sys.path.insert(0, {tests!r})
 from test_trainer_callback import _trainer
-from upop.integrations import add_upop
+from upop.integrations.transformers.callback import add_upop
 trainer = _trainer(sys.argv[1], max_steps=8, batch=4, gradient_accumulation_steps=2, ddp_backend="gloo")
 callback = add_upop(trainer, ratio=0.5, round_to=1, interval=1, distill=sys.argv[2])
 distiller = callback.distiller

@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers
 
-import upop.models as M
-from upop.distill import kl_logits
+import upop.models.folders as M
+from upop.distill.distiller import kl_logits
 from upop.errors import ConfigError
-from upop.integrations import UPopTrainerCallback, add_upop
-from upop.trainer_distill import TrainerDistiller
+from upop.integrations.transformers.callback import UPopTrainerCallback, add_upop
+from upop.integrations.transformers.distill import TrainerDistiller
 
 from .test_trainer_callback import _trainer  # the tiny ViT Trainer (32 random images, CPU)
 

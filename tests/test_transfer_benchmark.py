@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import upop
-import upop.models
+import upop.models.folders
 from upop.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,12 +119,12 @@ def test_distilled_retraining_changes_the_result(quick):
     import torch
     from _baselines import distill_setting, retrain
 
-    pytest.importorskip("upop.distill")
+    pytest.importorskip("upop.distill.distiller")
     *_, cache = quick
     (folder,) = cache.glob("task-*")
     task = get_task("retrieval")
     splits = task.load_splits(folder, ("train", "val"))
-    processor = upop.models.make_processor("clip", 32)
+    processor = upop.models.folders.make_processor("clip", 32)
     dense = transfer.clip_model(len(processor.tokenizer), 32, **transfer.QUICK["model"])
     assert distill_setting(upop.UPopConfig(distill="none")) is None
     # the default "auto" is the logits on retrieval (the cached teacher), nothing on other tasks
@@ -133,7 +133,7 @@ def test_distilled_retraining_changes_the_result(quick):
     kw = dict(epochs=1, lr=1e-3, batch_size=16, seed=0)
     plain = retrain(copy.deepcopy(dense), task, splits["train"], splits["val"], processor, **kw)
     setting = {"mode": "logits+hidden", "weight": 1.0, "temperature": 1.0}
-    from upop.distill import make_teacher
+    from upop.distill.distiller import make_teacher
 
     distilled = retrain(copy.deepcopy(dense), task, splits["train"], splits["val"], processor,
                         teacher=make_teacher(dense), distill=setting, **kw)

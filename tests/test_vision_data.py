@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from upop.cli import main
+from upop.cli.main import main
 from upop.data.ade20k import ADE20KDataset
 from upop.data.imagefolder import load_imagefolder
 from upop.data.shapes_vision import CLASSIFICATION_CLASSES, SEGMENTATION_CLASSES, write_classification, write_segmentation
@@ -207,8 +207,8 @@ def test_class_count_must_match_the_model(task, family, labels, expected, data, 
 def test_segmenter_saves_loads_and_ignores_255(tmp_path):
     import transformers
 
-    import upop.models as M
-    from upop.segmenter import SegmenterConfig, SegmenterForSemanticSegmentation
+    import upop.models.folders as M
+    from upop.models.segmenter import SegmenterConfig, SegmenterForSemanticSegmentation
 
     model = M.make_model("segmenter", num_labels=5)
     model.save_pretrained(tmp_path / "seg")

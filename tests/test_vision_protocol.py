@@ -20,11 +20,11 @@ from upop.data.imagefolder import ImageClassificationCollator
 from upop.data.seg_augment import hsv_to_rgb, random_crop, rgb_to_hsv
 from upop.config import UPopConfig
 from upop.errors import ConfigError
-from upop.models import make_processor
-from upop.segmenter import make_segmenter
+from upop.models.folders import make_processor
+from upop.models.segmenter import make_segmenter
 from upop.tasks.classification import ClassificationTask
 from upop.tasks.segmentation import SegmentationTask, sliding_window, window_anchors
-from upop.runtime import StepBatches
+from upop.engine.runtime import StepBatches
 
 SIZE = 32
 

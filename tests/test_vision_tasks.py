@@ -10,7 +10,7 @@ import json
 import pytest
 
 import upop
-from upop.cli import main
+from upop.cli.main import main
 
 from ._families import largest_chunk_share
 

@@ -107,7 +107,7 @@ def world(tmp_path_factory):
     tiny model whose decoder cross-attention weights are re-drawn with std 0.5 (at the default
     init every question gets the same answer, which would hide a question/candidate mix-up)."""
     from upop.data import shapes_writer
-    from upop.models import make_model, make_processor
+    from upop.models.folders import make_model, make_processor
 
     data = tmp_path_factory.mktemp("vqa") / "data"
     shapes_writer("vqa")(data, train=2, val=1, test=1, image_size=32, seed=0)

@@ -16,8 +16,6 @@ or, stage by stage:
     model = upop.load_compressed("out/compressed")   # same class as the dense model
 """
 
-import sys
-import types
 from importlib import import_module
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
@@ -27,20 +25,21 @@ from typing import TYPE_CHECKING
 #: heavy parts (the Trainer machinery only with ``upop.UPopTrainerCallback``).
 _EXPORTS = {
     "CompressResult": "api", "compress": "api", "evaluate": "api",
-    "time_models": "latency",
+    "time_models": "measure.latency",
     "ArchSpec": "arch", "find_groups": "arch", "get_spec": "arch", "register_spec": "arch",
     "supported_model_types": "arch",
-    "load_compressed": "checkpoint", "read_plan": "checkpoint", "save_compressed": "checkpoint",
+    "load_compressed": "checkpoint.folder", "read_plan": "checkpoint.folder", "save_compressed": "checkpoint.folder",
     "UPopConfig": "config",
-    "count_flops": "cost", "count_params": "cost", "measure_latency": "cost", "prunable_cost": "cost",
+    "count_flops": "measure.cost", "count_params": "measure.cost", "measure_latency": "measure.cost",
+    "prunable_cost": "measure.cost",
     "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors", "TaskError": "errors",
     "UnsupportedModelError": "errors", "UPopError": "errors",
-    "Group": "groups",
-    "UPopTrainerCallback": "integrations",
-    "Masks": "masks", "attach_masks": "masks",
-    "load_model": ("models", "load_any"),
-    "PruningPlan": "prune", "apply_plan": "prune", "prune": "prune",
-    "UPopSearch": "search", "ratio_at": "search",
+    "Group": "arch.groups",
+    "UPopTrainerCallback": "integrations.transformers.callback", "add_upop": "integrations.transformers.callback",
+    "Masks": "pruning.masks", "attach_masks": "pruning.masks",
+    "load_model": ("models.folders", "load_any"),
+    "PruningPlan": "pruning.prune", "apply_plan": "pruning.prune", "prune": "pruning.prune",
+    "UPopSearch": "search.mask_search", "ratio_at": "search.mask_search",
 }
 
 
@@ -48,7 +47,7 @@ def __getattr__(name: str):
     target = _EXPORTS.get(name)
     if target is None:
         if not name.startswith("__") and find_spec(f"{__name__}.{name}") is not None:
-            return import_module(f".{name}", __name__)  # a submodule, as ``upop.models`` was before
+            return import_module(f".{name}", __name__)  # a subpackage: ``upop.models``, ``upop.tasks``, ...
         raise AttributeError(f"module 'upop' has no attribute {name!r}")
     module, attr = (target, name) if isinstance(target, str) else target
     value = getattr(import_module(f".{module}", __name__), attr)
@@ -60,37 +59,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-class _Face(types.ModuleType):
-    """The package's module type: importing the submodule ``upop.prune`` must not replace the
-    public function ``upop.prune`` (the import system binds a loaded submodule as an attribute of
-    its package; a public name wins over a submodule of the same name)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Face
-
-
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
-    from .api import CompressResult, compress, evaluate  # noqa: F401
-    from .arch import ArchSpec, find_groups, get_spec, register_spec, supported_model_types  # noqa: F401
-    from .checkpoint import load_compressed, read_plan, save_compressed  # noqa: F401
-    from .config import UPopConfig  # noqa: F401
-    from .cost import count_flops, count_params, measure_latency, prunable_cost  # noqa: F401
-    from .errors import (CheckpointError, ConfigError, DataError, TaskError, UnsupportedModelError,  # noqa: F401
+    from upop.api import CompressResult, compress, evaluate  # noqa: F401
+    from upop.arch import ArchSpec, find_groups, get_spec, register_spec, supported_model_types  # noqa: F401
+    from upop.checkpoint.folder import load_compressed, read_plan, save_compressed  # noqa: F401
+    from upop.config import UPopConfig  # noqa: F401
+    from upop.measure.cost import count_flops, count_params, measure_latency, prunable_cost  # noqa: F401
+    from upop.errors import (CheckpointError, ConfigError, DataError, TaskError, UnsupportedModelError,  # noqa: F401
                          UPopError)
-    from .groups import Group  # noqa: F401
-    from .integrations import UPopTrainerCallback  # noqa: F401
-    from .latency import time_models  # noqa: F401
-    from .masks import Masks, attach_masks  # noqa: F401
-    from .models import load_any as load_model  # noqa: F401
-    from .prune import PruningPlan, apply_plan, prune  # noqa: F401
-    from .search import UPopSearch, ratio_at  # noqa: F401
+    from upop.arch.groups import Group  # noqa: F401
+    from upop.integrations.transformers.callback import UPopTrainerCallback, add_upop  # noqa: F401
+    from upop.measure.latency import time_models  # noqa: F401
+    from upop.pruning.masks import Masks, attach_masks  # noqa: F401
+    from upop.models.folders import load_any as load_model  # noqa: F401
+    from upop.pruning.prune import PruningPlan, apply_plan, prune  # noqa: F401
+    from upop.search.mask_search import UPopSearch, ratio_at  # noqa: F401
 
-from ._version import __version__  # noqa: E402
+from upop._version import __version__  # noqa: E402
 
 __all__ = [
     "ArchSpec",
@@ -109,6 +94,7 @@ __all__ = [
     "UPopError",
     "UPopSearch",
     "UPopTrainerCallback",
+    "add_upop",
     "UnsupportedModelError",
     "apply_plan",
     "attach_masks",

@@ -13,18 +13,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_compressed
-from .config import UPopConfig
-from .cost import count_flops, count_params
-from .errors import CheckpointError, ConfigError, UPopError, show
-from .latency import paired_latency
-from .report import build_report, describe_setup, retime_command, write_report
-from .resume import check_same_run, fingerprint
-from .masks import refuse_pruned
-from .rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
-from .tasks import Task, get_task
-from .runtime import PhaseClock, append_log, device_record, disk_full_guard, eval_autocast
-from .train import Run
+from upop.checkpoint.folder import load_compressed
+from upop.config import UPopConfig
+from upop.measure.cost import count_flops, count_params
+from upop.errors import CheckpointError, ConfigError, UPopError, show
+from upop.measure.latency import paired_latency
+from upop.runs.report import build_report, describe_setup, retime_command, write_report
+from upop.engine.resume import check_same_run, fingerprint
+from upop.pruning.masks import refuse_pruned
+from upop.runs.rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
+from upop.tasks import Task, get_task
+from upop.engine.runtime import PhaseClock, append_log, device_record, disk_full_guard, eval_autocast
+from upop.engine.run import Run
 
 @dataclass
 class CompressResult:
@@ -286,7 +286,7 @@ def compress(
 def _interrupted(exc: BaseException) -> bool:
     """A run that was taken and then stopped (a signal, Ctrl-C) or ran out of disk is kept: its
     folder resumes with ``--resume``. Any other failure before the search rejects the fresh run."""
-    from .runtime import DiskFullError, is_disk_full
+    from upop.engine.runtime import DiskFullError, is_disk_full
 
     return isinstance(exc, (KeyboardInterrupt, DiskFullError)) or is_disk_full(exc)
 
@@ -365,7 +365,7 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
 
 def _check_data(task: str, data, images: str) -> None:
     """The data set's check (``upop data check``): any problem refuses the run up front."""
-    from .data.check import check_data
+    from upop.data.check import check_data
 
     check_data(task, data, images=images).raise_for_problems()
 
@@ -375,7 +375,7 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
     """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``; the task
     settings of ``config`` (e.g. ``vqa_inference``) apply, the defaults otherwise. ``teacher`` (a
     model or folder: the dense model) is what the label-free task ``distill`` measures agreement with."""
-    from .models import load_any
+    from upop.models.folders import load_any
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is not allowed; need an integer >= 1")
@@ -394,7 +394,7 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
         if teacher is None:
             raise ConfigError(f"task {task.name!r} measures agreement with the dense model: give it as teacher "
                               "(upop evaluate --teacher DENSE_MODEL_DIR)")
-        from .distill import make_teacher
+        from upop.distill.distiller import make_teacher
 
         if isinstance(teacher, (str, os.PathLike)):
             teacher = load_any(teacher)[0]

@@ -10,8 +10,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, show
-from .search_settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, RANKINGS, SCORES
+from upop.errors import ConfigError, show
+from upop.search.settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, RANKINGS, SCORES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -273,7 +273,7 @@ def load_yaml_file(path: str | os.PathLike, what: str):
     problem is one ConfigError line naming the file."""
     import yaml
 
-    from .data._files import decode_utf8, read_limited
+    from upop.data._files import decode_utf8, read_limited
 
     path = Path(path)
     text = decode_utf8(read_limited(path, MAX_CONFIG_BYTES, what, ConfigError), path, what, ConfigError)

@@ -1,6 +1,6 @@
 """Architecture registry: one :class:`ArchSpec` per model family, keyed by ``config.model_type``.
 
-Each family registers itself in its own module (:func:`register_family`, see :mod:`._family`);
+Each family registers itself in its own module (:func:`register_family`, see :mod:`.registry`);
 this package imports every module in it. A user can register a spec of their own with
 :func:`register_spec` or pass one to :func:`find_groups` directly.
 """
@@ -12,15 +12,19 @@ from torch import nn
 import importlib
 import pkgutil
 
-from ..groups import Group
-from ._family import (CLASSES, FAMILIES, SIZES, SPECS, TINY, Family, ModelClass, TinyModel, classes_for,  # noqa: F401
+from upop.arch.groups import Group
+from upop.arch.registry import (CLASSES, FAMILIES, SIZES, SPECS, TINY, Family, ModelClass, TinyModel, classes_for,  # noqa: F401
                       get_spec, known_classes, model_class_info, pairs, register_family, register_spec, spec_by_name,
                       supported_model_types)
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs, vision_tokens
-from ..errors import UnsupportedModelError
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs, vision_tokens
+from upop.errors import UnsupportedModelError
+
+#: the modules of this package that are not families: the registry itself and the group type
+INFRASTRUCTURE = frozenset({"groups", "registry"})
 
 # every family module registers itself (``register_family`` at its end): a new family is a new file
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)
+                      if not m.name.startswith("_") and m.name not in INFRASTRUCTURE):
     importlib.import_module(f"{__name__}.{_module}")
 
 
@@ -35,7 +39,7 @@ def find_groups(model: nn.Module, spec: ArchSpec | None = None, text_tokens: int
     ``<name>`` and its heads ``<name>.heads``, ranked together; pruning narrows ``head_dim`` and
     removes heads; see :attr:`Group.pair`). MLP units are neurons in every case.
     """
-    from ._spec import check_granularity, find_groups_with_spec
+    from upop.arch._spec import check_granularity, find_groups_with_spec
 
     check_granularity(granularity)
     spec = spec or get_spec(model)

@@ -2,7 +2,7 @@
 
 A spec is data (tower paths, sub-module names) plus small hooks: how to update an attention
 module after its head width or its number of heads changed, and an optional class swap for
-forwards that hard-code widths. :func:`find_groups` walks a model with a spec; :mod:`upop.prune`
+forwards that hard-code widths. :func:`find_groups` walks a model with a spec; :mod:`upop.pruning.prune`
 slices with the groups.
 """
 
@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..groups import GRANULARITIES, HEADS_SUFFIX, Group
+from upop.errors import ConfigError
+from upop.arch.groups import GRANULARITIES, HEADS_SUFFIX, Group
 
 
 @dataclass(frozen=True)

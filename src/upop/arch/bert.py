@@ -6,11 +6,11 @@ The attention stores ``scaling`` at construction; its forward reshapes with
 
 import transformers
 
-from ._family import Family, ModelClass, TinyModel, register_family
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.arch.registry import Family, ModelClass, TinyModel, register_family
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 
-def _attention(prefix: str, **kw) -> AttentionSite:
+def bert_attention(prefix: str, **kw) -> AttentionSite:
     return AttentionSite(
         module=f"{prefix}.self",
         q=f"{prefix}.self.query",
@@ -21,8 +21,8 @@ def _attention(prefix: str, **kw) -> AttentionSite:
     )
 
 
-SELF_ATTN = _attention("attention")
-CROSS_ATTN = _attention("crossattention", site="crossattn", modality="fusion", cross=True, optional=True)
+SELF_ATTN = bert_attention("attention")
+CROSS_ATTN = bert_attention("crossattention", site="crossattn", modality="fusion", cross=True, optional=True)
 MLP = MlpSite(fc1="intermediate.dense", fc2="output.dense")
 SET_HEAD_SIZE = set_attrs(
     attention_head_size=lambda new, dense, heads: new,

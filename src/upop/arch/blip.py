@@ -20,10 +20,10 @@ from transformers.models.blip.modeling_blip import BlipAttention
 
 import transformers
 
-from ._family import Family, ModelClass, TinyModel, register_family
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower
-from .bert import MLP as TEXT_MLP
-from .bert import _attention
+from upop.arch.registry import Family, ModelClass, TinyModel, register_family
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower
+from upop.arch.bert import MLP as TEXT_MLP
+from upop.arch.bert import bert_attention
 
 
 class ShapeGenericBlipAttention(BlipAttention):
@@ -55,9 +55,9 @@ def _set_head_dim(module: nn.Module, new: int, dense: int, heads: int) -> None:
 
 _VISION_ATTN = AttentionSite(module="self_attn", qkv="self_attn.qkv", out="self_attn.projection")
 _VISION_MLP = MlpSite(fc1="mlp.fc1", fc2="mlp.fc2")
-_TEXT_SELF = _attention("attention")
-_TEXT_CROSS = _attention("crossattention", site="crossattn", modality="fusion", cross=True, optional=True)
-_DEC_CROSS = _attention("crossattention", site="crossattn", cross=True, optional=True)
+_TEXT_SELF = bert_attention("attention")
+_TEXT_CROSS = bert_attention("crossattention", site="crossattn", modality="fusion", cross=True, optional=True)
+_DEC_CROSS = bert_attention("crossattention", site="crossattn", cross=True, optional=True)
 # BlipForNLVR: one cross-attention per image, each its own fusion group (as UPop's NLVR code masks them)
 _NLVR_CROSS = tuple(
     AttentionSite(module=f"crossattention.self{k}", q=f"crossattention.self{k}.query", k=f"crossattention.self{k}.key",
@@ -103,7 +103,7 @@ def _config(widths, vocab: int, image_size: int) -> transformers.BlipConfig:
 def _nlvr(widths, vocab: int, image_size: int, num_labels: int):
     """BLIP's NLVR layout: layers from the middle on merge their two cross-attentions by a Linear
     (BLIP's 12-layer encoder: from layer 6), so a tiny model has both kinds of layer."""
-    from ..blip_nlvr import BlipForNLVR
+    from upop.models.blip_nlvr import BlipForNLVR
 
     config = _config(widths, vocab, image_size)
     config.text_config.nlvr_merge_from = config.text_config.num_hidden_layers // 2
@@ -135,7 +135,7 @@ FAMILY = register_family(Family(
                    export_refused="a VQA model: its answers come from a decoding loop (generate), not one forward"),
         ModelClass("BlipForConditionalGeneration", tasks=("caption",), reads=_BOTH, export=_VISION,
                    export_refused="a captioning model: its output is a decoding loop (generate), not one forward"),
-        ModelClass("BlipForNLVR", tasks=("nlvr",), reads=_BOTH, project="upop.blip_nlvr:BlipForNLVR", export=_VISION,
+        ModelClass("BlipForNLVR", tasks=("nlvr",), reads=_BOTH, project="upop.models.blip_nlvr:BlipForNLVR", export=_VISION,
                    export_refused="an NLVR model whose forward takes image pairs through upop's own fusion layers"),
     ),
     tiny=(

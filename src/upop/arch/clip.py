@@ -5,8 +5,8 @@ The attention stores its scale (``self.scale``) at construction, so only ``head_
 
 import transformers
 
-from ._family import Family, ModelClass, TinyModel, register_family
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.arch.registry import Family, ModelClass, TinyModel, register_family
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
     module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.out_proj"
@@ -44,7 +44,7 @@ def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.
 
 
 def _processor(image_size: int, tokenizer):
-    from ..data.retrieval import make_clip_processor
+    from upop.data.retrieval import make_clip_processor
 
     return make_clip_processor(image_size, tokenizer)
 

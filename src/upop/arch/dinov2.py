@@ -8,12 +8,12 @@ token. The SwiGLU MLP (``use_swiglu_ffn``: gate and up projections both produce 
 is not supported: :func:`check_model` refuses it.
 """
 
-from ..errors import UnsupportedModelError
+from upop.errors import UnsupportedModelError
 import transformers
 
-from ._family import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
-from .vit import classification_classes, vit_processor
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.arch.registry import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
+from upop.arch.vit import classification_classes, vit_processor
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
     module="attention", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj", out="attention.o_proj"

@@ -1,4 +1,4 @@
-"""Segmenter (``upop.segmenter.SegmenterForSemanticSegmentation``): a ViT encoder and a
+"""Segmenter (``upop.models.segmenter.SegmenterForSemanticSegmentation``): a ViT encoder and a
 mask-transformer decoder, pruned together in one unified search.
 
 - Encoder blocks (``vit.layers``): the ViT site names, modality ``vision``; token count from
@@ -7,14 +7,14 @@ mask-transformer decoder, pruned together in one unified search.
   (patches + class embeddings) is ``config.max_position_embeddings``.
 
 Both attention classes store their scale at construction and read ``head_dim`` in the forward,
-so pruning only sets ``head_dim``. Importing this module imports :mod:`upop.segmenter`, which
+so pruning only sets ``head_dim``. Importing this module imports :mod:`upop.models.segmenter`, which
 registers ``SegmenterConfig`` with ``AutoConfig`` (so ``import upop`` is enough to load one).
 """
 
-from .. import segmenter as _segmenter  # noqa: F401  (registers the config with AutoConfig)
-from ._family import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
-from .vit import vit_processor
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.models import segmenter as _segmenter  # noqa: F401  (registers the config with AutoConfig)
+from upop.arch.registry import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
+from upop.arch.vit import vit_processor
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
     module="attention", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj", out="attention.o_proj"
@@ -37,7 +37,7 @@ def _tiny(widths, vocab: int, image_size: int, num_labels: int):
 
 
 def _classes() -> list[str]:
-    from ..data import shapes_vision
+    from upop.data import shapes_vision
 
     return list(shapes_vision.SEGMENTATION_CLASSES)
 
@@ -45,7 +45,7 @@ def _classes() -> list[str]:
 FAMILY = register_family(Family(
     spec=SPEC,
     classes=(ModelClass("SegmenterForSemanticSegmentation", tasks=("segmentation",),
-                        project="upop.segmenter:SegmenterForSemanticSegmentation"),),
+                        project="upop.models.segmenter:SegmenterForSemanticSegmentation"),),
     tiny=(TinyModel("segmenter", "SegmenterForSemanticSegmentation", build=_tiny, processor=vit_processor,
                     data_task="segmentation", class_names=_classes),),
 ))

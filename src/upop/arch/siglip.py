@@ -10,8 +10,8 @@ the vision token count for FLOPs costs is its config's maximum ``num_patches``.
 
 import transformers
 
-from ._family import Family, ModelClass, TinyModel, register_family
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.arch.registry import Family, ModelClass, TinyModel, register_family
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
     module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.out_proj"

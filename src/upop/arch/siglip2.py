@@ -14,8 +14,8 @@ patches is padded to it, and the padded tokens are computed (masked) all the sam
 
 import transformers
 
-from ._family import Family, ModelClass, TinyModel, register_family
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.arch.registry import Family, ModelClass, TinyModel, register_family
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
     module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.out_proj"

@@ -7,8 +7,8 @@ DeiT adds a distillation token to the class token.
 
 import transformers
 
-from ._family import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
-from ._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
+from upop.arch.registry import SIZES, Family, ModelClass, TinyModel, register_family  # noqa: F401
+from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
     module="attention", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj", out="attention.o_proj"
@@ -41,7 +41,7 @@ def vit_processor(image_size: int, tokenizer):
 
 def classification_classes() -> list[str]:
     """The Shapes classification classes, in the order ImageFolder numbers them (sorted folders)."""
-    from ..data import shapes_vision
+    from upop.data import shapes_vision
 
     return sorted(shapes_vision.class_name(c, k) for c, k in shapes_vision.CLASSIFICATION_CLASSES)
 

@@ -12,7 +12,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError, show
+from upop.errors import ConfigError, show
 
 WRITERS: dict[str, str] = {
     "retrieval": "upop.data.shapes:write_retrieval",
@@ -54,20 +54,20 @@ def check_shapes_sizes(task: str, train: int, val: int, test: int) -> None:
 def write_shapes(task: str, out_dir, **settings) -> dict:
     """Write the Shapes data of ``task`` into the folder ``out_dir`` all at once: the writer fills
     a temp folder inside it named in upop's temp scheme (``.shapes.json.tmp-PID-RANDOM``, which
-    :meth:`upop.rundir.RunDir.clean_temp` removes after a kill), which is fsynced; then its entries
+    :meth:`upop.runs.rundir.RunDir.clean_temp` removes after a kill), which is fsynced; then its entries
     are renamed into place, ``shapes.json`` (the completion mark) last. ``out_dir`` must hold none
     of the entries written (the caller set the previous data aside). On an exception nothing
     of the new data is left."""
-    from ..atomic import _fsync_dir, _fsync_tree, _make_temp_dir
+    from upop.runs.atomic import fsync_dir, fsync_tree, make_temp_dir
 
     check_shapes_sizes(task, settings.get("train", 1), settings.get("val", 1), settings.get("test", 1))
     writer = shapes_writer(task)
     out = Path(out_dir)
-    stage = _make_temp_dir(out / "shapes.json")
+    stage = make_temp_dir(out / "shapes.json")
     moved: list[Path] = []
     try:
         info = writer(stage, **settings)
-        _fsync_tree(stage)
+        fsync_tree(stage)
         for name in sorted(os.listdir(stage), key=lambda n: (n == "shapes.json", n)):
             if os.path.lexists(out / name):
                 raise ConfigError(f"output folder {show(out)} already holds {show(name)}; refusing to replace it")
@@ -79,5 +79,5 @@ def write_shapes(task: str, out_dir, **settings) -> dict:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _fsync_dir(out)
+    fsync_dir(out)
     return {**info, "out_dir": str(out)}

@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 
-from ..errors import show
+from upop.errors import show
 
 #: what a non-regular file is, by its ``stat`` type
 _KINDS = ((stat.S_ISDIR, "is a folder"), (stat.S_ISFIFO, "is a FIFO (named pipe)"),
@@ -104,7 +104,7 @@ def image_files(entries, suffixes: tuple[str, ...], problems: list[str] | None, 
     regular files, sorted; a visible entry with such a name that is not one (a folder, FIFO,
     device, symbolic link loop...) is reported through ``problems`` (raised as a DataError when
     it is None) instead of being skipped silently. Hidden names (``.name``) are skipped."""
-    from ._problems import report
+    from upop.data._problems import report
 
     files = []
     for path in entries:

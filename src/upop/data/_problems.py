@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from ..errors import DataError, show
+from upop.errors import DataError, show
 
 T = TypeVar("T")
 

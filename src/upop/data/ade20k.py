@@ -33,12 +33,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError, show
-from ._files import image_files, not_a_file
-from ._problems import report
-from .augment import check_augment, input_size
-from .images import load_label_map, load_rgb_image
-from .seg_augment import segmentation_train_sample
+from upop.errors import ConfigError, DataError, show
+from upop.data._files import image_files, not_a_file
+from upop.data._problems import report
+from upop.data.augment import check_augment, input_size
+from upop.data.images import load_label_map, load_rgb_image
+from upop.data.seg_augment import segmentation_train_sample
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150

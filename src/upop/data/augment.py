@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, show
+from upop.errors import ConfigError, show
 
 AUGMENT_CHOICES = ("deit", "none")
 """Values of the ``augment`` setting: the papers' training augmentation, or none (resize only)."""

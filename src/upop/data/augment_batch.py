@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .augment import AUG_KEYS, GEOMETRIC_OPS, RA_OPS
+from upop.data.augment import AUG_KEYS, GEOMETRIC_OPS, RA_OPS
 
 _GEOMETRIC = tuple(RA_OPS.index(name) for name in GEOMETRIC_OPS)
 _MASK32 = 0xFFFFFFFF

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError, DataError, show
-from .ade20k import ADE20K_CLASSES, check_annotation_values, load_ade20k_split, read_classes
-from .images import load_label_map, load_rgb_image, probe_image
-from .imagefolder import class_difference, load_imagefolder_split
-from .nlvr import load_nlvr_split
-from .retrieval import load_retrieval_split
-from .vqa import load_vqa_split
-from .unlabelled import check_split as _distill
+from upop.errors import ConfigError, DataError, show
+from upop.data.ade20k import ADE20K_CLASSES, check_annotation_values, load_ade20k_split, read_classes
+from upop.data.images import load_label_map, load_rgb_image, probe_image
+from upop.data.imagefolder import class_difference, load_imagefolder_split
+from upop.data.nlvr import load_nlvr_split
+from upop.data.retrieval import load_retrieval_split
+from upop.data.vqa import load_vqa_split
+from upop.data.unlabelled import check_split as _distill
 
 SPLITS = ("train", "val", "test")
 IMAGE_CHECKS = ("header", "full")

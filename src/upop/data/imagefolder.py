@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError, show
-from ._files import image_files
-from ._problems import report
-from .augment import center_crop_eval, check_augment, deit_params, input_size, normalize
-from .images import load_rgb_image
+from upop.errors import ConfigError, DataError, show
+from upop.data._files import image_files
+from upop.data._problems import report
+from upop.data.augment import center_crop_eval, check_augment, deit_params, input_size, normalize
+from upop.data.images import load_rgb_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 

@@ -33,8 +33,8 @@ from typing import Iterator
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DataError, show
-from ._files import kind_of, not_a_file
+from upop.errors import DataError, show
+from upop.data._files import kind_of, not_a_file
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest ``width * height`` upop decodes (Pillow's default bomb-warning threshold, ~9459^2)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..errors import DataError, show
+from upop.errors import DataError, show
 
 
 def model_class_names(config) -> list[str] | None:

@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError, show
-from ._problems import collect, require_fields
-from .images import load_rgb_image
-from .retrieval import ANNOTATION_DIRS, _parts, _read_json, check_images_exist
+from upop.errors import ConfigError, DataError, show
+from upop.data._problems import collect, require_fields
+from upop.data.images import load_rgb_image
+from upop.data.retrieval import ANNOTATION_DIRS, processor_parts, read_json, check_images_exist
 
 _LABELS = {"true": 1, "false": 0}
 
@@ -121,7 +121,7 @@ def load_nlvr_split(data_dir, split: str, image_root=None, problems: list[str] |
     if path.suffix == ".jsonl" or (text.lstrip().startswith("{") and "\n{" in text.strip()):
         items = _jsonl_items(path, text, root, split, problems)
     else:
-        items = _blip_items(path, _read_json(path), root, problems)
+        items = _blip_items(path, read_json(path), root, problems)
     if not items:
         raise DataError(f"annotation file {show(path)}: split {show(split)} has no "
                         f"{'usable ' if problems else ''}statements")
@@ -154,7 +154,7 @@ class NLVRCollator:
     """Batch ``{"pixel_values": (B, 2, 3, H, W), "input_ids", "attention_mask", "labels": (B,)}``."""
 
     def __init__(self, processor, max_length: int = 32):
-        self.image_processor, self.tokenizer = _parts(processor)
+        self.image_processor, self.tokenizer = processor_parts(processor)
         self.max_length = max_length
 
     def __call__(self, samples) -> dict:

@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError, show
-from ._files import not_a_file
-from ._problems import collect, report, require_fields
-from .images import load_rgb_image
+from upop.errors import ConfigError, DataError, show
+from upop.data._files import not_a_file
+from upop.data._problems import collect, report, require_fields
+from upop.data.images import load_rgb_image
 
 ANNOTATION_DIRS = ("", "annotation", "annotations")
 """Folders (relative to ``data_dir``) searched for annotation files, in order."""
@@ -64,7 +64,7 @@ def _find_annotation(data_dir: Path, split: str) -> tuple[Path, str]:
                     f"the folder and in its {' and '.join(d + '/' for d in ANNOTATION_DIRS if d)} subfolders)")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -197,7 +197,7 @@ def load_retrieval_split(data_dir, split: str, image_root=None,
         raise DataError(f"image_root {show(root)} is not a directory (need the folder the image paths are "
                         "relative to)")
     path, kind = _find_annotation(data_dir, split)
-    data = _read_json(path)
+    data = read_json(path)
     entries = (_parse_split_file(path, data, problems) if kind == "split"
                else _parse_karpathy(path, data, split, problems))
     grouped: dict[str, tuple[RetrievalItem, str]] = {}
@@ -270,7 +270,7 @@ class RetrievalPairs(Dataset):
         return {"image": load_rgb_image(item.image), "caption": item.captions[c], "index": i, "sample": int(j)}
 
 
-def _parts(processor_or_parts) -> tuple[Any, Any]:
+def processor_parts(processor_or_parts) -> tuple[Any, Any]:
     if isinstance(processor_or_parts, dict):
         ip, tok = processor_or_parts.get("image_processor"), processor_or_parts.get("tokenizer")
     elif isinstance(processor_or_parts, (tuple, list)) and len(processor_or_parts) == 2:
@@ -304,7 +304,7 @@ class RetrievalCollator:
 
     def __init__(self, processor_or_parts, *, max_length: int | None = None, padding: str = "max_length",
                  seed: int = 0, prompt: str = ""):
-        self.image_processor, self.tokenizer = _parts(processor_or_parts)
+        self.image_processor, self.tokenizer = processor_parts(processor_or_parts)
         if padding not in ("max_length", "longest"):
             raise ConfigError(f"RetrievalCollator: padding={show(padding)} is not allowed (need 'max_length' or "
                               "'longest')")

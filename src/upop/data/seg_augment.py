@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .augment import normalize, sample_rng
+from upop.data.augment import normalize, sample_rng
 
 IGNORE_INDEX = 255
 RESIZE_RATIO, LONG_SIDE_FACTOR = (0.5, 2.0), 4

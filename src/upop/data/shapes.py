@@ -25,12 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import ConfigError
+from upop.errors import ConfigError
 
-from .shapes_scene import (  # noqa: F401 (the scene part of the module, re-exported)
+from upop.data.shapes_scene import (  # noqa: F401 (the scene part of the module, re-exported)
     VERSION, KINDS, PLURALS, COLOURS, SIZES, RADIUS, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, REL_MARGIN,
     _REGION_DEAD_ZONE, _NUMBERS, _TEMPLATE_WORDS, _QUESTION_WORDS, VOCABULARY, ShapeObject, Scene,
-    make_scene, _place, spatial_relations, region, _shape_points, _check_int, _check_scene,
+    make_scene, _place, spatial_relations, region, _shape_points, check_int, _check_scene,
     render_with_mask, render
 )
 
@@ -143,7 +143,7 @@ def captions(scene: Scene, rng: random.Random, n: int) -> list[str]:
     Families are visited in a weighted random order (relations weigh most) and one caption is
     drawn from each in turn; only if every caption is used are repeats drawn.
     """
-    _check_int("captions", "n", n, 0)
+    check_int("captions", "n", n, 0)
     pool = caption_pool(scene)
     names = list(pool)
     order = sorted(names, key=lambda f: -(rng.random() ** (1.0 / _FAMILY_WEIGHT[f])))
@@ -193,7 +193,7 @@ def atomic_save_png(img: Image.Image, path: Path) -> None:
     _atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _scene_rng(seed: int, split: str, i: int) -> random.Random:
+def scene_rng(seed: int, split: str, i: int) -> random.Random:
     return random.Random(f"upop-shapes:{seed}:{split}:{i}")
 
 
@@ -209,12 +209,12 @@ def write_retrieval(out_dir, *, train: int = 2000, val: int = 200, test: int = 2
     "captions", "annotation"}}}``.
     """
     w = "write_retrieval"
-    counts = {"train": _check_int(w, "train", train, 1), "val": _check_int(w, "val", val, 1),
-              "test": _check_int(w, "test", test, 1)}
-    _check_int(w, "captions_per_image", captions_per_image, 1)
-    _check_int(w, "train_captions_per_image", train_captions_per_image, 1)
-    _check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    _check_int(w, "seed", seed, -(2 ** 63))
+    counts = {"train": check_int(w, "train", train, 1), "val": check_int(w, "val", val, 1),
+              "test": check_int(w, "test", test, 1)}
+    check_int(w, "captions_per_image", captions_per_image, 1)
+    check_int(w, "train_captions_per_image", train_captions_per_image, 1)
+    check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    check_int(w, "seed", seed, -(2 ** 63))
     settings = {"format": "upop-shapes-retrieval", "version": VERSION, "seed": seed, "image_size": image_size,
                 **counts, "captions_per_image": captions_per_image,
                 "train_captions_per_image": train_captions_per_image}
@@ -226,14 +226,14 @@ def write_retrieval(out_dir, *, train: int = 2000, val: int = 200, test: int = 2
     summary = {"out_dir": str(out), "reused": False, "settings": settings,
                "splits": {s: {"images": c, "captions": c * per_split[s], "annotation": str(out / f"{s}.json")}
                           for s, c in counts.items()}}
-    if _complete(out, settings, counts):
+    if is_complete_dataset(out, settings, counts):
         return {**summary, "reused": True}
     (out / "images").mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)  # an interrupted rewrite must never look complete
     for split, count in counts.items():
         entries: list[dict] = []
         for i in range(count):
-            rng = _scene_rng(seed, split, i)
+            rng = scene_rng(seed, split, i)
             scene = make_scene(rng)
             caps = captions(scene, rng, per_split[split])
             rel = f"images/{split}_{i:05d}.png"
@@ -243,12 +243,12 @@ def write_retrieval(out_dir, *, train: int = 2000, val: int = 200, test: int = 2
             else:
                 entries.append({"image": rel, "caption": caps})
         atomic_write_json(out / f"{split}.json", entries)
-    _remove_stale_images(out / "images", counts)
+    remove_stale_images(out / "images", counts)
     atomic_write_json(meta, settings)
     return summary
 
 
-def _complete(out: Path, settings: dict, counts: dict[str, int]) -> bool:
+def is_complete_dataset(out: Path, settings: dict, counts: dict[str, int]) -> bool:
     """True if ``out`` holds a finished dataset written with exactly ``settings``."""
     try:
         old = json.loads((out / "shapes.json").read_text(encoding="utf-8"))
@@ -261,7 +261,7 @@ def _complete(out: Path, settings: dict, counts: dict[str, int]) -> bool:
                for split, count in counts.items())
 
 
-def _remove_stale_images(images_dir: Path, counts: dict[str, int]) -> None:
+def remove_stale_images(images_dir: Path, counts: dict[str, int]) -> None:
     """Delete generator images left by an earlier, larger run (``{split}_{i}.png`` with i >= count)."""
     pattern = re.compile(r"^(train|val|test)_(\d{5,})\.png$")
     for p in images_dir.iterdir():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ConfigError, show
+from upop.errors import ConfigError, show
 
 VERSION = 1
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
@@ -146,7 +146,7 @@ def _shape_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[float
     raise ConfigError(f"shape kind {kind!r} is unknown (allowed: {', '.join(KINDS)})")
 
 
-def _check_int(where: str, name: str, value, lo: int, hi: int | None = None) -> int:
+def check_int(where: str, name: str, value, lo: int, hi: int | None = None) -> int:
     """Return ``value`` if it is an int in [lo, hi], else raise a one-line ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
@@ -155,7 +155,7 @@ def _check_int(where: str, name: str, value, lo: int, hi: int | None = None) -> 
 
 
 def _check_scene(scene: Scene, image_size: int) -> None:
-    _check_int("render", "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    check_int("render", "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     for i, o in enumerate(scene.objects):
         if o.kind not in KINDS or o.colour not in COLOURS or o.size not in SIZES:
             raise ConfigError(f"scene object {i} has kind={o.kind!r} colour={o.colour!r} size={o.size!r} "

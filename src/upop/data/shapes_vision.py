@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError
-from .shapes import (
+from upop.errors import ConfigError
+from upop.data.shapes import (
     KINDS,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     VERSION,
     Scene,
-    _check_int,
+    check_int,
     _place,
-    _scene_rng,
+    scene_rng,
     atomic_save_png,
     atomic_write_json,
     make_scene,
@@ -77,10 +77,10 @@ def classification_scene(rng, label: int) -> Scene:
 
 
 def _check_counts(where: str, train, val, test, image_size, seed) -> dict[str, int]:
-    counts = {"train": _check_int(where, "train", train, 1), "val": _check_int(where, "val", val, 1),
-              "test": _check_int(where, "test", test, 1)}
-    _check_int(where, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    _check_int(where, "seed", seed, -(2 ** 63))
+    counts = {"train": check_int(where, "train", train, 1), "val": check_int(where, "val", val, 1),
+              "test": check_int(where, "test", test, 1)}
+    check_int(where, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    check_int(where, "seed", seed, -(2 ** 63))
     return counts
 
 
@@ -120,7 +120,7 @@ def write_classification(out_dir, *, train: int = 2000, val: int = 200, test: in
     where = "write_classification"
     counts = _check_counts(where, train, val, test, image_size, seed)
     for split, count in counts.items():  # an empty class folder is refused by the reader
-        _check_int(where, split, count, len(CLASSIFICATION_CLASSES))
+        check_int(where, split, count, len(CLASSIFICATION_CLASSES))
     names = [class_name(c, k) for c, k in CLASSIFICATION_CLASSES]
     settings = {"format": "upop-shapes-classification", "version": VERSION, "seed": seed, "image_size": image_size,
                 **counts, "classes": sorted(names)}
@@ -136,7 +136,7 @@ def write_classification(out_dir, *, train: int = 2000, val: int = 200, test: in
         for name in names:
             (out / split / name).mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(paths):
-            scene = classification_scene(_scene_rng(seed, f"classification-{split}", i), i % len(names))
+            scene = classification_scene(scene_rng(seed, f"classification-{split}", i), i % len(names))
             atomic_save_png(render(scene, image_size), path)
     _remove_stale([out / s / n for s in counts for n in names], set(expected))
     atomic_write_json(out / "shapes.json", settings)
@@ -178,7 +178,7 @@ def write_segmentation(out_dir, *, train: int = 2000, val: int = 200, test: int 
         for kind in ("images", "annotations"):
             (out / kind / ADE_SPLITS[split]).mkdir(parents=True, exist_ok=True)
         for i, (image_path, ann_path) in enumerate(ps):
-            scene = make_scene(_scene_rng(seed, f"segmentation-{split}", i))
+            scene = make_scene(scene_rng(seed, f"segmentation-{split}", i))
             image, mask = render_with_mask(scene, image_size)
             atomic_save_png(image, image_path)
             atomic_save_png(Image.fromarray(annotation_map(scene, mask), mode="L"), ann_path)

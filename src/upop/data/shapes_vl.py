@@ -22,9 +22,9 @@ import json
 import random
 from pathlib import Path
 
-from ..errors import ConfigError
-from .shapes import (COLOURS, KINDS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, VERSION, Scene, _check_int, _complete,
-                     _remove_stale_images, _scene_rng, atomic_save_png, atomic_write_json, make_scene, render,
+from upop.errors import ConfigError
+from upop.data.shapes import (COLOURS, KINDS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, VERSION, Scene, check_int, is_complete_dataset,
+                     remove_stale_images, scene_rng, atomic_save_png, atomic_write_json, make_scene, render,
                      write_retrieval)
 
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -107,10 +107,10 @@ def nlvr_example(rng: random.Random, truth: bool) -> tuple[str, tuple[Scene, Sce
 
 
 def _start(w: str, out_dir, train, val, test, image_size, seed) -> tuple[Path, dict[str, int]]:
-    counts = {"train": _check_int(w, "train", train, 1), "val": _check_int(w, "val", val, 1),
-              "test": _check_int(w, "test", test, 1)}
-    _check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    _check_int(w, "seed", seed, -(2 ** 63))
+    counts = {"train": check_int(w, "train", train, 1), "val": check_int(w, "val", val, 1),
+              "test": check_int(w, "test", test, 1)}
+    check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    check_int(w, "seed", seed, -(2 ** 63))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{w}: out_dir {out} exists and is not a directory")
@@ -125,18 +125,18 @@ def write_vqa(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, im
     "settings", "splits": {split: {"images", "questions", "annotation"}}}``.
     """
     out, counts = _start("write_vqa", out_dir, train, val, test, image_size, seed)
-    _check_int("write_vqa", "questions_per_image", questions_per_image, 1)
+    check_int("write_vqa", "questions_per_image", questions_per_image, 1)
     settings = {"format": "upop-shapes-vqa", "version": VERSION, "writer_version": 2, "seed": seed, "image_size": image_size, **counts,
                 "questions_per_image": questions_per_image}
     summary = {"out_dir": str(out), "reused": True, "settings": settings, "splits": {}}
-    if not _complete(out, settings, counts):
+    if not is_complete_dataset(out, settings, counts):
         summary["reused"] = False
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "shapes.json").unlink(missing_ok=True)
         for split, count in counts.items():
             entries = []
             for i in range(count):
-                rng = _scene_rng(seed, f"vqa-{split}", i)
+                rng = scene_rng(seed, f"vqa-{split}", i)
                 scene = make_scene(rng)
                 rel = f"images/{split}_{i:05d}.png"
                 atomic_save_png(render(scene, image_size), out / rel)
@@ -144,7 +144,7 @@ def write_vqa(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, im
                     entries.append({"question_id": f"{split}_{i:05d}_{j}", "image": rel, "question": q,
                                     "answer": [a] * N_ANNOTATORS})
             atomic_write_json(out / f"{split}.json", entries)
-        _remove_stale_images(out / "images", counts)
+        remove_stale_images(out / "images", counts)
         atomic_write_json(out / "shapes.json", settings)
     for split, count in counts.items():
         n_q = len(json.loads((out / f"{split}.json").read_text(encoding="utf-8")))
@@ -162,7 +162,7 @@ def write_nlvr(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, i
     out, counts = _start("write_nlvr", out_dir, train, val, test, image_size, seed)
     settings = {"format": "upop-shapes-nlvr", "version": VERSION, "writer_version": 2, "seed": seed, "image_size": image_size, **counts}
     images = {s: 2 * c for s, c in counts.items()}
-    summary = {"out_dir": str(out), "reused": _complete(out, settings, images), "settings": settings,
+    summary = {"out_dir": str(out), "reused": is_complete_dataset(out, settings, images), "settings": settings,
                "splits": {s: {"images": 2 * c, "pairs": c, "true": (c + 1) // 2, "annotation": str(out / f"{s}.json")}
                           for s, c in counts.items()}}
     if summary["reused"]:
@@ -172,7 +172,7 @@ def write_nlvr(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, i
     for split, count in counts.items():
         entries = []
         for p in range(count):
-            rng = _scene_rng(seed, f"nlvr-{split}", p)
+            rng = scene_rng(seed, f"nlvr-{split}", p)
             truth = p % 2 == 0
             sentence, scenes = nlvr_example(rng, truth)
             rels = [f"images/{split}_{2 * p + k:05d}.png" for k in (0, 1)]
@@ -180,7 +180,7 @@ def write_nlvr(out_dir, *, train: int = 2000, val: int = 200, test: int = 200, i
                 atomic_save_png(render(scene, image_size), out / rel)
             entries.append({"images": rels, "sentence": sentence, "label": "True" if truth else "False"})
         atomic_write_json(out / f"{split}.json", entries)
-    _remove_stale_images(out / "images", images)
+    remove_stale_images(out / "images", images)
     atomic_write_json(out / "shapes.json", settings)
     return summary
 

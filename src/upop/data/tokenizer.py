@@ -18,8 +18,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import ConfigError
-from .shapes import VOCABULARY
+from upop.errors import ConfigError
+from upop.data.shapes import VOCABULARY
 
 SPECIAL_TOKENS: list[str] = ["<pad>", "<unk>", "<bos>", "<eos>", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 SPECIAL_IDS: dict[str, int] = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}

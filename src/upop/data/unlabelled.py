@@ -33,9 +33,9 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError, show
-from ._problems import report
-from .images import load_rgb_image
+from upop.errors import ConfigError, DataError, show
+from upop.data._problems import report
+from upop.data.images import load_rgb_image
 
 IMAGE_DIR = "images"
 TEXT_FILE = "texts.txt"
@@ -293,12 +293,12 @@ def write_unlabelled(out_dir, *, train: int = 2000, val: int = 200, test: int = 
     ``texts.txt`` (one caption of each scene), ``train + val + test`` of each; the counts only
     size the set (the splits are made from the file names, see :func:`assign_splits`).
     Returns ``{"out_dir", "settings", "splits": {split: {"images", "texts"}}}``."""
-    from .shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, _check_int, atomic_save_png, captions, make_scene, render
+    from upop.data.shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_int, atomic_save_png, captions, make_scene, render
 
     w = "write_unlabelled"
-    total = sum(_check_int(w, name, n, 1) for name, n in (("train", train), ("val", val), ("test", test)))
-    _check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    _check_int(w, "seed", seed, -(2 ** 63))
+    total = sum(check_int(w, name, n, 1) for name, n in (("train", train), ("val", val), ("test", test)))
+    check_int(w, "image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    check_int(w, "seed", seed, -(2 ** 63))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{w}: out_dir {show(out)} exists and is not a directory")

@@ -32,10 +32,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError, show
-from ._problems import collect, require_fields
-from .images import load_rgb_image
-from .retrieval import ANNOTATION_DIRS, _parts, _read_json, check_images_exist
+from upop.errors import ConfigError, DataError, show
+from upop.data._problems import collect, require_fields
+from upop.data.images import load_rgb_image
+from upop.data.retrieval import ANNOTATION_DIRS, processor_parts, read_json, check_images_exist
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _official_question(qpath: Path, apath: Path, i: int, q, answers: dict[str, l
 
 def _official_entries(qpath: Path, apath: Path, root: Path, pattern: str,
                       problems: list[str] | None = None) -> list[VQAItem]:
-    qdata, adata = _read_json(qpath), _read_json(apath)
+    qdata, adata = read_json(qpath), read_json(apath)
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
         raise DataError(f"annotation file {show(qpath)}: no 'questions' list at the top level (need the VQAv2 "
                         "layout)")
@@ -154,7 +154,7 @@ def load_vqa_split(data_dir, split: str, image_root=None, image_pattern: str | N
         for name in (f"{split}.json", f"vqa_{split}.json", f"vqa_{split}2014.json"):
             if (folder / name).is_file():
                 path = folder / name
-                items = _blip_entries(path, _read_json(path), root, problems)
+                items = _blip_entries(path, read_json(path), root, problems)
                 break
         if items is not None:
             break
@@ -245,7 +245,7 @@ class VQACollator:
     ``answer_mask``: plain tokenizer output; the task turns them into BLIP decoder inputs)."""
 
     def __init__(self, processor, seed: int = 0, max_length: int = 32):
-        self.image_processor, self.tokenizer = _parts(processor)
+        self.image_processor, self.tokenizer = processor_parts(processor)
         self.seed, self.epoch, self.max_length = seed, 0, max_length
 
     def set_epoch(self, epoch: int) -> None:

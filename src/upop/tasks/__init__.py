@@ -6,10 +6,10 @@ from importlib import import_module
 
 from typing import TYPE_CHECKING
 
-from ..errors import TaskError
+from upop.errors import TaskError
 
 if TYPE_CHECKING:
-    from .base import Task
+    from upop.tasks.base import Task
 
 TASKS: dict[str, str] = {
     "retrieval": "upop.tasks.retrieval:RetrievalTask",
@@ -24,7 +24,7 @@ TASKS: dict[str, str] = {
 
 def get_task(name: str | Task) -> Task:
     """The task called ``name`` (or ``name`` itself if it is already a Task)."""
-    from .base import Task
+    from upop.tasks.base import Task
 
     if isinstance(name, Task):
         return name
@@ -36,7 +36,7 @@ def get_task(name: str | Task) -> Task:
 
 def __getattr__(name: str):
     if name == "Task":  # imported on first use: the CLI's parser reads TASKS without torch
-        from .base import Task
+        from upop.tasks.base import Task
 
         return Task
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

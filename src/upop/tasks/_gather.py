@@ -1,7 +1,7 @@
 """All-gathers for the global-batch contrastive losses (CLIP InfoNCE, BLIP ITC and ITM).
 
 Under N processes each one holds the ``rank``-th contiguous slice of the global batch
-(:func:`upop.train.batch_indices`), so tensors gathered in rank order are laid out like the
+(:func:`upop.engine.run.batch_indices`), so tensors gathered in rank order are laid out like the
 batch of one process at N times the batch size. The losses use these helpers so that N x B
 trains like 1 x N*B:
 
@@ -9,7 +9,7 @@ trains like 1 x N*B:
 * :func:`gather_with_grad` sends the gradient of every gathered slice back to the process that
   owns it, summed over the N processes (each holds the same global loss, so the owner receives
   N times d(loss)/d(its tensor));
-* DistributedDataParallel (and :meth:`upop.masks.Masks.accumulate_grads`) average the gradients
+* DistributedDataParallel (and :meth:`upop.pruning.masks.Masks.accumulate_grads`) average the gradients
   over the N processes, which divides that factor N away: the result is d(global loss)/d(theta).
   A parameter used directly in the global loss on every process (CLIP's ``logit_scale``) gets
   d(loss)/d(theta) on each, and the average leaves it unchanged.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from upop.errors import ConfigError
 
 
 def world() -> tuple[int, int]:

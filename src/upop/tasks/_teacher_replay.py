@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from ..data.retrieval import RetrievalDataset, RetrievalPairs
-from ._blip import unwrap
-from ._gather import gather, world
+from upop.data.retrieval import RetrievalDataset, RetrievalPairs
+from upop.tasks._blip import unwrap
+from upop.tasks._gather import gather, world
 
 
 #: the largest teacher table a process builds (host memory); a larger training set keeps the

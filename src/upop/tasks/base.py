@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TaskError
+from upop.errors import TaskError
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -23,7 +23,7 @@ class _RegisteredClasses:
     (:func:`upop.arch.classes_for`), on the class and on its instances alike."""
 
     def __get__(self, obj, owner) -> tuple[str, ...]:
-        from ..arch import classes_for
+        from upop.arch import classes_for
 
         return classes_for(owner.name)
 

@@ -38,12 +38,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import distill
-from ..data.retrieval import RetrievalCollator
-from ._blip import encoder_ids, through_wrapper, unwrap
-from ._recall import METRICS, recall_at_k
-from ._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to
-from ._shard import evaluating, map_batches
+from upop.distill import distiller as distill
+from upop.data.retrieval import RetrievalCollator
+from upop.tasks._blip import encoder_ids, through_wrapper, unwrap
+from upop.tasks._recall import METRICS, recall_at_k
+from upop.tasks._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to
+from upop.tasks._shard import evaluating, map_batches
 
 ITC_TEMPERATURE = 0.07
 ITM_K_LARGE, ITM_K_SMALL, LARGE_TEST = 256, 128, 2000

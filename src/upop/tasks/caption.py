@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.retrieval import RetrievalCollator, _parts
-from .. import distill
-from ._blip import decoder_inputs, generate_texts
-from ._shard import evaluating, map_batches
-from .base import Task
-from .caption_metrics import bleu, cider_d
-from .retrieval import RetrievalTask
+from upop.data.retrieval import RetrievalCollator, processor_parts
+from upop.distill import distiller as distill
+from upop.tasks._blip import decoder_inputs, generate_texts
+from upop.tasks._shard import evaluating, map_batches
+from upop.tasks.base import Task
+from upop.tasks.caption_metrics import bleu, cider_d
+from upop.tasks.retrieval import RetrievalTask
 
 
 class CaptionTask(Task):
@@ -59,7 +59,7 @@ class CaptionTask(Task):
     def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:
         """A generated caption (without the prompt) for every image of ``dataset``, in order."""
         collate = self.collator(processor)
-        _, tokenizer = _parts(processor)
+        _, tokenizer = processor_parts(processor)
         device = next(model.parameters()).device
 
         def run(lo: int, hi: int) -> list[str]:

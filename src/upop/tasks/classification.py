@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distill
-from ..data.augment import AUGMENT_CHOICES, soft_targets
-from ..data.augment_batch import augment_batch
-from ..data.imagefolder import ImageClassificationCollator, load_imagefolder
-from ..data.labels import align_classes
-from ..errors import DataError, show
-from ._shard import evaluating, map_batches
-from .base import Task, unwrap
+from upop.distill import distiller as distill
+from upop.data.augment import AUGMENT_CHOICES, soft_targets
+from upop.data.augment_batch import augment_batch
+from upop.data.imagefolder import ImageClassificationCollator, load_imagefolder
+from upop.data.labels import align_classes
+from upop.errors import DataError, show
+from upop.tasks._shard import evaluating, map_batches
+from upop.tasks.base import Task, unwrap
 
 WITH_TEACHER = "DeiTForImageClassificationWithTeacher"
 

@@ -1,7 +1,7 @@
 """Label-free compression (``--task distill``): the pruned model learns to agree with the dense one.
 
 The data is unlabelled (:mod:`upop.data.unlabelled`: images and/or sentences). The teacher is
-the frozen dense model (:func:`upop.distill.make_teacher`), handed over by the run through
+the frozen dense model (:func:`upop.distill.distiller.make_teacher`), handed over by the run through
 :meth:`DistillTask.set_teacher` before the dense baseline is measured. Each training batch goes
 through the student and, under ``torch.no_grad``, through the teacher; the loss is
 
@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import model_class_info
-from ..data.unlabelled import IMAGE_KEYS, UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
-from ..distill import kl_logits
-from ..errors import ConfigError, TaskError, show
-from ._shard import evaluating, map_batches
-from .base import Task, unwrap
+from upop.arch import model_class_info
+from upop.data.unlabelled import IMAGE_KEYS, UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
+from upop.distill.distiller import kl_logits
+from upop.errors import ConfigError, TaskError, show
+from upop.tasks._shard import evaluating, map_batches
+from upop.tasks.base import Task, unwrap
 
 #: logits over the positions of the sentence (question-answering spans), not over classes
 POSITION_LOGITS = ("start_logits", "end_logits")
@@ -186,13 +186,13 @@ class DistillTask(Task):
     def configure(self, config) -> "DistillTask":
         """Refuse the run-level ``distill`` option: this task's loss already is the distillation."""
         mode = getattr(config, "distill", "none")
-        if mode not in ("none", "auto"):  # auto: none for this task (upop.distill.resolve)
+        if mode not in ("none", "auto"):  # auto: none for this task (upop.distill.distiller.resolve)
             raise ConfigError(f"distill={show(mode)} does not apply to task 'distill', whose loss already is "
                               "agreement with the dense teacher; leave distill at 'auto' or 'none'")
         return super().configure(config)
 
     def set_teacher(self, teacher: nn.Module) -> None:
-        """The frozen dense model every output is compared with (:func:`upop.distill.make_teacher`)."""
+        """The frozen dense model every output is compared with (:func:`upop.distill.distiller.make_teacher`)."""
         self.teacher, self._cache = teacher, None
 
     @torch.no_grad()
@@ -206,7 +206,7 @@ class DistillTask(Task):
         instead of a teacher forward per step. Image and text models keep the forward (their
         targets include every token's state), and so does a training set whose table would pass
         :data:`._teacher_replay.CACHE_LIMIT_BYTES`. Returns whether the table was built."""
-        from . import _teacher_replay
+        from upop.tasks import _teacher_replay
 
         teacher, self._cache = self._teacher(), None
         if kind(teacher) != "paired":
@@ -244,7 +244,7 @@ class DistillTask(Task):
     def _teacher(self) -> nn.Module:
         if self.teacher is None:
             raise TaskError("task 'distill' compares the model with its dense teacher, and none is set (a run sets "
-                            "it; from Python call task.set_teacher(upop.distill.make_teacher(dense_model)))")
+                            "it; from Python call task.set_teacher(upop.distill.distiller.make_teacher(dense_model)))")
         return self.teacher
 
     def check_model(self, model: nn.Module) -> None:

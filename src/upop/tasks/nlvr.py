@@ -1,4 +1,4 @@
-"""NLVR2 (two images, one statement, true/false) with :class:`upop.blip_nlvr.BlipForNLVR`.
+"""NLVR2 (two images, one statement, true/false) with :class:`upop.models.blip_nlvr.BlipForNLVR`.
 
 Loss: cross-entropy of the two-class head. Evaluation: ``accuracy`` in percent (main metric).
 """
@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import distill
-from ..data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
-from ._shard import evaluating, map_batches
-from .base import Task
+from upop.distill import distiller as distill
+from upop.data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
+from upop.tasks._shard import evaluating, map_batches
+from upop.tasks.base import Task
 
 
 class NLVRTask(Task):

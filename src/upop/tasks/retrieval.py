@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import distill
-from ..data.retrieval import RetrievalDataset, RetrievalPairs, load_retrieval_split
-from ..arch import CLASSES
-from . import blip_retrieval, siglip_retrieval
-from ._blip import unwrap
-from ._recall import METRICS, embed_split, recall_at_k
-from ._gather import batch_shapes, gather, gather_with_grad, world
-from .base import Task
+from upop.distill import distiller as distill
+from upop.data.retrieval import RetrievalDataset, RetrievalPairs, load_retrieval_split
+from upop.arch import CLASSES
+from upop.tasks import blip_retrieval, siglip_retrieval
+from upop.tasks._blip import unwrap
+from upop.tasks._recall import METRICS, embed_split, recall_at_k
+from upop.tasks._gather import batch_shapes, gather, gather_with_grad, world
+from upop.tasks.base import Task
 
 #: the modules of the retrieval variants a family may name (``ModelClass.retrieval``)
 _VARIANT_MODULES = {"blip": blip_retrieval, "siglip": siglip_retrieval}
@@ -77,7 +77,7 @@ class RetrievalTask(Task):
     def teacher_replay(self, teacher, train, processor, batch_size: int = 64, accelerator=None):
         """A builder of the teacher's per-step similarities from embeddings computed once, or None
         where the teacher must run each step (captions behind a prompt): :mod:`._teacher_replay`."""
-        from ._teacher_replay import clip_affinity, retrieval_replay
+        from upop.tasks._teacher_replay import clip_affinity, retrieval_replay
 
         variant = _variant(teacher)
         embed = self.embed if variant is None else variant.embed

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .. import distill
-from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
-from ..data.augment import AUGMENT_CHOICES, normalize
-from ..data.labels import align_classes
-from ..errors import DataError, show
-from ._shard import evaluating, map_batches
-from .base import Task, unwrap
+from upop.distill import distiller as distill
+from upop.data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
+from upop.data.augment import AUGMENT_CHOICES, normalize
+from upop.data.labels import align_classes
+from upop.errors import DataError, show
+from upop.tasks._shard import evaluating, map_batches
+from upop.tasks.base import Task, unwrap
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,

@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import distill
-from ..data.retrieval import RetrievalCollator, _parts
-from ..errors import ConfigError
-from ._blip import unwrap
-from ._gather import batch_shapes, gather, gather_with_grad, world
-from ._recall import embed_split, recall_at_k
+from upop.distill import distiller as distill
+from upop.data.retrieval import RetrievalCollator, processor_parts
+from upop.errors import ConfigError
+from upop.tasks._blip import unwrap
+from upop.tasks._gather import batch_shapes, gather, gather_with_grad, world
+from upop.tasks._recall import embed_split, recall_at_k
 
 #: the image inputs of a NaFlex (SigLIP2) vision tower besides ``pixel_values``
 NAFLEX_KEYS = ("pixel_attention_mask", "spatial_shapes")
@@ -54,7 +54,7 @@ def is_naflex(processor) -> bool:
     """Whether ``processor``'s image processor (of a processor, an ``(image_processor, tokenizer)``
     pair or a dict of both) is NaFlex: it returns ``spatial_shapes``."""
     try:
-        image_processor = _parts(processor)[0]
+        image_processor = processor_parts(processor)[0]
     except ConfigError:
         return False
     return "spatial_shapes" in (getattr(image_processor, "model_input_names", None) or ())

@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.retrieval import _parts
-from ..data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, load_answer_list,
+from upop.data.retrieval import processor_parts
+from upop.data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, load_answer_list,
                         load_vqa_split)
-from ..errors import ConfigError, DataError, show
-from .. import distill
-from ._blip import decoder_inputs, encoder_ids, generate_texts, unwrap
-from ._shard import evaluating, map_batches
-from .base import Task
-from .vqa_metrics import vqa_accuracy
-from .vqa_rank import encode_candidates, question_states, rank_answers
+from upop.errors import ConfigError, DataError, show
+from upop.distill import distiller as distill
+from upop.tasks._blip import decoder_inputs, encoder_ids, generate_texts, unwrap
+from upop.tasks._shard import evaluating, map_batches
+from upop.tasks.base import Task
+from upop.tasks.vqa_metrics import vqa_accuracy
+from upop.tasks.vqa_rank import encode_candidates, question_states, rank_answers
 
 
 class VQATask(Task):
@@ -109,7 +109,7 @@ class VQATask(Task):
                               "(vqa_inference=rank), set answer_list, or use vqa_inference=generate")
         m = unwrap(model)
         device = next(m.parameters()).device
-        cand_ids, cand_mask = (t.to(device) for t in encode_candidates(_parts(processor)[1], candidates, m))
+        cand_ids, cand_mask = (t.to(device) for t in encode_candidates(processor_parts(processor)[1], candidates, m))
 
         def answer(pixel_values, input_ids, attention_mask) -> list[str]:
             states = question_states(m, pixel_values, input_ids, attention_mask)
@@ -120,7 +120,7 @@ class VQATask(Task):
 
     @torch.no_grad()
     def _generate(self, model, dataset, processor, batch_size: int, accelerator) -> list[str]:
-        tokenizer = _parts(processor)[1]
+        tokenizer = processor_parts(processor)[1]
 
         def answer(pixel_values, input_ids, attention_mask) -> list[str]:
             return generate_texts(model, tokenizer, self.max_answer_tokens, pixel_values=pixel_values,
@@ -137,7 +137,7 @@ class VQATask(Task):
         length: no padding, the same answers as one question at a time.
         """
         collate = self.collator(processor)
-        _, tokenizer = _parts(processor)
+        _, tokenizer = processor_parts(processor)
         device = next(model.parameters()).device
         lengths = [len(tokenizer(it.question)["input_ids"]) for it in dataset.items]
         order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))

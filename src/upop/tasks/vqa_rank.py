@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blip import decoder_inputs, encoder_ids
+from upop.tasks._blip import decoder_inputs, encoder_ids
 
 LOGIT_BUDGET = 2 ** 26
 """Most decoder logits (rows x tokens x vocabulary) computed in one call when scoring candidates."""

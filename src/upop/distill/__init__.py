@@ -1,0 +1,1 @@
+"""Distillation from the dense model during search and retraining (``--distill``)."""

@@ -1,0 +1,222 @@
+"""The phases of a :class:`upop.engine.run.Run` on the one step loop (:mod:`upop.engine.loop`).
+
+- :func:`search_phase`: the weights train at a constant learning rate with
+  :class:`~upop.engine.callback.UPopCallback` on the loop (masks searched, METHOD §2), then the model is
+  pruned (METHOD §3);
+- :func:`retrain_phase`: fresh AdamW with a cosine schedule; :class:`_Validate` evaluates after
+  every epoch and saves the best model to ``OUT/compressed``.
+
+Both save the run state every ``checkpoint_every`` steps, and on a stop request at the step
+boundary (:class:`_Checkpoints`); ``run`` supplies the devices, the forward that agrees across
+processes, the logs and the state files.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from upop.arch import find_groups
+from upop.engine.callback import UPopCallback
+from upop.checkpoint.folder import save_compressed
+from upop.engine.loop import LoopCallback, StepLoop, cosine
+from upop.pruning.masks import attach_masks
+from upop.pruning.prune import PruningPlan, apply_plan
+from upop.engine.runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, evaluating, release_host_memory,
+                      seed_everything)
+from upop.search.mask_search import UPopSearch
+
+
+class _Checkpoints(LoopCallback):
+    """Save the run state every ``checkpoint_every`` steps (and when ``also(done)``), stop at a
+    step boundary when asked, and count the step for ``stop_after``."""
+
+    def __init__(self, run, phase: str, total: int, save: Callable[[int], None],
+                 also: Callable[[int], bool] = lambda done: False, last: bool = False):
+        self.run, self.phase, self.total, self.save, self.also, self.last = run, phase, total, save, also, last
+
+    def step_end(self, done: int, stop: bool) -> None:
+        every = done % self.run.config.checkpoint_every == 0
+        if (every and (self.last or done < self.total)) or self.also(done):
+            self.save(done)
+        self.run.after_step(stop, self.phase, done, self.total, lambda: self.save(done))
+        self.run.tick()
+
+
+def _loop(run, phase: str, wrapped, optimizer, callbacks, scheduler=None) -> StepLoop:
+    """The step loop of ``run``'s ``phase``: its forward agrees across processes, backward and
+    clipping are the Accelerator's, records go to ``log.jsonl``."""
+    acc, cfg = run.acc, run.config
+    clip = (lambda: acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else None
+    return StepLoop(phase, wrapped, optimizer, run.task_loss, scheduler=scheduler, callbacks=callbacks,
+                    forward=lambda compute, step: run.forward(compute, phase, step), backward=acc.backward,
+                    clip=clip, record=run.record)
+
+
+def search_phase(run, state: dict | None) -> PruningPlan:
+    """The search (from ``state`` when resuming), then the prune; returns the plan."""
+    cfg, model, acc = run.config, run.model, run.acc
+    # text length of this data sets the FLOPs cost of text units (vision: from the config)
+    groups = find_groups(model, text_tokens=run.task.text_tokens(run.processor, run.train_set),
+                         granularity=cfg.granularity)
+    model.to(acc.device)
+    masks = attach_masks(model, groups)
+    search = UPopSearch(masks, cfg.ratio, run.search_steps, run.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
+                        round_to=run.round_to, allocation=cfg.allocation, score=cfg.score,
+                        ranking=None if cfg.ranking == "auto" else cfg.ranking,
+                        unit_costs=run.latency_costs(model, groups) if cfg.cost == "latency" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        search.load_state_dict(state["search"])
+        start = state["step"]
+        run.log(f"resuming the search at step {start}/{run.search_steps}")
+    else:
+        seed_everything(cfg.seed, acc.process_index)
+    wrapped, optimizer = run.prepare(model, optimizer, "search", start, run.search_steps)
+    masks.to(acc.device)
+    if state is not None:
+        run.load_scaler(state)
+        run.restore_rng(state)
+    wrapped.train()
+    run.record({**device_record("search", model, cfg.precision), "round_to": run.round_to,
+              "round_to_why": run.round_to_why})
+    clock = PhaseClock("search", acc.device)
+
+    def grad_scale() -> tuple[float, bool]:
+        scaler = getattr(acc, "scaler", None)
+        return (scaler.get_scale(), True) if scaler is not None else (1.0, False)
+
+    upop = UPopCallback(masks, search, grad_scale, identical=run.identical if acc.num_processes > 1 else None)
+
+    def save(done: int) -> None:
+        run.save_state({"phase": "search", "step": done, "model": acc.unwrap_model(wrapped).state_dict(),
+                         "optimizer": optimizer.state_dict(), "search": upop.state_dict(),
+                         "scaler": run.scaler_state()})
+
+    bar = run.bar(run.search_steps, start, "search")
+    upop.bar = bar
+    loop = _loop(run, "search", wrapped, optimizer, [upop, _Checkpoints(run, "search", run.search_steps, save)])
+    run.run_loop(loop, "search", start, run.search_steps, bar)
+    clock.steps = run.search_steps - start
+    run.record(clock.record())
+    model = acc.unwrap_model(wrapped)
+    # the search's optimizer (2x the weights in fp32) and Accelerate's references to it and
+    # to the wrapper are released before retraining builds its own
+    wrapped = optimizer = loop = None  # noqa: F841 (dropped references)
+    acc.free_memory()
+    run.check_same_weights(model, "search", run.search_steps)
+    plan = upop.prune(model, base_model=run.base_model,
+                      settings={"search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": run.task.name})
+    run.check_same_plan(plan)
+    release_host_memory()  # the search's optimizer and the sliced-away weights
+    run.model = model
+    run.log(f"pruned: removed {plan.achieved_ratio['params']:.1%} of prunable params, "
+            f"{plan.achieved_ratio['flops']:.1%} of prunable FLOPs")
+    run.save_state({"phase": "retrain", "step": 0, "plan": plan.to_dict(), "model": model.state_dict(),
+                     "best": None, "best_metrics": {}, "history": []})
+    run.tick()  # pruning counts as one step for stop_after
+    return plan
+
+
+class _Validate(LoopCallback):
+    """Retraining: the bar's loss; after every epoch (and the last step) evaluate on validation
+    and save the best model to ``OUT/compressed``."""
+
+    def __init__(self, run, wrapped, plan: PruningPlan, compressed_dir, bar, best, best_metrics, history):
+        self.run, self.wrapped, self.plan, self.dir, self.bar = run, wrapped, plan, compressed_dir, bar
+        self.best, self.best_metrics, self.history = best, best_metrics, history
+
+    def after_step(self, step: int, record: dict) -> None:
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def step_end(self, done: int, stop: bool) -> None:
+        run, cfg = self.run, self.run.config
+        if not (done % run.spe == 0 or done == run.retrain_steps):
+            return
+        model = run.acc.unwrap_model(self.wrapped)
+        run.check_same_weights(model, "retrain", done)
+        with evaluating(model, run.acc.device, cfg.eval_precision):
+            metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=run.acc)
+        value = metrics[run.task.main_metric]
+        self.history.append({"step": done, **metrics})
+        run.record({"phase": "val", "step": done, "eval_precision": cfg.eval_precision, **metrics})
+        if self.best is None or value > self.best:
+            self.best, self.best_metrics = value, metrics
+            if run.acc.is_main_process:
+                with disk_full_guard(self.dir, run.state_dir):
+                    save_compressed(model, self.dir, processor=run.processor, plan=self.plan)
+
+
+def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
+    """Retrain the pruned model (from ``state`` when resuming); returns the plan, the best
+    validation metrics and their history."""
+    cfg, model, acc = run.config, run.model, run.acc
+    if state is not None:  # rebuild the pruned shape from the dense model, then load
+        if getattr(model, "upop_plan", None) is None:
+            apply_plan(model, plan)
+        model.load_state_dict(state["model"])
+    model.to(acc.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.retrain_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(max(1, run.retrain_steps)))
+    start, best, best_metrics, history = 0, None, {}, []
+    if state is not None:
+        start = state["step"]
+        best, best_metrics, history = state["best"], state["best_metrics"], state["history"]
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        if start:
+            run.log(f"resuming the retraining at step {start}/{run.retrain_steps}")
+    compressed_dir = run.out / "compressed"
+    wrapped, optimizer = run.prepare(model, optimizer, "retrain", start, run.retrain_steps)
+    if state is not None:
+        run.load_scaler(state)
+        run.restore_rng(state)
+    wrapped.train()
+    run.record(device_record("retrain", model, cfg.precision))
+    clock = PhaseClock("retrain", acc.device)
+    bar = run.bar(run.retrain_steps, start, "retrain")
+    val = _Validate(run, wrapped, plan, compressed_dir, bar, best, best_metrics, history)
+
+    def save(done: int) -> None:
+        run.save_state({"phase": "retrain", "step": done, "plan": plan.to_dict(),
+                         "model": acc.unwrap_model(wrapped).state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": run.scaler_state(),
+                         "best": val.best, "best_metrics": val.best_metrics, "history": val.history})
+
+    checkpoints = _Checkpoints(run, "retrain", run.retrain_steps, save, also=lambda done: done % run.spe == 0, last=True)
+    loop = _loop(run, "retrain", wrapped, optimizer, [val, checkpoints], scheduler=scheduler)
+    run.run_loop(loop, "retrain", start, run.retrain_steps, bar)
+    clock.steps = run.retrain_steps - start
+    run.record(clock.record())
+    model = acc.unwrap_model(wrapped)
+    best, best_metrics, history = val.best, val.best_metrics, val.history
+    wrapped = optimizer = scheduler = loop = val = None  # noqa: F841 (dropped references)
+    acc.free_memory()
+    if run.retrain_steps == 0 or not _main_sees(acc, compressed_dir / "upop_plan.json"):
+        with evaluating(model, acc.device, cfg.eval_precision):
+            best_metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=acc)
+        if acc.is_main_process:
+            with disk_full_guard(compressed_dir, run.state_dir):
+                save_compressed(model, compressed_dir, processor=run.processor, plan=plan)
+    run.save_state({"phase": "done", "step": run.retrain_steps, "plan": plan.to_dict(), "model": {},
+                     "best": best, "best_metrics": best_metrics, "history": history})
+    run.model = model
+    return PhaseResult(plan=plan, best_metrics=best_metrics, history=history)
+
+
+def _main_sees(acc, file) -> bool:
+    """Whether the main process sees ``file``, the same answer on every process: each process
+    asking its own file system (a network one may lag) could send one of them alone into an
+    evaluation's collectives, where it would wait forever."""
+    seen = [file.is_file() if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(seen)
+    return bool(seen[0])

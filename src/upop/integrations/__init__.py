@@ -1,0 +1,1 @@
+"""upop inside other libraries' training loops."""

@@ -1,0 +1,76 @@
+"""What :class:`upop.integrations.transformers.callback.UPopTrainerCallback` does to a ``transformers.Trainer``'s objects
+when it prunes or resumes: the optimizer handed the pruned parameters, a DDP wrapper rebuilt over
+them, the fp16 loss scale read, weights stored under transformers' original names loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from upop.checkpoint.folder import stored_names, weight_files
+from upop.errors import CheckpointError
+
+
+def swap_parameters(optimizer, before: dict[int, str], after: dict[str, nn.Parameter]) -> None:
+    """Replace, in every parameter group, each parameter ``prune`` replaced by its pruned
+    successor (matched by name), and clear the optimizer state: a fresh optimizer over the pruned
+    model, with the same hyper-parameters and groups, and the same object the Trainer, Accelerate
+    and the scheduler refer to."""
+    if optimizer is None:
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    for group in inner.param_groups:
+        group["params"] = [after.get(before.get(id(p), ""), p) for p in group["params"]]
+    inner.state.clear()
+
+
+def rewrap_ddp(trainer) -> None:
+    """Under DDP the wrapper the training loop holds was built over the dense parameters; route its
+    forward (and ``no_sync``) to a new wrapper over the pruned ones, so gradients are averaged."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if not isinstance(wrapped, ddp):
+        return
+    same = {k: getattr(wrapped, k) for k in ("device_ids", "output_device", "find_unused_parameters",
+                                              "gradient_as_bucket_view", "static_graph") if hasattr(wrapped, k)}
+    fresh = ddp(wrapped.module, bucket_cap_mb=wrapped.bucket_bytes_cap / 2**20, **same)
+    for name in ("forward", "no_sync"):
+        object.__setattr__(wrapped, name, getattr(fresh, name))
+    object.__setattr__(wrapped, "_upop_ddp", fresh)  # keep the new wrapper alive
+
+
+def trainer_loss_scale(accelerator) -> tuple[Any, bool]:
+    """The fp16 loss scale the gradients carry (a device tensor where the scaler has one, read
+    without a sync) and whether a scaler is in use."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
+        return 1.0, False
+    get_async = getattr(scaler, "_get_scale_async", None)
+    scale = get_async() if callable(get_async) else None
+    return (scale if scale is not None else scaler.get_scale()), True
+
+
+def load_renamed_weights(model: nn.Module, folder: Path) -> None:
+    """Load weights the Trainer stored under transformers' original names (``save_pretrained``'s
+    default, e.g. ViT's ``encoder.layer.N.attention.attention.query``) but loaded with
+    ``load_state_dict(strict=False)``, which skips them: they are mapped to the model's names."""
+    try:
+        files = weight_files(folder)
+    except CheckpointError:
+        return
+    keys = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            keys.extend(fh.keys())
+    names = stored_names(model, dict.fromkeys(keys))
+    if names:
+        own = model.state_dict()
+        state = {}
+        for file in files:
+            state.update({names.get(k, k): t for k, t in load_file(str(file)).items() if names.get(k, k) in own})
+        model.load_state_dict(state, strict=False)

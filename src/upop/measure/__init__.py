@@ -1,0 +1,1 @@
+"""What upop measures: parameters and FLOPs, paired latency, and the per-unit latency table of ``cost="latency"``."""
