@@ -46,7 +46,7 @@ from _common import write_results  # noqa: E402
 
 import upop  # noqa: E402
 from upop.api import compress  # noqa: E402
-from upop.tasks import TASKS, get_task  # noqa: E402
+from upop.tasks import get_task, task_names  # noqa: E402
 from upop.engine.run import batch_indices, finetune, steps_per_epoch  # noqa: E402
 
 METHODS = {
@@ -536,7 +536,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for task_name in args.tasks:
-            if task_name not in TASKS:
+            if task_name not in task_names():
                 print(f"skipping {task_name}: no such task in this version")
                 continue
             rows += run_task(task_name, args.quick, seeds, ratios, Path(work), peer, log, args.methods)

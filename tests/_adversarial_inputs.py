@@ -269,9 +269,10 @@ def _checked(task: str):
 
 
 def _add_smallest_rows() -> None:
-    from upop.data import WRITERS, shapes_min_split
+    from upop.data import shapes_min_split
+    from upop.tasks import task_names
 
-    for task in sorted(WRITERS):
+    for task in task_names():
         least = shapes_min_split(task)
         ROWS[f"data shapes --task {task} at size {least}"] = Row(_smallest(task, least), code=0,
                                                                   after=_checked(task))

@@ -25,9 +25,10 @@ from upop.data.shapes_vision import SEGMENTATION_CLASSES
 from upop.errors import DataError, show
 from upop.models.folders import make_model
 from upop.tasks.classification import ClassificationTask
+from upop.tasks.registry import task_names
 from upop.tasks.segmentation import SegmentationTask
 
-TASKS = ("retrieval", "caption", "vqa", "nlvr", "classification", "segmentation")
+TASKS = task_names()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import argparse
 
 from upop.config import INT_RANGES, LATENCY_TIME_RANGE, SEED_RANGE, config_fields
 from upop.errors import show
+from upop.tasks.registry import task_names, task_summaries
 
 EXIT_USER_ERROR = 2
 
@@ -141,10 +142,29 @@ class _RegisteredFamilies:
         return len(self._names())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from upop.data import WRITERS
-    from upop.tasks import TASKS
+class _RegisteredTasks:
+    """The task names as argparse ``choices``, read from the task registry when argparse needs them
+    (:func:`upop.tasks.registry.task_names`: the names the task modules declare, read from their
+    source without importing them, so ``--help`` imports no torch; and any task registered from
+    Python before the command line is parsed)."""
 
+    def __contains__(self, value) -> bool:
+        return value in task_names()
+
+    def __iter__(self):
+        return iter(task_names())
+
+    def __len__(self) -> int:
+        return len(task_names())
+
+
+def _tasks_help(lead: str) -> str:
+    """``lead``, then each task with its registered one-line summary (argparse-escaped)."""
+    listed = " ".join(f"{name}: {summary}." for name, summary in task_summaries().items())
+    return f"{lead}. {listed}".replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="upop", description="Compress Hugging Face vision-language and vision "
                                      "transformers with Unified and Progressive Pruning (UPop).")
     parser.add_argument("--version", action="version", version=f"upop {_version()}")
@@ -155,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search which units to prune (UPop), slice them out, retrain, and write "
                        "OUT/compressed (a checkpoint folder), OUT/report.json|md, OUT/allocation.png and logs.")
     c.add_argument("--model", required=True, help="dense model: a local Hugging Face folder (or hub id)")
-    c.add_argument("--task", required=True, choices=sorted(TASKS),
-                   help="task the model is fine-tuned for; distill: label-free (a folder of images and/or texts.txt; "
-                   "the compressed model learns to agree with the dense one)")
+    c.add_argument("--task", required=True, choices=_RegisteredTasks(), help=_tasks_help("task the model is fine-tuned for"))
     c.add_argument("--data", required=True, help="dataset folder in the task's format (see docs/data.md)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--config", help="YAML file of UPop settings")
@@ -185,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model's latencies, exceeds 10% of their median: re-time on a quieter machine), and the "
                        "device, dtype, autocast, TF32, batch and CPU threads.")
     e.add_argument("--model", required=True, help="compressed (upop) or dense Hugging Face model folder")
-    e.add_argument("--task", required=True, choices=sorted(TASKS))
+    e.add_argument("--task", required=True, choices=_RegisteredTasks(), help="task the model was fine-tuned or compressed for")
     e.add_argument("--data", required=True, help="dataset folder")
     e.add_argument("--split", default="test", help="split to evaluate, or to take the timed samples from "
                    "(default: test)")
@@ -215,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "data set in --data as a run will and print every problem, one per line (exit 2 if any).")
     d.add_argument("source", choices=["shapes", "check"],
                    help="shapes: write the Shapes world; check: check the data set in --data")
-    d.add_argument("--task", required=True, choices=sorted(WRITERS), help="dataset format")
+    d.add_argument("--task", required=True, choices=_RegisteredTasks(), help="dataset format: that of the task")
     d.add_argument("--out", help="shapes: folder to write")
     d.add_argument("--data", help="check: dataset folder to check")
     d.add_argument("--images", choices=["header", "full"], default="header",

@@ -1,54 +1,43 @@
 """Dataset readers for the real formats, and the Shapes world that writes them.
 
-``WRITERS`` maps a task name to the Shapes writer of that task's format (``upop data shapes``);
-:func:`write_shapes` runs one so that a kill leaves either nothing of the new data or all of it.
+Each task's registration (:mod:`upop.tasks.registry`) names the Shapes writer of that task's format
+(``upop data shapes``) and the fewest images per split it needs; :func:`write_shapes` runs one so
+that a kill leaves either nothing of the new data or all of it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
 from upop.errors import ConfigError, show
-
-WRITERS: dict[str, str] = {
-    "retrieval": "upop.data.shapes:write_retrieval",
-    "vqa": "upop.data.shapes_vl:write_vqa",
-    "nlvr": "upop.data.shapes_vl:write_nlvr",
-    "caption": "upop.data.shapes_vl:write_caption",
-    "classification": "upop.data.shapes_vision:write_classification",
-    "segmentation": "upop.data.shapes_vision:write_segmentation",
-    "distill": "upop.data.unlabelled:write_unlabelled",
-}
+from upop.tasks.registry import task_entry
 
 
 def shapes_writer(task: str) -> Callable:
-    """The Shapes writer for ``task``: ``writer(out_dir, *, train, val, test, image_size, seed) -> dict``."""
-    if task not in WRITERS:
-        raise ConfigError(f"the Shapes world has no writer for task {task!r}; available: {', '.join(sorted(WRITERS))}")
-    module, fn = WRITERS[task].split(":")
-    return getattr(import_module(module), fn)
+    """The Shapes writer of ``task``'s registration: ``writer(out_dir, *, train, val, test, image_size,
+    seed) -> dict``; TaskError for a name that is no task."""
+    return task_entry(task).writer
 
 
 def shapes_min_split(task: str) -> int:
     """Fewest images (NLVR2: pairs) per split the Shapes writer of ``task`` needs for data its
-    reader accepts: classification needs one image per class (the class folders of every split
-    must be the same and none may be empty), every other task one."""
-    return getattr(shapes_writer(task), "min_split", 1)
+    reader accepts, as the task registers it (classification: one image per class, as the class
+    folders of every split must be the same and none may be empty; every other task one)."""
+    return task_entry(task).min_split
 
 
 def check_shapes_sizes(task: str, train: int, val: int, test: int) -> None:
     """Refuse, in one line and before anything is written, split sizes the writer of ``task``
     cannot fill (see :func:`shapes_min_split`)."""
-    least = shapes_min_split(task)
+    entry = task_entry(task)
     for split, count in (("train", train), ("val", val), ("test", test)):
-        if isinstance(count, int) and not isinstance(count, bool) and count < least:
-            why = getattr(shapes_writer(task), "min_split_why", "")
-            raise ConfigError(f"--{split} {count} is too few for the Shapes {task} data: need at least {least} "
-                              f"images per split{f' ({why})' if why else ''}")
+        if isinstance(count, int) and not isinstance(count, bool) and count < entry.min_split:
+            why = f" ({entry.min_split_why})" if entry.min_split_why else ""
+            raise ConfigError(f"--{split} {count} is too few for the Shapes {task} data: need at least "
+                              f"{entry.min_split} images per split{why}")
 
 
 def write_shapes(task: str, out_dir, **settings) -> dict:

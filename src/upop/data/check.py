@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from upop.errors import ConfigError, DataError, show
 from upop.data.ade20k import ADE20K_CLASSES, check_annotation_values, load_ade20k_split, read_classes
@@ -30,7 +29,7 @@ from upop.data.imagefolder import class_difference, load_imagefolder_split
 from upop.data.nlvr import load_nlvr_split
 from upop.data.retrieval import load_retrieval_split
 from upop.data.vqa import load_vqa_split
-from upop.data.unlabelled import check_split as _distill
+from upop.tasks.registry import task_entry
 
 SPLITS = ("train", "val", "test")
 IMAGE_CHECKS = ("header", "full")
@@ -88,27 +87,32 @@ class _Files:
         return len(unique)
 
 
-def _retrieval(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+def check_retrieval(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+    """One split of the Karpathy JSON layout (retrieval, captioning)."""
     items = load_retrieval_split(root, split, problems=problems)
     return {"items": len(items), "images": files.images(it.image for it in items),
             "captions": sum(len(it.captions) for it in items)}
 
 
-def _vqa(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+def check_vqa(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+    """One split of VQAv2 questions and answers."""
     items = load_vqa_split(root, split, problems=problems)
     return {"items": len(items), "images": files.images(it.image for it in items),
             "answers": len({a for it in items for a in it.answers})}
 
 
-def _nlvr(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+def check_nlvr(root: Path, split: str, files: _Files, problems: list[str]) -> dict[str, int]:
+    """One split of NLVR2 pairs."""
     items = load_nlvr_split(root, split, problems=problems)
     labels = Counter(it.label for it in items)
     return {"items": len(items), "images": files.images(p for it in items for p in it.images),
             "true": labels[1], "false": labels[0]}
 
 
-def _classification(root: Path, split: str, files: _Files, problems: list[str],
-                    seen: dict[str, list[str]]) -> dict[str, int]:
+def check_classification(root: Path, split: str, files: _Files, problems: list[str],
+                         seen: dict[str, list[str]]) -> dict[str, int]:
+    """One ImageFolder split; its class folders must be those of the first split checked (``seen``:
+    split -> class names, from :func:`classification_context`)."""
     items, classes = load_imagefolder_split(root, split, problems=problems)
     if seen:
         first_split, first = next(iter(seen.items()))
@@ -119,8 +123,10 @@ def _classification(root: Path, split: str, files: _Files, problems: list[str],
     return {"items": len(items), "images": files.images(path for path, _ in items), "classes": len(classes)}
 
 
-def _segmentation(root: Path, split: str, files: _Files, problems: list[str],
-                  num_classes: int | None) -> dict[str, int]:
+def check_segmentation(root: Path, split: str, files: _Files, problems: list[str],
+                       num_classes: int | None) -> dict[str, int]:
+    """One ADE20K-layout split: images, and annotation maps of the same size with values in
+    ``[0, num_classes]`` (``num_classes`` from :func:`segmentation_context`; None: not range-checked)."""
     pairs = load_ade20k_split(root, split, problems=problems)
     for image, annotation in pairs:
         size = files.image(image)
@@ -137,12 +143,14 @@ def _segmentation(root: Path, split: str, files: _Files, problems: list[str],
     return {"items": len(pairs), "images": len(pairs), **({"classes": num_classes} if num_classes else {})}
 
 
-def _task_context(task: str, root: Path, problems: list[str]) -> dict:
-    """Extra arguments of a task's checker, read once for all splits."""
-    if task == "classification":
-        return {"seen": {}}
-    if task != "segmentation":
-        return {}
+def classification_context(root: Path, problems: list[str]) -> dict:
+    """:func:`check_classification`'s state across the splits: the class names of each split seen."""
+    return {"seen": {}}
+
+
+def segmentation_context(root: Path, problems: list[str]) -> dict:
+    """:func:`check_segmentation`'s class count, read once from the data's class list (ADE20K's 150
+    without one; None, with the problem recorded, when the list is unreadable)."""
     try:
         named = read_classes(root)
     except DataError as exc:  # label values cannot be range-checked without a class count
@@ -151,22 +159,15 @@ def _task_context(task: str, root: Path, problems: list[str]) -> dict:
     return {"num_classes": len(named[0]) if named else ADE20K_CLASSES}
 
 
-CHECKERS: dict[str, Callable] = {
-    "retrieval": _retrieval, "caption": _retrieval, "vqa": _vqa, "nlvr": _nlvr,
-    "classification": _classification, "segmentation": _segmentation, "distill": _distill,
-}
-"""Task name -> checker of one split: ``(data_dir, split, files, problems) -> summary counts``."""
-
-
 def check_data(task: str, data_dir, images: str = "header") -> DataReport:
     """Check the ``train``/``val``/``test`` splits of ``data_dir`` in ``task``'s format, in one pass.
 
     Returns a :class:`DataReport`; a problem with a split, an entry or a file is a line of
-    ``report.problems`` (never an exception). Raises ConfigError for an unknown task or
+    ``report.problems`` (never an exception). The task's registration (:mod:`upop.tasks.registry`)
+    names its checker of one split. Raises TaskError for an unknown task, ConfigError for an
     ``images`` value and DataError when ``data_dir`` is not a folder.
     """
-    if task not in CHECKERS:
-        raise ConfigError(f"task={show(task)} has no data checker; available: {', '.join(sorted(CHECKERS))}")
+    entry = task_entry(task)
     if images not in IMAGE_CHECKS:
         raise ConfigError(f"images={show(images)} is not allowed (need 'header' or 'full')")
     root = Path(data_dir)
@@ -175,13 +176,14 @@ def check_data(task: str, data_dir, images: str = "header") -> DataReport:
                         "docs/data.md)")
     report = DataReport(task=task, data_dir=root, images=images)
     files = _Files(images, report.problems)
-    extra = _task_context(task, root, report.problems)
+    context = entry.check_context(root, report.problems) if entry.check_context is not None else {}
     for split in SPLITS:
         try:
-            report.splits[split] = CHECKERS[task](root, split, files, report.problems, **extra)
+            report.splits[split] = entry.checker(root, split, files, report.problems, **context)
         except DataError as exc:
             report.problems.append(str(exc))
     return report
 
 
-__all__ = ["CHECKERS", "DataReport", "IMAGE_CHECKS", "check_data"]
+__all__ = ["DataReport", "IMAGE_CHECKS", "check_classification", "check_data", "check_nlvr", "check_retrieval",
+           "check_segmentation", "check_vqa", "classification_context", "segmentation_context"]

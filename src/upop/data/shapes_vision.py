@@ -143,9 +143,6 @@ def write_classification(out_dir, *, train: int = 2000, val: int = 200, test: in
     return summary
 
 
-write_classification.min_split = len(CLASSIFICATION_CLASSES)  # type: ignore[attr-defined]
-write_classification.min_split_why = "one per class"  # type: ignore[attr-defined]
-"""Every split needs one image per class (see :func:`upop.data.shapes_min_split`)."""
 
 
 def annotation_map(scene: Scene, mask: np.ndarray) -> np.ndarray:

@@ -79,3 +79,36 @@ class Task:
     def text_tokens(self, processor, dataset) -> int | None:
         """Text length per sample, for FLOPs costs of text units (None: model maximum)."""
         return None
+
+    # optional hooks: the defaults are what a task without a teacher does -------------------------
+
+    #: whether the task's loss and evaluation compare the model with the frozen dense model (the
+    #: label-free task): the run (:meth:`upop.engine.run.Run._teacher`) and :func:`upop.api.evaluate`
+    #: then hand it over with :meth:`set_teacher` before any evaluation or training, and keep it
+    #: for the whole run
+    needs_teacher: bool = False
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Take the frozen dense model (:func:`upop.distill.distiller.make_teacher`); called by the
+        run and :func:`upop.api.evaluate` when :attr:`needs_teacher` is true, refused otherwise."""
+        raise TaskError(f"task {self.name!r} learns from its labels, not from a teacher (needs_teacher is False)")
+
+    def cache_teacher(self, train, processor, batch_size: int = 64, accelerator=None) -> bool:
+        """With ``distill_cache`` on, called by the run after :meth:`set_teacher`: compute the
+        teacher's training targets once, instead of a teacher forward per step. Returns whether a
+        table was built (by default none is)."""
+        return False
+
+    @property
+    def teacher_cached(self) -> bool:
+        """Whether the training targets come from :meth:`cache_teacher`'s table (the report's
+        ``distill.teacher_cached`` for a task that :attr:`needs_teacher`)."""
+        return False
+
+    def teacher_replay(self, teacher: nn.Module, train, processor, batch_size: int = 64, accelerator=None):
+        """For run-level distillation (``--distill logits`` with ``distill_cache``), called by the
+        run before the first step: a builder ``() -> replay or None`` of the teacher's exposed
+        tensors of a batch (``replay(batch) -> {name: tensor}``, what
+        :func:`upop.distill.distiller.expose` records) computed from outputs cached once, so the
+        teacher need not run every step; None where the teacher must run (the default)."""
+        return None

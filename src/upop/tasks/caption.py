@@ -15,11 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from upop.data.check import check_retrieval
+from upop.data.shapes_vl import write_caption
 from upop.data.retrieval import RetrievalCollator, processor_parts
 from upop.distill import distiller as distill
 from upop.tasks._blip import decoder_inputs, generate_texts
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task
+from upop.tasks.registry import register_task
 from upop.tasks.caption_metrics import bleu, cider_d
 from upop.tasks.retrieval import RetrievalTask
 
@@ -90,3 +93,9 @@ class CaptionTask(Task):
         collate = self.collator(processor)
         texts = [self.prompt + c for i in range(n) for c in dataset.items[i].captions]
         return int(collate.encode_texts(texts)["input_ids"].shape[1])
+
+
+register_task(  # the caption data is the retrieval data (Karpathy JSON): same checker
+    name="caption", task=CaptionTask, writer=write_caption, checker=check_retrieval,
+    summary="image captioning with BLIP; Karpathy JSON; BLEU-4 and CIDEr",
+)

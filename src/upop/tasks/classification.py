@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from upop.distill import distiller as distill
+from upop.data.check import check_classification, classification_context
+from upop.data.shapes_vision import CLASSIFICATION_CLASSES, write_classification
 from upop.data.augment import AUGMENT_CHOICES, soft_targets
 from upop.data.augment_batch import augment_batch
 from upop.data.imagefolder import ImageClassificationCollator, load_imagefolder
@@ -35,6 +37,7 @@ from upop.data.labels import align_classes
 from upop.errors import DataError, show
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
+from upop.tasks.registry import register_task
 
 WITH_TEACHER = "DeiTForImageClassificationWithTeacher"
 
@@ -140,3 +143,11 @@ class ClassificationTask(Task):
         batch = ImageClassificationCollator(processor).collate_eval([dataset[i % len(dataset)]
                                                                      for i in range(batch_size)])
         return {"pixel_values": batch["pixel_values"].to(next(model.parameters()).device)}
+
+
+register_task(
+    name="classification", task=ClassificationTask, writer=write_classification, checker=check_classification,
+    check_context=classification_context,
+    min_split=len(CLASSIFICATION_CLASSES), min_split_why="one per class",
+    summary="image classification with ViT, DeiT, DINOv2 or SigLIP; ImageFolder; top-1 and top-5 accuracy",
+)

@@ -40,11 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from upop.arch import model_class_info
-from upop.data.unlabelled import IMAGE_KEYS, UnlabelledCollator, default_text_length, load_unlabelled, processor_parts
+from upop.data.unlabelled import (IMAGE_KEYS, UnlabelledCollator, check_split, default_text_length, load_unlabelled,
+                                  processor_parts, write_unlabelled)
 from upop.distill.distiller import kl_logits
 from upop.errors import ConfigError, TaskError, show
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
+from upop.tasks.registry import register_task
 
 #: logits over the positions of the sentence (question-answering spans), not over classes
 POSITION_LOGITS = ("start_logits", "end_logits")
@@ -373,3 +375,9 @@ def _with_cosine(metrics: dict[str, float]) -> dict[str, float]:
     """``cosine`` (the mean of the ``cosine_*`` metrics) first, then the others by name."""
     cos = [v for k, v in metrics.items() if k.startswith("cosine_")]
     return {"cosine": sum(cos) / len(cos), **dict(sorted(metrics.items()))}
+
+
+register_task(
+    name="distill", task=DistillTask, writer=write_unlabelled, checker=check_split,
+    summary="label-free: the compressed model learns to agree with the dense one; images and/or texts.txt",
+)

@@ -8,9 +8,12 @@ import torch
 from torch import nn
 
 from upop.distill import distiller as distill
+from upop.data.check import check_nlvr
+from upop.data.shapes_vl import write_nlvr
 from upop.data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task
+from upop.tasks.registry import register_task
 
 
 class NLVRTask(Task):
@@ -52,3 +55,9 @@ class NLVRTask(Task):
         n = min(len(dataset), 64)
         enc = self.collator(processor).tokenizer([dataset.items[i].sentence for i in range(n)], padding="longest")
         return len(enc["input_ids"][0])
+
+
+register_task(
+    name="nlvr", task=NLVRTask, writer=write_nlvr, checker=check_nlvr,
+    summary="is a statement about two images true, with BLIP; NLVR2 JSON; accuracy",
+)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from upop.distill import distiller as distill
+from upop.data.check import check_retrieval
+from upop.data.shapes import write_retrieval
 from upop.data.retrieval import RetrievalDataset, RetrievalPairs, load_retrieval_split
 from upop.arch import CLASSES
 from upop.tasks import blip_retrieval, siglip_retrieval
@@ -23,6 +25,7 @@ from upop.tasks._blip import unwrap
 from upop.tasks._recall import METRICS, embed_split, recall_at_k
 from upop.tasks._gather import batch_shapes, gather, gather_with_grad, world
 from upop.tasks.base import Task
+from upop.tasks.registry import register_task
 
 #: the modules of the retrieval variants a family may name (``ModelClass.retrieval``)
 _VARIANT_MODULES = {"blip": blip_retrieval, "siglip": siglip_retrieval}
@@ -81,7 +84,7 @@ class RetrievalTask(Task):
 
         variant = _variant(teacher)
         embed = self.embed if variant is None else variant.embed
-        affinity = getattr(variant, "replay_affinity", clip_affinity)  # BLIP's ITC matrix; else CLIP's
+        affinity = clip_affinity if variant is None else variant.replay_affinity  # BLIP: its ITC matrix
         return retrieval_replay(self, teacher, train, processor, batch_size, accelerator, embed, affinity)
 
     @torch.no_grad()
@@ -107,3 +110,9 @@ class RetrievalTask(Task):
         n = min(len(dataset.items), 64)
         texts = [c for i in range(n) for c in dataset.items[i].captions]
         return int(self.collator(processor).encode_texts(texts)["input_ids"].shape[1])
+
+
+register_task(
+    name="retrieval", task=RetrievalTask, writer=write_retrieval, checker=check_retrieval,
+    summary="image-text retrieval with CLIP, SigLIP or BLIP; Karpathy JSON; recall at 1, 5 and 10",
+)

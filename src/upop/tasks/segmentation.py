@@ -28,12 +28,15 @@ from PIL import Image
 from torch import nn
 
 from upop.distill import distiller as distill
+from upop.data.check import check_segmentation, segmentation_context
+from upop.data.shapes_vision import write_segmentation
 from upop.data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
 from upop.data.augment import AUGMENT_CHOICES, normalize
 from upop.data.labels import align_classes
 from upop.errors import DataError, show
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
+from upop.tasks.registry import register_task
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -201,3 +204,10 @@ class SegmentationTask(Task):
 
 __all__ = ["SegmentationTask", "confusion_matrix", "resize_short_side", "segmentation_metrics", "sliding_window",
            "window_anchors"]
+
+
+register_task(
+    name="segmentation", task=SegmentationTask, writer=write_segmentation, checker=check_segmentation,
+    check_context=segmentation_context,
+    summary="semantic segmentation with the Segmenter; ADE20K layout; mIoU and pixel accuracy",
+)

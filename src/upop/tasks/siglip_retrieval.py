@@ -34,6 +34,7 @@ from upop.errors import ConfigError
 from upop.tasks._blip import unwrap
 from upop.tasks._gather import batch_shapes, gather, gather_with_grad, world
 from upop.tasks._recall import embed_split, recall_at_k
+from upop.tasks._teacher_replay import clip_affinity
 
 #: the image inputs of a NaFlex (SigLIP2) vision tower besides ``pixel_values``
 NAFLEX_KEYS = ("pixel_attention_mask", "spatial_shapes")
@@ -124,6 +125,12 @@ def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
     processes of ``accelerator``."""
     collate = collator_class(processor)(processor, padding="max_length", max_length=text_length(model))
     return embed_split(model, dataset, collate, batch_size, accelerator, image_keys=("pixel_values", *NAFLEX_KEYS))
+
+
+def replay_affinity(model):
+    """The exposed ``logits_per_text`` from a batch's cached embeddings (:mod:`._teacher_replay`):
+    CLIP's scaled product, plus SigLIP's bias."""
+    return clip_affinity(model)
 
 
 def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = None, accelerator=None):

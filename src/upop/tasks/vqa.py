@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from upop.data.check import check_vqa
+from upop.data.shapes_vl import write_vqa
 from upop.data.retrieval import processor_parts
 from upop.data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, load_answer_list,
                         load_vqa_split)
@@ -34,6 +36,7 @@ from upop.distill import distiller as distill
 from upop.tasks._blip import decoder_inputs, encoder_ids, generate_texts, unwrap
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task
+from upop.tasks.registry import register_task
 from upop.tasks.vqa_metrics import vqa_accuracy
 from upop.tasks.vqa_rank import encode_candidates, question_states, rank_answers
 
@@ -180,3 +183,8 @@ class VQATask(Task):
         n = min(len(dataset), 64)
         return int(self.collator(processor).encode_questions([dataset[i] for i in range(n)])["input_ids"].shape[1])
 
+
+register_task(
+    name="vqa", task=VQATask, writer=write_vqa, checker=check_vqa,
+    summary="visual question answering with BLIP; VQAv2 JSON; VQA accuracy",
+)
