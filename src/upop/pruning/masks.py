@@ -17,6 +17,7 @@ from torch import nn
 from upop.arch import ArchSpec, find_groups, get_spec
 from upop.errors import ConfigError, show
 from upop.arch.groups import Group
+from upop.search.scores import GradientScore, Score, get_score
 
 
 class Masks(nn.Module):
@@ -72,7 +73,7 @@ class Masks(nn.Module):
     @torch.no_grad()
     def accumulate_grads(
         self, average_across_processes: bool = True, grad_scale: float | torch.Tensor = 1.0,
-        score: str = "gradient",
+        score: str | Score = GradientScore.name,
     ) -> torch.Tensor:
         """Add every mask's current gradient to ``grad_sum`` and clear the gradient.
 
@@ -82,9 +83,9 @@ class Masks(nn.Module):
         tensor (a scaler's scale on the device) is used where it lies, without reading it.
         Across processes the gradients are averaged first, so every process holds the same sums.
 
-        ``score`` is what is added per unit: ``"gradient"`` the gradient itself (the paper),
-        ``"taylor"`` ``|gradient x mask|`` (the first-order Taylor estimate of the loss change
-        when the unit is removed), ``"fisher"`` the squared gradient.
+        ``score`` (a :class:`upop.search.scores.Score` or a registered name) decides what is added
+        per unit: its ``term(gradient, mask)``, e.g. the gradient itself (``"gradient"``, the paper),
+        ``|gradient x mask|`` (``"taylor"``) or the squared gradient (``"fisher"``).
 
         Returns a 0-dim bool tensor on the masks' device: False if any gradient was not finite,
         in which case nothing of this step is added. Nothing here reads a value back to the host,
@@ -99,10 +100,12 @@ class Masks(nn.Module):
             flat /= _world_size()
         for p in self._params:
             p.grad = None
-        if score == "taylor":
-            flat = (flat * torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self._params])).abs()
-        elif score == "fisher":
-            flat = flat * flat
+        scorer = get_score(score) if isinstance(score, str) else score
+        term = scorer.term(flat, torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self._params]))
+        if term.shape != flat.shape:
+            raise ConfigError(f"score {show(scorer.name)} returned a term of shape {tuple(term.shape)}; the masks "
+                              f"need {tuple(flat.shape)}")
+        flat = term
         finite = torch.isfinite(flat).all()
         flat = torch.where(finite, flat, 0.0)
         for group, part in zip(self.groups, flat.split([g.num_units for g in self.groups])):

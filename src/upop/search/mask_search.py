@@ -26,9 +26,12 @@ import torch
 from upop.errors import ConfigError
 from upop.arch.groups import Group
 from upop.pruning.masks import Masks
+from upop.search.allocations import UnifiedAllocation, get_allocation
+from upop.search.rankings import ScoreRanking, get_ranking
+from upop.search.scores import GradientScore, get_score
 from upop.search.settings import (ALLOCATIONS, COSTS, METHODS, RANKINGS, ROUND_TO_AUTO, SCORES,  # noqa: F401
-                              _check_settings, resolve_round_to)
-from upop.search.selection import KIND_CHANNELS, KIND_HEADS, KIND_MLP, CostTable, select_chunks, select_unified, select_uniform
+                                  _check_settings, resolve_ranking, resolve_round_to)
+from upop.search.selection import CostTable, select_chunks
 
 
 def ratio_at(ratio: float, step: int, total_steps: int) -> float:
@@ -79,15 +82,23 @@ class UPopSearch:
             ``method="upop"``, any value >= 1 for one-shot.
         cost: ``"params"`` (exact parameter counts, default), ``"flops"``, or ``"latency"`` (measured
             milliseconds per unit, given as ``unit_costs``; see :mod:`upop.measure.latency_table`).
-        ranking: what orders the units: ``"score"`` (the paper: the scores alone, standardised per
-            structure type) or ``"per-cost"`` (importance per unit of cost, least first: the
-            greedy answer to "remove this much time for the least importance", as latency-aware
-            pruning (HALP) ranks; needs ``score`` ``"taylor"`` or ``"fisher"``, whose importances are
-            non-negative estimates of the loss change, comparable across structure types). Default
-            (None): ``"per-cost"`` with ``cost="latency"`` and a Taylor or Fisher score, else ``"score"``.
+        ranking: a name of :data:`upop.search.rankings.RANKINGS`, what orders the units: ``"score"``
+            (the paper: the scores alone, standardised per structure type) or ``"per-cost"``
+            (importance per unit of cost, least first: the greedy answer to "remove this much time
+            for the least importance", as latency-aware pruning (HALP) ranks; needs an unsigned
+            score such as ``"taylor"`` or ``"fisher"``, whose importances are non-negative estimates
+            of the loss change, comparable across structure types). Default (None): ``"per-cost"``
+            with ``cost="latency"`` and an unsigned score, else ``"score"``
+            (:func:`upop.search.rankings.resolve_ranking`).
         method: ``"upop"`` (progressive projection) or ``"one-shot"`` (masks stay 1 during the
             search and the final prune set is cut to 0 at the last step).
         w_attn, w_mlp: weights of the L1 sparsity terms on attention and MLP masks.
+        round_to: kept widths are multiples of this (for an allocation that rounds).
+        allocation: a name of :data:`upop.search.allocations.ALLOCATIONS`: ``"unified"`` (UPop, one
+            ranking over every group) or ``"uniform"`` (the same ratio in every group).
+        unit_costs: with ``cost="latency"``, the measured cost of one unit of every group.
+        score: a name of :data:`upop.search.scores.SCORES`, what each step accumulates per unit:
+            ``"gradient"`` (the paper, the default here), ``"taylor"`` or ``"fisher"``.
     """
 
     def __init__(
@@ -101,22 +112,15 @@ class UPopSearch:
         w_attn: float = 6.4e-3,
         w_mlp: float = 2e-4,
         round_to: int = 1,
-        allocation: str = "unified",
+        allocation: str = UnifiedAllocation.name,
         unit_costs: dict[str, float] | None = None,
-        score: str = "gradient",
+        score: str = GradientScore.name,
         ranking: str | None = None,
     ):
-        if score not in SCORES:
-            raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        self.scorer = get_score(score)
         self.score = score
-        if ranking is None:
-            ranking = "per-cost" if cost == "latency" and score != "gradient" else "score"
-        if ranking not in RANKINGS:
-            raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-        if ranking == "per-cost" and score == "gradient":
-            raise ConfigError("ranking='per-cost' needs score 'taylor' or 'fisher' (non-negative importances); the "
-                              "signed gradient score ranks by score alone")
-        self.ranking = ranking
+        self.ranking = resolve_ranking(score, ranking, cost)
+        self.ranker = get_ranking(self.ranking)
         _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to)
         if (cost == "latency") != (unit_costs is not None):
             raise ConfigError("cost='latency' needs unit_costs (the measured time per unit of every group), "
@@ -135,6 +139,7 @@ class UPopSearch:
         self.w_attn, self.w_mlp = w_attn, w_mlp
         self.round_to = round_to
         self.allocation = allocation
+        self.allocator = get_allocation(allocation)
         self.step_count = 0
         # device-side bookkeeping of non-finite mask gradients (read only at update steps)
         self._skipped = torch.zeros((), dtype=torch.int64)
@@ -178,7 +183,7 @@ class UPopSearch:
         until the device has finished it; between update steps nothing is read from the device.
         """
         step = self.step_count if step is None else step
-        finite = self.masks.accumulate_grads(grad_scale=grad_scale, score=self.score)
+        finite = self.masks.accumulate_grads(grad_scale=grad_scale, score=self.scorer)
         self._note_nonfinite(finite, step, skip_nonfinite)
         self.step_count = step + 1
         if self.is_update_step(step):
@@ -210,31 +215,20 @@ class UPopSearch:
         return int(self._skipped)
 
     def scores(self) -> torch.Tensor:
-        """Accumulated scores standardised per structure type (attention channels, attention heads,
-        MLP neurons), all modalities, larger = pruned first: the signed gradient sum as it is (a
-        unit whose mask gradient is positive lowers the loss when its mask shrinks), the Taylor and
-        Fisher importances negated (the least important units go first). With ``ranking="per-cost"``:
-        minus each unit's importance divided by its cost (not standardised: the importances are
-        already on one scale, the loss change the unit's removal is estimated to cause)."""
-        s = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
-        if self.ranking == "per-cost":
-            cost = torch.cat([torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64)
-                              for g in self.masks.groups])
-            return -(s.to(torch.float64) / cost)
-        if self.score != "gradient":
-            s = -s
-        out = torch.empty_like(s)
-        for kind in (KIND_CHANNELS, KIND_HEADS, KIND_MLP):
-            kind_mask = self._costs.kind == kind
-            part = s[kind_mask]
-            if part.numel() == 0:
-                continue
-            std = part.std(unbiased=False) if part.numel() > 1 else torch.tensor(0.0, dtype=s.dtype)
-            out[kind_mask] = (part - part.mean()) / (std if std > 0 else 1.0)
-        return out
+        """Pruning priorities over all units (larger = pruned first), on the CPU: the accumulated
+        sums turned by the score (:meth:`upop.search.scores.Score.priority`: the signed gradient sum as
+        it is, since a unit whose mask gradient is positive lowers the loss when its mask shrinks;
+        importances such as Taylor's and Fisher's negated, the least important first) and ordered by
+        the ranking (:mod:`upop.search.rankings`: standardised per structure type (attention
+        channels, attention heads, MLP neurons, all modalities), or per unit of cost)."""
+        total = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
+        unit_cost = torch.cat([torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64)
+                               for g in self.masks.groups])
+        return self.ranker.priority(total, self.scorer, self._costs, unit_cost)
 
     def select(self, ratio: float) -> torch.Tensor:
-        """Boolean vector over all units: the prune set for ``ratio`` (largest scores first).
+        """Boolean vector over all units: the prune set for ``ratio`` (largest scores first), chosen
+        by the allocation (:mod:`upop.search.allocations`).
 
         Each group's lowest-scored unit is never a candidate, so every group keeps one unit.
         Units are taken while the exact running cost is below ``ratio * total_cost`` (a unit of a
@@ -242,16 +236,7 @@ class UPopSearch:
         With ``round_to = N > 1`` units are taken in chunks so that every group keeps a multiple
         of N units (at least N; whole heads of a pair are not rounded): see :meth:`_select_chunks`.
         """
-        score = self.scores()
-        if self.allocation == "uniform":
-            return self._select_per_group(score, ratio)
-        if self.round_to > 1:
-            return self._select_chunks(score, ratio)
-        return select_unified(self._costs, score, ratio)
-
-    def _select_per_group(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
-        """The non-unified ablation (:func:`upop.search.selection.select_uniform`)."""
-        return select_uniform(self._costs, score, ratio)
+        return self.allocator.select(self._costs, self.scores(), ratio, self.round_to)
 
     def _select_chunks(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
         """Selection with kept widths rounded to multiples of ``round_to`` (:func:`upop.search.selection.select_chunks`)."""
@@ -294,8 +279,9 @@ class UPopSearch:
             "w_mlp": self.w_mlp,
             "round_to": self.round_to,
             "allocation": self.allocation,
-            **({"score": self.score} if self.score != "gradient" else {}),
-            **({"ranking": self.ranking} if self.ranking != "score" else {}),
+            # the paper's score and ranking are left out, as in states and plans saved before they existed
+            **({"score": self.score} if self.score != GradientScore.name else {}),
+            **({"ranking": self.ranking} if self.ranking != ScoreRanking.name else {}),
             **({"unit_costs": self.unit_costs} if self.unit_costs is not None else {}),
         }
 

@@ -8,6 +8,9 @@ import numbers
 from typing import TYPE_CHECKING
 
 from upop.errors import ConfigError, show
+from upop.search.allocations import ALLOCATIONS, UnifiedAllocation, get_allocation  # noqa: F401
+from upop.search.rankings import RANKING_SETTINGS, RANKINGS, resolve_ranking  # noqa: F401
+from upop.search.scores import SCORES, get_score  # noqa: F401
 
 if TYPE_CHECKING:  # annotations only: this module is read by the CLI's parser, which imports no torch
     from upop.arch.groups import Group
@@ -18,13 +21,9 @@ DISTILL_MODES = ("none", "logits", "logits+hidden")
 DISTILL_SETTINGS = ("auto", *DISTILL_MODES)
 
 METHODS = ("upop", "one-shot")
-ALLOCATIONS = ("unified", "uniform")
 COSTS = ("params", "flops", "latency")
-SCORES = ("gradient", "taylor", "fisher")
-"""What a unit's score accumulates per step (see :meth:`upop.pruning.masks.Masks.accumulate_grads`)."""
-RANKINGS = ("score", "per-cost")
-"""What orders the units for selection (see :class:`upop.search.mask_search.UPopSearch`)."""
-
+# SCORES (what a unit's score accumulates per step), RANKINGS (what orders the units) and ALLOCATIONS
+# (how the budget is shared out over the groups) are the live names of their registries.
 
 
 def _check_settings(ratio, total_steps, interval, cost, method, allocation, round_to) -> None:
@@ -44,10 +43,8 @@ def _check_settings(ratio, total_steps, interval, cost, method, allocation, roun
             "interval < total_steps (else its only update is the last step, a one-shot cut); "
             "lower interval, raise total_steps, or ask for method='one-shot'"
         )
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {show(allocation)}")
-    if allocation == "uniform" and round_to != 1:
-        raise ConfigError("round_to applies to the unified allocation only")
+    if not get_allocation(allocation).rounds and round_to != 1:
+        raise ConfigError(f"round_to={show(round_to)}: the {allocation} allocation does not round widths; use 1")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ConfigError(f"round_to must be an integer >= 1, got {show(round_to)}")
 
@@ -60,12 +57,12 @@ at batch 32 and multiples of 8 1.02-1.14 (the vector units work on 8 or 16 float
 
 
 def resolve_round_to(round_to: int | str, groups: list[Group], device_type: str = "cpu",
-                     allocation: str = "unified") -> tuple[int, str]:
+                     allocation: str = UnifiedAllocation.name) -> tuple[int, str]:
     """The multiple every group's kept width is rounded to, and why, for the setting ``round_to``.
 
     An integer is used as given. ``"auto"`` takes :data:`ROUND_TO_AUTO` (8), halved until every group
     has at least 4 chunks of it (a group of 16 units would otherwise only keep 8 or 16), and 1 for the
-    uniform allocation (which removes the same share everywhere and does not round). With whole-head
+    an allocation that does not round (the uniform one removes the same share everywhere). With whole-head
     attention units (``granularity="head"``) ``"auto"`` is 1: the multiple applies to every group, a
     head count needs no rounding (each head keeps its dense, kernel-friendly ``head_dim``), and
     rounding to 8 would leave a 12-head layer only 8 or 12 heads; MLP widths are then not rounded
@@ -75,8 +72,8 @@ def resolve_round_to(round_to: int | str, groups: list[Group], device_type: str 
     """
     if round_to != "auto":
         return int(round_to), "as set"
-    if allocation != "unified":
-        return 1, "auto: the uniform allocation does not round"
+    if not get_allocation(allocation).rounds:
+        return 1, f"auto: the {allocation} allocation does not round"
     if any(getattr(g, "granularity", "head-dim") == "head" and not getattr(g, "pair", "") for g in groups):
         return 1, "auto: whole-head units keep their dense head_dim and head counts are not rounded"
     device = "CUDA" if device_type == "cuda" else device_type.upper()
