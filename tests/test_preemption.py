@@ -238,8 +238,8 @@ def test_loss_scale_state_is_saved_and_restored(world, tmp_path):
         run.acc.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     runs[0].acc.scaler.scale(torch.ones(()))  # the scale tensor is made on first use
     runs[0].acc.scaler.update(new_scale=12.0)
-    saved = runs[0]._scaler_state()
+    saved = runs[0].scaler_state()
     assert saved is not None and saved["scale"] == 12.0
-    runs[1]._load_scaler({"scaler": saved})
+    runs[1].load_scaler({"scaler": saved})
     assert runs[1].acc.scaler.get_scale() == 12.0
-    assert runs[1]._scaler_state() == saved
+    assert runs[1].scaler_state() == saved

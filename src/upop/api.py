@@ -14,17 +14,19 @@ import torch
 from torch import nn
 
 from upop.checkpoint.folder import load_compressed
-from upop.config import UPopConfig
+from upop.config import ResolvedSettings, UPopConfig
 from upop.measure.cost import count_flops, count_params
 from upop.errors import CheckpointError, ConfigError, UPopError, show
 from upop.measure.latency import paired_latency
+from upop.checkpoint.card import write_model_card
 from upop.runs.report import build_report, describe_setup, retime_command, write_report
 from upop.engine.resume import check_same_run, fingerprint
 from upop.pruning.masks import refuse_pruned
 from upop.runs.rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from upop.tasks import Task, get_task
-from upop.engine.runtime import PhaseClock, append_log, device_record, disk_full_guard, eval_autocast
-from upop.engine.run import Run
+from upop.engine.runtime import (PhaseClock, append_log, check_shards, device_record, disk_full_guard, eval_autocast,
+                                 steps_per_epoch)
+from upop.engine.run import Run, run_length
 
 @dataclass
 class CompressResult:
@@ -242,13 +244,20 @@ def compress(
 
     dist = PartialState(cpu=not torch.cuda.is_available())
     base_model = base_model or str(getattr(model.config, "_name_or_path", "") or "")
-    info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict(),
-            "fingerprint": fingerprint(task=task.name, settings=config.to_dict(), model=model,
-                                       datasets={"train": train, "val": val, "test": test},
-                                       processes=dist.num_processes)}
+    # the settings are resolved once, here, and passed down (the run, run.json, the report, resume)
+    processes = dist.num_processes
+    check_shards(len(train), config.batch_size, processes)
+    spe = steps_per_epoch(len(train), config.batch_size, processes)
+    settings = config.resolve(task, device_type=dist.device.type, processes=processes,
+                              search_steps=config.search_epochs * spe,
+                              length=run_length(config, len(train), spe, processes))
+    fp = fingerprint(task=task.name, settings=settings, model=model,
+                     datasets={"train": train, "val": val, "test": test}, processes=processes)
     # the run's length and settings are checked before the output folder is touched
-    run = Run(model, task, train, val, config, processor, out, resume=resume, base_model=base_model,
-              log=log, progress=progress, stop_after=stop_after, fingerprint=info["fingerprint"])
+    run = Run(model, task, train, val, settings, processor, out, resume=resume, base_model=base_model,
+              log=log, progress=progress, stop_after=stop_after, fingerprint=fp)
+    info = {"task": task.name, "base_model": base_model, "data": str(data or ""), "config": config.to_dict(),
+            "settings": run.settings.to_dict(), "fingerprint": fp}
     rundir = RunDir(out)
     fresh = None
     try:
@@ -343,13 +352,13 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
             tf32=config.tf32)
         report = build_report(
             task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
-            cost=config.cost, settings=config.to_dict(), latency=latency,
+            cost=config.cost, settings=config.to_dict(), resolved=run.settings.to_dict(), latency=latency,
             latency_input=f"FLOPs: one test sample; latency: {describe_setup(latency)}",
         )
-        report["round_to"] = {"setting": config.round_to, "used": run.round_to, "why": run.round_to_why}
+        report["round_to"] = run.settings.decisions()["round_to"]
         report["score"] = config.score
-        report["distill"] = {"mode": "task", "teacher_cached": bool(getattr(task, "teacher_cached", False))} \
-            if getattr(task, "needs_teacher", False) else run.distill_info
+        report["distill"] = {"mode": "task", "teacher_cached": bool(task.teacher_cached)} \
+            if task.needs_teacher else run.distill_info
         report["validation"] = {"best": result.best_metrics, "history": result.history}
         report["device"] = str(p.device)
         report["processes"] = dist.num_processes
@@ -357,6 +366,7 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
             if dist.is_main_process:
                 with disk_full_guard(out, out / "state", what=f"the report in {show(out)}"):
                     write_report(report, out)
+                    write_model_card(out / "compressed", result.plan, report)  # README.md with the run's table
                 shutil.rmtree(out / "state" / DENSE_DIR, ignore_errors=True)
                 rundir.drop_previous()
             dist.wait_for_everyone()
@@ -373,13 +383,17 @@ def _check_data(task: str, data, images: str) -> None:
 def evaluate(model_or_path, task: str | Task, data, split: str = "test", processor=None, batch_size: int = 64,
              config: UPopConfig | None = None, teacher=None) -> dict[str, float]:
     """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``; the task
-    settings of ``config`` (e.g. ``vqa_inference``) apply, the defaults otherwise. ``teacher`` (a
-    model or folder: the dense model) is what the label-free task ``distill`` measures agreement with."""
+    settings of ``config`` (e.g. ``vqa_inference``) apply; without ``config``, those the run used
+    when the folder is a run's ``OUT/compressed`` (its resolved settings in ``OUT/run.json``), else the
+    defaults. ``teacher`` (a model or folder: the dense model) is what the label-free task
+    ``distill`` measures agreement with."""
     from upop.models.folders import load_any
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is not allowed; need an integer >= 1")
-    config = config or UPopConfig()
+    if config is None:
+        settings = run_settings(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+        config = settings.config() if settings is not None else UPopConfig()
     config.validate()
     task = get_task(task).configure(config)
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -390,7 +404,7 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
     else:
         model = model_or_path
     task.check_model(model)
-    if getattr(task, "needs_teacher", False):
+    if task.needs_teacher:
         if teacher is None:
             raise ConfigError(f"task {task.name!r} measures agreement with the dense model: give it as teacher "
                               "(upop evaluate --teacher DENSE_MODEL_DIR)")
@@ -403,3 +417,20 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
         raise ConfigError(f"teacher is used by the label-free task distill only, not by {task.name!r}")
     dataset = task.load_splits(data, splits=(split,))[split]
     return task.evaluate(model, dataset, processor, batch_size)
+
+
+def run_settings(compressed_dir: str | os.PathLike) -> ResolvedSettings | None:
+    """The resolved settings of the run whose ``compressed`` folder ``compressed_dir`` is (from the
+    ``run.json`` beside it), or None where it is no run's folder or the run predates resolved
+    settings; settings of another version are one :class:`ConfigError` line."""
+    folder = Path(compressed_dir)
+    run_file = folder.parent / "run.json"
+    if folder.name != "compressed" or not run_file.is_file():
+        return None
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(saved, dict) or "settings" not in saved:
+        return None
+    return ResolvedSettings.from_dict(saved["settings"], source=show(run_file))

@@ -1,17 +1,26 @@
-"""Run settings: one dataclass, validated on construction, mirrored by the CLI options."""
+"""Run settings: :class:`UPopConfig`, validated on construction and mirrored by the CLI options, and
+:class:`ResolvedSettings`, what one run runs with (frozen, versioned): every ``auto`` / unset default
+decided once, with the reason, by :meth:`UPopConfig.resolve`. ``run.json``, the report and resume's
+comparison read the resolved settings; ``compress``, its :class:`~upop.engine.run.Run` and the
+Trainer callback get them passed down instead of deciding again."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from upop.errors import ConfigError, show
-from upop.search.settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, RANKINGS, SCORES
+from upop.search.allocations import get_allocation
+from upop.search.rankings import get_ranking, resolve_ranking
+from upop.search.settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, RANKING_SETTINGS, SCORES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -37,6 +46,27 @@ MAX_YAML_ALIASES = 16
 MAX_YAML_DEPTH = 32
 """YAML aliases (``*name``) and nesting levels a config file may use: a flat mapping of settings
 needs neither; a few aliases are allowed, a "billion laughs" alias bomb is refused while parsing."""
+
+
+SETTINGS_VERSION = 1
+"""Version of :class:`ResolvedSettings` as ``run.json``, the report and every run fingerprint store
+it. Runs written before settings had a version are version 0; resume brings an older version to this
+one by the explicit steps of :data:`upop.engine.resume.MIGRATIONS` and refuses a newer one."""
+
+DECIDED = ("distill", "ranking", "interval", "retrain_lr", "workers", "round_to")
+"""The settings whose ``auto`` / unset default :meth:`UPopConfig.resolve` decides, each with a reason
+(``round_to`` only once the model's groups are known: the run records it)."""
+
+UNSET_DEFAULTS = ("interval", "retrain_lr", "workers", "itm_k")
+"""Settings that may be left unset (None): a default is decided for them (``itm_k`` by the BLIP
+retrieval evaluation, from the test split's size)."""
+
+AS_SET = "as set"
+"""The reason of a decided setting the user set."""
+
+CACHED_TASKS = ("retrieval",)
+"""The tasks whose teacher outputs can be cached (computed once, before the first step): there
+``distill="auto"`` distils the logits at no per-step cost (the tasks with ``teacher_replay``)."""
 
 
 def _f(default, help: str, **kw):
@@ -72,7 +102,7 @@ class UPopConfig:
     ranking: str = _f("auto", "what orders the units: auto (per-cost with --cost latency and the taylor or fisher "
                       "score, else score), score (the paper: the scores alone, standardised per structure type) or "
                       "per-cost (importance per unit of cost, least first; needs --score taylor or fisher)",
-                      choices=("auto", *RANKINGS))
+                      choices=RANKING_SETTINGS)
     distill: str = _f("auto", "distillation from the dense model during search and retraining: auto (upop's default: "
                       "logits where the teacher can be cached, i.e. retrieval with --distill-cache, where it is free "
                       "and gained 1.4-3.0 points on benchmarks/transfer.py; none elsewhere, where it costs a teacher "
@@ -141,69 +171,94 @@ class UPopConfig:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name, allowed):
-            raise ConfigError(f"{name}={show(getattr(self, name))} is not allowed; {allowed}")
+        """Refuse a value that is not allowed, in one line: ``name=value is not allowed; name must be
+        ...``. The one check of these settings: ``compress``, ``evaluate`` and the Trainer callback
+        (:class:`upop.integrations.transformers.callback.UPopTrainerCallback`) all validate here."""
+        def bad(name, must, then: str = ""):
+            raise ConfigError(f"{name}={show(getattr(self, name))} is not allowed; {name} must be {must}{then}")
 
         if not 0.0 < _real(self.ratio, math.nan) < 1.0:
-            bad("ratio", "need a number in (0, 1), e.g. 0.5 for 2x")
+            bad("ratio", "a number in (0, 1), e.g. 0.5 for 2x")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                bad(f.name, f"choose one of: {', '.join(choices)}")
+                bad(f.name, "one of the listed values", f"; choose one of: {', '.join(choices)}")
         for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
-            if value is None and name in ("interval", "workers", "itm_k") or name == "round_to" and value == "auto":
+            if value is None and name in UNSET_DEFAULTS or name == "round_to" and value == "auto":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                unset = " (or leave unset)" if name in ("interval", "workers", "itm_k") else ""
-                bad(name, f"need {'auto or ' if name == 'round_to' else ''}an integer in [{low}, {high}]{unset}")
-        if self.allocation == "uniform" and self.round_to not in ("auto", 1):
-            bad("round_to", "the uniform allocation does not round widths; use auto or 1 with it")
-        if self.ranking == "per-cost" and self.score == "gradient":
-            bad("ranking", "per-cost divides an importance by its cost; use it with --score taylor or fisher")
+                unset = " (or leave unset)" if name in UNSET_DEFAULTS else ""
+                bad(name, f"{'auto or ' if name == 'round_to' else ''}an integer in [{low}, {high}]{unset}")
+        if not get_allocation(self.allocation).rounds and self.round_to not in ("auto", 1):
+            bad("round_to", f"auto or 1 with the {self.allocation} allocation, which does not round widths")
+        resolve_ranking(self.score, None if self.ranking == "auto" else self.ranking, self.cost)  # per-cost needs an unsigned score
         if self.granularity != "head-dim" and self.cost == "latency":  # the latency table times head widths only
-            bad("granularity", "cost=latency measures head-dim channels only; use head-dim with it, or cost params "
-                "or flops")
+            bad("granularity", "head-dim with cost=latency (the latency table times head-dim channels only)",
+                "; or use cost params or flops")
         if self.answer_list is not None and not isinstance(self.answer_list, (str, os.PathLike)):
-            bad("answer_list", "need a file path (or leave unset)")
+            bad("answer_list", "a file path (or leave unset)")
         for name in ("lr", "retrain_lr"):
             value = getattr(self, name)
-            if value is None and name == "retrain_lr":
+            if value is None and name in UNSET_DEFAULTS:
                 continue
             if not 0.0 < _real(value, math.nan) < 1.0:
-                bad(name, "need a positive number below 1")
+                bad(name, "a positive number below 1")
         if not 0 < _real(self.distill_temperature, math.nan) < math.inf:
-            bad("distill_temperature", "need a finite number > 0")
+            bad("distill_temperature", "a finite number > 0")
         for name in ("weight_decay", "w_attn", "w_mlp", "distill_weight"):
             value = getattr(self, name)
             if not 0 <= _real(value, math.nan) < math.inf:
-                bad(name, "need a finite number >= 0")
+                bad(name, "a finite number >= 0")
+        if self.distill != "none" and self.distill_weight == 0:
+            bad("distill_weight", f"> 0 with distill={self.distill} (a zero weight runs the teacher for nothing)",
+                "; for no distillation use distill none")
         low, high = LATENCY_TIME_RANGE
         if not low <= _real(self.latency_time, math.nan) <= high:
-            bad("latency_time", f"need a number of seconds in [{low}, {high:g}]")
+            bad("latency_time", f"a number of seconds in [{low}, {high:g}]")
         if not isinstance(self.tf32, bool):
-            bad("tf32", "need true or false")
+            bad("tf32", "true or false")
         if not isinstance(self.distill_cache, bool):
-            bad("distill_cache", "need true or false")
+            bad("distill_cache", "true or false")
         if self.max_grad_norm is not None and not 0 < _real(self.max_grad_norm, math.nan) < math.inf:
-            bad("max_grad_norm", "need a positive finite number (or leave unset)")
+            bad("max_grad_norm", "a positive finite number (or leave unset)")
 
-    def resolved_workers(self, processes: int = 1) -> int:
-        """``workers``, or the default: 0 without a GPU, else min(4, cores per process - 1)."""
-        if self.workers is not None:
-            return self.workers
-        import torch
+    def resolve(self, task=None, *, device_type: str = "cpu", processes: int = 1, search_steps: int | None = None,
+                length: str = "") -> "ResolvedSettings":
+        """The settings a run of ``task`` (a :class:`~upop.tasks.Task`, its name, or None for a loop
+        without a task such as a Trainer's) runs with: every ``auto`` / unset default decided here,
+        once, with its reason (:data:`DECIDED`), after :meth:`validate`.
 
-        if not torch.cuda.is_available():
-            return 0
-        return max(0, min(4, (os.cpu_count() or 1) // max(1, processes) - 1))
-
-    def resolved_interval(self, total_steps: int) -> int:
-        """``interval``, or the steps per 1% of compression (METHOD §5 rule of thumb)."""
-        if self.interval is not None:
-            return self.interval
-        # a progressive search needs at least one update before its last step
-        return max(1, min(round(total_steps / (100 * self.ratio)), total_steps - 1))
+        ``device_type`` (``"cuda"``, ``"cpu"``) and ``processes`` are the run's; ``search_steps`` its
+        search length in optimizer steps (None: not known yet, ``interval`` stays unset), described
+        by ``length`` in the error of a progressive search no longer than its interval (the one
+        cross-field rule that needs the run's length). ``round_to="auto"`` also needs the model's
+        groups: the run decides it (:func:`upop.search.settings.resolve_round_to`) and records it with
+        :meth:`ResolvedSettings.decide`. The settings are valid (checked on construction; a caller that
+        changed them since calls :meth:`validate` first, as ``compress`` does)."""
+        named = task is None or isinstance(task, str)  # a name does not say whether the task learns from a teacher
+        name, needs_teacher = (task, False) if named else (task.name, task.needs_teacher)
+        decisions = {
+            "distill": decide_distill(self.distill, name, self.distill_cache, needs_teacher=needs_teacher),
+            "ranking": decide_ranking(self.ranking, self.cost, self.score),
+            "interval": decide_interval(self.interval, search_steps, self.ratio),
+            "retrain_lr": (self.lr, "unset: the search's lr") if self.retrain_lr is None else (self.retrain_lr, AS_SET),
+            "workers": decide_workers(self.workers, device_type, processes),
+            "round_to": (self.round_to, AS_SET if self.round_to != "auto" else
+                         "auto: decided by the run from the model's groups and its device"),
+        }
+        interval = decisions["interval"][0]
+        if self.method == "upop" and search_steps is not None and interval >= search_steps:
+            error = ConfigError(
+                f"the search has {search_steps} steps{f' ({length})' if length else ''} and interval={interval}: a "
+                "progressive search needs more steps than its interval; lengthen the search (more data or search "
+                "epochs, a smaller batch size), lower the interval, or use method one-shot")
+            error.shared = True  # every process finds it: the main process says so
+            raise error
+        given = self.to_dict()
+        return ResolvedSettings(given=given, values={**given, **{k: v for k, (v, _) in decisions.items()}},
+                                why={k: why for k, (_, why) in decisions.items()}, task=name,
+                                search_steps=search_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,6 +290,117 @@ class UPopConfig:
                               f"{type(data).__name__}")
         return cls.from_dict({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()},
                              source=f"config file {show(Path(path))}")
+
+
+def decide_distill(setting: str, task: str | None, cache: bool = True, *, needs_teacher: bool = False
+                   ) -> tuple[str, str]:
+    """The distillation mode ``setting`` stands for in a run of ``task``, and why: ``"auto"`` is
+    ``"logits"`` where the teacher can be cached (:data:`CACHED_TASKS`, with ``distill_cache`` on) and
+    ``"none"`` elsewhere, where distilling costs a teacher forward per step; a mode stands for itself.
+    (A run whose teacher table turns out too large for host memory still distils nothing under
+    ``"auto"``: the run reports it, :meth:`upop.engine.run.Run`.)"""
+    if setting != "auto":
+        return setting, AS_SET
+    if needs_teacher:
+        return "none", f"auto: task {task} learns from the teacher itself (its loss is the agreement with it)"
+    if task in CACHED_TASKS:
+        return ("logits", "retrieval with the cached teacher: no teacher forward per step") if cache else \
+            ("none", "off: --distill-cache false")
+    if task is None:
+        return "none", "off: without a task the teacher would run every step; pass distill logits to distil"
+    return "none", f"off: task {task} would run the teacher every step; pass --distill logits to distil"
+
+
+def decide_ranking(setting: str, cost: str, score: str) -> tuple[str, str]:
+    """The ranking ``setting`` stands for, and why (:func:`upop.search.rankings.resolve_ranking`)."""
+    if setting != "auto":
+        return setting, AS_SET
+    name = resolve_ranking(score, None, cost)
+    return name, f"auto with cost {cost} and the {score} score: {get_ranking(name).summary}"
+
+
+def decide_interval(setting: int | None, search_steps: int | None, ratio: float) -> tuple[int | None, str]:
+    """Search steps between mask updates, and why: ``setting``, or the steps per 1% of compression
+    (METHOD section 5's rule of thumb), at most ``search_steps - 1`` so that a progressive search updates
+    before its last step; None while the search length is not known."""
+    if setting is not None:
+        return setting, AS_SET
+    if search_steps is None:
+        return None, "unset: the steps per 1% of compression, decided when the search length is known"
+    n = max(1, min(round(search_steps / (100 * ratio)), search_steps - 1))
+    return n, f"unset: the steps per 1% of compression, {search_steps} search steps / (100 x ratio {ratio:g})"
+
+
+def decide_workers(setting: int | None, device_type: str, processes: int) -> tuple[int, str]:
+    """DataLoader worker processes, and why: ``setting``, or 0 without a GPU (they would compete
+    with the compute threads), else min(4, cores per process - 1)."""
+    if setting is not None:
+        return setting, AS_SET
+    if device_type != "cuda":
+        return 0, f"unset: 0 on {device_type.upper()}, where workers would compete with the compute threads"
+    cores = os.cpu_count() or 1
+    return max(0, min(4, cores // max(1, processes) - 1)), \
+        f"unset: min(4, {cores} cores / {processes} process{'es' if processes != 1 else ''} - 1) beside a GPU"
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """The settings one run runs with (made by :meth:`UPopConfig.resolve`): frozen, versioned.
+
+    ``given`` holds the settings as given, ``values`` the same with every ``auto`` / unset default of
+    :data:`DECIDED` decided, ``why`` the reason of each decision (:data:`AS_SET` where the user set
+    it). ``task`` and ``search_steps`` are what the decisions were made for. ``run.json`` and the
+    report store :meth:`to_dict`; resume compares them (:mod:`upop.engine.resume`)."""
+
+    given: Mapping[str, Any]
+    values: Mapping[str, Any]
+    why: Mapping[str, str]
+    task: str | None = None
+    search_steps: int | None = None
+    version: int = SETTINGS_VERSION
+
+    def __post_init__(self):
+        for name in ("given", "values", "why"):  # read-only views of private copies
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def __getitem__(self, name: str) -> Any:
+        """The decided value of setting ``name``."""
+        return self.values[name]
+
+    def decide(self, name: str, value: Any, why: str) -> "ResolvedSettings":
+        """These settings with ``name`` decided as ``value`` for the reason ``why`` (a decision that
+        needs the model, such as ``round_to="auto"``); the object itself stays as it is."""
+        if name not in DECIDED:
+            raise ValueError(f"{name!r} is not a decided setting (decided: {', '.join(DECIDED)})")
+        return dataclasses.replace(self, values={**self.values, name: value}, why={**self.why, name: why})
+
+    def config(self) -> UPopConfig:
+        """A :class:`UPopConfig` of the decided values (what the run's loops read)."""
+        return UPopConfig(**self.values)
+
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """Per decided setting: ``{"setting": as given, "used": decided value, "why": reason}``."""
+        return {name: {"setting": self.given[name], "used": self.values[name], "why": self.why[name]}
+                for name in DECIDED}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: ``version``, ``task``, ``search_steps``, ``given``, ``values``, ``why``."""
+        return {"version": self.version, "task": self.task, "search_steps": self.search_steps,
+                "given": dict(self.given), "values": dict(self.values), "why": dict(self.why)}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "settings") -> "ResolvedSettings":
+        """The settings :meth:`to_dict` wrote; another version, or anything else, is one
+        :class:`ConfigError` line naming ``source``."""
+        version = data.get("version") if isinstance(data, dict) else None
+        if version != SETTINGS_VERSION:
+            raise ConfigError(f"{source}: settings version {show(version)} is not this upop's ({SETTINGS_VERSION}); "
+                              "read them with the upop that wrote them")
+        parts = {k: data.get(k) for k in ("given", "values", "why")}
+        if not all(isinstance(v, dict) for v in parts.values()) or set(parts["why"]) != set(DECIDED):
+            raise ConfigError(f"{source}: not upop's resolved settings (given, values and why of {', '.join(DECIDED)})")
+        UPopConfig.from_dict(parts["values"], source=source)  # every value checked
+        return cls(**parts, task=data.get("task"), search_steps=data.get("search_steps"))
 
 
 def _real(value, otherwise: float) -> float:

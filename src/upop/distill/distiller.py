@@ -28,22 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upop.config import CACHED_TASKS, decide_distill  # noqa: F401 (CACHED_TASKS: where "auto" distils)
 from upop.search.settings import DISTILL_MODES as MODES
 from upop.search.settings import DISTILL_SETTINGS as SETTINGS  # noqa: F401 (what UPopConfig.distill accepts)
-#: the tasks whose teacher outputs can be cached (computed once, before the first step), where
-#: ``distill="auto"`` distils the logits at no per-step cost
-CACHED_TASKS = ("retrieval",)
 
 
 def resolve(setting: str, task: str | None, cache: bool = True) -> str:
-    """The mode ``setting`` stands for in a run of ``task``: ``"auto"`` is ``"logits"`` where the
-    teacher can be cached (:data:`CACHED_TASKS`, with ``distill_cache`` on) and ``"none"``
-    elsewhere, where distilling costs a teacher forward per step; a mode stands for itself. (A run
-    whose teacher table turns out too large for host memory still drops ``"auto"`` to ``"none"``
-    when it starts: :meth:`upop.engine.run.Run._teacher`.)"""
-    if setting != "auto":
-        return setting
-    return "logits" if cache and task in CACHED_TASKS else "none"
+    """The mode ``setting`` stands for in a run of ``task`` (:func:`upop.config.decide_distill`, the
+    one rule; a run reads it from its resolved settings)."""
+    return decide_distill(setting, task, cache)[0]
+
 
 #: the tensors exposed by the current student (or teacher) pass, or None outside a recording
 _RECORDING: list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]] = []
@@ -153,6 +147,51 @@ def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tor
     return torch.stack(terms).mean()
 
 
+@contextlib.contextmanager
+def teacher_pass(device: torch.device, bf16: bool = False) -> Iterator[None]:
+    """Where the teacher runs: no gradients, under bf16 autocast for a bf16 teacher, and on a forked
+    random state, so the student's draws (dropout, negatives) are those of a run without distillation."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        yield
+
+
+def distillation_term(student: dict[str, tuple[torch.Tensor, int, torch.Tensor | None, bool]],
+                      teacher: dict[str, torch.Tensor], weight: float, temperature: float,
+                      hidden: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The distillation term, ``weight * sum of parts``, and its parts: the one computation of
+    :class:`Distiller` (a task's exposed tensors) and the Trainer's hook (the model output's logits).
+
+    ``student`` maps a name to ``(logits, class axis, scored positions or None, both ways)``; each
+    name the ``teacher`` also has gives :func:`kl_logits` at ``temperature`` (a similarity matrix,
+    ``both ways``, averaged over its rows and its columns). ``hidden`` (student's and teacher's block
+    outputs) adds :func:`hidden_loss` as the part ``"hidden"``. A shape mismatch, or nothing to distil,
+    is a bug (``RuntimeError``)."""
+    parts: dict[str, torch.Tensor] = {}
+    for name, (s, dim, mask, both_ways) in student.items():
+        if name not in teacher:
+            continue
+        t = teacher[name].detach()
+        if s.shape != t.shape:
+            raise RuntimeError(f"distillation: the student's {name!r} has shape {tuple(s.shape)}, the teacher's "
+                               f"{tuple(t.shape)}; this is a bug, please report it")
+        term = kl_logits(s, t, temperature, dim, mask)
+        if both_ways:  # rows (image->text) and columns (text->image)
+            term = (term + kl_logits(s.t(), t.t(), temperature, -1)) / 2
+        parts[name] = term
+    if hidden is not None:
+        hs, ht = hidden
+        if len(hs) != len(ht) or any(a.shape != b.shape for a, b in zip(hs, ht)):
+            raise RuntimeError(f"distillation: the student ran {len(hs)} blocks, the teacher {len(ht)}; "
+                               "this is a bug, please report it")
+        if hs:
+            parts["hidden"] = hidden_loss(hs, [h.detach() for h in ht])
+    if not parts:
+        raise RuntimeError("distillation: the task exposed nothing to distil; this is a bug, please report it")
+    return weight * torch.stack(list(parts.values())).sum(), parts
+
+
 class _BlockOutputs:
     """Forward hooks collecting the output of every transformer block (the residual stream), in
     call order, while active."""
@@ -241,41 +280,15 @@ class Distiller:
             loss = task_loss(student, batch)
         ht: list[torch.Tensor] = []
         if self._replay is not None and not hidden:
-            exposed_t = {name: (t, -1, None) for name, t in self._replay(batch).items()}
+            exposed_t = self._replay(batch)
         else:
-            device = next(self.teacher.parameters()).device
-            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast_bf16
-                        else contextlib.nullcontext())
-            # the teacher's pass draws from a forked random state: the student's draws (dropout,
-            # negatives) are those of a run without distillation
-            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                    autocast, _record() as exposed_t, \
+            with teacher_pass(next(self.teacher.parameters()).device, self.autocast_bf16), _record() as exposed, \
                     (self._teacher_blocks.collect() if hidden else contextlib.nullcontext([])) as ht:
                 task_loss(self.teacher, batch)
-        terms, parts = [], {}
-        for name, (s, dim, mask) in exposed_s.items():
-            if name not in exposed_t:
-                continue
-            t = exposed_t[name][0].detach()
-            if s.shape != t.shape:
-                raise RuntimeError(f"distillation: the student's {name!r} has shape {tuple(s.shape)}, the teacher's "
-                                   f"{tuple(t.shape)}; this is a bug, please report it")
-            term = kl_logits(s, t, self.temperature, dim, mask)
-            if exposes_similarity(name):  # both ways: rows (image->text) and columns (text->image)
-                term = (term + kl_logits(s.t(), t.t(), self.temperature, -1)) / 2
-            terms.append(term)
-            parts[name] = term
-        if hidden:
-            if len(hs) != len(ht) or any(a.shape != b.shape for a, b in zip(hs, ht)):
-                raise RuntimeError(f"distillation: the student ran {len(hs)} blocks, the teacher {len(ht)}; "
-                                   "this is a bug, please report it")
-            if hs:
-                term = hidden_loss(hs, [h.detach() for h in ht])
-                terms.append(term)
-                parts["hidden"] = term
-        if not terms:
-            raise RuntimeError("distillation: the task exposed nothing to distil; this is a bug, please report it")
-        return loss, self.weight * torch.stack(terms).sum()
+            exposed_t = {name: t for name, (t, _, _) in exposed.items()}
+        student = {name: (s, dim, mask, exposes_similarity(name)) for name, (s, dim, mask) in exposed_s.items()}
+        term, _ = distillation_term(student, exposed_t, self.weight, self.temperature, (hs, ht) if hidden else None)
+        return loss, term
 
     @property
     def teacher_released(self) -> bool:

@@ -27,8 +27,8 @@ from torch import nn
 
 from upop.arch import find_groups
 from upop.checkpoint.folder import load_compressed
-from upop.config import UPopConfig
-from upop.errors import ConfigError, DataError, UPopError
+from upop.config import ResolvedSettings, UPopConfig
+from upop.errors import DataError, UPopError
 from upop.engine.loop import finetune
 from upop.engine.phases import retrain_phase, search_phase
 from upop.pruning.prune import PruningPlan
@@ -45,7 +45,11 @@ class Run:
     """One search -> prune -> retrain run writing into ``out_dir``.
 
     ``model`` must be the dense model, as loaded from ``base_model`` (also on resume: the run
-    rebuilds the pruned model from it and the saved plan). ``fingerprint`` (see
+    rebuilds the pruned model from it and the saved plan). ``settings`` are the run's resolved
+    settings (:meth:`upop.UPopConfig.resolve`, made once by :func:`upop.compress`); a
+    :class:`~upop.UPopConfig` given instead is resolved here, for the run's device, processes and
+    length. The run decides ``round_to`` (it needs the model's groups) and keeps the settings with
+    that decision as :attr:`settings`; :attr:`config` is their decided values. ``fingerprint`` (see
     :mod:`upop.engine.resume`) is stored with every state and a resumed state must carry the same.
     """
 
@@ -55,7 +59,7 @@ class Run:
         task: Task,
         train,
         val,
-        config: UPopConfig,
+        settings: ResolvedSettings | UPopConfig,
         processor,
         out_dir: str | os.PathLike,
         resume: bool = False,
@@ -66,31 +70,34 @@ class Run:
         fingerprint: dict | None = None,
     ):
         self.model, self.task, self.train_set, self.val_set = model, task, train, val
-        self.config, self.processor = config, processor
+        self.processor = processor
         self.out = Path(out_dir)
         self.state_dir = self.out / "state"
         self.resume, self.base_model, self.log, self.progress = resume, base_model, log, progress
         self.stop_after = stop_after  # testing hook: stop (as if killed) after this many total steps
         self.fingerprint = fingerprint or {}
+        config = settings.config() if isinstance(settings, ResolvedSettings) else settings
         self.acc = make_accelerator(config)
         self.collate = task.collator(processor, seed=config.seed)
         check_shards(len(train), config.batch_size, self.acc.num_processes)
         self.spe = steps_per_epoch(len(train), config.batch_size, self.acc.num_processes)
         self.search_steps = config.search_epochs * self.spe
         self.retrain_steps = config.retrain_epochs * self.spe
-        self.interval = config.resolved_interval(self.search_steps)
-        if config.method == "upop" and self.interval >= self.search_steps:
-            error = ConfigError(
-                f"the search has {self.search_steps} steps ({config.search_epochs} epochs of {self.spe}: "
-                f"{len(train)} samples / ({config.batch_size} x {self.acc.num_processes} processes)) and interval="
-                f"{self.interval}: a progressive search needs more steps than its interval; use more data or "
-                "--search-epochs, a smaller --batch-size or --interval, or --method one-shot")
-            error.shared = True  # every process finds it: the main process says so
-            raise error
+        if not isinstance(settings, ResolvedSettings):
+            settings = config.resolve(task, device_type=self.acc.device.type, processes=self.acc.num_processes,
+                                      search_steps=self.search_steps, length=run_length(
+                                          config, len(train), self.spe, self.acc.num_processes))
+        elif settings.search_steps != self.search_steps:
+            raise ValueError(f"the settings were resolved for a search of {settings.search_steps} steps; this run's "
+                             f"has {self.search_steps}")
+        self.interval = settings["interval"]
         # the width multiple (round_to "auto" depends on the device and the narrowest group)
         groups = find_groups(model, granularity=config.granularity)
         self.round_to, self.round_to_why = resolve_round_to(config.round_to, groups, self.acc.device.type,
                                                             config.allocation)
+        #: the run's resolved settings, ``round_to`` decided; :attr:`config`: their decided values
+        self.settings = settings.decide("round_to", self.round_to, self.round_to_why)
+        self.config = self.settings.config()
         check_reachable(groups, config.ratio, self.round_to, config.cost)  # before the folder is touched
         self._steps_done = 0
         self._ddp_names: list[str] | None = None  # the wrapped model's parameters, in DDP's order
@@ -103,40 +110,38 @@ class Run:
         """The frozen dense teacher (a copy of ``model`` taken before any mask or pruning, on the
         run's device) when the run distils or the task learns from it, and the distiller.
 
-        ``distill="auto"`` distils the logits only where the teacher's outputs are cached
-        (:func:`upop.distill.distiller.resolve`); its table is then built here, and where it cannot be (too
-        large for host memory, captions behind a prompt) the run distils nothing and frees the copy.
-        :attr:`auto_why` says what ``auto`` chose, for the report."""
-        from upop.distill.distiller import CACHED_TASKS, Distiller, make_teacher, resolve
+        The mode is the resolved settings' (``distill="auto"``: the logits only where the teacher's
+        outputs are cached, :func:`upop.config.decide_distill`); the teacher's table is then built
+        here, and where it cannot be (too large for host memory, captions behind a prompt) a run
+        left on ``auto`` distils nothing and frees the copy (it would cost a teacher forward per
+        step, which ``auto`` never chooses). :attr:`auto_why` says what ``auto`` chose, for the report."""
+        from upop.distill.distiller import Distiller, make_teacher
 
-        cfg = self.config
-        mode = resolve(cfg.distill, self.task.name, cfg.distill_cache)
-        self.auto_why = None if cfg.distill != "auto" or getattr(self.task, "needs_teacher", False) else (
-            "retrieval with the cached teacher: no teacher forward per step" if mode == "logits" else
-            "off: --distill-cache false" if self.task.name in CACHED_TASKS else
-            f"off: task {self.task.name} would run the teacher every step; pass --distill logits to distil")
-        if mode == "none" and not getattr(self.task, "needs_teacher", False):
+        cfg, settings = self.config, self.settings
+        mode, auto = settings["distill"], settings.given["distill"] == "auto"
+        needs_teacher = self.task.needs_teacher
+        self.auto_why = settings.why["distill"] if auto and not needs_teacher else None
+        if mode == "none" and not needs_teacher:
             return None, None
         dtype = torch.bfloat16 if cfg.teacher_precision == "bf16" else None
         teacher = make_teacher(model, device=self.acc.device, dtype=dtype)
-        if getattr(self.task, "needs_teacher", False):
+        if needs_teacher:
             self.task.set_teacher(teacher)
-            if cfg.distill_cache and hasattr(self.task, "cache_teacher"):
+            if cfg.distill_cache:
                 self.task.cache_teacher(self.train_set, self.processor, cfg.eval_batch_size, self.acc)
         if mode == "none":
             return teacher, None
         distiller = Distiller(teacher, mode, cfg.distill_weight, cfg.distill_temperature,
                               autocast_bf16=dtype is not None)
-        replay = getattr(self.task, "teacher_replay", None)
-        if mode == "logits" and cfg.distill_cache and replay is not None:
+        if mode == "logits" and cfg.distill_cache:
             # the teacher's table is built now, before any training memory exists, and the dense copy
             # is dropped at once (its memory goes back before the first step's optimizer state)
-            factory = replay(teacher, self.train_set, self.processor, cfg.eval_batch_size, self.acc)
+            factory = self.task.teacher_replay(teacher, self.train_set, self.processor, cfg.eval_batch_size, self.acc)
             built = factory() if factory is not None else None
             if built is not None:
                 distiller.use_replay(built)
                 return None, distiller
-            if cfg.distill == "auto":  # free or not at all: without a table, no distillation
+            if auto:  # free or not at all: without a table, no distillation
                 distiller.close()
                 self.auto_why = ("off: the teacher's outputs cannot be cached here (a table over "
                                  "host-memory's limit, or captions behind a prompt)")
@@ -155,7 +160,7 @@ class Run:
         if self.distiller is None:
             return self.task.loss(wrapped, batch), None
         out = self.distiller.loss(self.task.loss, wrapped, self.acc.unwrap_model(wrapped), batch)
-        if self.teacher is not None and self.distiller.teacher_released and not getattr(self.task, "needs_teacher", False):
+        if self.teacher is not None and self.distiller.teacher_released and not self.task.needs_teacher:
             self.teacher = None  # the cached teacher: the dense copy's memory is freed
         return out
 
@@ -165,7 +170,7 @@ class Run:
         for batch in step_batches(self.train_set, self.collate, batch_size=self.config.batch_size,
                                   seed=self.config.seed, start=start, stop=stop, rank=self.acc.process_index,
                                   world=self.acc.num_processes,
-                                  workers=self.config.resolved_workers(self.acc.num_processes)):
+                                  workers=self.config.workers):
             yield {k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def record(self, record: dict) -> None:
@@ -494,6 +499,12 @@ class Run:
 
     def _retrain(self, plan: PruningPlan, state: dict | None) -> PhaseResult:
         return retrain_phase(self, plan, state)
+
+
+def run_length(config: UPopConfig, samples: int, spe: int, processes: int) -> str:
+    """The search's length in words, for the error of a search no longer than its interval."""
+    return (f"{config.search_epochs} epochs of {spe}: {samples} samples / ({config.batch_size} x {processes} "
+            "processes)")
 
 
 __all__ = ["Run", "RunStopped", "STATE_FILE", "TrainingError", "batch_indices", "finetune", "seed_everything",

@@ -15,7 +15,10 @@ Schema of ``report.json`` (``schema_version`` 1)::
                                    retime_command
     allocation                     {"by_modality": {modality: {kind: {"kept", "total", "kept_fraction"}}},
                                     "layers": [{"group", "modality", "kind", "layer", "kept", "total"}]}
-    settings                       the UPopConfig of the run
+    settings                       the UPopConfig of the run, as given
+    resolved_settings              the settings the run ran with (upop.config.ResolvedSettings): {"version",
+                                   "task", "search_steps", "given", "values" (every auto / unset default
+                                   decided), "why" (the reason of each decision)}
     latency_input                  what the latency and FLOPs were measured on
 """
 
@@ -128,10 +131,11 @@ def allocation(plan: PruningPlan) -> dict[str, Any]:
 
 def build_report(
     *, task: str, plan: PruningPlan, dense: dict, compressed: dict, target_ratio: float, cost: str,
-    settings: dict, latency_input: str, latency: dict | None = None,
+    settings: dict, latency_input: str, latency: dict | None = None, resolved: dict | None = None,
 ) -> dict[str, Any]:
     """The report; ``latency`` is the paired measurement (:func:`paired_summary` fields and the
-    setup); without it the speedup is the ratio of the two latencies."""
+    setup); without it the speedup is the ratio of the two latencies. ``settings`` are the run's
+    settings as given, ``resolved`` its resolved settings (``ResolvedSettings.to_dict()``)."""
     speed = dense["latency_ms"] / compressed["latency_ms"] if compressed.get("latency_ms") else None
     return {
         "schema_version": SCHEMA_VERSION,
@@ -150,6 +154,7 @@ def build_report(
         "latency": latency,
         "allocation": allocation(plan),
         "settings": settings,
+        **({"resolved_settings": resolved} if resolved is not None else {}),
         "latency_input": latency_input,
     }
 
@@ -195,7 +200,24 @@ def markdown(report: dict[str, Any]) -> str:
     for modality, kinds in report["allocation"]["by_modality"].items():
         for kind, cell in kinds.items():
             lines.append(f"| {modality} | {kind} | {cell['kept']} | {cell['total']} | {cell['kept_fraction']:.2f} |")
+    lines += decided_lines(report.get("resolved_settings"))
     return "\n".join(lines) + "\n"
+
+
+def decided_lines(resolved: dict | None) -> list[str]:
+    """The settings section: each setting upop decided (``auto`` or unset), the value used and why."""
+    if not resolved:
+        return []
+    lines = ["", f"## Settings decided by upop (settings version {resolved['version']})", "",
+             "| setting | given | used | why |", "|---|---|---|---|"]
+    for name, why in resolved["why"].items():
+        lines.append(f"| {name} | {_cell(resolved['given'][name])} | {_cell(resolved['values'][name])} | {why} |")
+    return lines
+
+
+def _cell(value) -> str:
+    """A setting's value in a table cell: unset for None, else its JSON text."""
+    return "unset" if value is None else json.dumps(value)
 
 
 def latency_lines(report: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """UPop inside a ``transformers.Trainer``: search, prune and retrain in one ``trainer.train()``.
 
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train)
-    callback = upop.integrations.transformers.callback.add_upop(trainer, ratio=0.5)   # search the first half of the steps
+    callback = upop.add_upop(trainer, ratio=0.5)   # search the first half of the steps
     trainer.train()                                             # search -> prune -> retrain
     upop.save_compressed(trainer.model, "out/compressed")       # callback.plan: what was kept
 
@@ -48,12 +48,13 @@ from upop.integrations.transformers.glue import load_renamed_weights, trainer_lo
 from upop.arch import find_groups
 from upop.engine.callback import UPopCallback
 from upop.checkpoint.folder import read_plan
+from upop.config import ResolvedSettings, UPopConfig, decide_distill
 from upop.errors import CheckpointError, ConfigError, show
 from upop.pruning.masks import Masks, attach_masks
 from upop.pruning.prune import PLAN_FILE, PruningPlan, apply_plan
 from upop.runs.rundir import torch_save_atomic, write_text_atomic
-from upop.search.mask_search import ALLOCATIONS, COSTS, METHODS, SCORES, UPopSearch, resolve_round_to
-from upop.integrations.transformers.distill import TrainerDistiller, check_distill
+from upop.search.mask_search import UPopSearch, resolve_round_to
+from upop.integrations.transformers.distill import TrainerDistiller
 
 SEARCH_FILE = "upop_search.pt"
 """The search state in a Trainer checkpoint folder written during the search."""
@@ -81,12 +82,17 @@ class UPopTrainerCallback(TrainerCallback):
         text_tokens: text length for FLOPs costs of text units (default: the model's maximum).
         distill, distill_weight, distill_temperature, teacher_precision: distillation from the dense
             model during the search and the retraining, as ``upop compress --distill`` (``"none"``,
-            default: the Trainer's loop has no cached teacher, so ``upop compress``'s free
-            ``"auto"`` does not exist here; ``"logits"`` or ``"logits+hidden"``), read off the model output's
+            default; ``"auto"`` is ``"none"`` here: the Trainer's loop has no cached teacher, so
+            ``upop compress``'s free distillation does not exist; ``"logits"`` or ``"logits+hidden"``), read off the model output's
             ``logits_per_image`` or ``logits`` (:mod:`upop.integrations.transformers.distill`). The teacher is a frozen
             copy of ``trainer.model`` made when the callback is attached (the dense model: attach
             before training, also when resuming), or ``teacher`` if given.
         trainer: the Trainer; or call :meth:`attach` / use :func:`add_upop`.
+
+    The settings are checked by :class:`upop.UPopConfig` (the same errors as ``upop compress``) and
+    kept as :attr:`config`; when training begins they are resolved for the run
+    (:meth:`upop.UPopConfig.resolve`: ``interval``, ``ranking``, ``round_to`` decided, with reasons) into
+    :attr:`settings`.
 
     After training: ``trainer.model`` is pruned, :attr:`plan` is its :class:`upop.PruningPlan`,
     :attr:`search` the finished :class:`upop.UPopSearch` (history, accumulated scores).
@@ -99,22 +105,21 @@ class UPopTrainerCallback(TrainerCallback):
                  w_mlp: float = 2e-4, unit_costs: dict[str, float] | None = None, text_tokens: int | None = None,
                  distill: str = "none", distill_weight: float = 4.0, distill_temperature: float = 1.0,
                  teacher_precision: str = "fp32", teacher: nn.Module | None = None, trainer=None):
-        _check_choices(ratio, cost, method, score, allocation, round_to)
-        check_distill(distill, distill_weight, distill_temperature, teacher_precision)
-        self.distill = {"mode": distill, "weight": distill_weight, "temperature": distill_temperature,
-                        "precision": teacher_precision, "teacher": teacher}
+        #: the settings, checked by UPopConfig's one validation
+        self.config = UPopConfig(ratio=ratio, interval=interval, cost=cost, method=method, score=score,
+                                 round_to=round_to, allocation=allocation, granularity=granularity, w_attn=w_attn,
+                                 w_mlp=w_mlp, distill=distill, distill_weight=distill_weight,
+                                 distill_temperature=distill_temperature, teacher_precision=teacher_precision)
+        #: the settings resolved for the run (made when training begins)
+        self.settings: ResolvedSettings | None = None
+        self.distill = {"mode": decide_distill(distill, None, cache=False)[0], "teacher": teacher}
         self.distiller: TrainerDistiller | None = None
         given = {k: v for k, v in (("search_steps", search_steps), ("search_epochs", search_epochs),
                                    ("search_fraction", search_fraction)) if v is not None}
         if len(given) > 1:
             raise ConfigError(f"give at most one of search_steps, search_epochs, search_fraction; got {show(given)}")
         _check_length(given)
-        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, numbers.Integral)
-                                     or interval < 1):
-            raise ConfigError(f"interval must be an integer >= 1 or None, got {show(interval)}")
-        self.ratio, self.interval, self.cost, self.method, self.score = ratio, interval, cost, method, score
-        self.round_to, self.allocation, self.granularity = round_to, allocation, granularity
-        self.w_attn, self.w_mlp, self.unit_costs, self.text_tokens = w_attn, w_mlp, unit_costs, text_tokens
+        self.unit_costs, self.text_tokens = unit_costs, text_tokens
         self._length = given or {"search_fraction": DEFAULT_SEARCH_FRACTION}
         self.search_steps: int | None = None  # resolved when training begins
         self.search: UPopSearch | None = None
@@ -150,11 +155,11 @@ class UPopTrainerCallback(TrainerCallback):
     def _start_distilling(self) -> None:
         """Hook the distillation on the Trainer's model; the first time, the teacher is copied from
         it (or from ``teacher``) and kept for later ``train()`` calls of this callback."""
-        d = self.distill
+        d, cfg = self.distill, self.config
         if d["mode"] == "none" or self.distiller is not None:
             return
-        self.distiller = TrainerDistiller(self.trainer.model, d["mode"], d["weight"], d["temperature"], d["teacher"],
-                                          d["precision"])
+        self.distiller = TrainerDistiller(self.trainer.model, d["mode"], cfg.distill_weight, cfg.distill_temperature,
+                                          d["teacher"], cfg.teacher_precision)
         d["teacher"] = self.distiller.teacher
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -167,7 +172,7 @@ class UPopTrainerCallback(TrainerCallback):
     def _need_trainer(self, args):
         trainer = self.trainer
         if trainer is None:
-            raise ConfigError("UPopTrainerCallback has no Trainer: create it with upop.integrations.transformers.callback.add_upop(trainer, "
+            raise ConfigError("UPopTrainerCallback has no Trainer: create it with upop.add_upop(trainer, "
                               "...), or call callback.attach(trainer) before trainer.train()")
         if args.n_gpu > 1:
             raise ConfigError(f"n_gpu={args.n_gpu}: UPopTrainerCallback does not support DataParallel (several GPUs in "
@@ -184,6 +189,10 @@ class UPopTrainerCallback(TrainerCallback):
         self._start_distilling()
         model = trainer.model
         self.search_steps = self._resolve_search_steps(state, train_dataloader, args)
+        (kind, value), = self._length.items()
+        self.settings = self.config.resolve(None, device_type=args.device.type, processes=args.world_size,
+                                            search_steps=self.search_steps,
+                                            length=f"{kind}={value} of max_steps={state.max_steps}")
         resume = None
         if state.global_step > 0:
             resume = self._resume_dir or Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -200,14 +209,15 @@ class UPopTrainerCallback(TrainerCallback):
                                   f"steps, but {show(resume)} has no {PLAN_FILE}")
         if self.masks is not None:  # left by an earlier train() that stopped during the search
             self.masks.remove()
-        groups = find_groups(model, text_tokens=self.text_tokens, granularity=self.granularity)
-        round_to, _ = resolve_round_to(self.round_to, groups, args.device.type, self.allocation)
-        interval = self.interval or max(1, min(round(self.search_steps / (100 * self.ratio)), self.search_steps - 1))
+        s = self.settings
+        groups = find_groups(model, text_tokens=self.text_tokens, granularity=s["granularity"])
+        self.settings = s = s.decide("round_to", *resolve_round_to(s["round_to"], groups, args.device.type,
+                                                                   s["allocation"]))
         self.masks = attach_masks(model, groups)
         try:
-            self.search = UPopSearch(self.masks, self.ratio, self.search_steps, interval, self.cost, self.method,
-                                     self.w_attn, self.w_mlp, round_to=round_to, allocation=self.allocation,
-                                     unit_costs=self.unit_costs, score=self.score)
+            self.search = UPopSearch(self.masks, s["ratio"], self.search_steps, s["interval"], s["cost"], s["method"],
+                                     s["w_attn"], s["w_mlp"], round_to=s["round_to"], allocation=s["allocation"],
+                                     unit_costs=self.unit_costs, score=s["score"], ranking=s["ranking"])
             self.core = UPopCallback(self.masks, self.search)  # the UPop part of each step (upop.engine.callback)
             if resume is not None:
                 self._load_search(resume, state.global_step)
@@ -359,18 +369,6 @@ def _prepare(model: nn.Module, checkpoint_dir, optimizer) -> PruningPlan | None:
     if optimizer is not None:  # an optimizer given to the Trainer over the dense parameters
         swap_parameters(optimizer, before, dict(model.named_parameters()))
     return plan
-
-
-def _check_choices(ratio, cost, method, score, allocation, round_to) -> None:
-    """The settings that can be checked before the model and the run length are known."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio < 1.0:
-        raise ConfigError(f"ratio must be a number in (0, 1), e.g. 0.5 for 2x, got {show(ratio)}")
-    for name, value, allowed in (("cost", cost, COSTS), ("method", method, METHODS), ("score", score, SCORES),
-                                 ("allocation", allocation, ALLOCATIONS)):
-        if value not in allowed:
-            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {show(value)}")
-    if round_to != "auto" and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ConfigError(f"round_to must be 'auto' or an integer >= 1, got {show(round_to)}")
 
 
 def _check_length(given: dict[str, Any]) -> None:

@@ -27,21 +27,12 @@ import contextlib
 import torch
 from torch import nn
 
-from upop.distill.distiller import MODES, _BlockOutputs, block_names, hidden_loss, kl_logits, make_teacher, next_token_mask
-from upop.errors import ConfigError, show
+from upop.config import UPopConfig
+from upop.distill.distiller import (_BlockOutputs, block_names, distillation_term, make_teacher, next_token_mask,
+                                    teacher_pass)
+from upop.errors import ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def check_distill(mode: str, weight, temperature, precision: str) -> None:
-    """One-line errors for the Trainer's distillation settings."""
-    if mode not in MODES:
-        raise ConfigError(f"distill must be one of {', '.join(MODES)}, got {show(mode)}")
-    for name, value in (("distill_weight", weight), ("distill_temperature", temperature)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{name} must be a number > 0, got {show(value)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"teacher_precision must be one of {', '.join(PRECISIONS)}, got {show(precision)}")
 
 
 class TrainerDistiller:
@@ -60,9 +51,11 @@ class TrainerDistiller:
 
     def __init__(self, model: nn.Module, mode: str, weight: float = 4.0, temperature: float = 1.0,
                  teacher: nn.Module | None = None, precision: str = "fp32"):
-        check_distill(mode, weight, temperature, precision)
-        if mode == "none":
-            raise ConfigError("TrainerDistiller needs distill 'logits' or 'logits+hidden'")
+        # the settings' one check (UPopConfig's), then what this hook can do
+        UPopConfig(distill=mode, distill_weight=weight, distill_temperature=temperature, teacher_precision=precision)
+        if mode in ("none", "auto"):
+            raise ConfigError(f"distill={mode!r} is not allowed here; TrainerDistiller needs distill 'logits' or "
+                              "'logits+hidden'")
         self.mode, self.weight, self.temperature, self.precision = mode, float(weight), float(temperature), precision
         self.teacher = make_teacher(model if teacher is None else teacher, dtype=PRECISIONS[precision])
         self.blocks = block_names(self.teacher) if mode == "logits+hidden" else []
@@ -98,27 +91,12 @@ class TrainerDistiller:
         device = s_logits.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
-                    else contextlib.nullcontext())
         collect = self._teacher_blocks.collect() if self._teacher_blocks is not None else contextlib.nullcontext([])
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast, \
-                collect as teacher_hidden:
+        with teacher_pass(device, self.precision == "bf16"), collect as teacher_hidden:
             t_out = self.teacher(*args, **kwargs)
-        t_logits = t_out["logits_per_image" if both_ways else "logits"].detach()
-        if t_logits.shape != s_logits.shape:
-            raise RuntimeError(f"distillation: the student's logits have shape {tuple(s_logits.shape)}, the "
-                               f"teacher's {tuple(t_logits.shape)}; this is a bug, please report it")
-        term = kl_logits(s_logits, t_logits, self.temperature, -1, mask)
-        if both_ways:
-            term = (term + kl_logits(s_logits.t(), t_logits.t(), self.temperature, -1)) / 2
-        parts = {"logits": term}
-        if self.blocks:
-            if len(student_hidden) != len(teacher_hidden) or \
-                    any(a.shape != b.shape for a, b in zip(student_hidden, teacher_hidden)):
-                raise RuntimeError(f"distillation: the student ran {len(student_hidden)} blocks, the teacher "
-                                   f"{len(teacher_hidden)}; this is a bug, please report it")
-            parts["hidden"] = hidden_loss(student_hidden, [h.detach() for h in teacher_hidden])
-        total = self.weight * torch.stack(list(parts.values())).sum()
+        t_logits = t_out["logits_per_image" if both_ways else "logits"]
+        total, parts = distillation_term({"logits": (s_logits, -1, mask, both_ways)}, {"logits": t_logits}, self.weight,
+                                         self.temperature, (student_hidden, teacher_hidden) if self.blocks else None)
         self.last = {k: float(v.detach()) for k, v in parts.items()}
         output["loss"] = loss + total.to(loss.dtype)
         return output
