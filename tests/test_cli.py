@@ -47,6 +47,8 @@ def test_compress_then_evaluate_reproduces_the_report(world, tmp_path, capsys):
     assert report["compressed"]["params"] < report["dense"]["params"]
     assert set(report["compressed"]["metrics"]) == {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
     assert (out / "report.md").is_file() and (out / "allocation.png").stat().st_size > 1000
+    card = (out / "compressed" / "README.md").read_text()  # the model card carries the run's table
+    assert "| r_mean |" in card and "| dense | compressed |" in card and "tags:\n- upop" in card
     assert (out / "log.jsonl").read_text().count('"phase": "search"') == 16
     # the dense model for the paired latency was kept on disk during the run, not in memory, and is gone
     assert not (out / "state" / "dense-model").exists()

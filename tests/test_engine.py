@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import upop
+from upop.checkpoint.hub import own_model_type
 from upop.errors import CheckpointError, UnsupportedModelError
 
 from ._families import FAMILIES, prunable_params
@@ -75,7 +76,11 @@ def test_round_trip(family, tmp_path):
     with torch.no_grad():
         for a, b in zip(forward(model), forward(loaded)):
             assert torch.equal(a, b)
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == model.config.model_type
+    # the folder records upop's own model type (plain transformers then asks for trust_remote_code);
+    # the loaded model's config has the dense one
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"]
+    assert saved == own_model_type(type(model.config)) and saved.startswith("upop_")
+    assert loaded.config.model_type == model.config.model_type
     assert not list(tmp_path.glob(".ckpt.tmp-*"))
 
 

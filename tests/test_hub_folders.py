@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import upop
@@ -87,6 +88,7 @@ FORWARDS = textwrap.dedent('''
         "siglip": ("AutoModelForZeroShotImageClassification", _pair),
         "siglip-vision": ("AutoModel", lambda m: [m(pixel_values=_pixels()).pooler_output]),
         "siglip-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
+        "siglip-classifier": ("AutoModelForImageClassification", _logits),
         "siglip2": ("AutoModelForZeroShotImageClassification", _pair2),
         "siglip2-vision": ("AutoModel", lambda m: [m(**_naflex()).pooler_output]),
         "siglip2-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
@@ -121,10 +123,27 @@ CHILD = FORWARDS + textwrap.dedent('''
     from safetensors.torch import save_file
 
     transformers.utils.logging.disable_progress_bar()
+    import logging
+
+    class Errors(logging.Handler):  # what transformers logs at error level (e.g. a pipeline's "not supported")
+        seen = []
+
+        def emit(self, record):
+            Errors.seen.append(record.getMessage())
+
+    transformers.utils.logging.get_logger("transformers").addHandler(Errors(logging.ERROR))
     jobs = json.loads(Path(sys.argv[1]).read_text())
     report = {}
     for job in jobs["models"]:
         auto, forward = FORWARDS[job["family"]]
+        plain = []  # without trust_remote_code: transformers' own custom-code refusal, never a model
+        for extra in ({}, {"ignore_mismatched_sizes": True}):
+            try:
+                getattr(transformers, auto).from_pretrained(job["folder"], **extra)
+            except ValueError as exc:
+                plain.append("trust_remote_code=True" in str(exc))
+            else:
+                plain.append("loaded")
         model, info = getattr(transformers, auto).from_pretrained(job["folder"], trust_remote_code=True,
                                                                   output_loading_info=True)
         problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
@@ -132,13 +151,15 @@ CHILD = FORWARDS + textwrap.dedent('''
             outs = forward(model.eval())
         save_file({str(i): t.float().contiguous() for i, t in enumerate(outs)}, job["out"])
         report[job["folder"]] = {"class": type(model).__name__, "problems": problems,
-                                 "module": type(model).__module__}
+                                 "module": type(model).__module__, "plain": plain}
     image = Image.new("RGB", (40, 40), (200, 30, 30))
     for job in jobs["pipelines"]:
+        Errors.seen.clear()
         pipe = transformers.pipeline(job["task"], model=job["folder"], trust_remote_code=True)
         kwargs = {"candidate_labels": ["a red square", "a blue circle"]} if "zero-shot" in job["task"] else {}
         result = pipe(image, **kwargs)
-        report[job["folder"] + ":" + job["task"]] = {"class": type(pipe.model).__name__, "result": result}
+        report[job["folder"] + ":" + job["task"]] = {"class": type(pipe.model).__name__, "result": result,
+                                                     "errors": list(Errors.seen)}
     Path(jobs["report"]).write_text(json.dumps(report))
 ''')
 
@@ -180,7 +201,7 @@ def _no_upop(tmp: Path, models: list[tuple[str, Path]], pipelines: list[tuple[st
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, str(tmp / "child.py"), str(tmp / "jobs.json")], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((tmp / "report.json").read_text())
 
@@ -218,6 +239,8 @@ def test_every_family_loads_without_upop(hub_world):
         assert entry["class"] == PREFIX + cls, folder
         assert "upop" not in entry["module"].split(".")[0]  # transformers' copy of modeling_upop.py
         assert entry["problems"] == {}, (folder, entry["problems"])  # no missing/unexpected/mismatched keys
+        # without trust_remote_code: transformers' own refusal, also with ignore_mismatched_sizes=True
+        assert entry["plain"] == [True, True], (folder, entry["plain"])
         got = load_file(str(tmp / f"out-{i}.safetensors"))
         assert len(got) == len(want[family])
         for k, expected in enumerate(want[family]):
@@ -234,13 +257,15 @@ def test_pipelines_without_upop(hub_world):
             entry = report[f"{hub_world[0] / f'{family}-{kind}'}:{task}"]
             assert entry["class"].startswith(PREFIX)
             result = entry["result"]
+            assert entry["errors"] == [], entry["errors"]  # no "model ... is not supported for ..." error
             assert isinstance(result, list) and result and all("score" in r and "label" in r for r in result)
             assert abs(sum(r["score"] for r in result) - 1.0) < 1e-4 or task == "image-classification"
 
 
 @pytest.mark.parametrize("family", NAMES)
 def test_folder_contents(family, hub_world):
-    """config.json keeps model_type, names the class, maps Auto classes to the generated module,
+    """config.json records upop's own model type (upop_<type>) with its AutoConfig, names the class,
+    maps Auto classes to the generated module,
     and the generated file imports only torch, transformers and the standard library."""
     tmp = hub_world[0]
     for kind in ("saved", "resaved"):
@@ -248,6 +273,12 @@ def test_folder_contents(family, hub_world):
         config = json.loads((folder / "config.json").read_text())
         cls = json.loads((folder / "upop_plan.json").read_text())["model_class"]
         assert config["architectures"] == [cls]
+        assert config["model_type"].startswith("upop_") and config["auto_map"]["AutoConfig"].startswith(
+            "modeling_upop.")
+        card = (folder / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---")[1])
+        assert meta["library_name"] == "transformers" and "upop" in meta["tags"], meta
+        assert f"{FWD[family][0]}.from_pretrained(" in card or "AutoModel" in card
         assert config["auto_map"]["AutoModel"] == f"modeling_upop.{PREFIX}{cls}"
         assert FWD[family][0] in config["auto_map"]
         assert config[SHAPES_KEY]["version"] == 1 and config[SHAPES_KEY]["modules"]
@@ -296,6 +327,8 @@ REFUSED = {
     "other class": _set_map({"AutoModel": "modeling_upop.EvilModel"}),
     "extra key": lambda c: c["auto_map"].update(AutoTokenizer=["modeling_upop.UPopViTForImageClassification", None]),
     "AutoConfig for a transformers config": lambda c: c["auto_map"].update(AutoConfig="modeling_upop.ViTConfig"),
+    "AutoConfig of another class": lambda c: c["auto_map"].update(AutoConfig="modeling_upop.UPopEvilConfig"),
+    "AutoConfig of another type": lambda c: c["auto_map"].update(AutoConfig="modeling_upop.UPopBertConfig"),
     "not an object": _set_map(["modeling_upop.UPopViTForImageClassification"]),
     "no AutoModel": _set_map({"AutoModelForImageClassification": "modeling_upop.UPopViTForImageClassification"}),
     "repo-qualified": _set_map({"AutoModel": "evil/repo--modeling_upop.UPopViTForImageClassification"}),
@@ -308,6 +341,13 @@ def test_other_auto_maps_are_refused(case, hub_world, tmp_path):
     with pytest.raises(CheckpointError, match="auto_map") as err:
         upop.load_compressed(folder)
     assert "\n" not in str(err.value) and "never runs code" in str(err.value)
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_own_model_type_without_its_auto_config_is_refused(hub_world, tmp_path):
+    folder = _copy(hub_world[0] / "vit-saved", tmp_path / "c", lambda c: c["auto_map"].pop("AutoConfig"))
+    with pytest.raises(CheckpointError, match="model_type 'upop_vit' is not one transformers or upop defines"):
+        upop.load_compressed(folder)
     assert not (tmp_path / MARKER).exists()
 
 

@@ -32,6 +32,7 @@ _EXPORTS = {
     "UPopConfig": "config",
     "count_flops": "measure.cost", "count_params": "measure.cost", "measure_latency": "measure.cost",
     "prunable_cost": "measure.cost",
+    "export_onnx": "export.onnx",
     "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors", "TaskError": "errors",
     "UnsupportedModelError": "errors", "UPopError": "errors",
     "Group": "arch.groups",
@@ -65,6 +66,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
     from upop.checkpoint.folder import load_compressed, read_plan, save_compressed  # noqa: F401
     from upop.config import UPopConfig  # noqa: F401
     from upop.measure.cost import count_flops, count_params, measure_latency, prunable_cost  # noqa: F401
+    from upop.export.onnx import export_onnx  # noqa: F401
     from upop.errors import (CheckpointError, ConfigError, DataError, TaskError, UnsupportedModelError,  # noqa: F401
                          UPopError)
     from upop.arch.groups import Group  # noqa: F401
@@ -100,6 +102,7 @@ __all__ = [
     "attach_masks",
     "count_flops",
     "count_params",
+    "export_onnx",
     "find_groups",
     "get_spec",
     "load_compressed",

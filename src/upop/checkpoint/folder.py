@@ -35,6 +35,7 @@ from upop.checkpoint.safe_load import (SAFE_INDEX, shard_files, check_dtypes, ch
 from upop.checkpoint.allow_list import drop_unknown_files, refuse_folder_hooks
 from upop.arch import ArchSpec, get_spec, spec_by_name
 from upop.errors import CheckpointError, ConfigError, UnsupportedModelError, show
+from upop.checkpoint.card import CARD_FILE, write_model_card
 from upop.checkpoint.hub import MODELING_FILE, refuse_hooks, strip_hub_fields, write_hub_files
 from upop.pruning.prune import PLAN_FILE, PruningPlan, apply_plan
 from upop.runs.rundir import write_dir_atomic
@@ -54,7 +55,7 @@ _PROCESSOR_FILES = (
     "chat_template.jinja",
 )
 #: the files upop itself writes into a compressed folder
-_OWN_FILES = {"config.json", "generation_config.json", PLAN_FILE, WEIGHTS_FILE, MODELING_FILE}
+_OWN_FILES = {"config.json", "generation_config.json", PLAN_FILE, WEIGHTS_FILE, MODELING_FILE, CARD_FILE}
 
 
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None, plan: PruningPlan | None = None) -> Path:
@@ -86,6 +87,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
         (tmp / PLAN_FILE).write_text(plan.to_json())
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "upop_format": str(plan.format_version)})
         _save_processor(tmp, processor, plan)
+        write_model_card(tmp, plan)
 
     return write_dir_atomic(out_dir, fill)
 
@@ -176,7 +178,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device | None =
     cls = model_class(plan.model_class)
     files = weight_files(path)
     found = scan_safetensors(files)
-    config = read_config(path, cls)
+    config = read_config(path, cls, config_json)
     strip_hub_fields(config)  # the Hub files' fields; load_compressed never imports modeling_upop.py
     model = _build(cls, config, path)
     if attn_implementation is not None:

@@ -14,7 +14,13 @@ compressed model) also holds:
   model built from the same config: its tensor shapes, attributes and swapped class, found by
   diffing the pruned model against ``cls(config)`` built on the meta device) and an ``auto_map``
   naming ``modeling_upop.UPopX`` for ``AutoModel`` and every Auto class that maps the config to
-  ``X`` (plus ``AutoConfig`` for a config class transformers does not define).
+  ``X``, and ``AutoConfig`` naming the config class: ``UPop<Config>``, a subclass of the dense
+  config class under upop's own ``model_type`` (``upop_<model_type>``, :func:`own_model_type`),
+  or upop's own config class (Segmenter's).
+- the model type is upop's own, so plain transformers (``AutoModel.from_pretrained(folder)``,
+  ``AutoConfig``, ``pipeline``) stops with its own "contains custom code ... pass
+  ``trust_remote_code=True``" message instead of reaching the dense class's size-mismatch path,
+  where ``ignore_mismatched_sizes=True`` would build a model whose pruned layers are random.
 
 So ``AutoModel...from_pretrained(folder, trust_remote_code=True)`` and ``pipeline(...,
 trust_remote_code=True)`` load the compressed model without upop installed; transformers loads
@@ -49,6 +55,8 @@ MODELING_FILE = MODULE + ".py"
 SHAPES_KEY = "upop_shapes"
 SHAPES_VERSION = 1
 PREFIX = "UPop"
+#: the model type of a compressed folder's config: this prefix and the dense config's model type
+OWN_TYPE_PREFIX = "upop_"
 #: config classes upop defines (no transformers class), by model type: their AutoConfig entry
 PROJECT_CONFIGS = {"upop_segmenter": "SegmenterConfig"}
 #: top-level modules the generated file may import
@@ -97,10 +105,21 @@ def _upop_reshape(model, record):
             setattr(module, key, value)
 '''
 
+_CONFIG = '''
+
+class {prefix}{name}(transformers.{name}):
+    """``{name}`` under upop's own model type, so that transformers without ``trust_remote_code``
+    refuses this folder instead of building a dense model its pruned weights do not fit."""
+
+    model_type = {model_type!r}
+'''
+
 _SUBCLASS = '''
 
 class {prefix}{name}({base}):
     """``{name}`` with the pruned shapes that ``config.upop_shapes`` records."""
+
+    config_class = {config_class}
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -196,16 +215,49 @@ def auto_classes(model: nn.Module) -> list[str]:
     return found
 
 
-def auto_map(model: nn.Module) -> dict[str, str]:
-    """The ``auto_map`` of ``model``'s folder: each Auto class -> ``modeling_upop.UPop<Class>``."""
-    entries = {name: f"{MODULE}.{PREFIX}{type(model).__name__}" for name in auto_classes(model)}
+def own_model_type(config_cls: type) -> str:
+    """The ``model_type`` of a compressed folder whose dense config class is ``config_cls``:
+    ``upop_<model_type>`` for a transformers config class, a upop config class's own type as it is."""
+    if not _is_transformers_class(config_cls):
+        return config_cls.model_type
+    return f"{OWN_TYPE_PREFIX}{config_cls.model_type}"
+
+
+def _config_entry(model: nn.Module) -> str:
+    """The generated config class's name in ``modeling_upop.py``."""
     config_cls = type(model.config)
-    if not _is_transformers_class(config_cls):  # a config class of upop's: copied with the model's module
-        if (PROJECT_CONFIGS.get(model.config.model_type) != config_cls.__name__
-                or config_cls.__module__ != type(model).__module__):
-            raise CheckpointError(f"config class {config_cls.__name__} is not one modeling_upop.py can define")
-        entries["AutoConfig"] = f"{MODULE}.{config_cls.__name__}"
+    if _is_transformers_class(config_cls):
+        return f"{PREFIX}{config_cls.__name__}"
+    # a config class of upop's: copied with the model's module
+    if (PROJECT_CONFIGS.get(model.config.model_type) != config_cls.__name__
+            or config_cls.__module__ != type(model).__module__):
+        raise CheckpointError(f"config class {config_cls.__name__} is not one modeling_upop.py can define")
+    return config_cls.__name__
+
+
+def auto_map(model: nn.Module) -> dict[str, str]:
+    """The ``auto_map`` of ``model``'s folder: each Auto class -> ``modeling_upop.UPop<Class>``,
+    ``AutoConfig`` -> the generated (or copied) config class."""
+    entries = {name: f"{MODULE}.{PREFIX}{type(model).__name__}" for name in auto_classes(model)}
+    entries["AutoConfig"] = f"{MODULE}.{_config_entry(model)}"
     return dict(sorted(entries.items()))
+
+
+def base_model_type(config: dict[str, Any]) -> Any:
+    """The model type ``config`` (a ``config.json`` as a dict) stands for: the dense config's
+    type for upop's own ``upop_<type>`` with its ``UPop<Config>`` AutoConfig entry, else the
+    recorded one as it is. Only the names are read; the generated file is never imported."""
+    model_type = config.get("model_type")
+    mapping = config.get("auto_map")
+    entry = mapping.get("AutoConfig") if isinstance(mapping, dict) else None
+    if not (isinstance(model_type, str) and model_type.startswith(OWN_TYPE_PREFIX) and isinstance(entry, str)
+            and entry.startswith(f"{MODULE}.{PREFIX}")):
+        return model_type
+    cls = getattr(transformers, entry[len(MODULE) + 1 + len(PREFIX):], None)
+    if (isinstance(cls, type) and issubclass(cls, transformers.PretrainedConfig)
+            and model_type == f"{OWN_TYPE_PREFIX}{cls.model_type}"):
+        return cls.model_type
+    return model_type
 
 
 def _module_source(module) -> str:
@@ -266,7 +318,10 @@ def modeling_source(model: nn.Module, record: dict[str, Any]) -> str:
         parts.append(f"\n\n# ---- copied from {by_name[name].__module__} ----\n" + _class_source(by_name[name]))
     parts.append(_RESHAPE.format(version=SHAPES_VERSION, swaps=", ".join(f"{n!r}: {n}" for n in sorted(swapped))))
     parts.append(_CHECK_LOADED.format())
-    parts.append(_SUBCLASS.format(prefix=PREFIX, name=cls.__name__, base=base))
+    config_cls = type(model.config)
+    if _is_transformers_class(config_cls):
+        parts.append(_CONFIG.format(prefix=PREFIX, name=config_cls.__name__, model_type=own_model_type(config_cls)))
+    parts.append(_SUBCLASS.format(prefix=PREFIX, name=cls.__name__, base=base, config_class=_config_entry(model)))
     source = "".join(parts)
     _check_imports(source)
     return source
@@ -297,6 +352,7 @@ def write_hub_files(model: nn.Module, folder: str | Path) -> bool:
                       f"upop.load_compressed only, not with transformers' trust_remote_code ({exc})", stacklevel=3)
         return False
     config["architectures"] = [type(model).__name__]  # as save_pretrained records it; the auto_map names it
+    config["model_type"] = own_model_type(type(model.config))  # plain transformers asks for trust_remote_code
     config["auto_map"] = mapping
     config[SHAPES_KEY] = record
     _write_json(file, config)
@@ -339,7 +395,8 @@ def check_upop_auto_map(config: dict[str, Any], where: str) -> bool:
     """Whether ``config`` (``config.json``) has an ``auto_map``; if it has one, it must be exactly
     the kind upop writes: ``AutoModel`` and other ``AutoModel*`` keys all naming
     ``modeling_upop.UPop<architectures[0]>`` (one ``UPop<Name>`` when ``architectures`` is absent),
-    and, for a upop config type only, ``AutoConfig`` naming its config class. Anything else is a
+    and ``AutoConfig`` naming ``UPop<Config>`` of a transformers config class whose type, prefixed
+    ``upop_``, is the folder's model type (or a upop config type's own class). Anything else is a
     one-line CheckpointError. The file itself is never read or imported."""
     if "auto_map" not in config:
         return False
@@ -349,10 +406,12 @@ def check_upop_auto_map(config: dict[str, Any], where: str) -> bool:
     # without architectures, AutoModel names some UPop class; the plan's class is checked on load
     wanted_model = f"{MODULE}.{PREFIX}{arch}" if arch is not None else (mapping.get("AutoModel") if ok else "")
     ok = ok and re.fullmatch(rf"{MODULE}\.{PREFIX}[A-Za-z_][A-Za-z0-9_]*", wanted_model) is not None
-    config_class = PROJECT_CONFIGS.get(config.get("model_type"))
+    model_type = config.get("model_type")
+    project_config = PROJECT_CONFIGS.get(model_type)
+    own_type = base_model_type(config) != model_type  # upop_<type> with its UPop<Config> entry
     for key, value in (mapping.items() if ok else ()):
         if key == "AutoConfig":
-            ok = ok and config_class is not None and value == f"{MODULE}.{config_class}"
+            ok = ok and (own_type or project_config is not None and value == f"{MODULE}.{project_config}")
         else:
             ok = ok and isinstance(key, str) and key.startswith("AutoModel") and value == wanted_model
     if not ok:

@@ -123,9 +123,13 @@ def check_folder(folder: Path) -> dict[str, Any]:
     configs, ``custom_pipelines``, ``trust_remote_code``, class names transformers does not
     define, foreign ``modules.json`` types...), and a ``model_type`` that neither transformers nor
     upop defines (only the folder's own Python could build such a model).
+
+    A compressed folder records upop's own model type (``upop_<type>``, so that plain transformers
+    asks for ``trust_remote_code``); the dict returned holds the dense type it stands for
+    (:func:`upop.checkpoint.hub.base_model_type`), as :func:`read_config` builds it.
     """
     from upop.checkpoint.allow_list import refuse_code_hooks
-    from upop.checkpoint.hub import check_upop_auto_map
+    from upop.checkpoint.hub import base_model_type, check_upop_auto_map
 
     file = folder / "config.json"
     if not file.is_file():
@@ -135,20 +139,22 @@ def check_folder(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{show(file)}: a JSON {type(config).__name__}, not an object of config fields")
     check_upop_auto_map(config, show(folder))  # upop's own (never imported) passes; any other is refused
     refuse_code_hooks(folder, config, read_json)
-    model_type = config.get("model_type")
+    model_type = base_model_type(config)
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         from upop.arch import supported_model_types
 
         raise CheckpointError(f"{show(folder)}: config.json model_type {show(model_type, 80)} is not one transformers "
                               f"or upop defines, so the folder needs its own Python code to load; {NO_CODE} "
                               f"(supported: {', '.join(supported_model_types())})")
-    return config
+    return {**config, "model_type": model_type}
 
 
-def read_config(folder: Path, cls: type) -> transformers.PretrainedConfig:
-    """The config of a folder that :func:`check_folder` accepted, as ``cls`` (a model class) needs it."""
+def read_config(folder: Path, cls: type, config_json: dict[str, Any]) -> transformers.PretrainedConfig:
+    """The config of a folder, from ``config_json`` (what :func:`check_folder` returned for it), as
+    ``cls`` (a model class) needs it: built by transformers' config class of its model type (never a
+    class of the folder's)."""
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        config = CONFIG_MAPPING[config_json["model_type"]].from_dict(dict(config_json))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{show(folder / 'config.json')}: cannot be read ({reason(exc)})") from None
     if not isinstance(config, cls.config_class):

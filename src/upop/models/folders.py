@@ -111,13 +111,14 @@ def _load_dense(folder: Path) -> nn.Module:
     After: no tensor was missing or of another shape (transformers would leave those randomly
     initialised) and none was cast from bool/integer to float.
     """
-    archs = check_folder(folder).get("architectures")
+    config_json = check_folder(folder)
+    archs = config_json.get("architectures")
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise CheckpointError(f"{show(folder)}: config.json names no model class (architectures is "
                               f"{show(archs, 80)})")
     cls = model_class(archs[0])
     found = scan_safetensors(weight_files(folder, cls))
-    config = read_config(folder, cls)
+    config = read_config(folder, cls, config_json)
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(folder), config=config, use_safetensors=True, trust_remote_code=False,
@@ -146,15 +147,24 @@ def _check_loading_info(info: dict, folder: Path, cls: type) -> None:
 def load_processor_or_none(path: str | Path):
     """The processor saved in ``path`` (PIL image backend, no torchvision), or None.
 
-    Never runs code from the folder (``trust_remote_code=False``).
+    Never runs code from the folder (``trust_remote_code=False``). transformers' notes while it looks
+    for the files are off (e.g. about a compressed folder's own model type, which its tokenizer
+    lookup reads as a plain config): a missing processor is None here, not a problem.
     """
-    try:
-        return transformers.AutoProcessor.from_pretrained(str(path), backend="pil", trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    with quiet_transformers():
+        try:
+            return transformers.AutoProcessor.from_pretrained(str(path), backend="pil", trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError):
+            tokenizer = None
+        if tokenizer is None:  # an image-only folder whose model type's processor wants a tokenizer too
+            try:
+                return transformers.AutoImageProcessor.from_pretrained(str(path), backend="pil",
+                                                                       trust_remote_code=False)
+            except (OSError, ValueError, TypeError, KeyError):
+                return None
     # a folder without tokenizer files can still give an empty tokenizer of only its special tokens
     return tokenizer if len(tokenizer) > len(tokenizer.all_special_tokens) else None

@@ -329,7 +329,10 @@ class _SavePretrainedWithPlan:
         if writes and (folder / "config.json").is_file():
             from upop.checkpoint.hub import write_hub_files
 
+            from upop.checkpoint.card import write_model_card
+
             write_hub_files(model, folder)  # modeling_upop.py + auto_map, after transformers wrote config.json
+            write_model_card(folder, model.upop_plan)  # README.md, unless the folder has a card of its own
         if push and writes:
             repo_id = hub_args.pop("repo_id", folder.name)
             hub_args.setdefault("token", kwargs.get("token"))
