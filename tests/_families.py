@@ -131,6 +131,8 @@ FAMILIES = {
         lambda m: [m(input_ids=_ids()).pooler_output],
         {("attention", "text"): 2, ("mlp", "text"): 2},
     ),
+    "siglip-classifier": (lambda: M.make_model("siglip-classifier"), _vision_classifier,
+                          {("attention", "vision"): 2, ("mlp", "vision"): 2}),
     "siglip2": (lambda: M.make_model("siglip2"), _siglip2, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
     "siglip2-vision": (
         lambda: _sub("siglip2", "Siglip2VisionModel", "vision_config"),

@@ -55,9 +55,8 @@ def test_two_processes_hold_identical_masks_and_plan(world, tmp_path, capsys):
 
 
 # The multi-process compress cases come from the registry, not from a hand-written list: every
-# (tiny model, task) pair it declares (upop.arch.pairs), plus the task classes no tiny model builds
-# but a folder derived from one gives (DERIVED: SigLIP's classifier). A family or task added later
-# is compressed under torchrun without anyone remembering to add it here.
+# (tiny model, task) pair it declares (upop.arch.pairs). A family or task added later is compressed
+# under torchrun without anyone remembering to add it here.
 #: options of the case of a (family, task), where it runs with more than the defaults: four runs
 #: distil from the dense model (BLIP retrieval with logits+hidden: the teacher replays a loss with
 #: collectives and a paused ITM part; CLIP and BLIP with logits: the teacher's similarities come
@@ -69,8 +68,6 @@ OPTIONS = {
 }
 #: further runs of a (family, task) with other options
 VARIANTS = [("blip-retrieval", "retrieval", ["--distill", "logits"])]
-#: model folders derived from a family's model: name -> (family, the transformers class made from its config)
-DERIVED = {"siglip-classifier": ("siglip", "SiglipForImageClassification")}
 #: the cases left out of the default run to keep this file near its budget (``pytest -m slow`` runs
 #: them): a case costs 15-40 s on 2 cores (BLIP's logits+hidden 85 s), all of them ~9 minutes.
 #: The default run (~6 minutes) keeps every family under classification and under distill, SigLIP
@@ -82,11 +79,10 @@ SLOW = {("blip-retrieval", "retrieval", "--distill logits+hidden"),
 
 def registry_cases() -> list[tuple[str, str, list[str]]]:
     """(model, task, options) for every (tiny model, task) pair the registry declares
-    (:func:`upop.arch.pairs`), the DERIVED folders with every task of their class, then the variants."""
-    from upop.arch import CLASSES, pairs
+    (:func:`upop.arch.pairs`), then the variants."""
+    from upop.arch import pairs
 
-    cases = list(pairs()) + [(name, task) for name, (_, cls) in DERIVED.items() for task in CLASSES[cls][1].tasks]
-    return [(model, task, OPTIONS.get((model, task), [])) for model, task in cases] + \
+    return [(model, task, OPTIONS.get((model, task), [])) for model, task in pairs()] + \
         [(family, task, list(extra)) for family, task, extra in VARIANTS]
 
 
@@ -97,10 +93,10 @@ def test_the_cases_cover_every_family_and_task():
     """What the registries declare is what runs: every task and every family has a case, and every
     family compresses under both classification and distill where its class allows them."""
     from upop.arch import TINY
-    from upop.tasks import TASKS, get_task
+    from upop.tasks import get_task, task_names
 
     pairs = {(m, t) for m, t, _ in COMPRESS_CASES}
-    assert {t for _, t in pairs} == set(TASKS)
+    assert {t for _, t in pairs} == set(task_names())
     assert set(TINY) <= {m for m, _ in pairs}
     for task in ("classification", "distill"):
         want = {f for f, tiny in TINY.items() if tiny.model_class in get_task(task).model_classes}
@@ -125,8 +121,8 @@ def _params(cases):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """``folders(model, task) -> (model folder, data)``: a tiny random model per family (or derived
-    folder) and a tiny Shapes data set per task (16 training items: 2 steps of 2 x 4 per epoch; val
+    """``folders(model, task) -> (model folder, data)``: a tiny random model per registered tiny
+    model and a tiny Shapes data set per task (16 training items: 2 steps of 2 x 4 per epoch; val
     10 so that every classification class has an image; test 16: an evaluation batch of 8 per
     process), written through the CLI once and shared by the cases."""
     root = tmp_path_factory.mktemp("families")
@@ -136,29 +132,11 @@ def folders(tmp_path_factory):
         if not data.is_dir():
             assert main(["data", "shapes", "--task", task, "--out", str(data), "--train", "16", "--val", "10",
                          "--test", "16", "--image-size", "32"]) == 0
-        if not model.is_dir() and name in DERIVED:
-            _derive(name, model)
-        elif not model.is_dir():
+        if not model.is_dir():
             assert main(["make-model", name, "--out", str(model), "--image-size", "32"]) == 0
         return model, data
 
     return make
-
-
-def _derive(name: str, folder: Path) -> None:
-    """Write the DERIVED model ``name``: its class built from the family's tiny config (10 labels,
-    the Shapes classes), with the family's processor."""
-    import transformers
-
-    from upop.models.folders import make_model, make_processor
-
-    family, cls = DERIVED[name]
-    base = make_model(family, image_size=32)
-    cfg = type(base.config)(vision_config=base.config.vision_config.to_dict(),
-                            text_config=base.config.text_config.to_dict(),
-                            id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
-    getattr(transformers, cls)(cfg).save_pretrained(folder)
-    make_processor(family, 32).save_pretrained(folder)
 
 
 def _torchrun(port: int, *args: str, script: str | None = None, timeout: int = 600):

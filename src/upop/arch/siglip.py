@@ -11,6 +11,7 @@ the vision token count for FLOPs costs is its config's maximum ``num_patches``.
 import transformers
 
 from upop.arch.registry import Family, ModelClass, TinyModel, register_family
+from upop.arch.vit import classification_classes
 from upop.arch._spec import ArchSpec, AttentionSite, MlpSite, Tower, set_attrs
 
 _ATTN = AttentionSite(
@@ -33,18 +34,34 @@ SPEC = ArchSpec(
 )
 
 
-def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.SiglipModel:
+def _config(widths, vocab: int, image_size: int, **extra) -> transformers.SiglipConfig:
+    """The tiny SigLIP config: both towers at ``widths`` (a classifier keeps the text tower's
+    config too, so its ``config.json`` is the tiny SigLIP's plus the classes)."""
     h, n, heads, inter = widths
     common = dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, intermediate_size=inter)
-    cfg = transformers.SiglipConfig(
+    return transformers.SiglipConfig(
         text_config=dict(vocab_size=vocab, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0,
                          projection_size=h, **common),
         vision_config=dict(image_size=image_size, patch_size=8 if image_size <= 96 else 16, **common),
+        **extra,
     )
-    return transformers.SiglipModel(cfg)
+
+
+def _tiny(widths, vocab: int, image_size: int, num_labels: int) -> transformers.SiglipModel:
+    return transformers.SiglipModel(_config(widths, vocab, image_size))
+
+
+def _tiny_classifier(widths, vocab: int, image_size: int,
+                     num_labels: int) -> transformers.SiglipForImageClassification:
+    """SigLIP's vision tower with a linear head over the mean patch token (its attention-pooling
+    ``head`` is built but unused by this class's forward)."""
+    return transformers.SiglipForImageClassification(_config(widths, vocab, image_size, num_labels=num_labels))
 
 
 def _processor(image_size: int, tokenizer):
+    """SigLIP's processor: the Shapes tokenizer and the PIL image processor (no torchvision). The
+    classifier's folder holds it too: ``AutoProcessor`` maps a SigLIP config to this class and fails
+    on a folder holding the image processor alone."""
     from transformers import SiglipProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -61,5 +78,7 @@ FAMILY = register_family(Family(
         ModelClass("SiglipTextModel", tasks=("distill",), reads=("text",)),
         ModelClass("SiglipForImageClassification", tasks=("classification",)),
     ),
-    tiny=(TinyModel("siglip", "SiglipModel", build=_tiny, processor=_processor, data_task="retrieval"),),
+    tiny=(TinyModel("siglip", "SiglipModel", build=_tiny, processor=_processor, data_task="retrieval"),
+          TinyModel("siglip-classifier", "SiglipForImageClassification", build=_tiny_classifier,
+                    processor=_processor, data_task="classification", class_names=classification_classes)),
 ))
