@@ -33,7 +33,8 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	UPOP_BENCH_RESULTS=$${UPOP_BENCH_RESULTS:-/tmp/upop-bench-quick} $(BIN)/python benchmarks/run_all.py --quick
 
-# on a CUDA machine: every family's task compressed on the GPU at fp32, bf16 and fp16 (about 5 minutes); writes gpu-check.json.
+# on a CUDA machine (about 5 minutes): named checks that judge outcomes (fp16 + clipping, latency speedup, resume,
+# evaluate, ONNX export, Trainer, search throughput, every registered pair; torchrun with 2+ GPUs); writes gpu-check.json.
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py
 

@@ -102,7 +102,8 @@ def search_phase(run, state: dict | None) -> PruningPlan:
     loop = _loop(run, "search", wrapped, optimizer, [upop, _Checkpoints(run, "search", run.search_steps, save)])
     run.run_loop(loop, "search", start, run.search_steps, bar)
     clock.steps = run.search_steps - start
-    run.record(clock.record())
+    # steps whose mask gradients overflowed (fp16: the scaler skipped them too) add nothing to the scores
+    run.record({**clock.record(), "skipped_steps": search.skipped_steps})
     model = acc.unwrap_model(wrapped)
     # the search's optimizer (2x the weights in fp32) and Accelerate's references to it and
     # to the wrapper are released before retraining builds its own
