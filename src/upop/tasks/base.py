@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from upop.data.user_rows import RowSchema
 from upop.errors import TaskError
 
 
@@ -37,6 +38,10 @@ class Task:
     model_classes = _RegisteredClasses()
     #: metric used to keep the best retrained checkpoint (higher is better)
     main_metric: str = ""
+
+    #: the rows the task reads from Python (``compress(train=...)``, :mod:`upop.data.user_rows`,
+    #: docs/data.md); None: only its reader's datasets (``load_splits``)
+    row_schema: RowSchema | None = None
 
     #: task settings of :class:`~upop.config.UPopConfig` this task reads, set as attributes by
     #: :meth:`configure` (the class attributes of the same names are their defaults)

@@ -18,6 +18,7 @@ from torch import nn
 from upop.data.check import check_retrieval
 from upop.data.shapes_vl import write_caption
 from upop.data.retrieval import RetrievalCollator, processor_parts
+from upop.data.user_rows import RowSchema
 from upop.distill import distiller as distill
 from upop.tasks._blip import decoder_inputs, generate_texts
 from upop.tasks._shard import evaluating, map_batches
@@ -37,6 +38,11 @@ class CaptionTask(Task):
     prompt = "a picture of "
     #: generated sequence length bounds, start token and prompt included (BLIP: 5 and 20)
     min_length, max_length = 5, 20
+    #: rows from Python: an image and its caption(s), as retrieval's; raw text only (the prompt
+    #: goes before each caption's text)
+    row_schema = RowSchema(required=("image", "caption"), layout="image_captions",
+                           aliases={"image": ("img",), "caption": ("captions", "text")},
+                           raw_only="it puts its prompt before each caption's text")
 
     # the caption data is the retrieval data (Karpathy JSON): same reader
     load_splits = RetrievalTask.load_splits

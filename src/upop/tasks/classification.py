@@ -34,6 +34,7 @@ from upop.data.augment import AUGMENT_CHOICES, soft_targets
 from upop.data.augment_batch import augment_batch
 from upop.data.imagefolder import ImageClassificationCollator, load_imagefolder
 from upop.data.labels import align_classes
+from upop.data.user_rows import RowSchema
 from upop.errors import DataError, show
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
@@ -74,6 +75,10 @@ class ClassificationTask(Task):
     #: training augmentation: "deit" (DeiT's recipe) or "none" (the processor's resize only)
     augment = AUGMENT_CHOICES[0]
     settings = ("augment",)
+    #: rows from Python: an image and its class id (the model's id); Trainer-style rows are fed as
+    #: they are, without DeiT's crops (they need the raw image)
+    row_schema = RowSchema(required=("image", "label"), aliases={"image": ("img",), "label": ("labels",)},
+                           trainer=("pixel_values", "labels"), trainer_needs={"augment": "none"})
 
     def load_splits(self, data_dir, splits=("train", "val", "test")):
         return load_imagefolder(data_dir, splits)

@@ -19,6 +19,7 @@ from upop.distill import distiller as distill
 from upop.data.check import check_retrieval
 from upop.data.shapes import write_retrieval
 from upop.data.retrieval import RetrievalDataset, RetrievalPairs, load_retrieval_split
+from upop.data.user_rows import RowSchema
 from upop.arch import CLASSES
 from upop.tasks import blip_retrieval, siglip_retrieval
 from upop.tasks._blip import unwrap
@@ -45,6 +46,10 @@ class RetrievalTask(Task):
     settings = ("itm_k",)
     #: BLIP: ITC candidates per query re-ranked by ITM (None: 256 above 2,000 test images, else 128)
     itm_k: int | None = None
+    #: rows from Python: an image and its caption(s); rows with the same ``index`` show one image
+    row_schema = RowSchema(required=("image", "caption"), layout="image_captions",
+                           aliases={"image": ("img",), "caption": ("captions", "text")},
+                           trainer=("pixel_values", "input_ids"), trainer_optional=("attention_mask",))
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
         """``train``: one sample per (image, caption) pair; other splits: one per image."""
