@@ -100,7 +100,7 @@ import torch
 from upop.engine import runtime
 from upop.measure import latency
 torch.backends.cuda.matmul.fp32_precision = "ieee"   # as a Trainer with tf32=False leaves it
-with latency._tf32(torch.device("cuda"), True):
+with latency.tf32_as(torch.device("cuda"), True):
     assert runtime.tf32_enabled()
 assert not runtime.tf32_enabled() and torch.backends.cuda.matmul.fp32_precision == "ieee"
 before = runtime.set_tf32(True)

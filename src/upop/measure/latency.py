@@ -1,6 +1,12 @@
 """Latency as upop reports it: the dense and the compressed model timed on the same input in
 interleaved rounds (machine noise hits both alike), the median per-round speedup with its spread,
-and a noise flag (:func:`upop.runs.report.is_noisy`); :func:`time_models` is ``upop evaluate --latency``."""
+and a noise flag (:func:`upop.runs.report.is_noisy`); :func:`time_models` is ``upop evaluate --latency``.
+
+Each forward is timed with the device's clock (:mod:`upop.measure.timing`: CUDA events on a GPU, the
+host's counter on the CPU), at the run's ``latency_batch_size`` (``auto``: 32 on a GPU, where batch 1
+is launch-bound, 1 on the CPU). In a run of several processes only the main process times while the
+others wait (:func:`timed_on_main`): processes timing at once on a shared host or interconnect
+would time each other."""
 
 from __future__ import annotations
 
@@ -11,8 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from upop.config import UPopConfig
+from upop.config import UPopConfig, decide_latency_batch
 from upop.errors import ConfigError
+from upop.measure.timing import clock_name, time_calls
 from upop.runs.report import NOISE_RULE, is_noisy, paired_summary, spread
 from upop.tasks import Task, get_task
 from upop.engine.runtime import eval_autocast, restore_tf32, set_tf32, tf32_enabled
@@ -31,20 +38,13 @@ def forward_ms(model: nn.Module, inputs: dict, seconds: float,
                forward: Callable[[nn.Module, dict], Any] | None = None) -> float:
     """Median milliseconds of one forward of ``model`` on ``inputs`` (``forward(model, inputs)``
     when given, e.g. one tower of a two-tower model), over forwards repeated for ``seconds`` (at
-    least one), each timed with ``time.perf_counter`` and CUDA synchronised."""
+    least one), each timed with the clock of the model's device (:func:`upop.measure.timing.time_calls`:
+    CUDA events on a GPU, synchronised once at the end; ``time.perf_counter`` on the CPU)."""
     import statistics
-    import time
 
     device = next(model.parameters()).device
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
-    stop = time.perf_counter() + seconds
-    while not times or time.perf_counter() < stop:
-        start = time.perf_counter()
-        forward(model, inputs) if forward is not None else model(**inputs)
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return statistics.median(time_calls(lambda: forward(model, inputs) if forward is not None else model(**inputs),
+                                        seconds, device))
 
 
 @torch.no_grad()
@@ -77,23 +77,62 @@ def timed_rounds(models: list[nn.Module], inputs: dict, rounds: int = ROUNDS, se
 
 
 def latency_setup(models: list[nn.Module], inputs: dict, batch: int) -> dict[str, Any]:
-    """Where and how the models run: device, its name, dtype, autocast, batch and CPU threads."""
+    """Where and how the models run: device, its name, dtype, autocast, TF32, batch, CPU threads and
+    the clock (:func:`setup_of`)."""
     params = [next(m.parameters()) for m in models]
-    device = params[0].device
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
+    return setup_of(params[0].device, [p.dtype for p in params], batch)
+
+
+def setup_of(device: torch.device | str, dtypes, batch: int) -> dict[str, Any]:
+    """The setup record of timings on ``device`` of models in ``dtypes`` at ``batch``: the same keys
+    on every device (``device_name`` "CPU" and ``tf32`` None off CUDA; ``timer``: the clock,
+    :func:`upop.measure.timing.clock_name`)."""
+    device = torch.device(device)
     autocast = None
     if torch.is_autocast_enabled(device.type):
         autocast = str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
     cuda = device.type == "cuda"
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
-            "dtype": "/".join(dtypes), "autocast": autocast, "tf32": tf32_enabled() if cuda else None,
-            "batch": batch, "threads": torch.get_num_threads()}
+            "dtype": "/".join(sorted({str(d).replace("torch.", "") for d in dtypes})), "autocast": autocast,
+            "tf32": tf32_enabled() if cuda else None, "batch": batch, "threads": torch.get_num_threads(),
+            "timer": clock_name(device)}
+
+
+def timed_on_main(measure: Callable[[], Any], dist, broadcast: Callable[[list], Any] | None = None) -> Any:
+    """``measure()`` on the main process of ``dist`` (an Accelerator or PartialState) only; the
+    other processes wait at a barrier and receive its result (``broadcast``, default Accelerate's
+    ``broadcast_object_list``). Processes timing at the same time share the host and the
+    interconnect and would time each other; every process gets the main process's numbers. A
+    failure of ``measure`` is raised on every process (on the others as a ``RuntimeError`` naming
+    it, marked ``shared``: the main process reports it), so none waits for a result that never comes."""
+    box: list = [None]
+    error = None
+    if dist.is_main_process:
+        try:
+            box = [("ok", measure())]
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the others were told)
+            error = exc
+            box = [("error", f"{type(exc).__name__}: {exc}")]
+    if dist.num_processes > 1:
+        if broadcast is None:
+            from accelerate.utils import broadcast_object_list as broadcast
+        dist.wait_for_everyone()  # the others wait here while the main process times
+        broadcast(box)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        failed = RuntimeError(f"the main process failed while timing: {value}")
+        failed.shared = True
+        raise failed
+    return value
 
 
 @contextlib.contextmanager
-def _tf32(device: torch.device, on: bool):
-    """TF32 matmuls and convolutions on (as a run sets them with ``tf32``) or off, on CUDA only."""
-    if device.type != "cuda":
+def tf32_as(device: torch.device | str, on: bool):
+    """TF32 matmuls and convolutions on (as a run sets them with ``tf32``) or off, on CUDA only;
+    what was set before is restored on exit."""
+    if torch.device(device).type != "cuda":
         yield
         return
     before = set_tf32(on)
@@ -117,11 +156,12 @@ def paired_latency(dense: nn.Module, compressed: nn.Module, inputs: dict, rounds
 
 
 def time_models(model, baseline=None, *, task: str | Task, data, split: str = "test", processor=None,
-                batch_size: int = 1, seconds: float = 0.5, precision: str = "fp32", tf32: bool = True,
+                batch_size: int | str = "auto", seconds: float = 0.5, precision: str = "fp32", tf32: bool = True,
                 rounds: int = ROUNDS, config: UPopConfig | None = None, timer=None) -> dict[str, Any]:
     """Latency of ``model`` alone, or paired with ``baseline`` (e.g. its dense model: speedup =
     baseline / model), measured as a run's report does (:func:`timed_rounds`) on a batch of
-    ``batch_size`` real samples of ``split`` of ``data``, with bf16 autocast if ``precision`` is
+    ``batch_size`` real samples of ``split`` of ``data`` (``"auto"``: as a run decides it for the
+    device, :func:`upop.config.decide_latency_batch`), with bf16 autocast if ``precision`` is
     bf16 and, on CUDA, TF32 as ``tf32`` says (a run's default: on). Models are folders (loaded
     onto the GPU if there is one) or modules (timed where they are). Noisy: the rule of
     :data:`upop.runs.report.NOISE_LIMIT` on the per-round speedups of a pair, on the per-round
@@ -138,6 +178,7 @@ def time_models(model, baseline=None, *, task: str | Task, data, split: str = "t
     modules = [m for m in given if not isinstance(m, (str, os.PathLike))]
     target = next(modules[0].parameters()).device if modules else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = decide_latency_batch(config.latency_batch_size, target.type)[0]
     models = []
     for m in given:
         if isinstance(m, (str, os.PathLike)):
@@ -158,7 +199,7 @@ def time_models(model, baseline=None, *, task: str | Task, data, split: str = "t
         raise ConfigError("no processor: the model folders hold no tokenizer/processor files; pass processor=")
     dataset = task.load_splits(data, splits=(split,))[split]
     inputs = task.example_inputs(models[0], processor, dataset, batch_size)
-    with eval_autocast(device, precision), _tf32(device, tf32):
+    with eval_autocast(device, precision), tf32_as(device, tf32):
         times = timed_rounds(models, inputs, rounds, seconds, timer)
         setup = latency_setup(models, inputs, batch_size)
     names = ["model", "baseline"][:len(models)]

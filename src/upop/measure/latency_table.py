@@ -5,13 +5,15 @@ layer with the same FLOPs. For every distinct group shape (kind, widths around i
 the group's own computation is timed alone on the run's device, batch and dtype at several kept
 widths (for attention: Q, K, V projections, scaled-dot-product attention with the kept head
 dimension, output projection; for an MLP: fc1, GELU, fc2), in interleaved rounds, the fastest
-round per width (load on a shared machine only adds time). The time of one unit is the least-squares slope of time over width (floored at a small
-positive share so that no unit is free). Layers with the same shape share one measurement, so a
-12-layer tower costs the time of one.
+round per width (load on a shared machine only adds time). The time of one unit is the
+least-squares slope of time over width (floored at a small positive share so that no unit is
+free). Layers with the same shape share one measurement, so a 12-layer tower costs the time of one.
 
-The table is built once per run, on the main process (every process gets its numbers, so all
-choose the same plan), and cached as ``state/latency-table.json``; a resumed run reuses it when
-device, dtype, batch and the group shapes are the same.
+The table is built once per run, on the main process while the others wait (every process gets
+its numbers, so all choose the same plan), at the run's ``latency_batch_size`` (``auto``: 32 on a
+GPU, where batch 1 is launch-bound; 1 on the CPU) with the device's clock (CUDA events on a GPU,
+:mod:`upop.measure.timing`), and cached as ``state/latency-table.json``; a resumed run reuses it
+when device, clock, dtype, batch and the group shapes are the same.
 """
 
 from __future__ import annotations
@@ -84,16 +86,19 @@ def _workload(sig: tuple, width: int, batch: int, device, dtype) -> Callable[[],
 
 
 def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device, seconds: float) -> float:
+    """Median milliseconds of ``fn()`` on ``device`` after one untimed call: CUDA event pairs around
+    each call on a GPU (:func:`upop.measure.timing.time_calls`: no host wait between calls, so a
+    launch-bound width is not timed as the host's launch gap), ``torch.utils.benchmark`` on the CPU."""
+    import statistics
+
     from torch.utils import benchmark
 
-    if device.type == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize(device)
-    else:
-        call = fn
-    call()
-    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    from upop.measure.timing import EVENTS, clock_name, time_calls
+
+    fn()
+    if clock_name(device) == EVENTS:
+        return statistics.median(time_calls(fn, seconds, device))
+    timer = benchmark.Timer(stmt="call()", globals={"call": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=seconds).median * 1e3
 
 
@@ -144,7 +149,10 @@ def table_key(model: nn.Module, groups: list[Group], batch: int, device, dtype, 
     """What a cached table must match to be reused."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    return {"device": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "round_to": round_to,
+    from upop.measure.timing import clock_name
+
+    return {"device": name, "timer": clock_name(device), "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+            "round_to": round_to,
             "shapes": sorted({json.dumps(_signature(model, g)) for g in groups}),
             "groups": sorted(g.name for g in groups)}
 
