@@ -15,7 +15,7 @@ $(BIN)/python:
 # [onnx] is onnx, onnxruntime and onnxscript for `upop export` (tested by tests/test_export.py).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,peer,onnx]"
+	$(BIN)/pip install -q -e ".[test,peer,onnx,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)

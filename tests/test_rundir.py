@@ -99,7 +99,7 @@ time.sleep(120)
 
 def test_lock_held_by_another_process_then_freed_when_it_is_killed(tmp_path):
     out = tmp_path / "run"
-    src = str(Path(rundir.__file__).parent)
+    src = str(Path(rundir.__file__).parent.parent)  # the upop package folder
     child = subprocess.Popen([sys.executable, "-c", HOLDER, src, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "locked"

@@ -28,7 +28,8 @@ from ._families import FAMILIES, clip_world
 DEVICES = [("cpu", 1), ("cuda", 1), ("cuda", 4)]
 
 #: a value set by hand for every decided setting (a new decided setting needs its row)
-SET = {"distill": "none", "ranking": "score", "interval": 3, "retrain_lr": 1e-4, "workers": 2, "round_to": 4}
+SET = {"distill": "none", "ranking": "score", "interval": 3, "retrain_lr": 1e-4, "workers": 2, "round_to": 4,
+       "latency_batch_size": 16}
 
 
 def test_the_explicit_table_covers_every_decided_setting():
@@ -97,7 +98,7 @@ def _other(name: str, value):
         return [c for c in choices if c != value][-1]
     if isinstance(value, bool):
         return not value
-    if name == "round_to":
+    if value == "auto":  # round_to, latency_batch_size
         return 1
     if name in INT_RANGES:
         return 2 if value is None else value + 1

@@ -14,18 +14,18 @@ import torch
 from torch import nn
 
 from upop.checkpoint.folder import load_compressed
-from upop.config import ResolvedSettings, UPopConfig
+from upop.config import ResolvedSettings, UPopConfig, check_tracker
 from upop.measure.cost import count_flops, count_params
 from upop.errors import CheckpointError, ConfigError, UPopError, show
-from upop.measure.latency import paired_latency
+from upop.measure.latency import paired_latency, tf32_as, timed_on_main
 from upop.checkpoint.card import write_model_card
 from upop.runs.report import build_report, describe_setup, retime_command, write_report
 from upop.engine.resume import check_same_run, fingerprint
 from upop.pruning.masks import refuse_pruned
 from upop.runs.rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from upop.tasks import Task, get_task
-from upop.engine.runtime import (PhaseClock, append_log, check_shards, device_record, disk_full_guard, eval_autocast,
-                                 steps_per_epoch)
+from upop.engine.runtime import (PhaseClock, check_shards, device_record, disk_full_guard, eval_autocast,
+                                 process_group_kwargs, steps_per_epoch)
 from upop.engine.run import Run, run_length
 
 @dataclass
@@ -118,16 +118,17 @@ def _check_shared_folder(out: Path, dist) -> None:
 
 
 @contextlib.contextmanager
-def _phase(name: str, model: nn.Module, out: Path, config: UPopConfig, dist):
-    """Log where phase ``name`` runs and how long it took (for make gpu-check and the report)."""
-    append_log(out, device_record(name, model, config.eval_precision), dist.is_main_process)
+def _phase(name: str, model: nn.Module, run: Run, config: UPopConfig, dist):
+    """Log where phase ``name`` runs and how long it took (for make gpu-check, the report and the
+    tracker: ``run.record``)."""
+    run.record(device_record(name, model, config.eval_precision))
     clock = PhaseClock(name, dist.device)
     with eval_autocast(dist.device, config.eval_precision):
         yield clock
-    append_log(out, clock.record(), dist.is_main_process)
+    run.record(clock.record())
 
 
-def _dense_baseline(model, task, processor, test, config, out: Path, dist) -> dict:
+def _dense_baseline(model, task, processor, test, config, out: Path, dist, run: Run) -> dict:
     """Dense metrics, params and FLOPs on the run's device (measured once; kept in ``dense.json``
     for resume); the main process also saves the dense model under ``state/dense-model`` for the
     paired latency at the end."""
@@ -146,9 +147,8 @@ def _dense_baseline(model, task, processor, test, config, out: Path, dist) -> di
             error.located = True
             raise error
         return dense
-    if dist.is_main_process:
-        print(f"evaluating the dense model on {len(test)} test samples")
-    with _phase("dense_eval", model, out, config, dist):
+    run.log(f"evaluating the dense model on {len(test)} test samples")
+    with _phase("dense_eval", model, run, config, dist):
         dense = {**measure(model, task, processor, test),
                  "metrics": task.evaluate(model, test, processor, config.eval_batch_size, accelerator=dist)}
     if dist.is_main_process:
@@ -197,6 +197,7 @@ def compress(
     train=None,
     val=None,
     test=None,
+    columns: dict[str, str] | None = None,
     processor=None,
     config: UPopConfig | None = None,
     out_dir: str | os.PathLike = "upop-out",
@@ -206,21 +207,31 @@ def compress(
     check_images: str = "header",
     base_model: str = "",
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
 ) -> CompressResult:
     """Compress ``model`` with UPop on ``task`` and write the checkpoint and report to ``out_dir``.
 
     Give ``data`` (a folder in the task's format; checked first, see ``upop data check``, with
-    ``check_images`` "header", "full" or "none") or the ``train``/``val``/``test`` datasets.
+    ``check_images`` "header", "full" or "none") or the ``train``/``val``/``test`` datasets: a
+    ``datasets.Dataset``, a torch ``Dataset`` or a list of dicts, rows as docs/data.md lists per task
+    (Trainer-style ``pixel_values``/``labels``/``input_ids`` too); ``columns={"field": "their name"}``
+    names a field the rows call otherwise.
     ``processor`` turns images and text into model inputs (saved with the checkpoint).
     Everything that can be checked is checked before ``out_dir`` is touched; an existing run there
     is only replaced with ``overwrite`` and kept in ``out_dir/.upop-previous`` until the new run
     finished. ``resume`` continues the run in ``out_dir`` if model, data and settings are the same.
     Returns the compressed model (loaded back from ``out_dir/compressed``), its plan and the report.
+
+    Messages go to the standard ``logging`` logger ``"upop"`` (silent unless the application
+    configures logging; ``upop compress`` prints them) and to ``log`` if given; with ``progress``
+    False a progress line goes there every ``config.progress_every`` seconds instead of bars. The
+    numbers of ``out_dir/log.jsonl`` also go to the tracker of ``config.report_to``, under
+    ``out_dir/tracking``.
     """
     config = config or UPopConfig()
     config.validate()
+    check_tracker(config.report_to)
     task = get_task(task).configure(config)
     task.check_model(model)
     refuse_pruned(model)
@@ -237,12 +248,16 @@ def compress(
         train, val, test = splits["train"], splits["val"], splits["test"]
     if train is None or val is None:
         raise ConfigError("give data=FOLDER or train= and val= datasets")
+    from upop.data.user_rows import adapt_splits
+
+    splits, processor = adapt_splits(task, {"train": train, "val": val, "test": test}, processor, columns)
+    train, val, test = splits["train"], splits["val"], splits["test"]
     test = test if test is not None else val
     for dataset in (train, val, test):
         task.check_data(model, dataset)
     from accelerate import PartialState
 
-    dist = PartialState(cpu=not torch.cuda.is_available())
+    dist = PartialState(cpu=not torch.cuda.is_available(), **process_group_kwargs())
     base_model = base_model or str(getattr(model.config, "_name_or_path", "") or "")
     # the settings are resolved once, here, and passed down (the run, run.json, the report, resume)
     processes = dist.num_processes
@@ -269,8 +284,9 @@ def compress(
         run.resume = resume and not fresh
         run.signals.where = f"during the dense evaluation; the run is saved in {out}"
         with run.signals:  # a stop here is a stopped run (resumable), not a killed process
-            dense = _dense_baseline(model, task, processor, test, config, out, dist)
+            dense = _dense_baseline(model, task, processor, test, config, out, dist, run)
     except BaseException as exc:
+        run.tracking.close()
         if dist.is_main_process:
             if fresh and not _interrupted(exc):  # a rejected fresh run: what it wrote goes, the previous run
                 _abandon(rundir)                 # comes back
@@ -287,6 +303,7 @@ def compress(
             raise exc from None
         raise
     finally:
+        run.tracking.close()
         if dist.is_main_process:
             rundir.release()
     return CompressResult(model=compressed, plan=result.plan, report=report, out_dir=out)
@@ -326,21 +343,23 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
     signals.where = f"during the final evaluation; the run is saved in {out}"
     with signals:
         compressed = load_compressed(out / "compressed", device=dist.device)
-        if dist.is_main_process:
-            run.log(f"evaluating the compressed model on {len(test)} test samples")
-        with _phase("final_eval", compressed, out, config, dist):
+        run.log(f"evaluating the compressed model on {len(test)} test samples")
+        with _phase("final_eval", compressed, run, config, dist):
             comp = {**measure(compressed, task, processor, test),
                     "metrics": task.evaluate(compressed, test, processor, config.eval_batch_size, accelerator=dist)}
-        inputs = task.example_inputs(compressed, processor, test, config.latency_batch_size)
-        with _quiet_transformers():
-            dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR), trust_remote_code=False,
-                                                           use_safetensors=True).to(dist.device).eval()
-        dist.wait_for_everyone()  # every process has read state/dense-model before the main one may delete it
-        with _phase("latency", compressed, out, config, dist):
-            latency = paired_latency(dense_model, compressed, inputs, seconds=config.latency_time,
-                                     batch=config.latency_batch_size)
+        batch = run.config.latency_batch_size  # decided: auto is 32 on a GPU, 1 on the CPU
+
+        def paired() -> dict:  # the main process times, the others wait (timed_on_main)
+            inputs = task.example_inputs(compressed, processor, test, batch)
+            with _quiet_transformers():
+                dense_model = type(compressed).from_pretrained(str(out / "state" / DENSE_DIR),
+                                                               trust_remote_code=False,
+                                                               use_safetensors=True).to(dist.device).eval()
+            return paired_latency(dense_model, compressed, inputs, seconds=config.latency_time, batch=batch)
+
+        with _phase("latency", compressed, run, config, dist):
+            latency = timed_on_main(paired, dist)  # returns after the main process read state/dense-model
         dense["latency_ms"], comp["latency_ms"] = latency["dense_ms"], latency["compressed_ms"]
-        del dense_model
         p = next(compressed.parameters())
         try:  # the data folder as the run was given it, for the re-time command
             data = json.loads((out / "run.json").read_text()).get("data") or "DATA"
@@ -348,7 +367,7 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
             data = "DATA"
         latency["retime_command"] = retime_command(
             model=out / "compressed", baseline=result.plan.base_model or "DENSE_MODEL", task=task.name, data=data,
-            batch=config.latency_batch_size, seconds=config.latency_time, precision=config.eval_precision,
+            batch=batch, seconds=config.latency_time, precision=config.eval_precision,
             tf32=config.tf32)
         report = build_report(
             task=task.name, plan=result.plan, dense=dense, compressed=comp, target_ratio=config.ratio,
@@ -380,21 +399,52 @@ def _check_data(task: str, data, images: str) -> None:
     check_data(task, data, images=images).raise_for_problems()
 
 
+class Metrics(dict):
+    """What :func:`evaluate` returns: metric name -> value (a plain dict for JSON and comparisons),
+    and ``setup``, how they were computed: ``eval_precision``, ``tf32`` and ``from`` (where those two
+    came from: ``"run"``, ``"argument"`` or ``"config"``)."""
+
+    setup: dict[str, Any]
+
+
+def evaluation_setup(settings: ResolvedSettings | None, config: UPopConfig, precision: str | None = None,
+                     tf32: bool | None = None) -> dict[str, Any]:
+    """The evaluation precision and TF32 of :func:`evaluate`: each as passed (``precision``,
+    ``tf32``), else the run's (``settings``: a run's compressed folder replays how the run evaluated,
+    so its metrics are the report's), else ``config``'s."""
+    source = "argument" if precision is not None or tf32 is not None else "run" if settings is not None else "config"
+    recorded = settings.config() if settings is not None else config
+    precision = recorded.eval_precision if precision is None else precision
+    tf32 = recorded.tf32 if tf32 is None else tf32
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={show(precision)} is not allowed; choose fp32 or bf16")
+    if not isinstance(tf32, bool):
+        raise ConfigError(f"tf32={show(tf32)} is not allowed; tf32 must be true or false")
+    return {"eval_precision": precision, "tf32": tf32, "from": source}
+
+
 def evaluate(model_or_path, task: str | Task, data, split: str = "test", processor=None, batch_size: int = 64,
-             config: UPopConfig | None = None, teacher=None) -> dict[str, float]:
+             config: UPopConfig | None = None, teacher=None, *, precision: str | None = None,
+             tf32: bool | None = None) -> Metrics:
     """Metrics of a model (or a compressed/dense checkpoint folder) on a split of ``data``; the task
     settings of ``config`` (e.g. ``vqa_inference``) apply; without ``config``, those the run used
     when the folder is a run's ``OUT/compressed`` (its resolved settings in ``OUT/run.json``), else the
     defaults. ``teacher`` (a model or folder: the dense model) is what the label-free task
-    ``distill`` measures agreement with."""
+    ``distill`` measures agreement with.
+
+    The evaluation runs at ``precision`` (fp32, or bf16 autocast) with TF32 on CUDA as ``tf32`` says;
+    left unset, a run's folder replays the run's ``eval_precision`` and ``tf32`` (also when ``config``
+    is given: the command line passes its task settings there), other models use ``config``'s. The
+    returned :class:`Metrics` says which in ``setup`` (:func:`evaluation_setup`)."""
     from upop.models.folders import load_any
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is not allowed; need an integer >= 1")
+    settings = run_settings(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
     if config is None:
-        settings = run_settings(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
         config = settings.config() if settings is not None else UPopConfig()
     config.validate()
+    setup = evaluation_setup(settings, config, precision, tf32)
     task = get_task(task).configure(config)
     if isinstance(model_or_path, (str, os.PathLike)):
         model, loaded_processor = load_any(model_or_path)
@@ -416,7 +466,11 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
     elif teacher is not None:
         raise ConfigError(f"teacher is used by the label-free task distill only, not by {task.name!r}")
     dataset = task.load_splits(data, splits=(split,))[split]
-    return task.evaluate(model, dataset, processor, batch_size)
+    device = next(model.parameters()).device
+    with eval_autocast(device, setup["eval_precision"]), tf32_as(device, setup["tf32"]):
+        metrics = Metrics(task.evaluate(model, dataset, processor, batch_size))
+    metrics.setup = setup
+    return metrics
 
 
 def run_settings(compressed_dir: str | os.PathLike) -> ResolvedSettings | None:

@@ -24,6 +24,14 @@ from upop.search.settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+TRACKERS = ("none", "tensorboard", "wandb")
+"""The ``report_to`` choices: Accelerate's trackers upop supports (or none)."""
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install 'upop[tracking]' (or pip install tensorboard)"),
+                    "wandb": ("wandb", "pip install wandb")}
+"""Per tracker: the package it needs and the command that installs it (:func:`check_tracker`)."""
+
+
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds every generator takes (NumPy's are 32-bit)."""
 
@@ -31,7 +39,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "search_epochs": (1, 10_000), "retrain_epochs": (0, 10_000), "batch_size": (1, 65_536),
     "eval_batch_size": (1, 65_536), "interval": (1, 10**9), "round_to": (1, 4096), "seed": SEED_RANGE,
     "checkpoint_every": (1, 10**9), "workers": (0, 256), "latency_batch_size": (1, 4096), "itm_k": (1, 10_000),
-    "vqa_k": (1, 10_000), "caption_beams": (1, 64),
+    "vqa_k": (1, 10_000), "caption_beams": (1, 64), "progress_every": (1, 86_400),
 }
 """The documented range of every integer setting (checked by :meth:`UPopConfig.validate` and by the
 command line's parser, and named in each option's help): far beyond any real run, small enough that
@@ -53,9 +61,21 @@ SETTINGS_VERSION = 1
 it. Runs written before settings had a version are version 0; resume brings an older version to this
 one by the explicit steps of :data:`upop.engine.resume.MIGRATIONS` and refuses a newer one."""
 
-DECIDED = ("distill", "ranking", "interval", "retrain_lr", "workers", "round_to")
+DECIDED = ("distill", "ranking", "interval", "retrain_lr", "workers", "round_to", "latency_batch_size")
 """The settings whose ``auto`` / unset default :meth:`UPopConfig.resolve` decides, each with a reason
 (``round_to`` only once the model's groups are known: the run records it)."""
+
+AUTO_INTS = ("round_to", "latency_batch_size")
+"""Integer settings that may also be ``"auto"`` (decided by :meth:`UPopConfig.resolve` or the run)."""
+
+LATENCY_BATCH_GPU = 32
+"""``latency_batch_size="auto"`` on an accelerator: batch 1 is launch-bound on a modern GPU (the time is
+the kernels' launches, not their work), so pruned and dense models time alike; 32 is a deploy batch
+at which the work shows. On the CPU ``auto`` is 1 (what runs and the benchmarks timed before)."""
+
+DECIDED_LATER = {"latency_batch_size": "recorded before latency_batch_size was decided: the value the run set"}
+"""Decided settings added to :data:`DECIDED` after :data:`SETTINGS_VERSION` 1 was written: a run.json of
+that version lacks their reason; :meth:`ResolvedSettings.from_dict` fills it with this one."""
 
 UNSET_DEFAULTS = ("interval", "retrain_lr", "workers", "itm_k")
 """Settings that may be left unset (None): a default is decided for them (``itm_k`` by the BLIP
@@ -70,6 +90,8 @@ CACHED_TASKS = ("retrieval",)
 
 
 def _f(default, help: str, **kw):
+    """A setting: its default, its help line and metadata (``choices``; ``task=True`` for a task
+    setting; ``group``: the section of ``upop compress --help`` it is listed in)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -78,53 +100,60 @@ class UPopConfig:
     """Settings of one UPop run (search -> prune -> retrain). Defaults suit the demo model; the
     published settings per task are in docs/method.md (METHOD section 5)."""
 
-    ratio: float = _f(0.5, "share of the prunable cost to remove, in (0, 1); 0.5 = '2x', 0.75 = '4x'")
-    method: str = _f("upop", "upop (progressive) or one-shot (masks cut to 0 at once after the search)", choices=METHODS)
+    ratio: float = _f(0.5, "share of the prunable cost to remove, in (0, 1); 0.5 = '2x', 0.75 = '4x'", group="search")
+    method: str = _f("upop", "upop (progressive) or one-shot (masks cut to 0 at once after the search)", choices=METHODS,
+                     group="search")
     allocation: str = _f("unified", "unified (one ranking across modalities and layers, UPop) or uniform "
-                         "(the same ratio in every layer: the paper's non-unified ablation)", choices=ALLOCATIONS)
+                         "(the same ratio in every layer: the paper's non-unified ablation)", choices=ALLOCATIONS,
+                         group="search")
     cost: str = _f("params", "budget the ratio is measured in: params (exact counts), flops, or latency (time per "
                    "unit measured at the run's start on its device, --latency-batch-size and --eval-precision; "
                    "cached in the run folder; with the taylor or fisher score, units are then ranked by importance per "
-                   "millisecond)", choices=COSTS)
-    search_epochs: int = _f(2, "epochs of the search phase (weights train, masks are searched)")
-    retrain_epochs: int = _f(2, "epochs of retraining the compressed model (best on validation kept)")
-    batch_size: int = _f(32, "training batch size per process")
-    eval_batch_size: int = _f(64, "evaluation batch size")
-    lr: float = _f(1e-5, "learning rate of the search phase (constant)")
-    retrain_lr: float | None = _f(None, "peak learning rate of retraining (cosine schedule); default: --lr")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression")
+                   "millisecond)", choices=COSTS, group="search")
+    search_epochs: int = _f(2, "epochs of the search phase (weights train, masks are searched)", group="search")
+    retrain_epochs: int = _f(2, "epochs of retraining the compressed model (best on validation kept)", group="training")
+    batch_size: int = _f(32, "training batch size per process", group="training")
+    eval_batch_size: int = _f(64, "evaluation batch size", group="data")
+    lr: float = _f(1e-5, "learning rate of the search phase (constant)", group="training")
+    retrain_lr: float | None = _f(None, "peak learning rate of retraining (cosine schedule); default: --lr",
+                                  group="training")
+    weight_decay: float = _f(0.0, "AdamW weight decay", group="training")
+    interval: int | None = _f(None, "search steps between mask updates; default: the steps per 1%% of compression",
+                              group="search")
     score: str = _f("taylor", "what ranks the units: taylor (the accumulated |gradient x mask|, first-order Taylor "
                     "importance; upop's default: it beat the paper's score at 2x, 4x and 8x on the transfer "
                     "benchmark), gradient (the paper: the accumulated mask gradient, dL/dzeta summed over steps) or "
                     "fisher (the accumulated squared gradient); same schedule, selection and projection",
-                    choices=SCORES)
+                    choices=SCORES, group="search")
     ranking: str = _f("auto", "what orders the units: auto (per-cost with --cost latency and the taylor or fisher "
                       "score, else score), score (the paper: the scores alone, standardised per structure type) or "
                       "per-cost (importance per unit of cost, least first; needs --score taylor or fisher)",
-                      choices=RANKING_SETTINGS)
+                      choices=RANKING_SETTINGS, group="search")
     distill: str = _f("auto", "distillation from the dense model during search and retraining: auto (upop's default: "
                       "logits where the teacher can be cached, i.e. retrieval with --distill-cache, where it is free "
                       "and gained 1.4-3.0 points on benchmarks/transfer.py; none elsewhere, where it costs a teacher "
                       "forward per step), none, logits (the task's outputs: retrieval's image-text similarities both "
                       "ways, VQA/caption token distributions, class and per-pixel logits) or logits+hidden (plus "
                       "every block's output, the residual stream pruning keeps); the teacher is a frozen copy of the "
-                      "dense model", choices=DISTILL_SETTINGS)
+                      "dense model", choices=DISTILL_SETTINGS, group="distill")
     distill_weight: float = _f(4.0, "weight of the distillation term added to the task loss (4: on "
-                                    "benchmarks/transfer.py better than 1 at 2x, 4x and 8x, and than 16 at 4x and 8x)")
-    distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)")
+                                    "benchmarks/transfer.py better than 1 at 2x, 4x and 8x, and than 16 at 4x and 8x)",
+                                group="distill")
+    distill_temperature: float = _f(1.0, "temperature of the distillation KL (the loss is scaled by its square)",
+                                    group="distill")
     teacher_precision: str = _f("fp32", "dtype the distillation teacher is held and run in: fp32, or bf16 (half "
-                                "the memory)", choices=("fp32", "bf16"))
+                                "the memory)", choices=("fp32", "bf16"), group="distill")
     distill_cache: bool = _f(True, "with --distill logits (or auto) on CLIP / SigLIP / BLIP retrieval, embed every training image "
                              "and caption with the frozen teacher once and form each step's teacher similarities "
                              "from those embeddings (one teacher pass over the data instead of a teacher forward "
                              "per step); with --task distill on a two-tower model, its embeddings of every training item "
-                             "likewise; false: the teacher runs every step (and --distill auto distils nothing)")
-    w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks")
-    w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks")
+                             "likewise; false: the teacher runs every step (and --distill auto distils nothing)",
+                             group="distill")
+    w_attn: float = _f(6.4e-3, "weight of the L1 term on attention masks", group="search")
+    w_mlp: float = _f(2e-4, "weight of the L1 term on MLP masks", group="search")
     round_to: int | str = _f("auto", "every group keeps a multiple of this many units: auto (8, the width kernels "
                              "are fast at, smaller only for groups too narrow for it; the report says which), or a "
-                             "number; 1 = any width (the paper)")
+                             "number; 1 = any width (the paper)", group="search")
     granularity: str = _f("head-dim", "what an attention unit is: head-dim (the paper: channel j of every head; "
                           "pruning narrows head_dim, and odd head widths run slower in GPU fused attention kernels), "
                           "head (whole heads: head_dim stays at its dense size, such as 64 or 128, where fused "
@@ -133,39 +162,54 @@ class UPopConfig:
                           "(heads and channels ranked together with exact costs: pruning removes heads AND narrows "
                           "head_dim; the most freedom for the search, but fused GPU attention kernels prefer head_dim "
                           "64 or 128, so head is the choice for GPU speed; round_to rounds channels, never heads). "
-                          "MLP units are neurons in every case", choices=("head-dim", "head", "both"))
+                          "MLP units are neurons in every case", choices=("head-dim", "head", "both"), group="search")
     augment: str = _f("deit", "training augmentation of the vision tasks: deit (the papers' recipes: classification "
                       "DeiT's crop, flip, RandAugment, random erasing, mixup/cutmix and label smoothing 0.1; "
                       "segmentation mmseg's random resize, crop, flip and photometric distortion) or none (the "
-                      "processor's resize only)", choices=("deit", "none"))
-    seed: int = _f(0, "random seed (data order, caption choice, dropout)")
-    checkpoint_every: int = _f(200, "steps between resumable checkpoints")
+                      "processor's resize only)", choices=("deit", "none"), group="training")
+    seed: int = _f(0, "random seed (data order, caption choice, dropout)", group="training")
+    checkpoint_every: int = _f(200, "steps between resumable checkpoints", group="run")
     workers: int | None = _f(None, "DataLoader worker processes that read, decode and collate training batches ahead "
                              "of the step (the batches are the same for any value); default: 0 on CPU, where they "
-                             "would compete with the compute threads, min(4, cores per process - 1) with a GPU")
-    precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS)
+                             "would compete with the compute threads, min(4, cores per process - 1) with a GPU",
+                             group="devices")
+    precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS, group="devices")
     eval_precision: str = _f("fp32", "precision of evaluations (dense, validation, final) and of the latency: fp32, or "
-                             "bf16 autocast", choices=("fp32", "bf16"))
+                             "bf16 autocast", choices=("fp32", "bf16"), group="devices")
     tf32: bool = _f(True, "on CUDA (Ampere and newer), fp32 matmuls and convolutions use TF32: much faster, about "
-                    "1e-3 relative precision; false keeps exact fp32 (no effect on CPU)")
-    max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)")
-    latency_batch_size: int = _f(1, "batch size of the latency measurement in the report")
+                    "1e-3 relative precision; false keeps exact fp32 (no effect on CPU)", group="devices")
+    max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)", group="training")
+    latency_batch_size: int | str = _f("auto", "batch size of the latency timings (the report's paired latency and "
+                                       "the --cost latency unit table): auto (32 on a GPU, where batch 1 is "
+                                       "launch-bound and hides what pruning saves; 1 on the CPU), or a number",
+                                       group="devices")
     # task settings: how a task trains and evaluates (read by Task.configure; also options of `upop evaluate`)
     itm_k: int | None = _f(None, "BLIP retrieval: ITC candidates per query re-ranked by ITM (BLIP's k_test); default: "
                            "256 when the test split has more than 2,000 images (COCO-sized), else 128 (Flickr30K-sized)",
-                           task=True)
+                           task=True, group="data")
     vqa_inference: str = _f("rank", "VQA evaluation: rank (BLIP: score the answer list, keep the best of the top "
-                            "--vqa-k) or generate (free decoding)", choices=("rank", "generate"), task=True)
-    vqa_k: int = _f(128, "VQA rank inference: answer candidates re-scored per question (BLIP's k_test)", task=True)
+                            "--vqa-k) or generate (free decoding)", choices=("rank", "generate"), task=True,
+                            group="data")
+    vqa_k: int = _f(128, "VQA rank inference: answer candidates re-scored per question (BLIP's k_test)", task=True,
+                     group="data")
     answer_list: str | None = _f(None, "VQA rank inference: JSON list of candidate answers (VQAv2's answer_list.json); "
-                                 "default: answer_list.json in the data folder, else the training answers", task=True)
+                                 "default: answer_list.json in the data folder, else the training answers", task=True,
+                                 group="data")
     caption_beams: int = _f(3, "captioning: beams of the decoding (BLIP: 3, prompt 'a picture of ', 5-20 tokens); "
-                            "1 = greedy", task=True)
+                            "1 = greedy", task=True, group="data")
     eval_mode: str = _f("slide", "segmentation evaluation: slide (Segmenter/mmseg: shorter side resized to the model "
                         "input, sliding windows) or whole (the image resized to the model input); both score at the "
-                        "original resolution", choices=("slide", "whole"), task=True)
+                        "original resolution", choices=("slide", "whole"), task=True, group="data")
     latency_time: float = _f(0.5, "latency timing: each model (dense and compressed) is timed for 3 x this many "
-                             "seconds in all, over 7 interleaved rounds")
+                             "seconds in all, over 7 interleaved rounds", group="devices")
+    report_to: str = _f("none", "experiment tracker that also receives the run's numbers (losses, learning rate, "
+                        "validation metrics, phase times; all of them are in OUT/log.jsonl), written under "
+                        "OUT/tracking: none, tensorboard (needs the tensorboard package: pip install 'upop[tracking]') "
+                        "or wandb (needs wandb: pip install wandb), through Accelerate's trackers",
+                        choices=TRACKERS, group="run")
+    progress_every: int = _f(60, "without progress bars (--no-progress, or progress=False): seconds between the "
+                             "progress lines of the search and the retraining (phase, step/total, loss, elapsed), "
+                             "logged to the 'upop' logger", group="run")
 
     def __post_init__(self):
         self.validate()
@@ -185,11 +229,11 @@ class UPopConfig:
                 bad(f.name, "one of the listed values", f"; choose one of: {', '.join(choices)}")
         for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
-            if value is None and name in UNSET_DEFAULTS or name == "round_to" and value == "auto":
+            if value is None and name in UNSET_DEFAULTS or name in AUTO_INTS and value == "auto":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 unset = " (or leave unset)" if name in UNSET_DEFAULTS else ""
-                bad(name, f"{'auto or ' if name == 'round_to' else ''}an integer in [{low}, {high}]{unset}")
+                bad(name, f"{'auto or ' if name in AUTO_INTS else ''}an integer in [{low}, {high}]{unset}")
         if not get_allocation(self.allocation).rounds and self.round_to not in ("auto", 1):
             bad("round_to", f"auto or 1 with the {self.allocation} allocation, which does not round widths")
         resolve_ranking(self.score, None if self.ranking == "auto" else self.ranking, self.cost)  # per-cost needs an unsigned score
@@ -246,6 +290,7 @@ class UPopConfig:
             "workers": decide_workers(self.workers, device_type, processes),
             "round_to": (self.round_to, AS_SET if self.round_to != "auto" else
                          "auto: decided by the run from the model's groups and its device"),
+            "latency_batch_size": decide_latency_batch(self.latency_batch_size, device_type),
         }
         interval = decisions["interval"][0]
         if self.method == "upop" and search_steps is not None and interval >= search_steps:
@@ -331,6 +376,17 @@ def decide_interval(setting: int | None, search_steps: int | None, ratio: float)
     return n, f"unset: the steps per 1% of compression, {search_steps} search steps / (100 x ratio {ratio:g})"
 
 
+def decide_latency_batch(setting: int | str, device_type: str) -> tuple[int, str]:
+    """The batch of the latency timings, and why: ``setting``, or for ``"auto"`` 1 on the CPU and
+    :data:`LATENCY_BATCH_GPU` on an accelerator (``device_type`` ``"cuda"`` and any other non-CPU type)."""
+    if setting != "auto":
+        return setting, AS_SET
+    if device_type == "cpu":
+        return 1, "auto: 1 on CPU (one sample already keeps the cores busy; what runs timed before)"
+    return LATENCY_BATCH_GPU, (f"auto: {LATENCY_BATCH_GPU} on {device_type.upper()}, where batch 1 is launch-bound "
+                               "(kernel launches, not work, set the time) and would hide what pruning saves")
+
+
 def decide_workers(setting: int | None, device_type: str, processes: int) -> tuple[int, str]:
     """DataLoader worker processes, and why: ``setting``, or 0 without a GPU (they would compete
     with the compute threads), else min(4, cores per process - 1)."""
@@ -342,6 +398,20 @@ def decide_workers(setting: int | None, device_type: str, processes: int) -> tup
     return max(0, min(4, cores // max(1, processes) - 1)), \
         f"unset: min(4, {cores} cores / {processes} process{'es' if processes != 1 else ''} - 1) beside a GPU"
 
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse a ``report_to`` tracker whose package is not installed, in one line naming the pip
+    command (checked when a run starts, not by :meth:`UPopConfig.validate`: a finished run's
+    settings stay readable on a machine without its tracker)."""
+    package, install = TRACKER_PACKAGES.get(report_to, (None, ""))
+    if package is None:
+        return
+    from importlib.util import find_spec
+
+    if find_spec(package) is None:
+        raise ConfigError(f"report_to={show(report_to)} is not allowed here: the {package} package is not "
+                          f"installed; install it with {install}, or use report_to none")
 
 @dataclass(frozen=True)
 class ResolvedSettings:
@@ -397,6 +467,8 @@ class ResolvedSettings:
             raise ConfigError(f"{source}: settings version {show(version)} is not this upop's ({SETTINGS_VERSION}); "
                               "read them with the upop that wrote them")
         parts = {k: data.get(k) for k in ("given", "values", "why")}
+        if isinstance(parts["why"], dict) and isinstance(parts["values"], dict):
+            parts["why"] = {**{k: why for k, why in DECIDED_LATER.items() if k in parts["values"]}, **parts["why"]}
         if not all(isinstance(v, dict) for v in parts.values()) or set(parts["why"]) != set(DECIDED):
             raise ConfigError(f"{source}: not upop's resolved settings (given, values and why of {', '.join(DECIDED)})")
         UPopConfig.from_dict(parts["values"], source=source)  # every value checked

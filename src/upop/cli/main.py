@@ -13,12 +13,14 @@ User mistakes print one line ``upop: error: ...`` and exit with code 2 (no trace
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from upop.config import UPopConfig, config_fields
+from upop.config import UPopConfig, check_tracker, config_fields
 from upop.errors import ConfigError, UPopError
 
 from upop.cli.parser import EXIT_USER_ERROR, build_parser  # noqa: F401 (build_parser: public)
@@ -40,6 +42,7 @@ def cmd_compress(args) -> int:
     from upop.tasks import get_task
 
     config = _config_from_args(args)
+    check_tracker(config.report_to)  # a missing tracker package before anything is loaded
     get_task(args.task).configure(config).load_splits(args.data)  # cheap checks first: bad annotations fail fast
     model, processor = load_any(args.model)
     if processor is None:
@@ -230,11 +233,39 @@ def _error(message: str, exc: BaseException | None = None) -> None:
     print(printable(message), file=sys.stderr, flush=True)
 
 
+class _Stdout(logging.Handler):
+    """Prints each message of the ``upop`` logger as a line on the current ``sys.stdout`` (looked up
+    at each message, so a redirected or captured stdout receives it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), flush=True)
+        except Exception:  # noqa: BLE001 (logging's rule: a failing handler reports, never raises)
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _print_log():
+    """While a command runs, the ``upop`` logger's messages (INFO and above) are printed to stdout,
+    as the command line always printed them; its level and handlers are restored afterwards."""
+    logger = logging.getLogger("upop")
+    handler, level = _Stdout(logging.INFO), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _run(args) -> int:
     from upop.engine.run import RunStopped, TrainingError
 
     try:
-        return COMMANDS[args.command](args)
+        with _print_log():
+            return COMMANDS[args.command](args)
     except TrainingError as exc:
         _error(f"upop: error: {exc}", exc)
         return 1

@@ -7,8 +7,9 @@ config's metadata); argparse errors are one line, ``upop: error: ...``, with exi
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-from upop.config import INT_RANGES, LATENCY_TIME_RANGE, SEED_RANGE, config_fields
+from upop.config import AUTO_INTS, INT_RANGES, LATENCY_TIME_RANGE, SEED_RANGE, UPopConfig, config_fields
 from upop.errors import show
 from upop.tasks.registry import task_names, task_summaries
 
@@ -22,6 +23,11 @@ MODEL_IMAGE_SIZE_RANGE = (16, 1024)
 """Input side of a ``make-model`` model in pixels (patches of 8 up to 96, of 16 above)."""
 NUM_LABELS_RANGE = (1, 100_000)
 EXPORT_BATCH_RANGE = (1, 4096)
+
+COMPRESS_GROUPS = {"data": "data and task", "search": "UPop search", "distill": "distillation",
+                   "training": "training", "run": "run folder", "devices": "devices and precision"}
+"""The sections of ``upop compress --help``, by the ``group`` key of the settings' metadata
+(:mod:`upop.config`), in the order they are listed."""
 
 
 def _int_in(name: str, low: int, high: int, sep: str = "="):
@@ -67,20 +73,23 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"need true or false, got {text!r}")
 
 
-def _round_to(text: str):
-    """``--round-to``: auto or an integer in its range."""
-    if text == "auto":
-        return text
-    low, high = INT_RANGES["round_to"]
-    try:
-        return _int_in("round_to", low, high)(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(str(exc).replace("need an integer", "need auto or an integer")) from None
+def _auto_or_int(name: str):
+    """An argparse type for ``--round-to`` and ``--latency-batch-size``: auto or an integer in the range."""
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return _int_in(name, *INT_RANGES[name])(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("need an integer", "need auto or an integer")) from None
+
+    parse.__name__ = "auto or integer"
+    return parse
 
 
 def _type_for(name: str, default):
-    if name == "round_to":
-        return _round_to
+    if name in AUTO_INTS:
+        return _auto_or_int(name)
     if isinstance(default, bool):
         return _bool
     if name in INT_RANGES:
@@ -102,10 +111,20 @@ def _range_note(name: str) -> str:
     return ""
 
 
-def _add_config_options(parser: argparse.ArgumentParser, task_only: bool = False) -> None:
-    group = parser.add_argument_group("task settings" if task_only else
-                                      "UPop settings (also settable in --config YAML; the command line wins)")
+def _compress_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The sections of ``compress --help`` (:data:`COMPRESS_GROUPS`), by group key."""
+    return {key: parser.add_argument_group(title) for key, title in COMPRESS_GROUPS.items()}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, task_only: bool = False,
+                        groups: dict[str, argparse._ArgumentGroup] | None = None) -> None:
+    """An option per setting (only the task settings with ``task_only``): in the section of its
+    ``group`` metadata when ``groups`` are given, else in one section."""
+    group_of = {f.name: f.metadata.get("group") for f in fields(UPopConfig)}
+    single = None if groups else parser.add_argument_group(
+        "task settings" if task_only else "UPop settings (also settable in --config YAML; the command line wins)")
     for name, default, help_text, choices in config_fields(task_only):
+        group = single or groups[group_of[name]]
         flag = "--" + name.replace("_", "-")
         kwargs = dict(dest=name, default=None,
                       help=f"{help_text} (default: {default}{_range_note(name)})".replace("%", "%%"))
@@ -174,24 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="search, prune and retrain a model; write the checkpoint and a report",
                        description="Search which units to prune (UPop), slice them out, retrain, and write "
                        "OUT/compressed (a checkpoint folder), OUT/report.json|md, OUT/allocation.png and logs.")
-    c.add_argument("--model", required=True, help="dense model: a local Hugging Face folder (or hub id)")
-    c.add_argument("--task", required=True, choices=_RegisteredTasks(), help=_tasks_help("task the model is fine-tuned for"))
-    c.add_argument("--data", required=True, help="dataset folder in the task's format (see docs/data.md)")
-    c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--config", help="YAML file of UPop settings")
-    c.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint; refused if the model, data or a "
-                   "setting that changes the result differs from the run's")
-    c.add_argument("--restart-if-missing", action="store_true",
-                   help="with --resume: start a new run if --out holds none (default: refuse)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace a previous upop run in --out (kept in OUT/.upop-previous until the new run "
-                   "finished); a folder holding files upop did not write is never overwritten")
-    c.add_argument("--check-images", choices=["header", "full", "none"], default="header",
-                   help="before training, check every image of the data set: header (open and verify the "
-                   "headers; fast), full (decode every image) or none (default: header)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_options(c)
+    c.add_argument("--config", help="YAML file of settings: the options of every section below but --model, --task, "
+                   "--data, --check-images, --out, --resume, --restart-if-missing, --overwrite and --no-progress "
+                   "(names with _ or -); options on the command line win")
+    groups = _compress_groups(c)
+    data, run = groups["data"], groups["run"]
+    data.add_argument("--model", required=True, help="dense model: a local Hugging Face folder (or hub id)")
+    data.add_argument("--task", required=True, choices=_RegisteredTasks(),
+                      help=_tasks_help("task the model is fine-tuned for"))
+    data.add_argument("--data", required=True, help="dataset folder in the task's format (see docs/data.md)")
+    data.add_argument("--check-images", choices=["header", "full", "none"], default="header",
+                      help="before training, check every image of the data set: header (open and verify the "
+                      "headers; fast), full (decode every image) or none (default: header)")
+    run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint; refused if the model, data or a "
+                     "setting that changes the result differs from the run's")
+    run.add_argument("--restart-if-missing", action="store_true",
+                     help="with --resume: start a new run if --out holds none (default: refuse)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a previous upop run in --out (kept in OUT/.upop-previous until the new run "
+                     "finished); a folder holding files upop did not write is never overwritten")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars: a progress line every --progress-every seconds instead")
+    _add_config_options(c, groups=groups)
 
     e = sub.add_parser("evaluate", help="print a model's metrics on a dataset split as JSON, or time it (--latency)",
                        description="Print the metrics of --model on --split of --data as JSON. With --latency, time "
@@ -216,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time --model (and --baseline) instead of computing metrics")
     timing.add_argument("--baseline", help="a second model folder (e.g. the dense model) timed interleaved with "
                         "--model; the speedup is baseline latency / model latency")
-    timing.add_argument("--latency-batch-size", type=_int_in("latency_batch_size", *INT_RANGES["latency_batch_size"]),
-                        default=None, help="samples per timed forward (default: 1, as a run; range %d..%d)"
-                        % INT_RANGES["latency_batch_size"])
+    timing.add_argument("--latency-batch-size", type=_auto_or_int("latency_batch_size"), default=None,
+                        help="samples per timed forward: auto (as a run: 32 on a GPU, 1 on the CPU) or a number "
+                        "(default: auto; range %d..%d)" % INT_RANGES["latency_batch_size"])
     timing.add_argument("--latency-time", type=_float_in("latency_time", *LATENCY_TIME_RANGE), default=None,
                         help="each model is timed 3 x this many seconds in all, over 7 rounds (default: 0.5, as a run; "
                         "range %g..%g seconds)" % LATENCY_TIME_RANGE)

@@ -25,7 +25,8 @@ from upop.config import DECIDED, SETTINGS_VERSION, ResolvedSettings, decide_dist
 from upop.errors import CheckpointError, ConfigError, show
 
 #: settings that do not change what a run computes (so they may differ on resume)
-FREE_SETTINGS = frozenset({"workers", "checkpoint_every", "latency_time", "latency_batch_size"})
+FREE_SETTINGS = frozenset({"workers", "checkpoint_every", "latency_time", "latency_batch_size", "report_to",
+                           "progress_every"})
 
 #: settings that change nothing while distillation is off (``distill="none"``): a run is the same
 #: run whatever they are then (so a run started before a default of theirs changed still resumes)

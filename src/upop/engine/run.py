@@ -33,9 +33,10 @@ from upop.engine.loop import finetune
 from upop.engine.phases import retrain_phase, search_phase
 from upop.pruning.prune import PruningPlan
 from upop.engine.resume import read_state
-from upop.engine.runtime import (STATE_FILE, PhaseResult, RunStopped, StopSignals, TrainingError, append_log, batch_indices,
-                      check_shards, ddp_unused, disk_full_guard, graph_parameters, make_accelerator, reducer_names,
-                      rng_state, seed_everything, set_rng_state, step_batches, steps_per_epoch)
+from upop.engine.runtime import (STATE_FILE, TRACKING_DIR, PhaseResult, ProgressLog, RunStopped, StopSignals, Tracking,
+                      TrainingError, append_log, batch_indices, check_shards, ddp_unused, disk_full_guard,
+                      graph_parameters, logger, make_accelerator, reducer_names, rng_state, seed_everything,
+                      set_rng_state, step_batches, steps_per_epoch)
 from upop.runs.rundir import torch_save_atomic
 from upop.search.mask_search import check_reachable, resolve_round_to
 from upop.tasks import Task
@@ -51,6 +52,11 @@ class Run:
     length. The run decides ``round_to`` (it needs the model's groups) and keeps the settings with
     that decision as :attr:`settings`; :attr:`config` is their decided values. ``fingerprint`` (see
     :mod:`upop.engine.resume`) is stored with every state and a resumed state must carry the same.
+
+    Messages go to the ``upop`` logger (and to ``log``, if given); without bars (``progress=False``)
+    the loops log a progress line every ``progress_every`` seconds. Every ``log.jsonl`` record
+    (:meth:`record`) also goes to the tracker of ``report_to`` (:attr:`tracking`, under
+    ``OUT/tracking``), which the caller closes when the run is over.
     """
 
     def __init__(
@@ -64,7 +70,7 @@ class Run:
         out_dir: str | os.PathLike,
         resume: bool = False,
         base_model: str = "",
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
         progress: bool = True,
         stop_after: int | None = None,
         fingerprint: dict | None = None,
@@ -73,11 +79,11 @@ class Run:
         self.processor = processor
         self.out = Path(out_dir)
         self.state_dir = self.out / "state"
-        self.resume, self.base_model, self.log, self.progress = resume, base_model, log, progress
+        self.resume, self.base_model, self._log, self.progress = resume, base_model, log, progress
         self.stop_after = stop_after  # testing hook: stop (as if killed) after this many total steps
         self.fingerprint = fingerprint or {}
         config = settings.config() if isinstance(settings, ResolvedSettings) else settings
-        self.acc = make_accelerator(config)
+        self.acc = make_accelerator(config, self.out / TRACKING_DIR)
         self.collate = task.collator(processor, seed=config.seed)
         check_shards(len(train), config.batch_size, self.acc.num_processes)
         self.spe = steps_per_epoch(len(train), config.batch_size, self.acc.num_processes)
@@ -98,6 +104,7 @@ class Run:
         #: the run's resolved settings, ``round_to`` decided; :attr:`config`: their decided values
         self.settings = settings.decide("round_to", self.round_to, self.round_to_why)
         self.config = self.settings.config()
+        self.tracking = Tracking(self.acc, "upop", {"task": task.name, **self.settings.values})
         check_reachable(groups, config.ratio, self.round_to, config.cost)  # before the folder is touched
         self._steps_done = 0
         self._ddp_names: list[str] | None = None  # the wrapped model's parameters, in DDP's order
@@ -173,8 +180,17 @@ class Run:
                                   workers=self.config.workers):
             yield {k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def log(self, message: str) -> None:
+        """Say ``message`` (main process): to the ``upop`` logger, and to the ``log`` callable if given."""
+        if self.acc.is_main_process:
+            logger.info(message)
+            if self._log is not None:
+                self._log(message)
+
     def record(self, record: dict) -> None:
+        """Append ``record`` to ``log.jsonl`` and send its numbers to the tracker (main process)."""
         append_log(self.out, record, self.acc.is_main_process)
+        self.tracking.log(record)
 
     def save_state(self, state: dict) -> None:
         """Write ``state/run.pt`` atomically (main process), with every process's RNG state."""
@@ -405,6 +421,9 @@ class Run:
         raise stopped
 
     def bar(self, total: int, initial: int, desc: str):
+        """The progress bar of a loop; without bars, the main process's :class:`ProgressLog`."""
+        if not self.progress and self.acc.is_main_process:
+            return ProgressLog(total, initial, desc, every=self.config.progress_every)
         from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, disable=not (self.progress and self.acc.is_main_process),

@@ -5,7 +5,10 @@
 - random states (:func:`seed_everything`, saved and restored with a run's state), host memory;
 - :class:`RunStopped` and the signal handling that stops a loop at a step boundary (and any
   other phase at once); :class:`DiskFullError` for a full disk while writing;
-- the log (``log.jsonl``) records of devices and phases, and the evaluation autocast;
+- the log: the ``upop`` logger (:data:`logger`; silent unless the application configures logging,
+  the CLI prints it), ``log.jsonl`` records of devices and phases, their copy to an experiment
+  tracker (:class:`Tracking`, ``report_to``), the progress lines of a run without bars
+  (:class:`ProgressLog`), and the evaluation autocast;
 - what data parallelism needs: parameters that get no gradient (:func:`graph_parameters`, DDP's
   error mapped to names by :func:`ddp_unused`) and a training split every process gets items of.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -32,6 +36,15 @@ from upop.errors import UPopError
 from upop.pruning.prune import PruningPlan
 
 STATE_FILE = "run.pt"
+
+logger = logging.getLogger("upop")
+"""The logger every message of a run goes to (the phases, resumes, progress lines). A library stays
+silent unless its application configures logging, hence the NullHandler; ``upop`` (the CLI) adds a
+handler that prints the messages to stdout."""
+logger.addHandler(logging.NullHandler())
+
+TRACKING_DIR = "tracking"
+"""Under a run folder: the experiment tracker's files (``report_to``)."""
 
 
 class TrainingError(UPopError):
@@ -69,8 +82,36 @@ def restore_tf32(before: tuple) -> None:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
 
 
-def make_accelerator(config: UPopConfig):
-    """The run's Accelerator: its device is the one device of every phase of the run."""
+PROCESS_GROUP_TIMEOUT_MINUTES = 30
+"""How long a collective of a multi-process run waits for the slowest process before it fails (the
+process group's timeout; NCCL's own default is 10 minutes). Long enough for what one process does
+while the others wait (the main process's checkpoint and dense-model writes, the latency table and
+the paired latency it times alone); short enough that a dead or hung process stops the run within
+the hour instead of holding every GPU."""
+
+
+def process_group_kwargs() -> dict:
+    """The keywords of the process group's creation (Accelerate's ``InitProcessGroupKwargs``): the
+    timeout :data:`PROCESS_GROUP_TIMEOUT_MINUTES`. Passed where the group is first made (``PartialState``
+    in :func:`upop.api.compress`) and to the Accelerator (:func:`make_accelerator`, for a run made
+    without ``compress``); whichever comes first creates the group."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES)).to_kwargs()
+
+
+def _process_group_handler():
+    """:func:`process_group_kwargs` as the Accelerator's handler."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(**process_group_kwargs())
+
+
+def make_accelerator(config: UPopConfig, tracking_dir: str | os.PathLike | None = None):
+    """The run's Accelerator: its device is the one device of every phase of the run. With
+    ``config.report_to`` a tracker, it logs to that tracker under ``tracking_dir`` (see :class:`Tracking`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -80,7 +121,11 @@ def make_accelerator(config: UPopConfig):
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
     # gradients live in DDP's all-reduce buckets: no second copy of every gradient
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
-    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp])
+    tracking = {}
+    if config.report_to != "none" and tracking_dir is not None:
+        tracking = {"log_with": config.report_to, "project_dir": os.fspath(tracking_dir)}
+    return Accelerator(mixed_precision=mixed, cpu=not cuda,
+                       kwargs_handlers=[ddp, _process_group_handler()], **tracking)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, epoch: int, position: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -240,6 +285,84 @@ def append_log(out: Path, record: dict, is_main: bool) -> None:
         with disk_full_guard(out / "log.jsonl", out / "state"), open(out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
+
+
+def tracker_values(record: dict) -> dict[str, float]:
+    """The numbers of a ``log.jsonl`` record as tracker scalars: every int or float value (not a
+    flag, not ``step``) tagged ``phase/name``, or ``phase/of/name`` for a record about another
+    phase (``phase_end`` of ``search``: ``phase_end/search/seconds``)."""
+    prefix = "/".join(str(record[k]) for k in ("phase", "of") if k in record)
+    return {f"{prefix}/{name}": float(value) for name, value in sorted(record.items())
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class Tracking:
+    """A run's numbers sent to the experiment tracker of ``report_to`` through ``accelerator``
+    (built with ``log_with``, :func:`make_accelerator`): what :func:`tracker_values` takes of each
+    ``log.jsonl`` record, at the record's step. The main process only; the tracker starts on the
+    first record with a number (after the run took its folder: nothing is written before), with
+    ``config`` (the run's settings) as its hyper-parameters. :meth:`close` finishes the trackers
+    (not ``Accelerator.end_training``, which would also tear down the process group under
+    ``compress``'s caller)."""
+
+    def __init__(self, accelerator, project: str, config: dict[str, Any]):
+        self.acc, self.project = accelerator, project
+        self.config = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))}
+        self.active = bool(getattr(accelerator, "log_with", None)) and accelerator.is_main_process
+        self.started = False
+
+    def log(self, record: dict) -> None:
+        values = tracker_values(record) if self.active else {}
+        if not values:
+            return
+        if not self.started:
+            self.acc.init_trackers(self.project, config=self.config)
+            self.started = True
+            logger.info(f"tracking the run with {', '.join(t.name for t in self.acc.trackers)} in "
+                        f"{self.acc.logging_dir}")
+        step = record.get("step")
+        self.acc.log(values, step=step if isinstance(step, int) else None)
+
+    def close(self) -> None:
+        """Flush and close the trackers (the run's last numbers are on disk after it)."""
+        if self.started:
+            for tracker in self.acc.trackers:
+                tracker.finish()
+            self.acc.trackers = []
+            self.started = False
+
+
+class ProgressLog:
+    """The progress of a loop without a bar (``--no-progress``): a line to :data:`logger` at the
+    first step and then every ``every`` seconds (``clock``), with the phase, the step, what the
+    loop shows beside its bar (loss, ...) and the time since the phase started, so a run without
+    bars is never silent for minutes. It takes the calls the loops make on a tqdm bar."""
+
+    def __init__(self, total: int, initial: int, desc: str, every: float, clock=time.monotonic):
+        self.total, self.n, self.desc, self.every, self.clock = total, initial, desc, every, clock
+        self.start = clock()
+        self.last: float | None = None
+        self.postfix: dict[str, Any] = {}
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if self.last is None or now - self.last >= self.every:
+            self.last = now
+            logger.info(self.line(now))
+
+    def line(self, now: float) -> str:
+        """``search step 5/16, loss 2.3026, p_t 0.100, elapsed 0:01:02``."""
+        seconds = int(now - self.start)
+        parts = [f"{self.desc} step {self.n}/{self.total}", *(f"{k} {v}" for k, v in self.postfix.items()),
+                 f"elapsed {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        """Nothing to clear (tqdm's call at the end of a loop)."""
 
 def device_record(phase: str, model: nn.Module, precision: str) -> dict:
     """The log record that says where and in which dtype ``phase`` runs (read by make gpu-check)."""

@@ -52,7 +52,7 @@ OWN_FILES = frozenset({LOCK_FILE, PREVIOUS_DIR})
 """rundir's own bookkeeping names, part of every kind's file set."""
 
 RUN_FILES = frozenset({"report.json", "report.md", "allocation.png", "log.jsonl", "run.json", "state",
-                       "compressed", "dense.json"}) | OWN_FILES
+                       "compressed", "dense.json", "tracking"}) | OWN_FILES
 """The names a upop run (``upop compress``) writes into its folder."""
 
 KINDS = ("run", "model", "data")
