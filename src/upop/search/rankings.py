@@ -41,10 +41,10 @@ RANKING_REGISTRY: dict[str, type[Ranking]] = {}
 """Registered rankings by name, in registration order (the first is the paper's)."""
 
 RANKINGS = Names(lambda: RANKING_REGISTRY)
+"""The registered ranking names, read live (what ``--ranking`` accepts besides ``auto``)."""
 
 RANKING_SETTINGS = Names(lambda: {"auto": None, **RANKING_REGISTRY})
 """What ``UPopConfig.ranking`` and ``--ranking`` accept: ``"auto"`` or a registered ranking, read live."""
-"""The registered ranking names, read live (what ``--ranking`` accepts besides ``auto``)."""
 
 
 def register_ranking(cls: type[Ranking]) -> type[Ranking]:
