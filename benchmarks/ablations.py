@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 import upop  # noqa: E402
+import upop.models.folders
 from upop.api import compress  # noqa: E402
 from upop.tasks import get_task, task_names  # noqa: E402
 from upop.engine.run import batch_indices, finetune, steps_per_epoch  # noqa: E402

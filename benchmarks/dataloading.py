@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 import upop  # noqa: E402
+import upop.models.folders
 from upop.data.shapes import write_retrieval  # noqa: E402
 from upop.tasks import get_task  # noqa: E402
 from upop.engine.run import step_batches  # noqa: E402

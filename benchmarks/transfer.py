@@ -77,6 +77,7 @@ from _common import write_results  # noqa: E402
 from _transfer_data import HELD_OUT, build_data, digest  # noqa: E402
 
 import upop  # noqa: E402
+import upop.models.folders  # noqa: E402
 from upop.api import compress  # noqa: E402
 from upop.errors import ConfigError  # noqa: E402
 from upop.tasks import get_task  # noqa: E402

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import upop
+import upop.export.graph
 from upop.cli.main import main
 
 from ._families import FAMILIES, prune_every_third

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 pytest.importorskip("torch_pruning")
 
 import upop  # noqa: E402
+import upop.models.folders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import upop
+import upop.engine.phases
 from upop.engine.run import seed_everything
 
 from ._families import clip_world

@@ -12,7 +12,9 @@ upop copies by allow-list, not deny-list. A compressed folder holds only:
 - ``generation_config.json`` with the keys of ``GenerationConfig().to_dict()``;
 - upop's own files (plan, safetensors weights, ``modeling_upop.py``) and tokenizer / processor
   data files (JSON, vocabularies, chat templates: :data:`DATA_SUFFIXES`); a file of any other kind
-  that a processor's ``save_pretrained`` wrote (e.g. a ``.py`` of a custom class) is dropped.
+  that a processor's ``save_pretrained`` wrote (e.g. a ``.py`` of a custom class) is dropped;
+- the module folders a sentence-transformers ``modules.json`` names (``1_Pooling/``,
+  ``2_Normalize/``), with their data files only (:mod:`upop.models.sentence_transformers`).
 
 A code hook is refused, on input (:func:`refuse_code_hooks`, through which every model folder
 upop loads goes) and on output (:func:`refuse_config_hooks`, :func:`refuse_folder_hooks`), in
@@ -193,20 +195,29 @@ def refuse_config_hooks(config: transformers.PretrainedConfig, what: str = "the 
 def refuse_folder_hooks(folder: Path, read_json, what: str = "the compressed folder's") -> None:
     """Refuse a code hook in the JSON files of a folder being written that a library reads
     settings from (:data:`HOOK_FILES`, other than ``config.json``, checked as a config): the
-    tokenizer / processor files a processor saved or that were copied from the base model."""
+    tokenizer / processor files a processor saved or that were copied from the base model, and a
+    carried ``modules.json`` with its module folders (types and module configs as on input)."""
     for name in HOOK_FILES[1:]:
         file = folder / name
-        problem = find_hook(read_json(file)) if file.is_file() else None
+        data = read_json(file) if file.is_file() else None
+        problem = find_hook(data)
+        if problem is None and name == "modules.json":
+            problem = _modules_hook(folder, data, read_json)
         if problem is not None:
             raise CheckpointError(f"{what} {file.name} {problem}; {NO_HOOKS}")
 
 
-def drop_unknown_files(folder: Path, own: set[str]) -> list[str]:
+def drop_unknown_files(folder: Path, own: set[str], module_dirs: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Delete from ``folder`` (upop's temporary folder being written) every file that is neither
-    one of ``own`` nor a tokenizer / processor data file; returns the names dropped."""
+    one of ``own`` nor a tokenizer / processor data file, and every folder but ``module_dirs``
+    (a sentence-transformers pipeline's module folders, of which only the data files stay);
+    returns the names dropped."""
     dropped = []
     for path in sorted(folder.iterdir()):
         if path.name in own or (path.is_file() and not path.is_symlink() and path.suffix in DATA_SUFFIXES):
+            continue
+        if path.name in module_dirs and path.is_dir() and not path.is_symlink():
+            dropped += [f"{path.name}/{name}" for name in drop_unknown_files(path, set())]
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

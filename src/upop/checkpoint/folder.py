@@ -9,6 +9,8 @@
                              without upop; config.json then also has its ``auto_map`` and
                              ``upop_shapes`` (:mod:`upop.checkpoint.hub`). upop itself never imports it.
     out/<tokenizer / processor files>
+    out/modules.json, 1_Pooling/...  a sentence-transformers base folder's pipeline files, carried over
+                             (:mod:`upop.models.sentence_transformers`)
 
 :func:`save_compressed` writes the folder into a temporary sibling and renames it into place, so
 a killed save never leaves a half-written checkpoint. ``save_pretrained`` of a pruned or loaded
@@ -36,6 +38,7 @@ from upop.checkpoint.allow_list import drop_unknown_files, refuse_folder_hooks
 from upop.arch import ArchSpec, get_spec, spec_by_name
 from upop.errors import CheckpointError, ConfigError, UnsupportedModelError, show
 from upop.checkpoint.card import CARD_FILE, write_model_card
+from upop.models.sentence_transformers import TOKENIZER_FILES, Pipeline, carried_pipeline
 from upop.checkpoint.hub import MODELING_FILE, refuse_hooks, strip_hub_fields, write_hub_files
 from upop.pruning.prune import PLAN_FILE, PruningPlan, apply_plan
 from upop.runs.rundir import write_dir_atomic
@@ -94,16 +97,36 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, processor=None
 
 def _save_processor(tmp: Path, processor, plan: PruningPlan) -> None:
     """The tokenizer / processor files: ``processor``'s own, else the base model folder's
-    :data:`_PROCESSOR_FILES`; refused with a code hook, and only data files are kept."""
+    :data:`_PROCESSOR_FILES`; and, when the base model is a local sentence-transformers folder,
+    its pipeline files (:func:`_copy_pipeline`). Refused with a code hook; only data files are kept."""
+    base = Path(plan.base_model) if plan.base_model and Path(plan.base_model).is_dir() else None
     if processor is not None:
         processor.save_pretrained(tmp)
-    elif plan.base_model and Path(plan.base_model).is_dir():
+    elif base is not None:
         for name in _PROCESSOR_FILES:
-            src = Path(plan.base_model) / name
+            src = base / name
             if src.is_file():
                 shutil.copy2(src, tmp / name)
+    pipeline = carried_pipeline(base) if base is not None else None
+    dirs = _copy_pipeline(tmp, pipeline) if pipeline is not None else []
     refuse_folder_hooks(tmp, read_json)
-    drop_unknown_files(tmp, _OWN_FILES)
+    drop_unknown_files(tmp, _OWN_FILES, set(dirs))
+
+
+def _copy_pipeline(tmp: Path, pipeline: Pipeline) -> list[str]:
+    """Copy a sentence-transformers pipeline's data files (``modules.json``, its configs, the
+    module folders' JSON, the tokenizer files the processor did not write) into ``tmp``, so
+    ``SentenceTransformer(folder, trust_remote_code=True)`` pools and normalises as the base model
+    did; every module folder is created (``2_Normalize/`` may be empty). Returns the module folders."""
+    for rel in pipeline.files():
+        dest = tmp / rel
+        if rel in TOKENIZER_FILES and dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pipeline.folder / rel, dest)
+    for sub in pipeline.module_dirs():
+        (tmp / sub).mkdir(exist_ok=True)
+    return pipeline.module_dirs()
 
 
 def read_plan(path: str | os.PathLike) -> PruningPlan:

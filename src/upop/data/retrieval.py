@@ -238,12 +238,18 @@ class RetrievalDataset(Dataset):
 
         ``texts[t]`` belongs to image ``txt2img[t]``; ``img2txt[i]`` lists the text indices of image ``i``.
         """
-        texts, txt2img, img2txt = [], [], []
-        for i, item in enumerate(self.items):
-            img2txt.append(list(range(len(texts), len(texts) + len(item.captions))))
-            texts.extend(item.captions)
-            txt2img.extend([i] * len(item.captions))
-        return texts, txt2img, img2txt
+        return flat_captions(self.items)
+
+
+def flat_captions(items) -> tuple[list[str], list[int], list[list[int]]]:
+    """``(texts, txt2img, img2txt)`` of every caption of ``items`` (objects with ``captions``), in
+    order: ``texts[t]`` belongs to image ``txt2img[t]``; ``img2txt[i]`` lists the text indices of image ``i``."""
+    texts, txt2img, img2txt = [], [], []
+    for i, item in enumerate(items):
+        img2txt.append(list(range(len(texts), len(texts) + len(item.captions))))
+        texts.extend(item.captions)
+        txt2img.extend([i] * len(item.captions))
+    return texts, txt2img, img2txt
 
 
 class RetrievalPairs(Dataset):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from upop.data.augment import input_size
 from upop.data.images import load_rgb_image
+from upop.data.retrieval import flat_captions
 from upop.errors import DataError, show
 
 #: what each Trainer-style field stands for among a task's raw fields (the transformers
@@ -455,12 +456,7 @@ class ImageTextsDataset(_ImageTexts):
 
     def flat_captions(self) -> tuple[list, list[int], list[list[int]]]:
         """``(texts, txt2img, img2txt)`` of every caption, as the retrieval reader's."""
-        texts, txt2img, img2txt = [], [], []
-        for i, item in enumerate(self.items):
-            img2txt.append(list(range(len(texts), len(texts) + len(item.captions))))
-            texts.extend(item.captions)
-            txt2img.extend([i] * len(item.captions))
-        return texts, txt2img, img2txt
+        return flat_captions(self.items)
 
 
 class ImageTextPairs(_ImageTexts):

@@ -14,6 +14,14 @@ through the student and, under ``torch.no_grad``, through the teacher; the loss 
     and its heads, CLIP/SigLIP text towers; sentences): ``pooled`` (the projected embedding, else
     the pooler output, else the first token of the last hidden state) and ``tokens`` (the cosine
     of every token of the last hidden state, averaged over the real tokens);
+  - a text encoder loaded from a sentence-transformers folder (one with ``modules.json``, e.g.
+    all-MiniLM-L6-v2): ``pooled`` is the pipeline's own sentence embedding instead, its pooling
+    (mean, CLS, max...) of the last hidden state then its normalisation
+    (:class:`upop.models.sentence_transformers.Pooling`), never BERT's ``pooler`` (tanh of
+    [CLS]), which sentence-transformers does not use; sentences are cut at its ``max_seq_length``.
+    The pooling is read from the folder the dense model was loaded from (``config._name_or_path``:
+    ``from_pretrained``, ``upop compress --model``), once, by :meth:`DistillTask.check_model` or
+    :meth:`DistillTask.set_teacher`; set ``task.pooling`` to choose it yourself;
 
 * plus, for each logits output of a head (ViT/DeiT/DINOv2 classifiers, BERT heads), the KL
   divergence ``KL(softmax(teacher) || softmax(student))`` over its classes (per token for
@@ -28,7 +36,9 @@ dense model itself scores 100): ``cosine`` (main metric) is the mean over the em
 their mean per-sample cosine x 100 (also reported per embedding as ``cosine_<name>``);
 ``top1_agreement`` is, for a two-tower model, the share of the split's images whose most similar
 sentence among ALL the split's sentences is the same for student and teacher, and for a model
-with a head, the share of predictions (per sample, or per token) whose top-1 class is the same.
+with a head, the share of predictions (per sample, or per token) whose top-1 class is the same,
+and for a sentence-transformers encoder, the share of the split's sentences whose nearest other
+sentence (cosine of the pipeline's embeddings) is the same for student and teacher.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from upop.data.unlabelled import (IMAGE_KEYS, UnlabelledCollator, check_split, d
                                   processor_parts, write_unlabelled)
 from upop.distill.distiller import kl_logits
 from upop.errors import ConfigError, TaskError, show
+from upop.models.sentence_transformers import Pooling, pipeline_of
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
 from upop.tasks.registry import register_task
@@ -105,10 +116,11 @@ def _teacher_mode(teacher: nn.Module):
         yield
 
 
-def outputs(model: nn.Module, batch: dict) -> dict:
+def outputs(model: nn.Module, batch: dict, pooling: Pooling | None = None) -> dict:
     """What is compared between student and teacher for ``batch``: ``embeds`` (name -> (B, D)),
     ``tokens`` ((B, L, D) and its (B, L) mask of real tokens, or None), ``logits`` (name ->
-    (tensor, mask of real tokens or None)) and ``affinity`` (``logits_per_image`` or None)."""
+    (tensor, mask of real tokens or None)) and ``affinity`` (``logits_per_image`` or None).
+    ``pooling`` (a sentence-transformers pipeline's) makes ``embeds["pooled"]`` of a text model."""
     inputs = model_inputs(model, batch)
     found = {"embeds": {}, "tokens": None, "logits": {}, "affinity": None}
     if kind(model) == "paired":
@@ -122,6 +134,8 @@ def outputs(model: nn.Module, batch: dict) -> dict:
     last = last if last is not None else out.hidden_states[-1]
     pooled = next((getattr(out, name, None) for name in ("image_embeds", "text_embeds", "pooler_output")
                    if getattr(out, name, None) is not None), None)
+    if pooling is not None and kind(model) == "text":
+        pooled = pooling.embed(last, mask)
     found["embeds"]["pooled"] = pooled if pooled is not None else last[:, 0]
     found["tokens"] = (last, mask)
     for name, value in out.items():
@@ -184,6 +198,9 @@ class DistillTask(Task):
         self._cache: tuple[torch.Tensor, torch.Tensor, object] | None = None
         self._text_limit: int | None = None
         self._fixed_length: int | None = None
+        #: a sentence-transformers pipeline's pooling (see the module docstring), else None
+        self.pooling: Pooling | None = None
+        self._pipeline_length: int | None = None  # its max_seq_length
 
     def configure(self, config) -> "DistillTask":
         """Refuse the run-level ``distill`` option: this task's loss already is the distillation."""
@@ -196,6 +213,15 @@ class DistillTask(Task):
     def set_teacher(self, teacher: nn.Module) -> None:
         """The frozen dense model every output is compared with (:func:`upop.distill.distiller.make_teacher`)."""
         self.teacher, self._cache = teacher, None
+        self._find_pooling(teacher)
+
+    def _find_pooling(self, model: nn.Module) -> None:
+        """Take the pooling of the sentence-transformers folder ``model`` was loaded from, unless one
+        is set; a pipeline upop does not support (a ``Dense`` layer...) is refused in one line."""
+        if self.pooling is None and kind(model) == "text":
+            pipeline = pipeline_of(model)
+            if pipeline is not None:
+                self.pooling, self._pipeline_length = pipeline.pooling, pipeline.max_length
 
     @torch.no_grad()
     def cache_teacher(self, train, processor, batch_size: int = 64, accelerator=None) -> bool:
@@ -219,7 +245,7 @@ class DistillTask(Task):
         def run(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
             batch = {k: v.to(device) for k, v in collate([train[i] for i in range(lo, hi)]).items()}
             with _teacher_mode(teacher):
-                embeds = outputs(teacher, batch)["embeds"]
+                embeds = outputs(teacher, batch, self.pooling)["embeds"]
             return embeds["image"].float().cpu(), embeds["text"].float().cpu()
 
         with evaluating(teacher):
@@ -255,6 +281,7 @@ class DistillTask(Task):
         if kind(model) != "vision":
             self._text_limit = int(_text_config(model).max_position_embeddings)
             self._fixed_length = fixed_text_length(model)
+        self._find_pooling(model)
 
     def check_data(self, model: nn.Module, dataset) -> None:
         """The data must hold what the model reads (images, sentences or both); the dataset then
@@ -269,18 +296,20 @@ class DistillTask(Task):
     def collator(self, processor, seed: int = 0):
         tokenizer = processor_parts(processor)[1]
         limit = default_text_length(tokenizer, self._text_limit) if tokenizer is not None and self._text_limit else None
+        if limit is not None and self._pipeline_length:  # a sentence-transformers pipeline's max_seq_length
+            limit = min(limit, self._pipeline_length)
         return UnlabelledCollator(processor, max_length=limit)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         """Cosine distances of the embeddings + KL of the heads' logits + (two-tower) the KL of the
         in-batch similarity structure; see the module docstring."""
         teacher = self._teacher()
-        student = outputs(model, batch)
+        student = outputs(model, batch, self.pooling)
         if self._cache is not None:
             target = self._cached_targets(batch)
         else:
             with _teacher_mode(teacher):
-                target = outputs(teacher, batch)
+                target = outputs(teacher, batch, self.pooling)
         cosines = [_cosine(s, target["embeds"][n]).mean() for n, s in student["embeds"].items()]
         if student["tokens"] is not None:
             cosines.append(_token_cosine(student["tokens"][0], target["tokens"][0], student["tokens"][1]).mean())
@@ -306,19 +335,25 @@ class DistillTask(Task):
 
         def run(lo: int, hi: int):
             batch = collate([dataset[i] for i in range(lo, hi)])
-            s = outputs(model, batch)
+            s = outputs(model, batch, self.pooling)
             with _teacher_mode(teacher):
-                t = outputs(teacher, batch)
+                t = outputs(teacher, batch, self.pooling)
             rows = {f"cosine_{n}": _cosine(v, t["embeds"][n], torch.float64) for n, v in s["embeds"].items()}
             rows["cosine_tokens"] = _token_cosine(s["tokens"][0], t["tokens"][0], s["tokens"][1], torch.float64)
             if s["logits"]:
                 rows["top1_agreement"] = torch.stack([_agreement(v, t["logits"][n][0], m, n)
                                                       for n, (v, m) in s["logits"].items()]).mean(0)
+            if self.pooling is not None:  # the embeddings, for the nearest-neighbour agreement below
+                for name, x in (("_student", s), ("_teacher", t)):
+                    rows[name] = F.normalize(x["embeds"]["pooled"].double(), dim=-1)
             return {k: v.double().cpu() for k, v in rows.items()}
 
         with evaluating(model):
             parts = map_batches(len(dataset), batch_size, run, accelerator)
-        metrics = {k: 100.0 * float(torch.cat([p[k] for p in parts]).mean()) for k in parts[0]}
+        rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if self.pooling is not None:
+            rows["top1_agreement"] = _neighbour_agreement(rows.pop("_student"), rows.pop("_teacher"))
+        metrics = {k: 100.0 * float(v.mean()) for k, v in rows.items()}
         return _with_cosine(metrics)
 
     def _evaluate_paired(self, model, teacher, dataset, collate, batch_size, accelerator) -> dict[str, float]:
@@ -369,6 +404,22 @@ class DistillTask(Task):
         if not texts or "texts" not in getattr(dataset, "parts", ("texts",)):
             return None
         return int(self.collator(processor).encode_texts(texts)["input_ids"].shape[1])
+
+
+def _neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per sentence, 1.0 when its nearest other sentence (cosine of the unit-norm (N, D)
+    embeddings; itself excluded) is the same for student and teacher, (N,); with one sentence, 1.0."""
+    if len(student) < 2:
+        return torch.ones(len(student), dtype=torch.float64)
+
+    def nearest(x: torch.Tensor, lo: int) -> torch.Tensor:
+        sim = x[lo:lo + _SIMILARITY_ROWS] @ x.t()
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + lo] = -float("inf")
+        return sim.argmax(1)
+
+    return torch.cat([(nearest(student, lo) == nearest(teacher, lo)).double()
+                      for lo in range(0, len(student), _SIMILARITY_ROWS)])
 
 
 def _with_cosine(metrics: dict[str, float]) -> dict[str, float]:
