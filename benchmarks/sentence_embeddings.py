@@ -136,12 +136,18 @@ def main(argv=None) -> None:
            "top1_agreement": metrics.get("top1_agreement"), "cosine_tokens": metrics.get("cosine_tokens"),
            "dense_params": report["dense"]["params"], "compressed_params": report["compressed"]["params"],
            "seconds": round(seconds, 1), "sentence_transformers_max_abs_diff": diff,
-           "meets_issue_bar": bool(metrics.get("cosine_pooled", 0) >= 90.0)}
+           "meets_issue_bar": bool(metrics.get("cosine_pooled", 0) >= 90.0),
+           "validation": [{"step": h["step"], "cosine_pooled": h.get("cosine_pooled")}
+                          for h in report["validation"]["history"]],
+           "budget": report.get("budget")}  # the run's own "budget too small" warning, if it gave one
+    budget = row["budget"]
+    warned = "none" if budget is None else (f"~{budget['steps_needed']} retraining steps"
+                                            if budget["steps_needed"] else "no estimate")
     table = ("| sentences | settings | cosine_pooled (test) | top1_agreement (test) | cosine_tokens "
-             "| params dense -> 2x | seconds | ST library diff |\n|---|---|---|---|---|---|---|---|\n"
+             "| params dense -> 2x | seconds | ST library diff | budget warning |\n|---|---|---|---|---|---|---|---|---|\n"
              f"| {row['sentences']} | {settings} | {row['cosine_pooled']:.2f} | {row['top1_agreement']:.2f} "
              f"| {row['cosine_tokens']:.2f} | {row['dense_params']:,} -> {row['compressed_params']:,} "
-             f"| {row['seconds']} | {'n/a' if diff is None else f'{diff:.1e}'} |\n")
+             f"| {row['seconds']} | {'n/a' if diff is None else f'{diff:.1e}'} | {warned} |\n")
     print(table)
     write_results("sentence_embeddings" + ("-quick" if args.quick else ""), {"rows": [row]},
                   "# Sentence embeddings: all-MiniLM-L6-v2 at 2x, label-free, defaults\n\n" + table)

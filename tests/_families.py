@@ -1,5 +1,6 @@
 """The table the engine tests run over: one tiny model per supported family, its inputs and the
-outputs compared between the masked and the pruned model."""
+outputs compared between the masked and the pruned model (the forwards and inputs live in
+``tests/_forwards.py``, which the no-upop process of ``tests/test_hub_folders.py`` imports too)."""
 
 from __future__ import annotations
 
@@ -7,155 +8,47 @@ import torch
 
 import upop.models.folders as M
 
-
-def _ids(batch=2, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(9, 100, (batch, length), generator=g)
+from ._forwards import FORWARDS
 
 
-def _pixels(batch=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randn(batch, 3, size, size, generator=g)
+#: the groups a one-tower model of each modality has: attention and MLP of its 2 layers
+VISION = {("attention", "vision"): 2, ("mlp", "vision"): 2}
+TEXT = {("attention", "text"): 2, ("mlp", "text"): 2}
 
-
-def _naflex(batch=2, seed=0, patches=16, patch=8):
-    """SigLIP2 NaFlex image inputs for the tiny model (at most 16 patches of 8 x 8): the first image
-    a 4 x 4 grid, the second 3 x 5 (15 patches, the last one padding: zeros, masked out)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    shapes = torch.tensor([[4, 4], [3, 5]] * batch)[:batch]
-    mask = (torch.arange(patches) < shapes.prod(-1, keepdim=True)).long()
-    pixels = torch.randn(batch, patches, 3 * patch * patch, generator=g) * mask[..., None]
-    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
-
-
-def _siglip2(model):
-    out = model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), **_naflex())
-    return [out.logits_per_image, out.text_embeds, out.image_embeds]
-
-
-def _clip(model):
-    out = model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), pixel_values=_pixels())
-    return [out.logits_per_image, out.text_embeds, out.image_embeds]
-
-
-def _blip_retrieval(model):
-    ids, px = _ids(), _pixels()
-    itm = model(input_ids=ids, pixel_values=px, use_itm_head=True).itm_score
-    itc = model(input_ids=ids, pixel_values=px, use_itm_head=False).itm_score
-    return [itm, itc]
-
-
-def _blip_vqa(model):
-    ids, px = _ids(), _pixels()
-    image = model.vision_model(pixel_values=px).last_hidden_state
-    question = model.text_encoder(input_ids=ids, encoder_hidden_states=image).last_hidden_state
-    logits = model.text_decoder(input_ids=ids, encoder_hidden_states=question).logits
-    return [image, question, logits]
-
-
-def _blip_caption(model):
-    out = model(input_ids=_ids(), pixel_values=_pixels())
-    return [out.logits, out.image_embeds]
-
-
-def _vision_classifier(model):
-    out = model(pixel_values=_pixels())
-    return [out.logits]
-
-
-def _bert(model):
-    return [model(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long)).logits]
-
-
-# family -> (builder, forward returning a list of float tensors, expected groups per (kind, modality))
-FAMILIES = {
-    "clip": (lambda: M.make_model("clip"), _clip, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
-    "clip-vision": (
-        lambda: _sub("clip", "CLIPVisionModelWithProjection", "vision_config"),
-        lambda m: [m(pixel_values=_pixels()).image_embeds],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
-    "clip-text": (
-        lambda: _sub("clip", "CLIPTextModel", "text_config"),
-        lambda m: [m(input_ids=_ids()).pooler_output],
-        {("attention", "text"): 2, ("mlp", "text"): 2},
-    ),
-    "blip-retrieval": (
-        lambda: M.make_model("blip-retrieval"),
-        _blip_retrieval,
-        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 2, ("mlp", "text"): 2},
-    ),
-    "blip-vqa": (
-        lambda: M.make_model("blip-vqa"),
-        _blip_vqa,
-        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 2,
-         ("mlp", "text"): 2, ("attention", "decoder"): 4, ("mlp", "decoder"): 2},
-    ),
-    "blip-caption": (
-        lambda: M.make_model("blip-caption"),
-        _blip_caption,
-        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "decoder"): 4, ("mlp", "decoder"): 2},
-    ),
-    "blip-nlvr": (
-        lambda: M.make_model("blip-nlvr"),
-        lambda m: [m(input_ids=_ids(), pixel_values=torch.stack([_pixels(), _pixels(seed=5)], dim=1)).logits],
-        # two cross-attentions per layer (one per image), each its own group
-        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("attention", "fusion"): 4, ("mlp", "text"): 2},
-    ),
-    "vit": (lambda: M.make_model("vit"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
-    "vit-model": (
-        lambda: _sub("vit", "ViTModel", None),
-        lambda m: [m(pixel_values=_pixels()).last_hidden_state],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
-    "deit-teacher": (lambda: M.make_model("deit"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
-    "deit": (
-        lambda: _sub("deit", "DeiTForImageClassification", None),
-        _vision_classifier,
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
-    "bert": (lambda: M.make_model("bert"), _bert, {("attention", "text"): 2, ("mlp", "text"): 2}),
-    "segmenter": (
-        lambda: M.make_model("segmenter"),
-        lambda m: [m(pixel_values=_pixels()).logits],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "decoder"): 2, ("mlp", "decoder"): 2},
-    ),
-    "siglip": (lambda: M.make_model("siglip"), _clip, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
-    "siglip-vision": (
-        lambda: _sub("siglip", "SiglipVisionModel", "vision_config"),
-        lambda m: [m(pixel_values=_pixels()).pooler_output],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
-    "siglip-text": (
-        lambda: _sub("siglip", "SiglipTextModel", "text_config"),
-        lambda m: [m(input_ids=_ids()).pooler_output],
-        {("attention", "text"): 2, ("mlp", "text"): 2},
-    ),
-    "siglip-classifier": (lambda: M.make_model("siglip-classifier"), _vision_classifier,
-                          {("attention", "vision"): 2, ("mlp", "vision"): 2}),
-    "siglip2": (lambda: M.make_model("siglip2"), _siglip2, {("attention", "vision"): 2, ("mlp", "vision"): 2, ("attention", "text"): 2, ("mlp", "text"): 2}),
-    "siglip2-vision": (
-        lambda: _sub("siglip2", "Siglip2VisionModel", "vision_config"),
-        lambda m: [m(**_naflex()).pooler_output],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
-    "siglip2-text": (
-        lambda: _sub("siglip2", "Siglip2TextModel", "text_config"),
-        lambda m: [m(input_ids=_ids()).pooler_output],
-        {("attention", "text"): 2, ("mlp", "text"): 2},
-    ),
-    "siglip2-classifier": (
-        lambda: _siglip2_classifier(),
-        lambda m: [m(**_naflex()).logits],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
-    "dinov2": (lambda: M.make_model("dinov2"), _vision_classifier, {("attention", "vision"): 2, ("mlp", "vision"): 2}),
-    "dinov2-model": (
-        lambda: _sub("dinov2", "Dinov2Model", None),
-        lambda m: [m(pixel_values=_pixels()).last_hidden_state],
-        {("attention", "vision"): 2, ("mlp", "vision"): 2},
-    ),
+#: row -> (builder, expected groups per (kind, modality)): one row per family (and per model class
+#: of it the engine tests run); each row's forward is :data:`tests._forwards.FORWARDS` of its name
+_ROWS = {
+    "clip": (lambda: M.make_model("clip"), {**VISION, **TEXT}),
+    "clip-vision": (lambda: _sub("clip", "CLIPVisionModelWithProjection", "vision_config"), VISION),
+    "clip-text": (lambda: _sub("clip", "CLIPTextModel", "text_config"), TEXT),
+    "blip-retrieval": (lambda: M.make_model("blip-retrieval"), {**VISION, **TEXT, ("attention", "fusion"): 2}),
+    "blip-vqa": (lambda: M.make_model("blip-vqa"), {**VISION, **TEXT, ("attention", "fusion"): 2,
+                                                    ("attention", "decoder"): 4, ("mlp", "decoder"): 2}),
+    "blip-caption": (lambda: M.make_model("blip-caption"), {**VISION, ("attention", "decoder"): 4,
+                                                            ("mlp", "decoder"): 2}),
+    # two cross-attentions per layer (one per image), each its own group
+    "blip-nlvr": (lambda: M.make_model("blip-nlvr"), {**VISION, **TEXT, ("attention", "fusion"): 4}),
+    "vit": (lambda: M.make_model("vit"), VISION),
+    "vit-model": (lambda: _sub("vit", "ViTModel", None), VISION),
+    "deit-teacher": (lambda: M.make_model("deit"), VISION),
+    "deit": (lambda: _sub("deit", "DeiTForImageClassification", None), VISION),
+    "bert": (lambda: M.make_model("bert"), TEXT),
+    "segmenter": (lambda: M.make_model("segmenter"), {**VISION, ("attention", "decoder"): 2, ("mlp", "decoder"): 2}),
+    "siglip": (lambda: M.make_model("siglip"), {**VISION, **TEXT}),
+    "siglip-vision": (lambda: _sub("siglip", "SiglipVisionModel", "vision_config"), VISION),
+    "siglip-text": (lambda: _sub("siglip", "SiglipTextModel", "text_config"), TEXT),
+    "siglip-classifier": (lambda: M.make_model("siglip-classifier"), VISION),
+    "siglip2": (lambda: M.make_model("siglip2"), {**VISION, **TEXT}),
+    "siglip2-vision": (lambda: _sub("siglip2", "Siglip2VisionModel", "vision_config"), VISION),
+    "siglip2-text": (lambda: _sub("siglip2", "Siglip2TextModel", "text_config"), TEXT),
+    "siglip2-classifier": (lambda: _siglip2_classifier(), VISION),
+    "dinov2": (lambda: M.make_model("dinov2"), VISION),
+    "dinov2-model": (lambda: _sub("dinov2", "Dinov2Model", None), VISION),
 }
+assert set(FORWARDS) == set(_ROWS), set(FORWARDS) ^ set(_ROWS)  # one forward per row, no other
+
+#: row -> (builder, forward returning a list of float tensors, expected groups per (kind, modality))
+FAMILIES = {row: (build, FORWARDS[row], groups) for row, (build, groups) in _ROWS.items()}
 
 
 #: the row of the table above that builds each registered tiny model (``upop.arch.TINY``), where

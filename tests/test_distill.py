@@ -283,7 +283,8 @@ def test_distillation_settings_count_on_resume_only_when_distilling():
     ("vqa", True, "none"), ("caption", True, "none"), ("nlvr", True, "none"), ("segmentation", True, "none"),
     ("distill", True, "none"), (None, True, "none")])
 def test_auto_is_logits_only_where_the_teacher_is_cached(task, cache, expected):
-    from upop.distill.distiller import CACHED_TASKS, resolve
+    from upop.distill.distiller import resolve
+    from upop.tasks.registry import cached_tasks
 
     assert resolve("auto", task, cache) == expected
     for mode in ("none", "logits", "logits+hidden"):
@@ -291,7 +292,7 @@ def test_auto_is_logits_only_where_the_teacher_is_cached(task, cache, expected):
     if task is not None:  # the cached tasks are exactly those that can replay the teacher
         from upop.tasks.base import Task
 
-        assert (task in CACHED_TASKS) == (type(get_task(task)).teacher_replay is not Task.teacher_replay)
+        assert (task in cached_tasks()) == (type(get_task(task)).teacher_replay is not Task.teacher_replay)
 
 
 def test_auto_distils_retrieval_from_the_cache_and_equals_explicit_logits(world, tmp_path):

@@ -16,7 +16,8 @@ import upop
 import upop.models.folders as M
 from upop.errors import ConfigError
 
-from ._families import FAMILIES, _pixels
+from ._families import FAMILIES
+from ._forwards import pixels as _pixels
 from .test_engine import _random_masks
 
 #: families whose transformers classes compute attention with ``sdpa`` as well as ``eager``

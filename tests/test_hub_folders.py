@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from safetensors.torch import load_file
 
@@ -27,82 +28,17 @@ from upop.pruning.prune import prune
 from ._families import FAMILIES
 from .test_engine import _random_masks
 
-#: pure torch code shared by this process and the no-upop subprocess: fixed inputs and, per
-#: family, the Auto class to load with and a forward returning float tensors
-FORWARDS = textwrap.dedent('''
-    import torch
-
-    def _ids(batch=2, length=12, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(9, 100, (batch, length), generator=g)
-
-    def _pixels(batch=2, size=32, seed=0):
-        g = torch.Generator().manual_seed(seed + 1)
-        return torch.randn(batch, 3, size, size, generator=g)
-
-    def _pair(m):
-        out = m(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), pixel_values=_pixels())
-        return [out.logits_per_image, out.text_embeds, out.image_embeds]
-
-    def _naflex():  # SigLIP2 patches: a 4 x 4 and a 3 x 5 grid of 8 x 8 patches (one padded), as tests/_families.py
-        shapes = torch.tensor([[4, 4], [3, 5]])
-        mask = (torch.arange(16) < shapes.prod(-1, keepdim=True)).long()
-        pixels = torch.randn(2, 16, 192, generator=torch.Generator().manual_seed(1)) * mask[..., None]
-        return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
-
-    def _pair2(m):
-        out = m(input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long), **_naflex())
-        return [out.logits_per_image, out.text_embeds, out.image_embeds]
-
-    def _retrieval(m):
-        return [m(input_ids=_ids(), pixel_values=_pixels(), use_itm_head=itm).itm_score for itm in (True, False)]
-
-    def _vqa(m):
-        image = m.vision_model(pixel_values=_pixels()).last_hidden_state
-        question = m.text_encoder(input_ids=_ids(), encoder_hidden_states=image).last_hidden_state
-        return [image, question, m.text_decoder(input_ids=_ids(), encoder_hidden_states=question).logits]
-
-    def _caption(m):
-        out = m(input_ids=_ids(), pixel_values=_pixels())
-        return [out.logits, out.image_embeds]
-
-    _logits = lambda m: [m(pixel_values=_pixels()).logits]
-    _hidden = lambda m: [m(pixel_values=_pixels()).last_hidden_state]
-
-    FORWARDS = {
-        "clip": ("AutoModelForZeroShotImageClassification", _pair),
-        "clip-vision": ("AutoModel", lambda m: [m(pixel_values=_pixels()).image_embeds]),
-        "clip-text": ("AutoModelForTextEncoding", lambda m: [m(input_ids=_ids()).pooler_output]),
-        "blip-retrieval": ("AutoModel", _retrieval),
-        "blip-vqa": ("AutoModelForVisualQuestionAnswering", _vqa),
-        "blip-caption": ("AutoModelForImageTextToText", _caption),
-        "blip-nlvr": ("AutoModel", lambda m: [m(input_ids=_ids(), pixel_values=torch.stack(
-            [_pixels(), _pixels(seed=5)], dim=1)).logits]),
-        "vit": ("AutoModelForImageClassification", _logits),
-        "vit-model": ("AutoModel", _hidden),
-        "deit-teacher": ("AutoModelForImageClassification", _logits),
-        "deit": ("AutoModelForImageClassification", _logits),
-        "bert": ("AutoModelForSequenceClassification", lambda m: [m(
-            input_ids=_ids(), attention_mask=torch.ones(2, 12, dtype=torch.long)).logits]),
-        "segmenter": ("AutoModelForSemanticSegmentation", _logits),
-        "siglip": ("AutoModelForZeroShotImageClassification", _pair),
-        "siglip-vision": ("AutoModel", lambda m: [m(pixel_values=_pixels()).pooler_output]),
-        "siglip-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
-        "siglip-classifier": ("AutoModelForImageClassification", _logits),
-        "siglip2": ("AutoModelForZeroShotImageClassification", _pair2),
-        "siglip2-vision": ("AutoModel", lambda m: [m(**_naflex()).pooler_output]),
-        "siglip2-text": ("AutoModel", lambda m: [m(input_ids=_ids()).pooler_output]),
-        "siglip2-classifier": ("AutoModelForImageClassification", lambda m: [m(**_naflex()).logits]),
-        "dinov2": ("AutoModelForImageClassification", _logits),
-        "dinov2-model": ("AutoModel", _hidden),
-    }
-''')
+#: this folder: the no-upop subprocess imports :mod:`tests._forwards` (torch only) from it
+TESTS = Path(__file__).resolve().parent
 
 #: the subprocess: upop blocked (a meta-path finder refuses it, its folders are off sys.path),
-#: then every folder of the job list loaded through transformers only, with its outputs saved
-CHILD = FORWARDS + textwrap.dedent('''
+#: then every folder of the job list loaded through transformers only, with every Auto class its
+#: config.json's auto_map names, and the outputs of each saved (the forwards of tests/_forwards.py)
+CHILD = textwrap.dedent('''
     import importlib.abc, json, sys
     from pathlib import Path
+
+    import torch
 
     class NoUpop(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -122,6 +58,10 @@ CHILD = FORWARDS + textwrap.dedent('''
     from PIL import Image
     from safetensors.torch import save_file
 
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    sys.path.insert(0, jobs["tests"])
+    from _forwards import FORWARDS  # torch only: upop stays blocked
+
     transformers.utils.logging.disable_progress_bar()
     import logging
 
@@ -132,26 +72,29 @@ CHILD = FORWARDS + textwrap.dedent('''
             Errors.seen.append(record.getMessage())
 
     transformers.utils.logging.get_logger("transformers").addHandler(Errors(logging.ERROR))
-    jobs = json.loads(Path(sys.argv[1]).read_text())
     report = {}
     for job in jobs["models"]:
-        auto, forward = FORWARDS[job["family"]]
-        plain = []  # without trust_remote_code: transformers' own custom-code refusal, never a model
-        for extra in ({}, {"ignore_mismatched_sizes": True}):
-            try:
-                getattr(transformers, auto).from_pretrained(job["folder"], **extra)
-            except ValueError as exc:
-                plain.append("trust_remote_code=True" in str(exc))
-            else:
-                plain.append("loaded")
-        model, info = getattr(transformers, auto).from_pretrained(job["folder"], trust_remote_code=True,
-                                                                  output_loading_info=True)
-        problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-        with torch.no_grad():
-            outs = forward(model.eval())
-        save_file({str(i): t.float().contiguous() for i, t in enumerate(outs)}, job["out"])
-        report[job["folder"]] = {"class": type(model).__name__, "problems": problems,
-                                 "module": type(model).__module__, "plain": plain}
+        auto_map = json.loads((Path(job["folder"]) / "config.json").read_text())["auto_map"]
+        entries, outputs = {}, {}
+        for auto in [key for key in auto_map if key != "AutoConfig"]:  # the Auto classes the folder names
+            plain = []  # without trust_remote_code: transformers' own custom-code refusal, never a model
+            for extra in ({}, {"ignore_mismatched_sizes": True}):
+                try:
+                    getattr(transformers, auto).from_pretrained(job["folder"], **extra)
+                except ValueError as exc:
+                    plain.append("trust_remote_code=True" in str(exc))
+                else:
+                    plain.append("loaded")
+            model, info = getattr(transformers, auto).from_pretrained(job["folder"], trust_remote_code=True,
+                                                                      output_loading_info=True)
+            problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+            with torch.no_grad():
+                outs = FORWARDS[job["family"]](model.eval())
+            outputs.update({f"{auto}:{i}": t.float().contiguous() for i, t in enumerate(outs)})
+            entries[auto] = {"class": type(model).__name__, "problems": problems, "module": type(model).__module__,
+                             "plain": plain, "outputs": len(outs)}
+        save_file(outputs, job["out"])
+        report[job["folder"]] = entries
     image = Image.new("RGB", (40, 40), (200, 30, 30))
     for job in jobs["pipelines"]:
         Errors.seen.clear()
@@ -168,18 +111,26 @@ NAMES = sorted(FAMILIES)
 PIPELINES = {"clip": "zero-shot-image-classification", "vit": "image-classification"}
 
 
-def _forwards() -> dict:
-    space: dict = {}
-    exec(FORWARDS, space)  # noqa: S102 - this file's own code, shared with the subprocess
-    return space["FORWARDS"]
-
-
-FWD = _forwards()
-
-
 def _outputs(family: str, model) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [t.float() for t in FWD[family][1](model)]
+        return [t.float() for t in FAMILIES[family][1](model)]
+
+
+def _autos(folder: Path) -> list[str]:
+    """The Auto classes the folder's config.json maps to its generated model class."""
+    return [key for key in json.loads((folder / "config.json").read_text())["auto_map"] if key != "AutoConfig"]
+
+
+def _named_autos(model_type: str, cls: str) -> set[str]:
+    """The Auto classes whose transformers name tables map the dense ``model_type`` to the class
+    named ``cls``: read from transformers' tables of names, apart from upop's use of its mappings."""
+    found = set()
+    for name in (n for n in dir(transformers) if n.startswith("AutoModel")):
+        names = getattr(getattr(getattr(transformers, name), "_model_mapping", None), "_model_mapping", {})
+        mapped = names.get(model_type, ())
+        if cls in ((mapped,) if isinstance(mapped, str) else mapped):
+            found.add(name)
+    return found
 
 
 def _pruned(family: str):
@@ -195,7 +146,7 @@ def _no_upop(tmp: Path, models: list[tuple[str, Path]], pipelines: list[tuple[st
     jobs = {"models": [{"family": f, "folder": str(d), "out": str(tmp / f"out-{i}.safetensors")}
                        for i, (f, d) in enumerate(models)],
             "pipelines": [{"task": PIPELINES[f], "folder": str(d)} for f, d in pipelines],
-            "report": str(tmp / "report.json")}
+            "report": str(tmp / "report.json"), "tests": str(TESTS)}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     (tmp / "child.py").write_text(CHILD)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -234,17 +185,20 @@ def hub_world(tmp_path_factory):
 def test_every_family_loads_without_upop(hub_world):
     tmp, want, folders, report = hub_world
     for i, (family, folder) in enumerate(folders):
-        entry = report[str(folder)]
         cls = json.loads((folder / "upop_plan.json").read_text())["model_class"]
-        assert entry["class"] == PREFIX + cls, folder
-        assert "upop" not in entry["module"].split(".")[0]  # transformers' copy of modeling_upop.py
-        assert entry["problems"] == {}, (folder, entry["problems"])  # no missing/unexpected/mismatched keys
-        # without trust_remote_code: transformers' own refusal, also with ignore_mismatched_sizes=True
-        assert entry["plain"] == [True, True], (folder, entry["plain"])
+        autos = _autos(folder)
+        assert "AutoModel" in autos and sorted(report[str(folder)]) == sorted(autos), folder  # every one loaded
         got = load_file(str(tmp / f"out-{i}.safetensors"))
-        assert len(got) == len(want[family])
-        for k, expected in enumerate(want[family]):
-            assert torch.allclose(got[str(k)], expected, atol=1e-5, rtol=1e-4), (folder, k)
+        for auto in autos:
+            entry = report[str(folder)][auto]
+            assert entry["class"] == PREFIX + cls, (folder, auto)
+            assert "upop" not in entry["module"].split(".")[0]  # transformers' copy of modeling_upop.py
+            assert entry["problems"] == {}, (folder, auto, entry["problems"])  # no missing/unexpected/mismatched
+            # without trust_remote_code: transformers' own refusal, also with ignore_mismatched_sizes=True
+            assert entry["plain"] == [True, True], (folder, auto, entry["plain"])
+            assert entry["outputs"] == len(want[family])
+            for k, expected in enumerate(want[family]):
+                assert torch.allclose(got[f"{auto}:{k}"], expected, atol=1e-5, rtol=1e-4), (folder, auto, k)
         # and the same folder still loads with upop, with the same outputs
         again = _outputs(family, upop.load_compressed(folder))
         assert all(torch.equal(a, b) for a, b in zip(again, want[family])), folder
@@ -278,9 +232,12 @@ def test_folder_contents(family, hub_world):
         card = (folder / "README.md").read_text()
         meta = yaml.safe_load(card.split("---")[1])
         assert meta["library_name"] == "transformers" and "upop" in meta["tags"], meta
-        assert f"{FWD[family][0]}.from_pretrained(" in card or "AutoModel" in card
-        assert config["auto_map"]["AutoModel"] == f"modeling_upop.{PREFIX}{cls}"
-        assert FWD[family][0] in config["auto_map"]
+        autos = _autos(folder)
+        assert any(f"{auto}.from_pretrained(" in card for auto in autos), card
+        assert all(config["auto_map"][auto] == f"modeling_upop.{PREFIX}{cls}" for auto in autos)
+        # at least the Auto classes transformers' name tables give the dense class (AutoModel always)
+        dense_type = config["model_type"].removeprefix("upop_")
+        assert {"AutoModel", *_named_autos(dense_type, cls)} <= set(autos), (autos, dense_type)
         assert config[SHAPES_KEY]["version"] == 1 and config[SHAPES_KEY]["modules"]
         source = (folder / MODELING_FILE).read_text()
         tops = {n.split(".")[0] for node in ast.walk(ast.parse(source))

@@ -212,6 +212,11 @@ def test_compress_end_to_end(family, data, tmp_path):
     assert report["distill"] == {"mode": "task", "teacher_cached": family in ("clip", "siglip2")}
     assert report["dense"]["metrics"]["cosine"] == pytest.approx(100.0, abs=1e-6)
     assert 0 < report["compressed"]["metrics"]["cosine"] < 100.0
+    # under the task's bar the report says the budget is too small (one validation: no estimate)
+    under = report["compressed"]["metrics"]["cosine"] < get_task("distill").quality_bar
+    assert ("budget" in report) == under
+    if under:
+        assert report["budget"]["steps_needed"] is None and "too few validations" in report["budget"]["message"]
     assert report["compressed"]["params"] < report["dense"]["params"]
     reloaded = upop.load_compressed(tmp_path / "run" / "compressed")
     assert type(reloaded).__name__ == type(model).__name__

@@ -21,7 +21,7 @@ from upop.tasks import siglip_retrieval
 from upop.tasks.classification import ClassificationTask
 from upop.tasks.retrieval import VARIANTS, RetrievalTask
 
-from ._families import _pixels
+from ._forwards import pixels as _pixels
 
 
 def _batch(index, length=32, seed=0):

@@ -25,7 +25,8 @@ from upop.errors import UnsupportedModelError
 from upop.tasks import siglip_retrieval
 from upop.tasks.retrieval import VARIANTS, RetrievalTask
 
-from ._families import FAMILIES, _naflex, prune_every_third
+from ._families import FAMILIES, prune_every_third
+from ._forwards import naflex as _naflex
 
 
 def _batch(index, length=32, seed=0):

@@ -175,6 +175,8 @@ def test_register_task_refuses_what_no_lookup_could_use(toy):
         "a checker that is no function": dict(ok, name="toy", checker=None),
         "min_split": dict(ok, name="toy", min_split=0),
         "another module's name": dict(ok, name="retrieval", task=type("RetrievalTask", (Task,), {"name": "retrieval"})),
+        "a teacher_cache that is no bool": dict(ok, name="toy", teacher_cache="yes"),
+        "a teacher cache without a replay of its own": dict(ok, name="toy", teacher_cache=True),
     }
     for why, kwargs in bad.items():
         with pytest.raises(ValueError):

@@ -19,12 +19,13 @@ from upop.measure.cost import count_flops, count_params
 from upop.errors import CheckpointError, ConfigError, UPopError, show
 from upop.measure.latency import paired_latency, tf32_as, timed_on_main
 from upop.checkpoint.card import write_model_card
+from upop.runs.budget import budget_check
 from upop.runs.report import build_report, describe_setup, retime_command, write_report
 from upop.engine.resume import check_same_run, fingerprint
 from upop.pruning.masks import refuse_pruned
 from upop.runs.rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from upop.tasks import Task, get_task
-from upop.engine.runtime import (PhaseClock, check_shards, device_record, disk_full_guard, eval_autocast,
+from upop.engine.runtime import (PhaseClock, logger, check_shards, device_record, disk_full_guard, eval_autocast,
                                  process_group_kwargs, steps_per_epoch)
 from upop.engine.run import Run, run_length
 
@@ -381,6 +382,13 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
         report["validation"] = {"best": result.best_metrics, "history": result.history}
         report["device"] = str(p.device)
         report["processes"] = dist.num_processes
+        budget = budget_check(task=task.name, metric=task.main_metric, bar=task.quality_bar,
+                              value=comp["metrics"].get(task.main_metric), history=result.history,
+                              retrain_steps=run.retrain_steps, retrain_epochs=config.retrain_epochs)
+        if budget is not None:  # the task's quality bar missed: said, with the steps it would need
+            report["budget"] = budget
+            if dist.is_main_process:
+                logger.warning(budget["message"])
         with signals.deferred():
             if dist.is_main_process:
                 with disk_full_guard(out, out / "state", what=f"the report in {show(out)}"):

@@ -21,6 +21,7 @@ from upop.errors import ConfigError, show
 from upop.search.allocations import get_allocation
 from upop.search.rankings import get_ranking, resolve_ranking
 from upop.search.settings import ALLOCATIONS, COSTS, DISTILL_SETTINGS, METHODS, RANKING_SETTINGS, SCORES
+from upop.tasks.registry import caches_teacher
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -83,11 +84,6 @@ retrieval evaluation, from the test split's size)."""
 
 AS_SET = "as set"
 """The reason of a decided setting the user set."""
-
-CACHED_TASKS = ("retrieval",)
-"""The tasks whose teacher outputs can be cached (computed once, before the first step): there
-``distill="auto"`` distils the logits at no per-step cost (the tasks with ``teacher_replay``)."""
-
 
 def _f(default, help: str, **kw):
     """A setting: its default, its help line and metadata (``choices``; ``task=True`` for a task
@@ -340,7 +336,8 @@ class UPopConfig:
 def decide_distill(setting: str, task: str | None, cache: bool = True, *, needs_teacher: bool = False
                    ) -> tuple[str, str]:
     """The distillation mode ``setting`` stands for in a run of ``task``, and why: ``"auto"`` is
-    ``"logits"`` where the teacher can be cached (:data:`CACHED_TASKS`, with ``distill_cache`` on) and
+    ``"logits"`` where the teacher can be cached (a task registered with ``teacher_cache=True``,
+    :func:`upop.tasks.registry.caches_teacher`; with ``distill_cache`` on) and
     ``"none"`` elsewhere, where distilling costs a teacher forward per step; a mode stands for itself.
     (A run whose teacher table turns out too large for host memory still distils nothing under
     ``"auto"``: the run reports it, :meth:`upop.engine.run.Run`.)"""
@@ -348,8 +345,8 @@ def decide_distill(setting: str, task: str | None, cache: bool = True, *, needs_
         return setting, AS_SET
     if needs_teacher:
         return "none", f"auto: task {task} learns from the teacher itself (its loss is the agreement with it)"
-    if task in CACHED_TASKS:
-        return ("logits", "retrieval with the cached teacher: no teacher forward per step") if cache else \
+    if caches_teacher(task):
+        return ("logits", f"{task} with the cached teacher: no teacher forward per step") if cache else \
             ("none", "off: --distill-cache false")
     if task is None:
         return "none", "off: without a task the teacher would run every step; pass distill logits to distil"

@@ -85,13 +85,20 @@ class TinyModel:
 
 @dataclass(frozen=True)
 class Family:
-    """A registered family: its spec, its classes and its tiny models."""
+    """A registered family: its spec, its classes and its tiny models. ``project_config``:
+    ``"module:Class"`` of the config class upop defines for the spec's model types (None: a
+    transformers config); a compressed folder's ``modeling_upop.py`` copies it with the model."""
 
     spec: ArchSpec
     classes: tuple[ModelClass, ...]
     tiny: tuple[TinyModel, ...] = ()
+    project_config: str | None = None
 
     def __post_init__(self):
+        if self.project_config is not None and not (isinstance(self.project_config, str)
+                                                    and all(self.project_config.partition(":")[::2])):
+            raise ValueError(f"family {self.spec.name!r}: project_config must be 'module:Class', "
+                             f"not {self.project_config!r}")
         names = {c.name for c in self.classes}
         for tiny in self.tiny:
             if tiny.model_class not in names:
@@ -172,6 +179,15 @@ def model_class_info(name: str) -> ModelClass | None:
     """The registered :class:`ModelClass` named ``name``, or None."""
     entry = CLASSES.get(name)
     return entry[1] if entry else None
+
+
+def project_config(model_type: object) -> str | None:
+    """``"module:Class"`` of the config class upop defines for ``model_type`` (a family's
+    ``project_config``), or None where the config is a transformers class."""
+    for family in FAMILIES.values():
+        if family.project_config is not None and model_type in family.spec.model_types:
+            return family.project_config
+    return None
 
 
 def classes_for(task: str) -> tuple[str, ...]:

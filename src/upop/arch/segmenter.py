@@ -48,4 +48,5 @@ FAMILY = register_family(Family(
                         project="upop.models.segmenter:SegmenterForSemanticSegmentation"),),
     tiny=(TinyModel("segmenter", "SegmenterForSemanticSegmentation", build=_tiny, processor=vit_processor,
                     data_task="segmentation", class_names=_classes),),
+    project_config="upop.models.segmenter:SegmenterConfig",
 ))

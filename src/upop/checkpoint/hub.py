@@ -57,8 +57,6 @@ SHAPES_VERSION = 1
 PREFIX = "UPop"
 #: the model type of a compressed folder's config: this prefix and the dense config's model type
 OWN_TYPE_PREFIX = "upop_"
-#: config classes upop defines (no transformers class), by model type: their AutoConfig entry
-PROJECT_CONFIGS = {"upop_segmenter": "SegmenterConfig"}
 #: top-level modules the generated file may import
 ALLOWED_IMPORTS = frozenset({"__future__", "torch", "transformers", "math", "dataclasses", "typing", "collections",
                              "functools"})
@@ -228,8 +226,10 @@ def _config_entry(model: nn.Module) -> str:
     config_cls = type(model.config)
     if _is_transformers_class(config_cls):
         return f"{PREFIX}{config_cls.__name__}"
-    # a config class of upop's: copied with the model's module
-    if (PROJECT_CONFIGS.get(model.config.model_type) != config_cls.__name__
+    # a config class of upop's (its family's ``project_config``): copied with the model's module
+    from upop.arch.registry import project_config
+
+    if (project_config(model.config.model_type) != f"{config_cls.__module__}:{config_cls.__name__}"
             or config_cls.__module__ != type(model).__module__):
         raise CheckpointError(f"config class {config_cls.__name__} is not one modeling_upop.py can define")
     return config_cls.__name__
@@ -398,6 +398,8 @@ def check_upop_auto_map(config: dict[str, Any], where: str) -> bool:
     and ``AutoConfig`` naming ``UPop<Config>`` of a transformers config class whose type, prefixed
     ``upop_``, is the folder's model type (or a upop config type's own class). Anything else is a
     one-line CheckpointError. The file itself is never read or imported."""
+    from upop.arch.registry import project_config
+
     if "auto_map" not in config:
         return False
     mapping, archs = config["auto_map"], config.get("architectures")
@@ -407,11 +409,11 @@ def check_upop_auto_map(config: dict[str, Any], where: str) -> bool:
     wanted_model = f"{MODULE}.{PREFIX}{arch}" if arch is not None else (mapping.get("AutoModel") if ok else "")
     ok = ok and re.fullmatch(rf"{MODULE}\.{PREFIX}[A-Za-z_][A-Za-z0-9_]*", wanted_model) is not None
     model_type = config.get("model_type")
-    project_config = PROJECT_CONFIGS.get(model_type)
+    own_config = project_config(model_type)  # "module:Class" where upop defines the config class
     own_type = base_model_type(config) != model_type  # upop_<type> with its UPop<Config> entry
     for key, value in (mapping.items() if ok else ()):
         if key == "AutoConfig":
-            ok = ok and (own_type or project_config is not None and value == f"{MODULE}.{project_config}")
+            ok = ok and (own_type or own_config is not None and value == f"{MODULE}.{own_config.partition(':')[2]}")
         else:
             ok = ok and isinstance(key, str) and key.startswith("AutoModel") and value == wanted_model
     if not ok:

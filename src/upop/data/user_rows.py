@@ -522,7 +522,7 @@ def adapt_split(task, split: str, data, processor, columns: Mapping[str, str] | 
     """``(dataset, trainer)``: split ``data`` as ``task`` reads it, and whether its rows are
     Trainer-style (their processed tensors then need :func:`pass_through` on the processor)."""
     refuse_iterables(split, data)
-    schema: RowSchema | None = getattr(task, "row_schema", None)
+    schema: RowSchema | None = task.row_schema
     if type(data).__module__.startswith("upop."):  # upop's own readers and adapted splits
         return data, isinstance(data, (RowsDataset, _ImageTexts)) and data.rows.has("pixel_values")
     if schema is None:

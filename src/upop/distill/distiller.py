@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upop.config import CACHED_TASKS, decide_distill  # noqa: F401 (CACHED_TASKS: where "auto" distils)
+from upop.config import decide_distill
 from upop.search.settings import DISTILL_MODES as MODES
 from upop.search.settings import DISTILL_SETTINGS as SETTINGS  # noqa: F401 (what UPopConfig.distill accepts)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from upop.search.registry import Names, add, lookup
+from upop.search.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -39,19 +39,16 @@ class Allocation:
 ALLOCATION_REGISTRY: dict[str, type[Allocation]] = {}
 """Registered allocations by name, in registration order (the first is the paper's)."""
 
-ALLOCATIONS = Names(lambda: ALLOCATION_REGISTRY)
+_registry = Registry(Allocation, "allocation", lambda: ALLOCATION_REGISTRY)
+
+ALLOCATIONS = _registry.names
 """The registered allocation names, read live (what ``UPopConfig.allocation`` accepts)."""
 
+register_allocation = _registry.register
+"""Register an :class:`Allocation` subclass under its ``name`` (a decorator; :meth:`Registry.register`)."""
 
-def register_allocation(cls: type[Allocation]) -> type[Allocation]:
-    """Register the :class:`Allocation` subclass ``cls`` under ``cls.name`` (a decorator)."""
-    add(ALLOCATION_REGISTRY, Allocation, "allocation", cls)
-    return cls
-
-
-def get_allocation(name: object) -> Allocation:
-    """The registered allocation ``name``; an unknown name is a one-line :class:`ConfigError`."""
-    return lookup(ALLOCATION_REGISTRY, "allocation", name)()
+get_allocation = _registry.get
+"""A new instance of the allocation registered as a name (:meth:`Registry.get`)."""
 
 
 @register_allocation

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from upop.errors import ConfigError, show
-from upop.search.registry import Names, add, lookup
-from upop.search.scores import SCORE_REGISTRY, Score
+from upop.search.registry import Names, Registry
+from upop.search.scores import SCORE_REGISTRY, Score, get_score
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -40,22 +40,20 @@ class Ranking:
 RANKING_REGISTRY: dict[str, type[Ranking]] = {}
 """Registered rankings by name, in registration order (the first is the paper's)."""
 
-RANKINGS = Names(lambda: RANKING_REGISTRY)
+_registry = Registry(Ranking, "ranking", lambda: RANKING_REGISTRY)
+
+RANKINGS = _registry.names
 """The registered ranking names, read live (what ``--ranking`` accepts besides ``auto``)."""
 
 RANKING_SETTINGS = Names(lambda: {"auto": None, **RANKING_REGISTRY})
 """What ``UPopConfig.ranking`` and ``--ranking`` accept: ``"auto"`` or a registered ranking, read live."""
 
 
-def register_ranking(cls: type[Ranking]) -> type[Ranking]:
-    """Register the :class:`Ranking` subclass ``cls`` under ``cls.name`` (a decorator)."""
-    add(RANKING_REGISTRY, Ranking, "ranking", cls)
-    return cls
+register_ranking = _registry.register
+"""Register a :class:`Ranking` subclass under its ``name`` (a decorator; :meth:`Registry.register`)."""
 
-
-def get_ranking(name: object) -> Ranking:
-    """The registered ranking ``name``; an unknown name is a one-line :class:`ConfigError`."""
-    return lookup(RANKING_REGISTRY, "ranking", name)()
+get_ranking = _registry.get
+"""A new instance of the ranking registered as a name (:meth:`Registry.get`)."""
 
 
 @register_ranking
@@ -99,7 +97,7 @@ def resolve_ranking(score: str, ranking: str | None, cost: str) -> str:
     """The ranking a search uses: ``ranking`` as given, checked against ``score``, or for None (the
     config's ``auto``) ``"per-cost"`` with a latency budget and an unsigned score, else ``"score"``.
     A ranking that needs an importance with a signed score is a one-line :class:`ConfigError`."""
-    scorer = lookup(SCORE_REGISTRY, "score", score)
+    scorer = get_score(score)
     if ranking is None:
         return (PerCostRanking if cost == "latency" and not scorer.signed else ScoreRanking).name
     if get_ranking(ranking).needs_importance and scorer.signed:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from upop.search.registry import Names, add, lookup
+from upop.search.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -50,21 +50,17 @@ class Score:
 SCORE_REGISTRY: dict[str, type[Score]] = {}
 """Registered scores by name, in registration order (the first is the paper's)."""
 
-SCORES = Names(lambda: SCORE_REGISTRY)
+_registry = Registry(Score, "score", lambda: SCORE_REGISTRY)
+
+SCORES = _registry.names
 """The registered score names, read live (what ``UPopConfig.score`` and ``--score`` accept)."""
 
+register_score = _registry.register
+"""Register a :class:`Score` subclass under its ``name`` (a decorator; :meth:`Registry.register`)."""
 
-def register_score(cls: type[Score]) -> type[Score]:
-    """Register the :class:`Score` subclass ``cls`` under ``cls.name`` (a decorator); a name taken by
-    another class is a :class:`ConfigError`."""
-    add(SCORE_REGISTRY, Score, "score", cls)
-    return cls
-
-
-def get_score(name: object) -> Score:
-    """The registered score ``name``; an unknown name is a one-line :class:`ConfigError` listing the
-    registered ones."""
-    return lookup(SCORE_REGISTRY, "score", name)()
+get_score = _registry.get
+"""A new instance of the score registered as a name (:meth:`Registry.get`: an unknown name is a
+one-line :class:`ConfigError` listing the registered ones)."""
 
 
 @register_score

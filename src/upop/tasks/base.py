@@ -39,6 +39,11 @@ class Task:
     #: metric used to keep the best retrained checkpoint (higher is better)
     main_metric: str = ""
 
+    #: the value of ``main_metric`` under which the compressed model is not yet usable: a test
+    #: metric under it makes the run warn that its budget is too small, with an estimate of the
+    #: retraining steps it needs (:mod:`upop.runs.budget`); None: no bar
+    quality_bar: float | None = None
+
     #: the rows the task reads from Python (``compress(train=...)``, :mod:`upop.data.user_rows`,
     #: docs/data.md); None: only its reader's datasets (``load_splits``)
     row_schema: RowSchema | None = None
@@ -115,5 +120,7 @@ class Task:
         run before the first step: a builder ``() -> replay or None`` of the teacher's exposed
         tensors of a batch (``replay(batch) -> {name: tensor}``, what
         :func:`upop.distill.distiller.expose` records) computed from outputs cached once, so the
-        teacher need not run every step; None where the teacher must run (the default)."""
+        teacher need not run every step; None where the teacher must run (the default). A task that
+        overrides it registers with ``teacher_cache=True`` (:func:`upop.tasks.registry.register_task`),
+        which makes ``distill="auto"`` distil the logits there."""
         return None

@@ -189,6 +189,9 @@ def _agreement(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
 class DistillTask(Task):
     name = "distill"
     main_metric = "cosine"
+    #: a compressed encoder whose embeddings agree with the dense model's at a cosine under 0.90 is
+    #: not a drop-in replacement (issue #28's bar for sentence embeddings): the run says so
+    quality_bar = 90.0
     #: the run hands over the frozen dense model (:meth:`set_teacher`) before it evaluates or trains
     needs_teacher = True
 

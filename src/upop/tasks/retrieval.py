@@ -118,6 +118,6 @@ class RetrievalTask(Task):
 
 
 register_task(
-    name="retrieval", task=RetrievalTask, writer=write_retrieval, checker=check_retrieval,
+    name="retrieval", task=RetrievalTask, writer=write_retrieval, checker=check_retrieval, teacher_cache=True,
     summary="image-text retrieval with CLIP, SigLIP or BLIP; Karpathy JSON; recall at 1, 5 and 10",
 )
