@@ -139,12 +139,12 @@ def folders(tmp_path_factory):
     return make
 
 
-def _torchrun(port: int, *args: str, script: str | None = None, timeout: int = 600):
+def _torchrun(port: int, *args: str, script: str | None = None, timeout: int = 600, env: dict | None = None):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
            *([script] if script else ["-m", "upop"]), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 SHORT = ["--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--interval", "1",
@@ -222,6 +222,80 @@ def test_a_parameter_without_gradient_under_ddp_is_one_line(folders, tmp_path):
     assert "got no gradient" in errors[0]
     # no traceback from upop's processes (torchrun prints its own summary of the failed worker)
     assert "upop/" not in proc.stderr and "Expected to have finished reduction" not in proc.stderr
+
+
+# Process 1 late at the end of a run, loaded at its start by Python itself (a sitecustomize.py
+# first on PYTHONPATH; nothing in upop knows): it sleeps before the final evaluation and again
+# before the latency, while process 0 goes on to time, write the report and delete
+# state/dense-model; any read of state/dense-model by process 1 is noted, and also delayed (the old
+# end, where every process loaded the dense model for its own timing, failed there: the folder
+# was gone)
+LATE = """
+import os
+if os.environ.get("RANK") == "1":
+    import functools, time
+    from pathlib import Path
+    import upop.api
+    from transformers import PreTrainedModel
+
+    def note(what):
+        with open(os.environ["UPOP_LATE_LOG"], "a") as fh:
+            fh.write(what + "\\n")
+
+    def late(name):
+        original = getattr(upop.api, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            note(name)
+            time.sleep(3)
+            return original(*args, **kwargs)
+        setattr(upop.api, name, wrapper)
+
+    late("load_compressed")  # the final evaluation's model
+    late("timed_on_main")    # the paired latency
+    load = PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        if Path(str(path)).name == "dense-model":
+            note("read state/dense-model")
+            time.sleep(3)
+        return load(cls, path, *args, **kwargs)
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+"""
+
+
+def _timeless(report: dict) -> dict:
+    """The report without what the clock decides (latencies, speed-ups) or names the folder."""
+    out = {k: v for k, v in report.items() if k not in ("latency", "latency_noisy", "speedup", "speedup_spread")}
+    for part in ("dense", "compressed"):
+        out[part] = {k: v for k, v in report[part].items() if k != "latency_ms"}
+    out["latency"] = {k: v for k, v in report["latency"].items()
+                      if not any(w in k for w in ("_ms", "speedup", "noisy", "retime_command"))}
+    return out
+
+
+@pytest.mark.slow  # two runs, ~60 s on 2 cores
+def test_a_late_process_at_the_end_of_the_run_changes_nothing(folders, tmp_path):
+    """Process 1 arrives 3 s late at the final evaluation and at the latency: the run ends as the
+    run where nobody is late (same report but for the clock), and only the main process reads
+    state/dense-model, which is gone at the end."""
+    model, data = folders("vit", "classification")
+    args = ["compress", "--model", str(model), "--task", "classification", "--data", str(data), *SHORT]
+    plain = _torchrun(29692, *args, "--out", str(tmp_path / "plain"), timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    site, log = tmp_path / "site", tmp_path / "late.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LATE)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    late = _torchrun(29693, *args, "--out", str(tmp_path / "late"), timeout=300,
+                     env={"PYTHONPATH": path, "UPOP_LATE_LOG": str(log)})
+    assert late.returncode == 0, late.stderr[-3000:]
+    assert log.read_text().splitlines() == ["load_compressed", "timed_on_main"]  # late twice; never read it
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("plain", "late")]
+    assert _timeless(reports[1]) == _timeless(reports[0])
+    assert reports[1]["processes"] == 2 and reports[1]["latency"]["dense_ms"] > 0
+    assert not (tmp_path / "late" / "state" / "dense-model").exists()
 
 
 def test_a_training_split_some_process_gets_nothing_of_is_refused(folders, tmp_path):

@@ -225,3 +225,27 @@ def test_compress_writes_its_settings_and_an_unversioned_run_resumes(world, tmp_
     with pytest.raises(ConfigError, match=f"version {SETTINGS_VERSION + 1}, which this upop does not know") as info:
         _compress(world, out, resume=True)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("affinity, env, processes, expected", [
+    (range(16), None, 1, 4),        # 16 cores, one process: capped at 4
+    (range(4), None, 1, 3),         # taskset to 4 of the machine's cores: 4 - 1, not the machine's count
+    (range(16), "8", 16, 1),        # two nodes of 8 processes: 16 cores / 8 on this node - 1
+    (range(16), None, 8, 1),        # one node, no LOCAL_WORLD_SIZE: all processes share it
+    (range(2), "bad", 2, 0),        # an unreadable LOCAL_WORLD_SIZE: the processes, never an error
+])
+def test_workers_beside_a_gpu_follow_the_usable_cores_of_this_node(monkeypatch, affinity, env, processes, expected):
+    import os
+
+    from upop.config import decide_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's count must not be what decides
+    if env is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", env)
+    workers, why = decide_workers(None, "cuda", processes)
+    assert workers == expected, why
+    assert "usable cores" in why and "on this node" in why
+    assert decide_workers(None, "cpu", processes)[0] == 0 and decide_workers(2, "cuda", processes)[0] == 2

@@ -223,7 +223,23 @@ _DDP_SCRIPT = """
 import os, sys, torch, transformers
 sys.path.insert(0, {tests!r})
 from test_trainer_callback import _trainer
+import gc, weakref
+import upop.integrations.transformers.callback as cb
 from upop.integrations.transformers.callback import add_upop
+rewrap, dense = cb.rewrap_ddp, {{}}
+
+
+def spy(trainer):  # what the dense wrapper held: is it released by the rebuild?
+    wrapped = trainer.model_wrapped
+    kept = {{id(p) for p in trainer.model.parameters()}}  # already the pruned parameters
+    dense["reducer"] = weakref.ref(wrapped.reducer)
+    dense["params"] = [weakref.ref(p) for p in wrapped._module_parameters if id(p) not in kept]
+    dense["wrapper"] = wrapped
+    rewrap(trainer)
+    gc.collect()
+
+
+cb.rewrap_ddp = spy
 trainer = _trainer(sys.argv[1], max_steps=8, batch=4, gradient_accumulation_steps=2, ddp_backend="gloo")
 callback = add_upop(trainer, ratio=0.5, round_to=1, interval=1, distill=sys.argv[2])
 distiller = callback.distiller
@@ -231,8 +247,11 @@ trainer.train()
 assert (distiller is None) == (sys.argv[2] == "none")
 assert distiller is None or (set(distiller.last) == {{"logits", "hidden"}} and distiller.last["hidden"] > 0)
 assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+assert trainer.model_wrapped is dense["wrapper"]  # the loop's wrapper, now over the pruned parameters
+assert dense["params"], "pruning replaced no parameter"
+released = {{"reducer": dense["reducer"]() is None, "params": all(r() is None for r in dense["params"])}}
 torch.save({{"weights": trainer.model.state_dict(), "sums": callback.search.masks.grad_sum,
-            "kept": {{k: g.kept for k, g in callback.plan.groups.items()}}}},
+            "kept": {{k: g.kept for k, g in callback.plan.groups.items()}}, "released": released}},
            os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
 """
 
@@ -253,3 +272,6 @@ def test_two_processes_keep_identical_masks_and_weights(distill, tmp_path):
     assert a["kept"] == b["kept"]
     assert all(torch.equal(a["sums"][k], b["sums"][k]) for k in a["sums"])
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    # the dense wrapper's reducer (its dense-size gradient buckets) and the dense parameters it held
+    # are gone after the rebuild, on both processes
+    assert a["released"] == b["released"] == {"reducer": True, "params": True}

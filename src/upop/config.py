@@ -386,14 +386,36 @@ def decide_latency_batch(setting: int | str, device_type: str) -> tuple[int, str
 
 def decide_workers(setting: int | None, device_type: str, processes: int) -> tuple[int, str]:
     """DataLoader worker processes, and why: ``setting``, or 0 without a GPU (they would compete
-    with the compute threads), else min(4, cores per process - 1)."""
+    with the compute threads), else min(4, cores per process on this node - 1), the cores being
+    those this process may run on (:func:`usable_cores`: a job scheduler's or ``taskset``'s CPU set, not the
+    machine's count)."""
     if setting is not None:
         return setting, AS_SET
     if device_type != "cuda":
         return 0, f"unset: 0 on {device_type.upper()}, where workers would compete with the compute threads"
-    cores = os.cpu_count() or 1
-    return max(0, min(4, cores // max(1, processes) - 1)), \
-        f"unset: min(4, {cores} cores / {processes} process{'es' if processes != 1 else ''} - 1) beside a GPU"
+    cores = usable_cores()
+    local = local_processes(processes)
+    return max(0, min(4, cores // local - 1)), \
+        f"unset: min(4, {cores} usable cores / {local} process{'es' if local != 1 else ''} on this node - 1) beside a GPU"
+
+
+def local_processes(processes: int) -> int:
+    """The processes sharing this node's cores: ``LOCAL_WORLD_SIZE`` as torchrun and Accelerate set
+    it, else ``processes`` (one node)."""
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ""))
+    except ValueError:
+        local = processes
+    return max(1, min(local, processes) if local > 0 else processes)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity set where the OS has one, else the
+    machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 

@@ -184,7 +184,7 @@ def cmd_export(args) -> int:
 
     result = export_onnx(args.model, args.out, part=args.part, dense=args.dense, batch=args.batch, opset=args.opset,
                          tolerance=args.tolerance, overwrite=args.overwrite, exporter=args.exporter,
-                         latency_time=args.latency_time)
+                         latency_time=args.latency_time, pooling=args.pooling, format=args.format)
     print(result.summary())
     return 0
 

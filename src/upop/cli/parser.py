@@ -302,15 +302,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local folder with bert-base-uncased's tokenizer files to copy (default: write none)")
     imp.add_argument("--overwrite", action="store_true", help="replace a model folder upop wrote")
 
+    from upop.export.options import FORMATS, POOLINGS  # torch-free
+
     x = sub.add_parser("export", help="export a model folder to ONNX, checked in ONNX Runtime (needs upop[onnx])",
-                       description="Export --model (a compressed or dense folder) to the ONNX file --out with a dynamic "
-                       "batch axis (and sequence axis for token inputs), then run it in ONNX Runtime at two batch sizes "
-                       "and compare with PyTorch: a difference above --tolerance x max(1, max |output|) is refused and "
-                       "nothing is written. With --dense, the dense model is exported too (to a temporary file) and "
-                       "both are timed in ONNX Runtime in interleaved rounds (median latency and speedup).")
+                       description="Export --model (a compressed or dense folder) to ONNX with a dynamic "
+                       "batch axis (and sequence axis for token inputs), then run it in ONNX Runtime at two batch "
+                       "sizes and compare with PyTorch: a difference above --tolerance x max(1, max |output|) is "
+                       "refused and nothing is written. --out ending in .onnx is that one file; any other --out is a "
+                       "folder that optimum's ORTModel classes load (model.onnx, config.json under the plain "
+                       "transformers model type, the tokenizer / processor files, and a sentence-transformers "
+                       "folder's modules.json and pooling config). With --pooling, a text encoder exports as a "
+                       "sentence embedder (outputs last_hidden_state and sentence_embedding). With --dense, the "
+                       "dense model is exported too (to a temporary file) and both are timed in ONNX Runtime in "
+                       "interleaved rounds (median latency and speedup).")
     x.add_argument("--model", required=True, help="compressed (upop) or dense Hugging Face model folder")
-    x.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
-    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
+    x.add_argument("--out", required=True,
+                   help="a path ending in .onnx: the one file to write; any other path: the folder to write (new or "
+                   "empty; with --overwrite, files of the same names are replaced and no other file is touched)")
+    x.add_argument("--pooling", choices=POOLINGS, default="none",
+                   help="export a text encoder (a class that reads text only: BERT and its heads, the text models of "
+                   "the two-tower families) as a sentence embedder: input_ids, attention_mask (token_type_ids where "
+                   "the model has token types) -> last_hidden_state and sentence_embedding. auto: a folder with "
+                   "modules.json pools as its sentence-transformers pipeline (normalised where it has Normalize); a "
+                   "text encoder without it pools the mean of the real tokens (sentence-transformers' choice for a "
+                   "plain transformers model); any other class exports as with none. A mode by name (cls, max, mean, "
+                   "...): that pooling, unnormalised, text encoders only. none: the model's own outputs (default: "
+                   "none)")
     x.add_argument("--part", choices=["vision", "text"], default=None,
                    help="CLIP / SigLIP: export one tower (vision: pixel_values -> image_embeds; text: input_ids, "
                    "attention_mask -> text_embeds); BLIP: --part vision (pixel_values -> last_hidden_state, "
@@ -327,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--latency-time", type=_float_in("latency_time", *LATENCY_TIME_RANGE), default=0.5,
                    help="with --dense: each model is timed 3 x this many seconds over 7 rounds (default: 0.5; range "
                    "%g..%g seconds)" % LATENCY_TIME_RANGE)
-    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or in an --out folder the files of the names export writes")
 
     demo = sub.add_parser("demo", help="compress the embedded Shapes CLIP 2x and print before/after")
     demo.add_argument("--out", default="upop-demo", help="folder for the data and the run (default: upop-demo)")

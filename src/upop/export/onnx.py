@@ -17,6 +17,21 @@ that name; SigLIP2: ``text`` only), of BLIP's four classes ``vision`` -> the vis
 ``last_hidden_state`` and ``pooler_output``. BLIP's whole models and text towers (decoding loops,
 two-mode or image-pair forwards) and SigLIP2's NaFlex vision tower are refused with the reason.
 
+With ``pooling`` (:mod:`upop.export.graph`, :func:`upop.export.graph.resolve_pooling`) a text encoder
+exports as a sentence embedder: ``input_ids``, ``attention_mask`` (``token_type_ids`` where the
+config has token types) -> ``last_hidden_state`` and ``sentence_embedding``.
+
+Where it is written: an ``out`` ending in ``.onnx`` is that one file. Any other ``out`` is a folder
+(new, or empty; with ``overwrite``, one holding files) that optimum's ``ORTModel`` classes load as
+they load their own exports: ``model.onnx``; ``config.json``, the model's transformers config under
+its plain model type (``"bert"``, never a compressed folder's ``upop_bert``, no ``auto_map``, so
+``AutoConfig`` reads it without remote code; its widths are the dense model's, the graph's are the
+pruned ones); the tokenizer / processor files of the model's folder; and a sentence-transformers
+folder's ``modules.json``, module folders and configs. The files are written in a temporary
+sibling folder; a new ``out`` is that folder renamed; in an existing ``out`` each file is renamed in
+(the graph last), replacing a file of the same name only with ``overwrite``; no other file in ``out``
+is ever replaced or deleted.
+
 Parity: the file runs in ONNX Runtime at ``batch`` and ``batch + 1`` (and two sequence lengths)
 and every output must satisfy ``max |onnx - torch| <= tolerance * max(1, max |torch|)``: relative
 to the output's scale, absolute for outputs within +-1. The file is written under a temporary name
@@ -29,6 +44,7 @@ in interleaved rounds (:func:`upop.measure.latency.timed_rounds`, :func:`upop.ru
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -43,11 +59,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from upop.errors import ConfigError, UnsupportedModelError, show
+from upop.errors import CheckpointError, ConfigError, UnsupportedModelError, show
+from upop.runs.atomic import fsync_dir, fsync_tree, make_temp_dir
 from upop.runs.rundir import check_out_dir
 from upop.export.graph import (REFUSED, TOWERS, TWO_TOWERS, graph_of, example_inputs)  # noqa: F401 - upop.export.onnx.<name>
 from upop.export.graph import PARTS, dynamic_axes, Graph, max_text_tokens
+from upop.export.options import FILE_SUFFIX, FORMATS, MODEL_FILE, POOLINGS
 from upop.export.ort import ort_outputs, ort_paired_latency, ort_session
+from upop.models.sentence_transformers import Pooling
 
 INSTALL = 'pip install "upop[onnx]" (in a clone of upop: pip install -e ".[onnx]")'
 DEFAULT_TOLERANCE = 1e-3
@@ -80,7 +99,7 @@ class Parity:
 class ExportResult:
     """What :func:`export_onnx` did; :meth:`summary` is what ``upop export`` prints."""
 
-    path: Path
+    path: Path  # the .onnx file
     model_class: str
     part: str | None
     exporter: str  # "dynamo" or "torchscript": the one that wrote the file
@@ -93,12 +112,18 @@ class ExportResult:
     parity: list[Parity] = field(default_factory=list)
     dense_parity: list[Parity] = field(default_factory=list)
     latency: dict[str, Any] | None = None  # paired_summary fields + batch, threads, provider
+    folder: Path | None = None  # the folder written (None: one file)
+    files: list[str] = field(default_factory=list)  # the folder's files, relative
+    pooling: str | None = None  # e.g. "mean + normalize (the sentence-transformers pipeline of modules.json)"
 
     def summary(self) -> str:
         exporter = {"dynamo": "the dynamo exporter (torch.export)", "torchscript": "the TorchScript exporter"}
-        lines = [f"exported {self.model_class}{f' ({self.part} tower)' if self.part else ''} to {self.path} with "
+        what = f" ({self.part} tower)" if self.part else " as a sentence embedder" if self.pooling else ""
+        lines = [f"exported {self.model_class}{what} to {self.path} with "
                  f"{exporter[self.exporter]}" + (f", after the dynamo exporter failed: {self.fallback_reason}"
                                                  if self.fallback_reason else "") + f"; opset {self.opset}, float32",
+                 *([f"sentence_embedding: {self.pooling} pooling of last_hidden_state"] if self.pooling else []),
+                 *([f"folder {self.folder}: {', '.join(self.files)}"] if self.folder is not None else []),
                  "inputs: " + ", ".join(f"{k} [{', '.join(map(str, v))}]" for k, v in self.inputs.items())
                  + f"; outputs: {', '.join(self.outputs)}",
                  f"parity with PyTorch in ONNX Runtime ({self.provider}): {_parity_text(self.parity)} (limit "
@@ -196,7 +221,14 @@ def _check_parity(graph: Graph, session, batch: int, sequence: int, tolerance: f
         with torch.no_grad():
             expected = [t.float() for t in graph(*inputs.values())]
         worst_abs = worst_rel = 0.0
-        for name, ref, got in zip(graph.output_names, expected, ort_outputs(session, inputs)):
+        try:
+            got_all = ort_outputs(session, inputs)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors have no common public base
+            raise UnsupportedModelError(
+                f"{where}: ONNX Runtime cannot run the {exporter} exporter's graph at batch {b}"
+                f"{'' if graph.input_names == ['pixel_values'] else f' x {s} tokens'} ({_reason(exc)}); the exporter "
+                "fixed an axis that must stay dynamic, and the file was not kept") from None
+        for name, ref, got in zip(graph.output_names, expected, got_all):
             if tuple(got.shape) != tuple(ref.shape):
                 raise UnsupportedModelError(f"{where}: output {name} has shape {tuple(got.shape)} in ONNX Runtime "
                                             f"but {tuple(ref.shape)} in PyTorch (batch {b}); the export is wrong")
@@ -227,9 +259,18 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _check_options(out: Path, overwrite: bool, part, batch, opset, tolerance, exporter, latency_time, onnx) -> None:
+def is_folder_out(out: str | os.PathLike) -> bool:
+    """Whether ``out`` names a folder to write (any path not ending in ``.onnx``)."""
+    return Path(out).suffix.lower() != FILE_SUFFIX
+
+
+def _check_options(out: Path, overwrite: bool, part, batch, opset, tolerance, exporter, latency_time, onnx,
+                   pooling, fmt) -> None:
     top = onnx.defs.onnx_opset_version()
     for bad, name, value, allowed in (
+            (fmt not in FORMATS, "format", fmt, f"one of: {', '.join(FORMATS)}"),
+            (not isinstance(pooling, Pooling) and pooling not in POOLINGS, "pooling", pooling,
+             f"one of: {', '.join(POOLINGS)} (or a Pooling)"),
             (part is not None and part not in PARTS, "part", part, f"one of: {', '.join(PARTS)}"),
             (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1, "batch", batch, "an integer >= 1"),
             (opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset <= top),
@@ -239,51 +280,98 @@ def _check_options(out: Path, overwrite: bool, part, batch, opset, tolerance, ex
             (not _positive(latency_time), "latency_time", latency_time, "a number of seconds > 0")):
         if bad:
             raise ConfigError(f"{name} {show(value)} is not allowed; need {allowed}")
+    if is_folder_out(out):
+        _check_folder_out(out, overwrite)
+        return
     if out.is_dir():
-        raise ConfigError(f"--out {show(out)} is a folder; give the path of the .onnx file to write")
+        raise ConfigError(f"--out {show(out)} is a folder whose name ends in {FILE_SUFFIX}; a path ending in "
+                          f"{FILE_SUFFIX} is the one file to write, any other path a folder to write")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {show(out)}: the folder {show(out.parent)} does not exist; create it first")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ConfigError(f"--out {show(out)} exists; pass --overwrite to replace it")
 
 
+def _check_folder_out(out: Path, overwrite: bool) -> None:
+    """An ``out`` folder that may be written: not a link or a file, in an existing folder, and
+    new or empty unless ``overwrite``."""
+    if out.is_symlink():
+        raise ConfigError(f"--out {show(out)} is a symbolic link; upop never writes through links, give a folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {show(out)} exists and is not a folder; give a folder to write, or a path ending "
+                          f"in {FILE_SUFFIX} for one file")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {show(out)}: the folder {show(out.parent)} does not exist; create it first")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {show(out)} is a folder that already holds files; pass --overwrite to replace "
+                          f"the files of the same names upop export writes ({MODEL_FILE}, config.json, tokenizer "
+                          "files...; no other file is touched), or give a new or empty folder")
+
+
+def _model_folder(model) -> Path | None:
+    """The local folder ``model`` (a folder, a Hub id or a module) comes from, or None."""
+    if isinstance(model, nn.Module):
+        from upop.models.sentence_transformers import model_folder
+
+        name = model_folder(model)
+        return Path(name) if name and Path(name).is_dir() else None
+    from upop.checkpoint.safe_load import local_folder
+
+    return local_folder(model)
+
+
 def export_onnx(model, out: str | os.PathLike, *, part: str | None = None, dense=None, batch: int = 2,
                 opset: int | None = None, tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False,
-                exporter: str = "auto", latency_time: float = 0.5) -> ExportResult:
-    """Export ``model`` (a model folder, compressed or dense, or a module) to the ONNX file ``out``
-    and check it in ONNX Runtime; with ``dense``, time it against the dense model (see the module
-    docstring). ``batch``: the batch of the check and of the timing; ``exporter``: ``"auto"``
-    (dynamo, else TorchScript), ``"dynamo"`` or ``"torchscript"``; ``latency_time``: each model is
-    timed ``3 x`` this many seconds over 7 rounds."""
+                exporter: str = "auto", latency_time: float = 0.5, pooling: str | Pooling = "none",
+                format: str = "onnx") -> ExportResult:
+    """Export ``model`` (a model folder, compressed or dense, or a module) to ONNX at ``out`` (a
+    ``.onnx`` file, or a folder for optimum: see the module docstring) and check it in ONNX
+    Runtime; with ``dense``, time it against the dense model. ``batch``: the batch of the check and
+    of the timing; ``exporter``: ``"auto"`` (dynamo, else TorchScript), ``"dynamo"`` or
+    ``"torchscript"``; ``latency_time``: each model is timed ``3 x`` this many seconds over 7
+    rounds; ``pooling``: one of :data:`upop.export.options.POOLINGS` (``"none"``: the model's own
+    outputs; see :mod:`upop.export.graph`) or a :class:`~upop.models.sentence_transformers.Pooling`
+    (any modes, concatenated; text encoders only); ``format``: ``"onnx"``."""
     onnx, ort = require_onnx()
     out = check_out_dir(out, {"model": None if isinstance(model, nn.Module) else model,
                               "dense model": None if dense is None or isinstance(dense, nn.Module) else dense})
-    _check_options(out, overwrite, part, batch, opset, tolerance, exporter, latency_time, onnx)
-    graph = graph_of(model, part, type(model).__name__ if isinstance(model, nn.Module) else show(model))
-    dense_graph = None if dense is None else graph_of(dense, part, "--dense")
+    _check_options(out, overwrite, part, batch, opset, tolerance, exporter, latency_time, onnx, pooling, format)
+    folder = _model_folder(model)
+    what = type(model).__name__ if isinstance(model, nn.Module) else show(model)
+    graph = graph_of(model if isinstance(model, nn.Module) else folder, part, what, pooling=pooling, folder=folder)
+    dense_graph = None if dense is None else graph_of(dense, part, "--dense", pooling=graph.pooling or "none")
     if dense_graph is not None and dense_graph.source != graph.source:
         raise ConfigError(f"--dense is a {dense_graph.source}, the model a {graph.source}; "
                           "give the dense model the compressed one was pruned from")
     sequence = min(16, max_text_tokens(graph.model))
     inputs = example_inputs(graph, batch, sequence)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    tmp.mkdir()
+    as_folder = is_folder_out(out)
+    name = MODEL_FILE if as_folder else out.name
+    tmp = make_temp_dir(out)
     try:
-        used, why, session, parity = _write(graph, tmp / out.name, batch, sequence, opset, exporter, tolerance, ort,
+        used, why, session, parity = _write(graph, tmp / name, batch, sequence, opset, exporter, tolerance, ort,
                                             show(model) if not isinstance(model, nn.Module) else "the model")
         axes = dynamic_axes(graph, inputs)
-        result = ExportResult(path=out, model_class=graph.source, part=part, exporter=used,
-                              fallback_reason=why, opset=_opset(onnx, tmp / out.name),
+        result = ExportResult(path=out / name if as_folder else out, model_class=graph.source, part=part, exporter=used,
+                              fallback_reason=why, opset=_opset(onnx, tmp / name),
                               inputs={n: [axes[n].get(i, d) for i, d in enumerate(t.shape)] for n, t in inputs.items()},
                               outputs=list(graph.output_names), tolerance=tolerance,
-                              provider=session.get_providers()[0], parity=parity)
+                              provider=session.get_providers()[0], parity=parity,
+                              pooling=None if graph.pooling is None else
+                              f"{graph.pooling.describe()} ({graph.pooling_source})")
         if dense_graph is not None:
             (tmp / "dense").mkdir()
             *_, dense_session, result.dense_parity = _write(dense_graph, tmp / "dense" / "dense.onnx", batch, sequence,
                                                             opset, used, tolerance, ort, "--dense")
             result.latency = ort_paired_latency(dense_session, session, inputs, latency_time, batch)
             shutil.rmtree(tmp / "dense")
-        _move_into_place(tmp, out, overwrite)
+        if as_folder:
+            del session  # the file is renamed below
+            result.folder = out
+            result.files = _fill_folder(tmp, graph, folder)
+            _place_folder(tmp, out, overwrite)
+        else:
+            _move_into_place(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
@@ -292,6 +380,87 @@ def export_onnx(model, out: str | os.PathLike, *, part: str | None = None, dense
 def _opset(onnx, path: Path) -> int | None:
     proto = onnx.load(str(path), load_external_data=False)
     return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _plain_config(graph: Graph) -> dict[str, Any]:
+    """The exported model's transformers config as ``config.json`` for optimum: its plain model
+    type (:func:`upop.checkpoint.hub.base_model_type`), no ``auto_map`` nor upop's shapes, and with
+    pooling the base encoder's class as ``architectures``."""
+    from upop.checkpoint.allow_list import find_hook
+    from upop.checkpoint.hub import SHAPES_KEY, base_model_type
+
+    data = json.loads(graph.model.config.to_json_string())
+    data["model_type"] = base_model_type(data)
+    for key in ("auto_map", SHAPES_KEY, "_name_or_path"):
+        data.pop(key, None)
+    if graph.pooling is not None:
+        data["architectures"] = [type(graph.model).__name__]
+    problem = find_hook(data)
+    if problem is not None:
+        raise CheckpointError(f"the model's config {problem}; upop export writes no key that makes a library "
+                              "import code")
+    return data
+
+
+def _fill_folder(tmp: Path, graph: Graph, folder: Path | None) -> list[str]:
+    """Write ``config.json``, the tokenizer / processor files and a sentence-transformers
+    pipeline's files of ``folder`` into ``tmp`` (which holds the graph); returns the files, relative."""
+    from upop.checkpoint.allow_list import refuse_folder_hooks
+    from upop.checkpoint.safe_load import read_json
+    from upop.models.folders import load_processor_or_none
+    from upop.models.sentence_transformers import TOKENIZER_FILES, carried_pipeline
+
+    config = json.dumps(_plain_config(graph), indent=2, sort_keys=True) + "\n"
+    (tmp / "config.json").write_text(config, encoding="utf-8")
+    processor = load_processor_or_none(folder) if folder is not None else None
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    pipeline = carried_pipeline(folder) if folder is not None else None  # None (a warning) for one upop cannot carry
+    if pipeline is not None:
+        for rel in pipeline.files():
+            if rel in TOKENIZER_FILES and (tmp / rel).exists():
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / rel, tmp / rel)
+        for sub in pipeline.module_dirs():
+            (tmp / sub).mkdir(exist_ok=True)
+    refuse_folder_hooks(tmp, read_json, "the exported folder's")
+    return sorted(p.relative_to(tmp).as_posix() + ("/" if p.is_dir() else "") for p in tmp.rglob("*")
+                  if p.is_file() or (p.is_dir() and not any(p.iterdir())))
+
+
+def _place_folder(tmp: Path, out: Path, overwrite: bool) -> None:
+    """``tmp`` becomes ``out``: renamed when ``out`` does not exist, else its files renamed into
+    ``out`` one by one, the graph last, after every target was checked (see the module docstring)."""
+    fsync_tree(tmp)
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+        return
+    _check_folder_out(out, overwrite)  # again: the folder may have changed during the export
+    entries = sorted(tmp.rglob("*"), key=lambda p: (p.name == MODEL_FILE, p.relative_to(tmp).parts))
+    for src in entries:
+        rel = src.relative_to(tmp)
+        for parent in list(reversed(rel.parents))[1:]:
+            if (out / parent).is_symlink() or ((out / parent).exists() and not (out / parent).is_dir()):
+                raise ConfigError(f"{show(out / parent)} is not a folder; upop export would write "
+                                  f"{show(rel.as_posix())} into it: move it away or give another --out")
+        target = out / rel
+        if src.is_dir():
+            if target.is_symlink() or (target.exists() and not target.is_dir()):
+                raise ConfigError(f"{show(target)} is not a folder; move it away or give another --out")
+        elif target.is_dir() and not target.is_symlink():
+            raise ConfigError(f"{show(target)} is a folder where upop export writes a file; move it away or give "
+                              "another --out")
+        elif os.path.lexists(target) and not overwrite:
+            raise ConfigError(f"{show(target)} exists; pass --overwrite to replace it")
+    for src in entries:
+        target = out / src.relative_to(tmp)
+        if src.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            os.replace(src, target)
+            fsync_dir(target.parent)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -306,4 +475,5 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     os.replace(tmp / out.name, out)
 
 
-__all__ = ["DEFAULT_TOLERANCE", "EXPORTERS", "ExportResult", "Parity", "example_inputs", "export_onnx", "require_onnx"]
+__all__ = ["DEFAULT_TOLERANCE", "EXPORTERS", "ExportResult", "Parity", "example_inputs", "export_onnx", "is_folder_out",
+           "require_onnx"]

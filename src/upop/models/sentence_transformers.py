@@ -93,12 +93,12 @@ def _pool(mode: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(acc)
     if mode == "cls":
         first = mask.to(torch.int).argmax(dim=1)
-        return tokens[torch.arange(len(tokens), device=tokens.device), first]
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), first]
     if mode == "lasttoken":
         seen, last = mask.flip(1).max(1)
         last = torch.where(seen == 0, torch.full_like(last, tokens.shape[1] - 1), last)  # none: position 0
         index = tokens.shape[1] - 1 - last
-        return (tokens * mask.unsqueeze(-1).to(tokens.dtype))[torch.arange(len(tokens), device=tokens.device), index]
+        return (tokens * mask.unsqueeze(-1).to(tokens.dtype))[torch.arange(tokens.shape[0], device=tokens.device), index]
     if mode == "max":
         return tokens.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     if mode == "weightedmean":

@@ -30,8 +30,11 @@ def swap_parameters(optimizer, before: dict[int, str], after: dict[str, nn.Param
 
 
 def rewrap_ddp(trainer) -> None:
-    """Under DDP the wrapper the training loop holds was built over the dense parameters; route its
-    forward (and ``no_sync``) to a new wrapper over the pruned ones, so gradients are averaged."""
+    """Under DDP the wrapper the training loop holds was built over the dense parameters: its reducer
+    keeps them, and gradient buckets of their size, alive. A new wrapper is built over the pruned
+    parameters and the old wrapper object (the loop, the Trainer and Accelerate all refer to it)
+    takes its state, the very attribute dictionary: gradients are averaged by the new reducer, and
+    the old reducer with its buckets, its logger and its lists of dense parameters is released."""
     ddp = torch.nn.parallel.DistributedDataParallel
     wrapped = getattr(trainer, "model_wrapped", None)
     if not isinstance(wrapped, ddp):
@@ -39,9 +42,8 @@ def rewrap_ddp(trainer) -> None:
     same = {k: getattr(wrapped, k) for k in ("device_ids", "output_device", "find_unused_parameters",
                                               "gradient_as_bucket_view", "static_graph") if hasattr(wrapped, k)}
     fresh = ddp(wrapped.module, bucket_cap_mb=wrapped.bucket_bytes_cap / 2**20, **same)
-    for name in ("forward", "no_sync"):
-        object.__setattr__(wrapped, name, getattr(fresh, name))
-    object.__setattr__(wrapped, "_upop_ddp", fresh)  # keep the new wrapper alive
+    wrapped.__dict__ = fresh.__dict__  # one state for both objects; the old one's is dropped
+    wrapped.__dict__["_upop_ddp"] = fresh  # hooks DDP may bind to the new wrapper keep it alive
 
 
 def trainer_loss_scale(accelerator) -> tuple[Any, bool]:
