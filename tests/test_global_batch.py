@@ -167,7 +167,7 @@ def _first_search_loss(out: Path) -> float:
     return next(r["loss"] for r in records if r.get("phase") == "search")
 
 
-@pytest.mark.parametrize("family, port", [("clip", 29552), ("blip-retrieval", 29553)])
+@pytest.mark.parametrize("family, port", [("clip", 29552), pytest.param("blip-retrieval", 29553, marks=pytest.mark.slow)])
 def test_compress_with_two_processes_matches_one_process_at_twice_the_batch(tmp_path, family, port):
     """``upop compress`` with 2 processes at --batch-size 4 and with 1 process at --batch-size 8
     (same seed and data, 4 search steps with a mask update after each): same first search loss,

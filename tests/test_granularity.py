@@ -287,6 +287,7 @@ def test_plan_without_granularity_reads_as_head_dim():
     assert plan.to_dict()["groups"] == data["groups"]  # written back exactly as read
 
 
+@pytest.mark.slow  # CI's second stage ("both" end to end stays in the default suite)
 def test_compress_with_whole_heads_end_to_end(tmp_path):
     """``upop compress --granularity head``: the run searches heads, reports round_to 1, writes a
     plan of whole heads that loads back with the dense head_dim."""

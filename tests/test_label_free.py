@@ -227,6 +227,7 @@ def test_compress_end_to_end(family, data, tmp_path):
     assert again == pytest.approx(report["compressed"]["metrics"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_cached_label_free_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     """A label-free CLIP run with the cached teacher, stopped mid-search and resumed, ends with the
     uninterrupted run's weights (the table is rebuilt the same); ``distill_cache`` counts on resume."""

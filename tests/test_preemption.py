@@ -106,7 +106,7 @@ def reference(world, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("phase,kill_at", [("search", 5), ("retrain", SEARCH_STEPS + 4)])
+@pytest.mark.parametrize("phase,kill_at", [("search", 5), pytest.param("retrain", SEARCH_STEPS + 4, marks=pytest.mark.slow)])
 def test_sigterm_saves_the_step_and_resume_gives_the_uninterrupted_run(phase, kill_at, world, reference, tmp_path):
     out = tmp_path / "run"
     proc = _cli(world, out, env={"KILL_AT": str(kill_at)})
@@ -133,7 +133,7 @@ def test_sigterm_saves_the_step_and_resume_gives_the_uninterrupted_run(phase, ki
 
 
 @pytest.mark.parametrize("where,message", [("KILL_DENSE_EVAL", "during the dense evaluation"),
-                                           ("KILL_LAST_SAVE", "after the retraining"),
+                                           pytest.param("KILL_LAST_SAVE", "after the retraining", marks=pytest.mark.slow),
                                            ("KILL_LATENCY", "during the final evaluation")])
 def test_sigterm_in_the_last_phases_stops_at_once_and_resume_finishes(where, message, world, reference, tmp_path):
     """SIGTERM during the dense evaluation of a fresh run (it used to kill the process, leaving the

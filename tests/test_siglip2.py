@@ -136,6 +136,7 @@ def test_evaluation_passes_the_naflex_inputs_and_does_not_depend_on_the_batch():
     assert set(metrics) >= {"txt_r1", "img_r1", "r_mean"} and all(0 <= v <= 100 for v in metrics.values())
 
 
+@pytest.mark.slow  # CI's second stage; SigLIP2 retrieval also runs in the registry tables
 def test_compress_end_to_end_on_shapes_retrieval(tmp_path, capsys):
     assert main(["data", "shapes", "--task", "retrieval", "--out", str(tmp_path / "data"), "--train", "16",
                  "--val", "8", "--test", "8", "--image-size", "32"]) == 0

@@ -256,7 +256,7 @@ torch.save({{"weights": trainer.model.state_dict(), "sums": callback.search.mask
 """
 
 
-@pytest.mark.parametrize("distill", ["none", "logits+hidden"])
+@pytest.mark.parametrize("distill", [pytest.param("none", marks=pytest.mark.slow), "logits+hidden"])
 def test_two_processes_keep_identical_masks_and_weights(distill, tmp_path):
     """DDP (two gloo processes, different data): the same plan, and the same weights after
     retraining, which needs the DDP wrapper rebuilt over the pruned parameters; also with

@@ -103,6 +103,7 @@ def test_trainer_run_distils_and_keeps_the_teacher_frozen(tmp_path):
         assert not torch.allclose(trainer.model.eval()(**batch).logits, plain.model.eval()(**batch).logits)
 
 
+@pytest.mark.slow
 def test_resumed_distillation_equals_uninterrupted(tmp_path):
     def run(folder, stop=None, resume=None):
         trainer = _trainer(folder, save_strategy="steps", save_steps=4)

@@ -35,6 +35,7 @@ def quick(tmp_path_factory):
     return data, (tmp / "results" / "transfer-quick.md").read_text(), tmp / "cache"
 
 
+@pytest.mark.slow  # a benchmark's quick variant: CI's second stage, with the others
 def test_quick_run_has_every_row_and_cell(quick):
     data, md, _ = quick
     fields = {f.name for f in dataclasses.fields(upop.UPopConfig)}
@@ -60,6 +61,7 @@ def test_quick_run_has_every_row_and_cell(quick):
     assert "| upop (default) | — |" in md and "Command:" in md
 
 
+@pytest.mark.slow  # shares the quick run
 def test_held_out_pairs_absent_from_task_set_and_in_every_test_image(quick):
     *_, cache = quick
     (task,), (pretrain,) = cache.glob("task-*"), cache.glob("pretrain-*")
@@ -111,6 +113,7 @@ def test_rows_equal_to_the_default_are_not_counted_as_rivals():
     assert found["winner"] == "upop (default)" and found["beats_all_by_2std"] is True
 
 
+@pytest.mark.slow  # shares the quick run
 def test_distilled_retraining_changes_the_result(quick):
     """The baselines' retraining with a distillation setting runs and its term acts (different
     weights from the same seed without it); without one it is the plain fine-tune."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from upop.engine.runtime import step_batches, steps_per_epoch
+from upop.measure import host_sync
 
 
 class LoopCallback:
@@ -71,7 +72,22 @@ class StepLoop:
         self.clip, self.record, self.log_lr = clip, record, log_lr
 
     def step(self, step: int, batch: dict) -> dict:
-        """One training step on ``batch``; returns its log record."""
+        """One training step on ``batch``; returns its log record. Under
+        :func:`upop.measure.host_sync.count_steps` its host syncs are counted, the training part and
+        the end (:meth:`LoopCallback.step_end`) apart."""
+        watch = host_sync.watching()
+        if watch is None:
+            record, stop = self._train(step, batch)
+            self._end(step, stop)
+            return record
+        with watch.part(self.phase, step, "step"):
+            record, stop = self._train(step, batch)
+        with watch.part(self.phase, step, "end"):
+            self._end(step, stop)
+        return record
+
+    def _train(self, step: int, batch: dict) -> tuple[dict, bool]:
+        """Forward, backward, optimizer and the log record: ``(record, stop requested)``."""
         callbacks = self.callbacks
 
         def compute():
@@ -98,9 +114,11 @@ class StepLoop:
             cb.after_step(step, record)
         if self.record is not None:
             self.record(record)
-        for cb in callbacks:
+        return record, stop
+
+    def _end(self, step: int, stop: bool) -> None:
+        for cb in self.callbacks:
             cb.step_end(step + 1, stop)
-        return record
 
     def run(self, start: int, total: int, batches: Iterable[dict], bar=None) -> None:
         """Steps ``start .. total-1`` over ``batches`` (those steps' batches, in order), updating

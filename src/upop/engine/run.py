@@ -33,6 +33,7 @@ from upop.engine.loop import finetune
 from upop.engine.phases import retrain_phase, search_phase
 from upop.pruning.prune import PruningPlan
 from upop.engine.resume import read_state
+from upop.measure.host_sync import DeviceBatch
 from upop.engine.runtime import (STATE_FILE, TRACKING_DIR, PhaseResult, ProgressLog, RunStopped, StopSignals, Tracking,
                       TrainingError, append_log, batch_indices, check_shards, ddp_unused, disk_full_guard,
                       graph_parameters, logger, make_accelerator, reducer_names, rng_state, seed_everything,
@@ -178,7 +179,9 @@ class Run:
                                   seed=self.config.seed, start=start, stop=stop, rank=self.acc.process_index,
                                   world=self.acc.num_processes,
                                   workers=self.config.workers):
-            yield {k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            # the collated batch stays at hand: what a loss reads on the host needs no sync (host_value)
+            yield DeviceBatch({k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v
+                               for k, v in batch.items()}, batch)
 
     def log(self, message: str) -> None:
         """Say ``message`` (main process): to the ``upop`` logger, and to the ``log`` callable if given."""

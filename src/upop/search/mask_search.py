@@ -180,15 +180,15 @@ class UPopSearch:
         it, it raises ``FloatingPointError`` naming that step, at the latest at the next update
         step (every ``interval`` steps and the last) or :meth:`state_dict`, whichever comes first.
         The check waits for those points because reading the flag back would stall every step
-        until the device has finished it; between update steps nothing is read from the device.
+        until the device has finished it; between update steps nothing is read from the device,
+        and an update step reads the sums and the flag together, once (:meth:`_read_sums`).
         """
         step = self.step_count if step is None else step
         finite = self.masks.accumulate_grads(grad_scale=grad_scale, score=self.scorer)
         self._note_nonfinite(finite, step, skip_nonfinite)
         self.step_count = step + 1
         if self.is_update_step(step):
-            self._raise_if_nonfinite(f"the update of step {step}")
-            return self.update(step)
+            return self.update(step, self._read_sums(f"the update of step {step}"))
         return None
 
     def _note_nonfinite(self, finite: torch.Tensor, step: int, skip: bool) -> None:
@@ -200,6 +200,17 @@ class UPopSearch:
             self._skipped += bad
         else:
             self._first_bad.masked_fill_(bad & (self._first_bad < 0), step)
+
+    def _read_sums(self, checked_at: str) -> torch.Tensor:
+        """The accumulated sums of every unit on the CPU (float64, in group order), read from the
+        device in one transfer with the first fatal non-finite step, which raises
+        ``FloatingPointError`` as :meth:`_raise_if_nonfinite` does."""
+        sums = [self.masks.grad_sum[g.name] for g in self.masks.groups]
+        flat = torch.cat([*sums, self._first_bad.to(sums[0].device, torch.float64).reshape(1)]).cpu()
+        bad = int(flat[-1])
+        if bad >= 0:
+            raise FloatingPointError(f"non-finite mask gradient at search step {bad} (found at {checked_at})")
+        return flat[:-1]
 
     def _raise_if_nonfinite(self, checked_at: str) -> None:
         """Raise ``FloatingPointError`` if a step without ``skip_nonfinite`` had non-finite mask
@@ -214,19 +225,20 @@ class UPopSearch:
         for the device)."""
         return int(self._skipped)
 
-    def scores(self) -> torch.Tensor:
+    def scores(self, sums: torch.Tensor | None = None) -> torch.Tensor:
         """Pruning priorities over all units (larger = pruned first), on the CPU: the accumulated
         sums turned by the score (:meth:`upop.search.scores.Score.priority`: the signed gradient sum as
         it is, since a unit whose mask gradient is positive lowers the loss when its mask shrinks;
         importances such as Taylor's and Fisher's negated, the least important first) and ordered by
         the ranking (:mod:`upop.search.rankings`: standardised per structure type (attention
-        channels, attention heads, MLP neurons, all modalities), or per unit of cost)."""
-        total = torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
+        channels, attention heads, MLP neurons, all modalities), or per unit of cost). ``sums``: the
+        accumulated sums already on the CPU (:meth:`_read_sums`), else they are read here."""
+        total = sums if sums is not None else torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
         unit_cost = torch.cat([torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64)
                                for g in self.masks.groups])
         return self.ranker.priority(total, self.scorer, self._costs, unit_cost)
 
-    def select(self, ratio: float) -> torch.Tensor:
+    def select(self, ratio: float, sums: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean vector over all units: the prune set for ``ratio`` (largest scores first), chosen
         by the allocation (:mod:`upop.search.allocations`).
 
@@ -235,19 +247,21 @@ class UPopSearch:
         pair costs what it removes given the units ranked before it: :mod:`upop.search.selection`).
         With ``round_to = N > 1`` units are taken in chunks so that every group keeps a multiple
         of N units (at least N; whole heads of a pair are not rounded): see :meth:`_select_chunks`.
+        ``sums``: as for :meth:`scores`.
         """
-        return self.allocator.select(self._costs, self.scores(), ratio, self.round_to)
+        return self.allocator.select(self._costs, self.scores(sums), ratio, self.round_to)
 
     def _select_chunks(self, score: torch.Tensor, ratio: float) -> torch.Tensor:
         """Selection with kept widths rounded to multiples of ``round_to`` (:func:`upop.search.selection.select_chunks`)."""
         return select_chunks(self._costs, score, ratio, self.round_to)
 
     @torch.no_grad()
-    def update(self, step: int) -> SearchUpdate:
-        """Score, select the prune set for ``p_t`` and project the masks (METHOD §2, 1-4)."""
+    def update(self, step: int, sums: torch.Tensor | None = None) -> SearchUpdate:
+        """Score, select the prune set for ``p_t`` and project the masks (METHOD §2, 1-4); ``sums``:
+        the accumulated sums on the CPU, if already read."""
         p_t = ratio_at(self.ratio, step, self.total_steps)
         last = step >= self.total_steps - 1
-        chosen = self.select(p_t)
+        chosen = self.select(p_t, sums)
         if self.method == "upop":
             value = 0.0 if last else 1.0 - p_t / self.ratio
             flat = torch.where(chosen, torch.tensor(value, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))

@@ -12,25 +12,48 @@ over the data instead of one teacher forward per step (for BLIP, one that includ
 over hard negatives, which is not distilled).
 
 Not used (the teacher runs every step) for ``logits+hidden`` (block outputs need the forward), for
-captions behind a prompt, with ``distill_cache`` off, or when the table would pass
-:data:`CACHE_LIMIT_BYTES`.
+captions behind a prompt, with ``distill_cache`` off, or when the table, once per process on the
+node, would pass :data:`CACHE_LIMIT_BYTES`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import torch
 
+from upop.config import local_processes
 from upop.data.retrieval import RetrievalDataset, RetrievalPairs
 from upop.tasks._blip import unwrap
+from upop.measure.host_sync import host_value
 from upop.tasks._gather import gather, world
 
+logger = logging.getLogger("upop")
 
-#: the largest teacher table a process builds (host memory); a larger training set keeps the
-#: teacher's forward (4 GiB: about 2M embeddings 512 wide; COCO's 680k images and captions need 1.4 GB)
+#: the largest teacher table the processes of one node build together (host memory): each of them
+#: holds the whole table, so one process's table is counted once per process on the node
+#: (``LOCAL_WORLD_SIZE``, else every process of the run: :func:`upop.config.local_processes`;
+#: :func:`table_fits`). A larger training set keeps the teacher's forward (4 GiB: about 2M
+#: embeddings 512 wide on one process, 260k on 8; COCO's 680k images and captions need 1.4 GB a process)
 CACHE_LIMIT_BYTES = 4 * 2**30
+
+
+def table_fits(table_bytes: int, accelerator=None) -> bool:
+    """Whether a teacher table of ``table_bytes`` (one process's copy) fits :data:`CACHE_LIMIT_BYTES`
+    once counted for each process on this node (``accelerator``: the run's Accelerator or
+    PartialState, None for one process). Where it does not, the main process says so and the
+    teacher keeps its forward."""
+    processes = int(accelerator.num_processes) if accelerator is not None else 1
+    local = local_processes(processes)
+    if table_bytes * local <= CACHE_LIMIT_BYTES:
+        return True
+    if accelerator is None or accelerator.is_main_process:
+        logger.info(f"the teacher's table is not cached: {table_bytes / 2**20:,.1f} MiB per process x {local} "
+                    f"process{'es' if local != 1 else ''} on this node is over the {CACHE_LIMIT_BYTES / 2**20:,.0f} "
+                    "MiB host-memory limit; the teacher runs every step")
+    return False
 
 
 def clip_affinity(model) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -64,17 +87,18 @@ def retrieval_replay(task, teacher, train, processor, batch_size: int, accelerat
         dataset = RetrievalDataset(train.items)
         with torch.no_grad(), autocast:
             width = embed(inner, RetrievalDataset(train.items[:1]), processor, 1, None)[0].shape[-1]
-            if (len(dataset) + len(dataset.flat_captions()[0])) * width * 4 > CACHE_LIMIT_BYTES:
+            if not table_fits((len(dataset) + len(dataset.flat_captions()[0])) * width * 4, accelerator):
                 return None  # too large for host memory: the teacher keeps running every step
             images, texts, _, _ = embed(inner, dataset, processor, batch_size, accelerator)
         similarity = affinity(inner)
 
         def replay(batch: dict) -> dict[str, torch.Tensor]:
             device = batch["index"].device
-            index, sample = batch["index"], batch["sample"]
-            if world()[1] > 1:
-                index, sample = gather(index), gather(sample)
-            return {"affinity": similarity(images[index.cpu()], texts[sample.cpu()]).to(device)}
+            if world()[1] > 1:  # the global batch's rows: gathered on the device, read back
+                index, sample = gather(batch["index"]).cpu(), gather(batch["sample"]).cpu()
+            else:  # the collated indices (no wait for the device)
+                index, sample = host_value(batch, "index"), host_value(batch, "sample")
+            return {"affinity": similarity(images[index], texts[sample]).to(device)}
 
         return replay
 

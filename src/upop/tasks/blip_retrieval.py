@@ -33,6 +33,7 @@ task's metric names (:func:`upop.tasks._recall.recall_at_k`).
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from typing import Callable
 
 import torch
@@ -42,7 +43,8 @@ from upop.distill import distiller as distill
 from upop.data.retrieval import RetrievalCollator
 from upop.tasks._blip import encoder_ids, through_wrapper, unwrap
 from upop.tasks._recall import METRICS, recall_at_k
-from upop.tasks._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to
+from upop.measure.host_sync import DeviceBatch, host_value
+from upop.tasks._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to, world
 from upop.tasks._shard import evaluating, map_batches
 
 ITC_TEMPERATURE = 0.07
@@ -98,29 +100,37 @@ def loss(model, batch) -> torch.Tensor:
     the forward of the (possibly data-parallel) ``model``."""
     index, sample = batch.get("index"), batch.get("sample")
     keys = None if index is None else torch.stack([index, sample if sample is not None else index], dim=1)
-    return through_wrapper(model, _loss, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], keys)
+    host_keys = None  # the collated keys, for the negatives' draw on the host (one process: no wait)
+    if keys is not None and world()[1] == 1 and isinstance(batch, DeviceBatch):
+        host_keys = torch.stack([host_value(batch, "index"), host_value(batch, "sample" if sample is not None
+                                                                        else "index")], dim=1)
+    return through_wrapper(model, partial(_loss, host_keys=host_keys), batch["pixel_values"], batch["input_ids"],
+                           batch["attention_mask"], keys)
 
 
-def _loss(m, pixel_values, ids, mask, keys) -> torch.Tensor:
+def _loss(m, pixel_values, ids, mask, keys, host_keys=None) -> torch.Tensor:
     """The global-batch loss: features, texts and ``keys`` rows (image index, sample id) of all
     processes are gathered (:mod:`._gather`), ITC runs over the whole N x B batch on every
     process, and each process scores the ITM pairs of its own rows, with hard negatives mined
-    from the whole batch."""
+    from the whole batch. ``host_keys``: the global ``keys`` on the host, where known."""
     rows, length = batch_shapes(len(ids), ids.shape[1], ids.device)
     f = _features(m, pixel_values, ids, mask)
     image_feat, text_feat = gather_with_grad(f["image_feat"]), gather_with_grad(f["text_feat"])
     sim_i2t = image_feat @ text_feat.t() / ITC_TEMPERATURE
     if keys is None:
         keys = torch.arange(len(sim_i2t), device=ids.device).view(-1, 1).expand(-1, 2)
+        host_keys = torch.arange(len(sim_i2t)).view(-1, 1).expand(-1, 2)
     else:
         keys = gather(keys.to(ids.device))
+    if host_keys is None:
+        host_keys = keys.cpu()
     idx = keys[:, :1]
-    same = idx == idx.t()
     itc = contrastive_loss(sim_i2t, idx)
     distill.expose("affinity", sim_i2t)
-    if bool(same.all()):
+    same_host = host_keys[:, :1] == host_keys[:, :1].t()
+    if bool(same_host.all()):
         return itc
-    neg_img, neg_txt = _hard_negatives(sim_i2t, same, keys)
+    neg_img, neg_txt = _hard_negatives(sim_i2t, same_host, host_keys)
     own = own_rows(rows)
     neg_img, neg_txt = neg_img[own].to(ids.device), neg_txt[own].to(ids.device)
     images, all_images = f["image_embeds"], gather_with_grad(f["image_embeds"])
@@ -146,9 +156,9 @@ def _hard_negatives(sim_i2t: torch.Tensor, same: torch.Tensor, idx: torch.Tensor
     seed = int.from_bytes(hashlib.blake2b(idx.flatten().cpu().numpy().astype("<i8").tobytes(),
                                           digest_size=8).digest(), "little")
     gen = torch.Generator().manual_seed(seed)
-    same = same.cpu()
-    w_i2t = (F.softmax(sim_i2t.float().cpu(), dim=1) + 1e-4).masked_fill(same, 0)
-    w_t2i = (F.softmax(sim_i2t.t().float().cpu(), dim=1) + 1e-4).masked_fill(same, 0)
+    same, sim = same.cpu(), sim_i2t.float().cpu()  # the one read of the step's similarities
+    w_i2t = (F.softmax(sim, dim=1) + 1e-4).masked_fill(same, 0)
+    w_t2i = (F.softmax(sim.t(), dim=1) + 1e-4).masked_fill(same, 0)
     neg_img = torch.multinomial(w_t2i, 1, generator=gen).squeeze(1)  # a hard negative image for every text
     neg_txt = torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)  # a hard negative text for every image
     return neg_img, neg_txt

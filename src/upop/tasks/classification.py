@@ -36,6 +36,7 @@ from upop.data.imagefolder import ImageClassificationCollator, load_imagefolder
 from upop.data.labels import align_classes
 from upop.data.user_rows import RowSchema
 from upop.errors import DataError, show
+from upop.measure.host_sync import host_value
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
 from upop.tasks.registry import register_task
@@ -115,9 +116,9 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, batch):
         """Cross-entropy of the batch; a ``"deit"`` training batch is first augmented on its device
         (in place: :func:`~upop.data.augment_batch.augment_batch`)."""
+        check_labels(model, host_value(batch, "labels"))  # the collated labels: no wait for the device
         batch = augment_batch(batch)
         labels = batch["labels"]
-        check_labels(model, labels)
         out = model(pixel_values=batch["pixel_values"])
         if "mix_weight" in batch:  # augmented batch: label-smoothed mixed targets
             targets = soft_targets(labels, batch["mix_partner"], batch["mix_weight"], _num_labels(model))

@@ -54,6 +54,7 @@ from upop.data.unlabelled import (IMAGE_KEYS, UnlabelledCollator, check_split, d
                                   processor_parts, write_unlabelled)
 from upop.distill.distiller import kl_logits
 from upop.errors import ConfigError, TaskError, show
+from upop.measure.host_sync import host_value
 from upop.models.sentence_transformers import Pooling, pipeline_of
 from upop.tasks._shard import evaluating, map_batches
 from upop.tasks.base import Task, unwrap
@@ -235,8 +236,9 @@ class DistillTask(Task):
         its batch, and its similarity matrix their product (``scale * I @ T.T``, ``+ bias`` for
         SigLIP): what the teacher's forward gives up to float rounding, for one pass over the data
         instead of a teacher forward per step. Image and text models keep the forward (their
-        targets include every token's state), and so does a training set whose table would pass
-        :data:`._teacher_replay.CACHE_LIMIT_BYTES`. Returns whether the table was built."""
+        targets include every token's state), and so does a training set whose table, counted once
+        per process on the node, would pass :data:`._teacher_replay.CACHE_LIMIT_BYTES`. Returns
+        whether the table was built."""
         from upop.tasks import _teacher_replay
 
         teacher, self._cache = self._teacher(), None
@@ -253,7 +255,7 @@ class DistillTask(Task):
 
         with evaluating(teacher):
             width = sum(t.shape[-1] for t in run(0, 1))
-            if len(train) * width * 4 > _teacher_replay.CACHE_LIMIT_BYTES:
+            if not _teacher_replay.table_fits(len(train) * width * 4, accelerator):  # once per process on the node
                 return False
             images, texts = zip(*map_batches(len(train), batch_size, run, accelerator))
         self._cache = (torch.cat(images), torch.cat(texts), _teacher_replay.clip_affinity(unwrap(teacher)))
@@ -267,7 +269,7 @@ class DistillTask(Task):
     def _cached_targets(self, batch) -> dict:
         """The teacher's :func:`outputs` for ``batch``, from the table (see :meth:`cache_teacher`)."""
         images, texts, affinity = self._cache
-        index = batch["index"].cpu()
+        index = host_value(batch, "index")
         image, text = images[index], texts[index]
         return {"embeds": {"image": image, "text": text}, "tokens": None, "logits": {},
                 "affinity": affinity(image, text).t()}
