@@ -126,3 +126,25 @@ def largest_chunk_share(model_dir, report) -> float:
 
     groups = upop.find_groups(upop.load_model(model_dir)[0])
     return report["round_to"]["used"] * max(g.param_cost for g in groups) / upop.prunable_cost(groups)
+
+
+def save_pruned_clip(tmp_path, set_masks, granularity: str | None = None):
+    """The tiny CLIP pruned by ``set_masks(masks)`` (groups of ``granularity``) and saved to
+    ``tmp_path / "c"``; returns the folder."""
+    import upop
+
+    model = FAMILIES["clip"][0]()
+    masks = upop.attach_masks(model, upop.find_groups(model, granularity=granularity) if granularity else None)
+    set_masks(masks)
+    upop.prune(model, masks)
+    return upop.save_compressed(model, tmp_path / "c")
+
+
+def edit_plan(path, fn) -> None:
+    """Apply ``fn`` to the folder's ``upop_plan.json`` data and write it back."""
+    import json
+
+    file = path / "upop_plan.json"
+    data = json.loads(file.read_text())
+    fn(data)
+    file.write_text(json.dumps(data))

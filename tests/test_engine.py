@@ -12,7 +12,7 @@ import upop
 from upop.checkpoint.hub import own_model_type
 from upop.errors import CheckpointError, UnsupportedModelError
 
-from ._families import FAMILIES, prunable_params
+from ._families import FAMILIES, edit_plan, prunable_params, save_pruned_clip
 
 NAMES = sorted(FAMILIES)
 
@@ -97,18 +97,7 @@ def test_plan_json_is_sorted_and_versioned(tmp_path):
 
 
 def _saved(tmp_path):
-    model = FAMILIES["clip"][0]()
-    masks = upop.attach_masks(model)
-    _random_masks(masks)
-    upop.prune(model, masks)
-    return upop.save_compressed(model, tmp_path / "c")
-
-
-def _edit_plan(path, fn):
-    file = path / "upop_plan.json"
-    data = json.loads(file.read_text())
-    fn(data)
-    file.write_text(json.dumps(data))
+    return save_pruned_clip(tmp_path, _random_masks)
 
 
 TAMPER = {
@@ -128,7 +117,7 @@ TAMPER = {
 def test_tampered_plan_is_a_clear_error(case, tmp_path):
     path = _saved(tmp_path)
     edit, needle = TAMPER[case]
-    _edit_plan(path, edit)
+    edit_plan(path, edit)
     with pytest.raises(CheckpointError) as info:
         upop.load_compressed(path)
     message = str(info.value)

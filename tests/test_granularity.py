@@ -16,7 +16,7 @@ from upop.arch.groups import exact_cost
 from upop.pruning.prune import PruningPlan
 from upop.search.mask_search import UPopSearch, resolve_round_to
 
-from ._families import FAMILIES, prunable_params
+from ._families import FAMILIES, edit_plan, prunable_params, save_pruned_clip
 
 NAMES = sorted(FAMILIES)
 GRANULARITIES = ("head-dim", "head", "both")
@@ -242,18 +242,7 @@ def test_round_to_auto_does_not_round_heads():
 
 
 def _head_plan(tmp_path):
-    model = FAMILIES["clip"][0]()
-    masks = upop.attach_masks(model, upop.find_groups(model, granularity="head"))
-    _random_masks(masks)
-    upop.prune(model, masks)
-    return upop.save_compressed(model, tmp_path / "c")
-
-
-def _edit(path, fn):
-    file = path / "upop_plan.json"
-    data = json.loads(file.read_text())
-    fn(data)
-    file.write_text(json.dumps(data))
+    return save_pruned_clip(tmp_path, _random_masks, granularity="head")
 
 
 def _first(data, kind):
@@ -272,7 +261,7 @@ TAMPER = {
 def test_tampered_granularity_is_a_clear_error(case, tmp_path):
     path = _head_plan(tmp_path)
     edit, needle = TAMPER[case]
-    _edit(path, edit)
+    edit_plan(path, edit)
     with pytest.raises(CheckpointError) as info:
         upop.load_compressed(path)
     assert needle in str(info.value) and "\n" not in str(info.value)

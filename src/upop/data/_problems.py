@@ -25,6 +25,17 @@ def collect(problems: list[str] | None, fn: Callable[..., T], *args) -> T | None
         return None
 
 
+def collect_list(problems: list[str] | None, fn: Callable[..., T], path, data, root, fields: str) -> list[T]:
+    """The items ``fn(path, i, entry, root)`` of a JSON list of annotation entries (``data``), with
+    :func:`collect`'s handling of bad entries; a top level that is no list is refused naming the
+    ``fields`` each entry needs."""
+    if not isinstance(data, list):
+        raise DataError(f"annotation file {show(path)}: top level is {type(data).__name__} (need a JSON list of "
+                        f"{fields} entries)")
+    items = (collect(problems, fn, path, i, entry, root) for i, entry in enumerate(data))
+    return [it for it in items if it is not None]
+
+
 def report(problems: list[str] | None, message: str) -> None:
     """Raise ``message`` as a DataError, or record it when ``problems`` is a list."""
     if problems is None:

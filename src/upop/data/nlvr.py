@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from upop.errors import ConfigError, DataError, show
-from upop.data._problems import collect, require_fields
+from upop.data._problems import collect, collect_list, require_fields
 from upop.data.images import load_rgb_image
 from upop.data.retrieval import ANNOTATION_DIRS, processor_parts, read_json, check_images_exist
 
@@ -67,11 +67,7 @@ def _blip_item(path: Path, i: int, entry, root: Path) -> NLVRItem:
 
 
 def _blip_items(path: Path, data, root: Path, problems: list[str] | None = None) -> list[NLVRItem]:
-    if not isinstance(data, list):
-        raise DataError(f"annotation file {show(path)}: top level is {type(data).__name__} (need a JSON list of "
-                        "{'images', 'sentence', 'label'} entries)")
-    items = (collect(problems, _blip_item, path, i, entry, root) for i, entry in enumerate(data))
-    return [it for it in items if it is not None]
+    return collect_list(problems, _blip_item, path, data, root, "{'images', 'sentence', 'label'}")
 
 
 def _jsonl_item(path: Path, n: int, line: str, folder: Path) -> NLVRItem:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from upop.errors import ConfigError, DataError, show
-from upop.data._problems import collect, require_fields
+from upop.data._problems import collect, collect_list, require_fields
 from upop.data.images import load_rgb_image
 from upop.data.retrieval import ANNOTATION_DIRS, processor_parts, read_json, check_images_exist
 
@@ -85,11 +85,7 @@ def _blip_entry(path: Path, i: int, entry, root: Path) -> VQAItem:
 
 
 def _blip_entries(path: Path, data, root: Path, problems: list[str] | None = None) -> list[VQAItem]:
-    if not isinstance(data, list):
-        raise DataError(f"annotation file {show(path)}: top level is {type(data).__name__} (need a JSON list of "
-                        "{'image', 'question', 'answer'} entries)")
-    items = (collect(problems, _blip_entry, path, i, entry, root) for i, entry in enumerate(data))
-    return [it for it in items if it is not None]
+    return collect_list(problems, _blip_entry, path, data, root, "{'image', 'question', 'answer'}")
 
 
 def _official_answers(apath: Path, i: int, ann) -> tuple[str, list[str]]:
