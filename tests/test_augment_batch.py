@@ -287,3 +287,19 @@ def test_normalisation_matches_the_processor(family, samples):
     x = _tensor([image])[0]
     ours = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(ours, normalize(proc, [image])[0], atol=1e-5)
+
+
+def test_a_runs_batch_is_augmented_without_waiting_for_the_device(processor, samples):
+    """The draws that choose the work (the ops' groups, the erased boxes) are read from the
+    collated batch: no device-to-host sync, and the same images as from a plain dict."""
+    from upop.measure.host_sync import DeviceBatch, count_syncs
+
+    collated = _train(processor, samples)
+    assert bool((collated["aug_erase"][:, 2] > 0).any()) and bool(collated["aug_flip"].any())  # all the work runs
+    expected = augment_batch(dict(collated))["pixel_values"]
+    on_device = DeviceBatch({k: v.clone() for k, v in collated.items()}, collated)
+    out, counter = count_syncs(augment_batch, on_device)
+    assert counter.count == 0, dict(counter.sites)
+    assert torch.equal(out["pixel_values"], expected)
+    _, counter = count_syncs(augment_batch, {k: v.clone() for k, v in collated.items()})  # no collated copy
+    assert counter.count == 2  # ops and boxes read back once each

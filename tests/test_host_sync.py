@@ -38,11 +38,6 @@ ELSEWHERE = {
                                                                  "(TRANSFORMERS_DISABLE_TORCH_CHECK=1 turns it off)",
     "tasks/blip_retrieval.py _hard_negatives": "BLIP's hard negatives are drawn on the host from the batch's "
                                                "similarities (a CPU generator: the same draw on every device)",
-    # DeiT's batch augmentation reads its device copy of the collated draws (to group the samples by
-    # operation, and the erased boxes' sizes): to be read from the collated batch instead (host_value)
-    "data/augment_batch.py deit_batch": "DeiT's flips, from the device copy of the draws",
-    "data/augment_batch.py rand_augment": "RandAugment's operations, from the device copy of the draws",
-    "data/augment_batch.py random_erase": "the erased boxes, from the device copy of the draws",
 }
 
 

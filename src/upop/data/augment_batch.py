@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from upop.data.augment import AUG_KEYS, GEOMETRIC_OPS, RA_OPS
+from upop.measure.host_sync import host_value
 
 _GEOMETRIC = tuple(RA_OPS.index(name) for name in GEOMETRIC_OPS)
 _MASK32 = 0xFFFFFFFF
+#: the draws that choose which work is done (groups of ops, erased samples and box sizes): read on the host
+_READ_ON_HOST = ("aug_op", "aug_erase")
 
 
 def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -167,7 +170,9 @@ def warp(img: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor) -> torch
 
 def rand_augment(img: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """The drawn RandAugment layers: ``ops`` (B, L) indices into RA_OPS (-1: skipped), ``args``
-    (B, L) the ops' arguments (timm's mapping of the magnitude, :func:`upop.data.augment.op_argument`)."""
+    (B, L) the ops' arguments (timm's mapping of the magnitude, :func:`upop.data.augment.op_argument`).
+    The samples are grouped by op on the host: ``ops`` there (the collated draws) costs no wait
+    for the device; a device ``ops`` is read back once."""
     picks = ops.cpu()
     for layer in range(picks.shape[1]):
         column = picks[:, layer]
@@ -205,24 +210,29 @@ def erase_noise(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def random_erase(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``boxes`` (B, 5): top, left, height, width, noise seed; a box of height 0 erases nothing.
-    The noise at a box pixel depends on its channel and offset in the box, not on where the box lies."""
-    chosen = (boxes[:, 2] > 0).nonzero().flatten()
+    The noise at a box pixel depends on its channel and offset in the box, not on where the box lies.
+    The erased samples and the largest box are read on the host: ``boxes`` there (the collated
+    draws) costs no wait for the device; a device ``boxes`` is read back once. (Noise for the
+    whole image of every sample, with no read, costs about eight times the hashing on a CPU.)"""
+    host = boxes.cpu()
+    chosen = (host[:, 2] > 0).nonzero().flatten()
     if chosen.numel() == 0:
         return pixels
-    b = boxes[chosen].view(-1, 5, 1, 1, 1)
     _, c, h, w = pixels.shape
     dev = pixels.device
+    b = host[chosen].view(-1, 5, 1, 1, 1).to(dev)
     dy = torch.arange(h, device=dev).view(1, 1, h, 1) - b[:, 0]
     dx = torch.arange(w, device=dev).view(1, 1, 1, w) - b[:, 1]
     inside = (dy >= 0) & (dy < b[:, 2]) & (dx >= 0) & (dx < b[:, 3])
     # noise for the largest box's rows and columns only, then read at each pixel's offset in its box
-    rows, cols = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    rows, cols = int(host[:, 2].max()), int(host[:, 3].max())
     grid = ((torch.arange(c, device=dev).view(1, c, 1, 1) * h + torch.arange(rows, device=dev).view(1, 1, rows, 1)) * w
             + torch.arange(cols, device=dev).view(1, 1, 1, cols))
     noise = erase_noise(b[:, 4].flatten(), grid.expand(b.shape[0], c, rows, cols)).flatten(2)
     at = (dy.clamp(0, rows - 1) * cols + dx.clamp(0, cols - 1)).expand(-1, c, h, w).flatten(2)
     noise = noise.gather(2, at).view(-1, c, h, w)
-    pixels[chosen] = torch.where(inside, noise.to(pixels.dtype), pixels[chosen])
+    at = chosen.to(dev)
+    pixels[at] = torch.where(inside, noise.to(pixels.dtype), pixels[at])
     return pixels
 
 
@@ -244,14 +254,15 @@ def deit_batch(pixels: torch.Tensor, params: dict, mean: torch.Tensor, std: torc
     """Normalised float32 pixels (B, 3, H, W) of 8-bit crops ``pixels`` under the drawn ``params``
     (the batch's ``aug_*``, ``mix_partner`` and ``mix_weight`` entries); ``mean``, ``std`` (B, 3)
     or (3,) normalise 8-bit values (``(x - mean) / std``), ``fill`` is the geometric ops' colour.
-    Runs on ``pixels.device``; every input is moved there."""
+    Runs on ``pixels.device``; every input is moved there, but ``aug_op`` and ``aug_erase``,
+    which choose the work, are read on the host: pass the collated (host) ones and nothing waits
+    for the device (:func:`augment_batch` does)."""
     device = pixels.device
-    p = {k: v.to(device) for k, v in params.items()}
+    p = {k: v if k in _READ_ON_HOST else v.to(device) for k, v in params.items()}
     n = pixels.shape[0]
     as_rows = lambda t: torch.as_tensor(t, dtype=torch.float32, device=device).expand(n, 3)  # noqa: E731
     img = pixels.to(torch.float32, copy=True)
-    flip = p["aug_flip"].nonzero().flatten()
-    img[flip] = img[flip].flip(-1)
+    img = torch.where(p["aug_flip"].view(n, 1, 1, 1), img.flip(-1), img)
     img = rand_augment(img, p["aug_op"], p["aug_arg"], as_rows(fill))
     img = img.sub_(as_rows(mean).view(n, 3, 1, 1)).div_(as_rows(std).view(n, 3, 1, 1))
     img = random_erase(img, p["aug_erase"])
@@ -261,14 +272,17 @@ def deit_batch(pixels: torch.Tensor, params: dict, mean: torch.Tensor, std: torc
 def augment_batch(batch: dict) -> dict:
     """``batch`` with its 8-bit ``pixel_values`` replaced by the augmented ones (:func:`deit_batch`,
     on the batch's device, float32 even under autocast) and the ``aug_*`` entries dropped; a batch
-    without them is returned as it is. The dict is updated in place, so a second loss on the same
+    without them is returned as it is. The draws that choose the work (``aug_op``, ``aug_erase``)
+    are taken from the collated batch (:func:`upop.measure.host_sync.host_value`): no wait for the
+    device on a run's batch. The dict is updated in place, so a second loss on the same
     batch (the distillation teacher's) sees the same images without redoing the work."""
     if "aug_op" not in batch:
         return batch
     pixels = batch["pixel_values"]
+    params = {k: host_value(batch, k) if k in _READ_ON_HOST else batch[k]
+              for k in (*AUG_KEYS, "mix_partner", "mix_weight")}
     with torch.autocast(pixels.device.type, enabled=False):
-        out = deit_batch(pixels, {k: batch[k] for k in (*AUG_KEYS, "mix_partner", "mix_weight")},
-                         batch["aug_mean"], batch["aug_std"], batch["aug_fill"])
+        out = deit_batch(pixels, params, batch["aug_mean"], batch["aug_std"], batch["aug_fill"])
     for key in AUG_KEYS:
         batch.pop(key, None)
     batch["pixel_values"] = out

@@ -34,6 +34,7 @@ from torch import nn
 from upop.config import UPopConfig
 from upop.errors import UPopError
 from upop.pruning.prune import PruningPlan
+from upop.tasks._shard import evaluation_workers
 
 STATE_FILE = "run.pt"
 
@@ -260,19 +261,21 @@ def eval_autocast(device: torch.device | str, precision: str):
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module, device, precision: str):
+def evaluating(model: nn.Module, device, precision: str, workers: int = 0):
     """Evaluate ``model`` (unwrapped from the training wrapper) at the evaluation precision: the
     mixed-precision forward Accelerate installed for training (autocast to bf16/fp16, outputs
     cast to fp32; it stays on the module :meth:`Accelerator.unwrap_model` returns) is swapped for
     the model's own while inside, then put back, and the evaluation autocast (:func:`eval_autocast`)
     applies. Without it, validation during retraining ran at the training precision while the
-    dense and final evaluations ran in fp32."""
+    dense and final evaluations ran in fp32. ``workers``: the run's DataLoader workers, which
+    load the evaluation's batches where its task gives them a loader
+    (:func:`upop.tasks._shard.evaluation_workers`)."""
     original = model.__dict__.get("_original_forward")
     wrapped = model.__dict__.get("forward")
     if original is not None and wrapped is not None:
         model.forward = original
     try:
-        with eval_autocast(device, precision):
+        with eval_autocast(device, precision), evaluation_workers(workers):
             yield model
     finally:
         if original is not None and wrapped is not None:
