@@ -4,19 +4,24 @@ processes (:mod:`upop.tasks._shard`).
 With a ``load``, :func:`map_batches` reads, decodes and collates each batch in the run's
 ``workers`` DataLoader processes (given by :func:`upop.engine.runtime.evaluating`) and runs the
 model in this one: the results, their order and the run's random state are those of loading in
-this process. Across processes the results' tensors travel in a padded tensor all-gather, never
+this process; every task's evaluation gives the same metrics with workers as without (a table over
+the task registry). Across processes the results' tensors travel in a padded tensor all-gather, never
 in the pickle that carries the rest.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from torch import nn
 
 from upop.engine.runtime import evaluating
 from upop.tasks._shard import map_batches
@@ -74,6 +79,68 @@ def test_an_evaluation_loaded_by_workers_equals_one_loaded_here(folders):  # noq
     assert evaluate()[2] == {-1}  # outside it: in this process
     # without a load, fn gets the bounds (the callers that load in fn itself)
     assert map_batches(7, 3, lambda lo, hi: (lo, hi)) == [(0, 3), (3, 6), (6, 7)]
+
+
+# every task's evaluation -----------------------------------------------------------------------
+def _task_cases() -> list:
+    """pytest params of every task with the first tiny model the registry pairs it with; the first
+    task is in the default suite, the rest are slow (CI's second stage)."""
+    from upop.arch import pairs
+    from upop.tasks.registry import task_names
+
+    every = pairs()
+    cases = [(task, next(model for model, t in every if t == task)) for task in task_names()]
+    return [pytest.param(task, model, marks=[] if i == 0 else [pytest.mark.slow], id=f"{task}-{model}")
+            for i, (task, model) in enumerate(cases)]
+
+
+def _holds_a_module(obj) -> bool:
+    """Whether pickling ``obj`` meets a torch module (a ``load`` must carry the data, not the model)."""
+    found = []
+
+    class Watch(pickle.Pickler):
+        def persistent_id(self, value):
+            if isinstance(value, nn.Module):
+                found.append(type(value).__name__)
+            return None
+
+    Watch(io.BytesIO()).dump(obj)
+    return bool(found)
+
+
+@pytest.fixture
+def loaders(monkeypatch):
+    """The DataLoaders the evaluations make: (worker processes, whether their ``load`` pickles
+    without a module in it) of each."""
+    made: list[tuple[int, bool]] = []
+
+    class Recording(torch.utils.data.DataLoader):
+        def __init__(self, dataset, *args, **kwargs):
+            super().__init__(dataset, *args, **kwargs)
+            made.append((self.num_workers, not _holds_a_module(dataset.load)))
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
+    return made
+
+
+@pytest.mark.parametrize("task, model", _task_cases())
+def test_every_task_evaluates_the_same_with_loader_workers(task, model, folders, loaders):  # noqa: F811
+    import upop
+    from upop.tasks import get_task
+
+    model_dir, data = folders(model, task)
+    teacher = model_dir if get_task(task).needs_teacher else None  # distill: agreement with the dense model
+
+    def evaluate(workers: int) -> dict:
+        config = upop.UPopConfig(workers=workers)
+        return dict(upop.evaluate(str(model_dir), task, data, batch_size=3, config=config, teacher=teacher))
+
+    here = evaluate(0)
+    assert loaders == []  # workers=0: every batch loaded in this process
+    loaded = evaluate(2)
+    assert loaders and all(workers >= 1 for workers, _ in loaders), loaders  # each map over batches had workers
+    assert all(clean for _, clean in loaders), loaders  # and its load carried no model
+    assert loaded == here and here
 
 
 GATHER = """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from upop.checkpoint.folder import load_compressed
-from upop.config import ResolvedSettings, UPopConfig, check_tracker
+from upop.config import ResolvedSettings, UPopConfig, check_tracker, decide_workers
 from upop.measure.cost import count_flops, count_params
 from upop.errors import CheckpointError, ConfigError, UPopError, show
 from upop.measure.latency import paired_latency, tf32_as, timed_on_main
@@ -25,6 +25,7 @@ from upop.engine.resume import check_same_run, fingerprint
 from upop.pruning.masks import refuse_pruned
 from upop.runs.rundir import OWN_FILES, RUN_FILES, RunDir, check_out_dir, sees_marker, shared_marker, write_dir_atomic, write_json_atomic
 from upop.tasks import Task, get_task
+from upop.tasks._shard import evaluation_workers
 from upop.engine.runtime import (PhaseClock, logger, check_shards, device_record, disk_full_guard, eval_autocast,
                                  process_group_kwargs, steps_per_epoch)
 from upop.engine.run import Run, run_length
@@ -124,7 +125,8 @@ def _phase(name: str, model: nn.Module, run: Run, config: UPopConfig, dist):
     tracker: ``run.record``)."""
     run.record(device_record(name, model, config.eval_precision))
     clock = PhaseClock(name, dist.device)
-    with eval_autocast(dist.device, config.eval_precision):
+    # the evaluations load their batches in the run's DataLoader workers, as retraining's validation does
+    with eval_autocast(dist.device, config.eval_precision), evaluation_workers(run.config.workers):
         yield clock
     run.record(clock.record())
 
@@ -475,7 +477,8 @@ def evaluate(model_or_path, task: str | Task, data, split: str = "test", process
         raise ConfigError(f"teacher is used by the label-free task distill only, not by {task.name!r}")
     dataset = task.load_splits(data, splits=(split,))[split]
     device = next(model.parameters()).device
-    with eval_autocast(device, setup["eval_precision"]), tf32_as(device, setup["tf32"]):
+    workers = decide_workers(config.workers, device.type, 1)[0]  # as a run would load the batches here
+    with eval_autocast(device, setup["eval_precision"]), tf32_as(device, setup["tf32"]), evaluation_workers(workers):
         metrics = Metrics(task.evaluate(model, dataset, processor, batch_size))
     metrics.setup = setup
     return metrics

@@ -165,9 +165,10 @@ class UPopConfig:
                       "processor's resize only)", choices=("deit", "none"), group="training")
     seed: int = _f(0, "random seed (data order, caption choice, dropout)", group="training")
     checkpoint_every: int = _f(200, "steps between resumable checkpoints", group="run")
-    workers: int | None = _f(None, "DataLoader worker processes that read, decode and collate training batches ahead "
-                             "of the step (the batches are the same for any value); default: 0 on CPU, where they "
-                             "would compete with the compute threads, min(4, cores per process - 1) with a GPU",
+    workers: int | None = _f(None, "DataLoader worker processes that read, decode and collate training and evaluation "
+                             "batches ahead of the step (the batches are the same for any value); default: 0 on CPU, "
+                             "where they would compete with the compute threads, min(4, usable cores per process on "
+                             "the node - 1) with a GPU",
                              group="devices")
     precision: str = _f("fp32", "training precision: fp32, bf16 or fp16", choices=PRECISIONS, group="devices")
     eval_precision: str = _f("fp32", "precision of evaluations (dense, validation, final) and of the latency: fp32, or "

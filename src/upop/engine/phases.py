@@ -140,7 +140,7 @@ class _Validate(LoopCallback):
             return
         model = run.acc.unwrap_model(self.wrapped)
         run.check_same_weights(model, "retrain", done)
-        with evaluating(model, run.acc.device, cfg.eval_precision):
+        with evaluating(model, run.acc.device, cfg.eval_precision, workers=cfg.workers):
             metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=run.acc)
         value = metrics[run.task.main_metric]
         self.history.append({"step": done, **metrics})
@@ -200,7 +200,7 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
     wrapped = optimizer = scheduler = loop = val = None  # noqa: F841 (dropped references)
     acc.free_memory()
     if run.retrain_steps == 0 or not _main_sees(acc, compressed_dir / "upop_plan.json"):
-        with evaluating(model, acc.device, cfg.eval_precision):
+        with evaluating(model, acc.device, cfg.eval_precision, workers=cfg.workers):
             best_metrics = run.task.evaluate(model, run.val_set, run.processor, cfg.eval_batch_size, accelerator=acc)
         if acc.is_main_process:
             with disk_full_guard(compressed_dir, run.state_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from upop.tasks._shard import evaluating, map_batches
+from upop.tasks._shard import collated, evaluating, map_batches, on_device, sliced
 
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
@@ -40,18 +40,17 @@ def embed_split(model, dataset, collate, batch_size: int = 64, accelerator=None,
     ``accelerator``; with ``txt2img`` and ``img2txt``."""
     device = next(model.parameters()).device
 
-    def run_images(lo: int, hi: int) -> torch.Tensor:
-        batch = collate.collate_images([dataset[i] for i in range(lo, hi)])
-        inputs = {k: batch[k].to(device) for k in image_keys if k in batch}
+    def run_images(batch: dict) -> torch.Tensor:
+        inputs = on_device({k: batch[k] for k in image_keys if k in batch}, device)
         return model.get_image_features(**inputs).pooler_output.float().cpu()
 
     texts, txt2img, img2txt = dataset.flat_captions()
 
-    def run_texts(lo: int, hi: int) -> torch.Tensor:
-        enc = {k: v.to(device) for k, v in collate.encode_texts(texts[lo:hi]).items()}
-        return model.get_text_features(**enc).pooler_output.float().cpu()
+    def run_texts(enc: dict) -> torch.Tensor:
+        return model.get_text_features(**on_device(enc, device)).pooler_output.float().cpu()
 
     with evaluating(model):
-        images = map_batches(len(dataset), batch_size, run_images, accelerator)
-        captions = map_batches(len(texts), batch_size, run_texts, accelerator)
+        images = map_batches(len(dataset), batch_size, run_images, accelerator,
+                             load=collated(collate.collate_images, dataset.__getitem__))
+        captions = map_batches(len(texts), batch_size, run_texts, accelerator, load=sliced(collate.encode_texts, texts))
     return F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(captions), dim=-1), txt2img, img2txt

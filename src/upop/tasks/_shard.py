@@ -22,6 +22,7 @@ import contextvars
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -91,6 +92,32 @@ def _loaded(load: Callable[[int, int], Any], bounds: Sequence[tuple[int, int]], 
                                          pin_memory=torch.cuda.is_available(), prefetch_factor=2,
                                          generator=torch.Generator().manual_seed(0))
     return iter(loader)
+
+
+def _collate_range(collate: Callable[[list], Any], item: Callable[[int], Any], lo: int, hi: int):
+    return collate([item(i) for i in range(lo, hi)])
+
+
+def _encode_slice(encode: Callable[[Sequence], Any], items: Sequence, lo: int, hi: int):
+    return encode(items[lo:hi])
+
+
+def collated(collate: Callable[[list], Any], item: Callable[[int], Any]) -> Callable[[int, int], Any]:
+    """A ``load`` for :func:`map_batches`: ``collate([item(i) for i in range(lo, hi)])`` (``item``:
+    a dataset's ``__getitem__``, say). A partial of a module function, so it pickles wherever
+    ``collate`` and ``item`` do: no model in it."""
+    return partial(_collate_range, collate, item)
+
+
+def sliced(encode: Callable[[Sequence], Any], items: Sequence) -> Callable[[int, int], Any]:
+    """A ``load`` for :func:`map_batches`: ``encode(items[lo:hi])`` (a tokenizer's batch of texts, say)."""
+    return partial(_encode_slice, encode, items)
+
+
+def on_device(batch, device):
+    """``batch`` (tensors, and lists, tuples and dicts of them) with its tensors on ``device``;
+    the copies are asynchronous from the pinned memory the evaluation's loader gives on CUDA."""
+    return tree_map(lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x, batch)
 
 
 @dataclass(frozen=True)

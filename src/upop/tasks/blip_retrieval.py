@@ -45,7 +45,7 @@ from upop.tasks._blip import encoder_ids, through_wrapper, unwrap
 from upop.tasks._recall import METRICS, recall_at_k
 from upop.measure.host_sync import DeviceBatch, host_value
 from upop.tasks._gather import batch_shapes, gather, gather_with_grad, own_rows, pad_to, world
-from upop.tasks._shard import evaluating, map_batches
+from upop.tasks._shard import collated, evaluating, map_batches, on_device, sliced
 
 ITC_TEMPERATURE = 0.07
 ITM_K_LARGE, ITM_K_SMALL, LARGE_TEST = 256, 128, 2000
@@ -202,17 +202,17 @@ def embed(model, dataset, processor, batch_size: int = 64, accelerator=None):
     device = next(m.parameters()).device
     texts, txt2img, img2txt = dataset.flat_captions()
 
-    def run_images(lo: int, hi: int) -> torch.Tensor:
-        pixels = collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device)
-        return _features(m, pixel_values=pixels)["image_feat"].float().cpu()
+    def run_images(pixels: torch.Tensor) -> torch.Tensor:
+        return _features(m, pixel_values=pixels.to(device, non_blocking=True))["image_feat"].float().cpu()
 
-    def run_texts(lo: int, hi: int) -> torch.Tensor:
-        enc = {key: v.to(device) for key, v in collate.encode_texts(texts[lo:hi]).items()}
-        return _features(m, **enc)["text_feat"].float().cpu()
+    def run_texts(enc: dict) -> torch.Tensor:
+        return _features(m, **on_device(enc, device))["text_feat"].float().cpu()
 
     with evaluating(m):
-        images = torch.cat(map_batches(len(dataset), batch_size, run_images, accelerator))
-        captions = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator))
+        images = torch.cat(map_batches(len(dataset), batch_size, run_images, accelerator,
+                                       load=collated(collate.encode_images, dataset.__getitem__)))
+        captions = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator,
+                                         load=sliced(collate.encode_texts, texts)))
     return images, captions, txt2img, img2txt
 
 
@@ -234,8 +234,8 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = No
     collate = RetrievalCollator(processor, padding="longest")
     device = next(m.parameters()).device
 
-    def run_images(lo: int, hi: int):
-        f = _features(m, pixel_values=collate.collate_images([dataset[i] for i in range(lo, hi)])["pixel_values"].to(device))
+    def run_images(pixels: torch.Tensor):
+        f = _features(m, pixel_values=pixels.to(device, non_blocking=True))
         return f["image_embeds"].cpu(), f["image_feat"].float().cpu()
 
     texts, txt2img, img2txt = dataset.flat_captions()
@@ -245,7 +245,8 @@ def evaluate(model, dataset, processor, batch_size: int = 64, k: int | None = No
         return _features(m, input_ids=enc["input_ids"][lo:hi], attention_mask=enc["attention_mask"][lo:hi])["text_feat"].float().cpu()
 
     with evaluating(m):
-        embeds, img_feat = zip(*map_batches(len(dataset), batch_size, run_images, accelerator))
+        embeds, img_feat = zip(*map_batches(len(dataset), batch_size, run_images, accelerator,
+                                            load=collated(collate.encode_images, dataset.__getitem__)))
         txt_feat = torch.cat(map_batches(len(texts), batch_size, run_texts, accelerator))
     image_embeds = torch.cat(embeds).to(device)
     sim = torch.cat(img_feat) @ txt_feat.t()

@@ -21,7 +21,7 @@ from upop.data.retrieval import RetrievalCollator, processor_parts
 from upop.data.user_rows import RowSchema
 from upop.distill import distiller as distill
 from upop.tasks._blip import decoder_inputs, generate_texts
-from upop.tasks._shard import evaluating, map_batches
+from upop.tasks._shard import collated, evaluating, map_batches
 from upop.tasks.base import Task
 from upop.tasks.registry import register_task
 from upop.tasks.caption_metrics import bleu, cider_d
@@ -70,18 +70,21 @@ class CaptionTask(Task):
         collate = self.collator(processor)
         _, tokenizer = processor_parts(processor)
         device = next(model.parameters()).device
+        prompt_ids = tokenizer([self.prompt], return_tensors="pt")["input_ids"].to(device)
 
-        def run(lo: int, hi: int) -> list[str]:
-            pixels = collate.encode_images([dataset[i] for i in range(lo, hi)]).to(device)
-            prompt = tokenizer([self.prompt] * (hi - lo), return_tensors="pt")["input_ids"].to(device)
+        def run(images: torch.Tensor) -> list[str]:
+            pixels = images.to(device, non_blocking=True)
+            prompt = prompt_ids.repeat(len(pixels), 1)  # the prompt of every image
             # BlipForConditionalGeneration.generate drops the prompt's end token: the sequences
             # start with the start token and the prompt words, which are cut before decoding
             return generate_texts(model, tokenizer, None, pixel_values=pixels, input_ids=prompt,
                                   num_beams=self.caption_beams, min_length=self.min_length,
                                   max_length=self.max_length, skip_tokens=prompt.shape[1] - 1)
 
+        load = collated(collate.encode_images, dataset.__getitem__)  # the images decoded and processed
         with evaluating(model):
-            return [text for part in map_batches(len(dataset), batch_size, run, accelerator) for text in part]
+            parts = map_batches(len(dataset), batch_size, run, accelerator, load=load)
+        return [text for part in parts for text in part]
 
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         hyps = self.predict(model, dataset, processor, batch_size, accelerator)

@@ -37,7 +37,7 @@ from upop.data.labels import align_classes
 from upop.data.user_rows import RowSchema
 from upop.errors import DataError, show
 from upop.measure.host_sync import host_value
-from upop.tasks._shard import evaluating, map_batches
+from upop.tasks._shard import collated, evaluating, map_batches
 from upop.tasks.base import Task, unwrap
 from upop.tasks.registry import register_task
 
@@ -133,16 +133,16 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
         self.check_data(model, dataset)
-        collate = ImageClassificationCollator(processor).collate_eval
+        load = collated(ImageClassificationCollator(processor).collate_eval, dataset.__getitem__)
         device = next(model.parameters()).device
 
-        def run(lo: int, hi: int):
-            batch = collate([dataset[i] for i in range(lo, hi)])
+        def run(batch: dict):
             check_labels(model, batch["labels"])
-            return self.logits(model, batch["pixel_values"].to(device)).float().cpu(), batch["labels"]
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            return self.logits(model, pixels).float().cpu(), batch["labels"]
 
         with evaluating(model):
-            logits, labels = zip(*map_batches(len(dataset), batch_size, run, accelerator))
+            logits, labels = zip(*map_batches(len(dataset), batch_size, run, accelerator, load=load))
         return topk_accuracy(torch.cat(logits), torch.cat(labels))
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):

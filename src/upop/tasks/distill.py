@@ -44,6 +44,7 @@ sentence (cosine of the pipeline's embeddings) is the same for student and teach
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,11 @@ from upop.arch import model_class_info
 from upop.data.unlabelled import (IMAGE_KEYS, UnlabelledCollator, check_split, default_text_length, load_unlabelled,
                                   processor_parts, write_unlabelled)
 from upop.distill.distiller import kl_logits
+from upop.data.user_rows import RowSchema
 from upop.errors import ConfigError, TaskError, show
 from upop.measure.host_sync import host_value
 from upop.models.sentence_transformers import Pooling, pipeline_of
-from upop.tasks._shard import evaluating, map_batches
+from upop.tasks._shard import collated, evaluating, map_batches, on_device, sliced
 from upop.tasks.base import Task, unwrap
 from upop.tasks.registry import register_task
 
@@ -195,6 +197,11 @@ class DistillTask(Task):
     quality_bar = 90.0
     #: the run hands over the frozen dense model (:meth:`set_teacher`) before it evaluates or trains
     needs_teacher = True
+    #: rows from Python: images and/or sentences, no labels (what the model reads is used); or
+    #: Trainer-style pixel_values and/or input_ids
+    row_schema = RowSchema(required=(), any_of=("image", "text"), optional=(), layout="unlabelled",
+                           aliases={"image": ("img",), "text": ("sentence", "caption")},
+                           trainer_any_of=("pixel_values", "input_ids"), trainer_optional=("attention_mask",))
 
     def __init__(self):
         self.teacher: nn.Module | None = None
@@ -338,8 +345,10 @@ class DistillTask(Task):
         if kind(model) == "paired":
             return self._evaluate_paired(model, teacher, dataset, collate, batch_size, accelerator)
 
-        def run(lo: int, hi: int):
-            batch = collate([dataset[i] for i in range(lo, hi)])
+        device = next(unwrap(model).parameters()).device
+
+        def run(batch: dict):
+            batch = on_device(batch, device)
             s = outputs(model, batch, self.pooling)
             with _teacher_mode(teacher):
                 t = outputs(teacher, batch, self.pooling)
@@ -354,7 +363,7 @@ class DistillTask(Task):
             return {k: v.double().cpu() for k, v in rows.items()}
 
         with evaluating(model):
-            parts = map_batches(len(dataset), batch_size, run, accelerator)
+            parts = map_batches(len(dataset), batch_size, run, accelerator, load=collated(collate, dataset.__getitem__))
         rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if self.pooling is not None:
             rows["top1_agreement"] = _neighbour_agreement(rows.pop("_student"), rows.pop("_teacher"))
@@ -370,22 +379,22 @@ class DistillTask(Task):
         def embed(m: nn.Module, fn: str, inputs: dict) -> torch.Tensor:
             device = next(m.parameters()).device
             with _teacher_mode(m) if m is teacher else contextlib.nullcontext():
-                out = getattr(m, fn)(**{k: v.to(device) for k, v in inputs.items()})
+                out = getattr(m, fn)(**on_device(inputs, device))
             return F.normalize(out.pooler_output.double(), dim=-1).cpu()
 
-        def run_images(lo: int, hi: int):
-            pixels = collate.encode_images([dataset.image(j) for j in range(lo, hi)])
+        def run_images(pixels: dict):
             return embed(model, "get_image_features", pixels), embed(teacher, "get_image_features", pixels)
 
-        def run_texts(lo: int, hi: int):
-            enc = collate.encode_texts(dataset.texts[lo:hi], padding=padding, max_length=length)
+        def run_texts(enc: dict):
             return embed(model, "get_text_features", enc), embed(teacher, "get_text_features", enc)
 
+        load_images = collated(collate.encode_images, dataset.image)
+        load_texts = sliced(partial(collate.encode_texts, padding=padding, max_length=length), dataset.texts)
         with evaluating(model):
             img_s, img_t = (torch.cat(x) for x in zip(*map_batches(len(dataset.images), batch_size, run_images,
-                                                                   accelerator)))
+                                                                   accelerator, load=load_images)))
             txt_s, txt_t = (torch.cat(x) for x in zip(*map_batches(len(dataset.texts), batch_size, run_texts,
-                                                                   accelerator)))
+                                                                   accelerator, load=load_texts)))
         same = torch.cat([(img_s[i:i + _SIMILARITY_ROWS] @ txt_s.t()).argmax(1)
                           == (img_t[i:i + _SIMILARITY_ROWS] @ txt_t.t()).argmax(1)
                           for i in range(0, len(img_s), _SIMILARITY_ROWS)])

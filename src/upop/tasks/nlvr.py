@@ -11,7 +11,8 @@ from upop.distill import distiller as distill
 from upop.data.check import check_nlvr
 from upop.data.shapes_vl import write_nlvr
 from upop.data.nlvr import NLVRCollator, NLVRDataset, load_nlvr_split
-from upop.tasks._shard import evaluating, map_batches
+from upop.data.user_rows import RowSchema
+from upop.tasks._shard import collated, evaluating, map_batches, on_device
 from upop.tasks.base import Task
 from upop.tasks.registry import register_task
 
@@ -19,6 +20,12 @@ from upop.tasks.registry import register_task
 class NLVRTask(Task):
     name = "nlvr"
     main_metric = "accuracy"
+    #: rows from Python: two images (one field holding the pair, or one field each), a statement
+    #: and whether it is true; raw only
+    row_schema = RowSchema(required=("images", "sentence", "label"), optional=(), layout="image_pairs",
+                           parts={"images": ("image0", "image1")},
+                           aliases={"image0": ("left_image",), "image1": ("right_image",), "sentence": ("text",)},
+                           raw_only="pixel_values holds one image per row, and a statement is about two")
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
         return {s: NLVRDataset(load_nlvr_split(data_dir, s, image_root)) for s in splits}
@@ -33,17 +40,16 @@ class NLVRTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, dataset, processor, batch_size: int = 64, accelerator=None):
-        collate = self.collator(processor)
+        load = collated(self.collator(processor), dataset.__getitem__)
         device = next(model.parameters()).device
 
-        def run(lo: int, hi: int) -> int:
-            batch = collate([dataset[i] for i in range(lo, hi)])
-            labels = batch.pop("labels").to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            return int((logits.argmax(dim=-1) == labels).sum())
+        def run(batch: dict) -> int:
+            batch = on_device(batch, device)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return int((logits.argmax(dim=-1) == batch["labels"]).sum())
 
         with evaluating(model):
-            correct = sum(map_batches(len(dataset), batch_size, run, accelerator))
+            correct = sum(map_batches(len(dataset), batch_size, run, accelerator, load=load))
         return {"accuracy": 100.0 * correct / len(dataset)}
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):

@@ -19,6 +19,7 @@ non-ignored pixels predicted right, both in percent.
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from upop.data.shapes_vision import write_segmentation
 from upop.data.ade20k import IGNORE_INDEX, ADE20KDataset, SegmentationCollator
 from upop.data.augment import AUGMENT_CHOICES, normalize
 from upop.data.labels import align_classes
+from upop.data.user_rows import RowSchema
 from upop.errors import DataError, show
 from upop.measure.host_sync import host_value
 from upop.tasks._shard import evaluating, map_batches
@@ -107,6 +109,20 @@ def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     return image if new == image.size else image.resize(new, Image.Resampling.BILINEAR)
 
 
+def _evaluation_batch(item: Callable[[int], dict], image_processor, window: int | None, lo: int, hi: int) -> dict:
+    """Samples ``lo..hi`` for the evaluation: their ``labels`` ((H, W) class maps) and ``pixels``:
+    the images resized to the model input, one (B, 3, S, S) tensor (``window`` None: the whole
+    image, one forward), else each image normalised at its short side ``window`` (sliding windows).
+    The CPU half of the evaluation, a batch's ``load`` (no model in it)."""
+    samples = [item(i) for i in range(lo, hi)]
+    labels = [torch.from_numpy(np.asarray(s["label"], dtype=np.int64)) for s in samples]
+    if window is None:
+        pixels = image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+    else:
+        pixels = [normalize(image_processor, [resize_short_side(s["image"], window)])[0] for s in samples]
+    return {"labels": labels, "pixels": pixels}
+
+
 def _window(model: nn.Module) -> int:
     """The model's input side (its encoder's ``image_size``)."""
     size = unwrap(model).config.vision_config.image_size
@@ -129,6 +145,11 @@ class SegmentationTask(Task):
     #: "slide" (Segmenter/mmseg: shorter side to the input size, windows at stride = input size) or
     #: "whole" (the image resized to the input, one forward); logits are scored at the original size
     eval_mode = "slide"
+    #: rows from Python: an image and its mask of the model's class ids (255 = ignore), the image's
+    #: size; raw only
+    row_schema = RowSchema(required=("image", "mask"), aliases={"image": ("img",), "mask": ("annotation", "label")},
+                           raw_only="its training crops and its evaluation at each image's own size need the raw "
+                                    "image and mask")
 
     def load_splits(self, data_dir, splits=("train", "val", "test")):
         return {s: ADE20KDataset.from_split(data_dir, s) for s in splits}
@@ -174,27 +195,27 @@ class SegmentationTask(Task):
         n, window = int(unwrap(model).config.num_labels), _window(model)
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
-            return model(pixel_values=pixels.to(device)).logits.float()
+            return model(pixel_values=pixels.to(device, non_blocking=True)).logits.float()
 
-        def run(lo: int, hi: int) -> torch.Tensor:
-            samples = [dataset[i] for i in range(lo, hi)]
-            labels = [torch.from_numpy(np.asarray(s["label"], dtype=np.int64)) for s in samples]
+        def run(batch: dict) -> torch.Tensor:
+            labels = batch["labels"]
             for label in labels:
                 check_labels(model, label)
             conf = torch.zeros(n, n, dtype=torch.long)
             if self.eval_mode == "whole":  # the whole image resized to the model input, one forward
-                outputs = forward(image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"])
+                outputs = forward(batch["pixels"])
             else:
-                pixels = [normalize(image_processor, [resize_short_side(s["image"], window)])[0] for s in samples]
-                outputs = sliding_window(forward, pixels, window, window, batch_size)
+                outputs = sliding_window(forward, batch["pixels"], window, window, batch_size)
             for logits, label in zip(outputs, labels):
                 logits = F.interpolate(logits[None], size=tuple(label.shape), mode="bilinear", align_corners=False)
                 conf += confusion_matrix(logits[0].argmax(0).cpu(), label, n)
             return conf
 
+        whole = self.eval_mode == "whole"
+        load = partial(_evaluation_batch, dataset.__getitem__, image_processor, None if whole else window)
         conf = torch.zeros(n, n, dtype=torch.long)
         with evaluating(model):
-            for part in map_batches(len(dataset), batch_size, run, accelerator):
+            for part in map_batches(len(dataset), batch_size, run, accelerator, load=load):
                 conf += part
         return segmentation_metrics(conf)
 

@@ -21,6 +21,7 @@ Evaluation (setting ``vqa_inference``), scored with the official VQAv2 accuracy
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,16 +30,42 @@ from torch import nn
 from upop.data.check import check_vqa
 from upop.data.shapes_vl import write_vqa
 from upop.data.retrieval import processor_parts
+from upop.data.user_rows import RowSchema
 from upop.data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answers, load_answer_list,
                         load_vqa_split)
 from upop.errors import ConfigError, DataError, show
 from upop.distill import distiller as distill
 from upop.tasks._blip import decoder_inputs, encoder_ids, generate_texts, unwrap
-from upop.tasks._shard import evaluating, map_batches
+from upop.tasks._shard import evaluating, map_batches, on_device
 from upop.tasks.base import Task
 from upop.tasks.registry import register_task
 from upop.tasks.vqa_metrics import vqa_accuracy
 from upop.tasks.vqa_rank import encode_candidates, question_states, rank_answers
+
+
+def row_candidates(task: "VQATask", splits: dict) -> None:
+    """Rows from Python (``RowSchema.finish``): without an ``answer_list`` setting, rank inference
+    chooses among the training split's candidates, else its distinct answers, most frequent first
+    (as for a data folder without ``answer_list.json``); a split with candidates keeps them."""
+    train = splits.get("train")
+    if task.answer_list is not None or train is None:
+        return
+    candidates = getattr(train, "candidates", None) or frequent_answers(train.items)
+    for dataset in splits.values():
+        if dataset is not None and getattr(dataset, "candidates", None) is None:
+            dataset.candidates = candidates
+
+
+def _question_batches(item, collate: VQACollator, groups: list[list[int]], lo: int, hi: int) -> list[dict]:
+    """The evaluation's CPU half for groups ``lo..hi`` (a batch's ``load``; no model in it): each
+    group's questions ``index`` (dataset positions) with their ``pixel_values``, ``input_ids`` and
+    ``attention_mask``."""
+    out = []
+    for idx in groups[lo:hi]:
+        samples = [item(i) for i in idx]
+        out.append({"index": list(idx), "pixel_values": collate.encode_images(samples),
+                    **collate.encode_questions(samples)})
+    return out
 
 
 class VQATask(Task):
@@ -49,6 +76,12 @@ class VQATask(Task):
     vqa_inference = "rank"
     vqa_k = 128
     answer_list = None
+    #: rows from Python: an image, a question and its answer(s) (one text, a list, or VQAv2's list
+    #: of {"answer": ...}); raw text only
+    row_schema = RowSchema(required=("image", "question", "answers"), optional=("question_id",),
+                           aliases={"image": ("img",), "answers": ("answer",)}, layout="questions",
+                           raw_only="it draws one annotator's answer text each epoch and ranks answer texts",
+                           finish=row_candidates)
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
         """The splits; in rank mode each dataset also gets the candidate answers (see the module doc)."""
@@ -151,19 +184,18 @@ class VQATask(Task):
             else:
                 groups.append([i])
 
-        def run(lo: int, hi: int) -> list[tuple[int, str]]:
+        def run(batches: list[dict]) -> list[tuple[int, str]]:
             out = []
-            for idx in groups[lo:hi]:
-                samples = [dataset[i] for i in idx]
-                q = collate.encode_questions(samples)
-                texts = answer(collate.encode_images(samples).to(device), q["input_ids"].to(device),
-                               q["attention_mask"].to(device))
-                out += list(zip(idx, texts))
+            for batch in batches:
+                inputs = on_device(batch, device)
+                texts = answer(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+                out += list(zip(batch["index"], texts))
             return out
 
+        load = partial(_question_batches, dataset.__getitem__, collate, groups)
         answers: list[str] = [""] * len(dataset)
         with evaluating(model):
-            parts = map_batches(len(groups), 1, run, accelerator)
+            parts = map_batches(len(groups), 1, run, accelerator, load=load)
         for part in parts:
             for i, text in part:
                 answers[i] = text
