@@ -114,11 +114,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="400 sentences, 1 search + 1 retraining epoch")
     ap.add_argument("--sentences", type=int, default=None, help="sentences in texts.txt (default 3000; quick 400)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="the one setting changed from the defaults (the search's lr, which retraining takes): "
+                         "a row of its own, written to sentence_embeddings-lr<LR>")
     args = ap.parse_args(argv)
     folder = minilm_folder()
     n = args.sentences or (400 if args.quick else 3000)
     texts = sentences(n)
-    settings = {"ratio": 0.5, **({"search_epochs": 1, "retrain_epochs": 1} if args.quick else {})}
+    settings = {"ratio": 0.5, **({"search_epochs": 1, "retrain_epochs": 1} if args.quick else {}),
+                **({"lr": args.lr} if args.lr is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -149,8 +153,9 @@ def main(argv=None) -> None:
              f"| {row['cosine_tokens']:.2f} | {row['dense_params']:,} -> {row['compressed_params']:,} "
              f"| {row['seconds']} | {'n/a' if diff is None else f'{diff:.1e}'} | {warned} |\n")
     print(table)
-    write_results("sentence_embeddings" + ("-quick" if args.quick else ""), {"rows": [row]},
-                  "# Sentence embeddings: all-MiniLM-L6-v2 at 2x, label-free, defaults\n\n" + table)
+    name = "sentence_embeddings" + (f"-lr{args.lr:g}" if args.lr is not None else "") + ("-quick" if args.quick else "")
+    what = "defaults" if args.lr is None else f"defaults but lr {args.lr:g}"
+    write_results(name, {"rows": [row]}, f"# Sentence embeddings: all-MiniLM-L6-v2 at 2x, label-free, {what}\n\n" + table)
 
 
 if __name__ == "__main__":

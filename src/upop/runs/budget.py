@@ -17,6 +17,9 @@ from typing import Sequence
 
 #: the perfect score of the metrics a bar is declared on (percentages)
 PERFECT = 100.0
+#: an estimate beyond this many times the run's retraining steps is said as "too slow", not as a
+#: number of steps (an extrapolation that far from its points says little more than that)
+FAR = 100
 
 
 def steps_to_reach(history: Sequence[dict], metric: str, bar: float) -> int | None:
@@ -40,7 +43,8 @@ def steps_to_reach(history: Sequence[dict], metric: str, bar: float) -> int | No
 def budget_check(*, task: str, metric: str, bar: float | None, value: float | None, history: Sequence[dict],
                  retrain_steps: int, retrain_epochs: int) -> dict | None:
     """The report's ``budget`` entry: None when the task declares no bar or the metric reached it;
-    else the bar, the value, the estimate (``steps_needed``, ``epochs_needed``, or None) and a
+    else the bar, the value, the estimate (``steps_needed``, ``epochs_needed``, or None; beyond
+    :data:`FAR` times the run's steps the message says "too slow" instead of the number) and a
     ``message`` for the log."""
     if bar is None or value is None or value >= bar:
         return None
@@ -50,13 +54,17 @@ def budget_check(*, task: str, metric: str, bar: float | None, value: float | No
             f"this task aims for, after {ran}")
     per_epoch = retrain_steps / retrain_epochs if retrain_epochs and retrain_steps else None
     epochs = int(math.ceil(needed / per_epoch)) if needed is not None and per_epoch else None
-    if needed is not None:
+    if needed is not None and needed > FAR * max(1, retrain_steps):
+        tail = (f"; its validation curve improves too slowly to get there (a power-law extrapolation of this run "
+                f"puts {bar:g} beyond {FAR}x its steps): use a higher --lr or a lower --ratio")
+        epochs = None
+    elif needed is not None:
         more = f" (--retrain-epochs {epochs})" if epochs is not None else ""
         tail = (f"; this run's validation curve reaches {bar:g} at about {needed} retraining steps{more} "
                 "(a power-law extrapolation of this run, an estimate), or use a lower --ratio")
     elif len([h for h in history if h.get("step", 0) > 0]) < 2:
         tail = "; too few validations to estimate the steps it needs: give it more retraining epochs or a lower --ratio"
     else:
-        tail = "; its validation curve did not improve with more steps: use a lower --ratio or more data"
+        tail = "; its validation curve did not improve with more steps: use a higher --lr or a lower --ratio"
     return {"metric": metric, "bar": bar, "value": value, "retrain_steps": retrain_steps,
             "steps_needed": needed, "epochs_needed": epochs, "message": head + tail}
