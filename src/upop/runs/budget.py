@@ -36,8 +36,11 @@ def steps_to_reach(history: Sequence[dict], metric: str, bar: float) -> int | No
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     if slope >= -1e-6:
         return None
-    step = math.exp(mx + (math.log(PERFECT - bar) - my) / slope)
-    return int(math.ceil(step - 1e-6)) if math.isfinite(step) and step < 1e12 else None
+    try:
+        step = math.exp(mx + (math.log(PERFECT - bar) - my) / slope)
+    except OverflowError:  # a curve this flat is said as not improving
+        return None
+    return int(math.ceil(step - 1e-6)) if math.isfinite(step) else None
 
 
 def budget_check(*, task: str, metric: str, bar: float | None, value: float | None, history: Sequence[dict],
