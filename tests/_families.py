@@ -44,6 +44,7 @@ _ROWS = {
     "siglip2-classifier": (lambda: _siglip2_classifier(), VISION),
     "dinov2": (lambda: M.make_model("dinov2"), VISION),
     "dinov2-model": (lambda: _sub("dinov2", "Dinov2Model", None), VISION),
+    "llama": (lambda: M.make_model("llama"), TEXT),
 }
 assert set(FORWARDS) == set(_ROWS), set(FORWARDS) ^ set(_ROWS)  # one forward per row, no other
 

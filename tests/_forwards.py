@@ -81,6 +81,13 @@ def _bert(model):
     return [model(input_ids=ids(), attention_mask=_mask()).logits]
 
 
+def _causal(model):
+    """A decoder LLM: next-token logits of a padded batch (the second row's last 3 tokens are padding)."""
+    mask = _mask()
+    mask[1, -3:] = 0
+    return [model(input_ids=ids(), attention_mask=mask).logits]
+
+
 #: row of the family table -> its forward
 FORWARDS = {
     "clip": _pair,
@@ -106,4 +113,5 @@ FORWARDS = {
     "siglip2-classifier": lambda m: [m(**naflex()).logits],
     "dinov2": _logits,
     "dinov2-model": _hidden,
+    "llama": _causal,
 }

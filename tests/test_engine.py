@@ -36,7 +36,8 @@ def test_groups_and_costs(family):
     assert upop.prunable_cost(groups, "params") == prunable_params(model, groups)
     for g in groups:
         assert g.param_cost > 0 and g.flop_cost > 0
-        assert g.num_units == (32 // 4 if g.kind == "attention" else 64)  # tiny: width 32, 4 heads, MLP 64
+        # tiny: width 32, 4 heads of 8 channels (rotary pairs: 4 units), MLP 64
+        assert g.num_units == ((32 // 4) // (2 if g.rope else 1) if g.kind == "attention" else 64)
 
 
 @pytest.mark.parametrize("family", NAMES)

@@ -26,11 +26,13 @@ HEADS, HEAD_DIM = 4, 8  # tiny models: width 32, 4 heads
 
 
 def _random_masks(masks, seed=1, drop=0.4):
-    """Masks of 0/1 per unit, every group keeping at least one unit (unit 0)."""
+    """Masks of 0/1 per unit, every group keeping at least one unit (unit 0) and, from two units on,
+    losing one (the last)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in masks.items():
             keep = (torch.rand(m.numel(), generator=g) >= drop).float()
+            keep[-1] = 0.0  # every group of two units or more loses one (two K/V heads: one of them)
             keep[0] = 1.0
             m.copy_(keep)
 
@@ -51,33 +53,32 @@ def _kept(masks) -> dict[str, int]:
     return {g.name: int((masks[g.name] == 1).sum()) for g in masks.groups}
 
 
+def _check_widths(model, g, head_units: int, channel_units: int) -> None:
+    """The attention module of ``g`` has ``head_units`` whole-head units (K/V heads with their query
+    heads) of ``channel_units`` channel units (rotary pairs: two channels each): attributes and
+    weight shapes."""
+    queries, width = head_units * (g.num_heads // g.head_units), channel_units * (2 if g.rope else 1)
+    module = model.get_submodule(g.module)
+    assert (_head_count(module), _head_width(module)) == (queries, width)
+    for i, name in enumerate(g.producers):
+        heads = head_units if (g.kv_heads and i > 0) else queries
+        assert model.get_submodule(name).out_features == (3 if g.fused_qkv else 1) * heads * width
+    assert model.get_submodule(g.consumer).in_features == queries * width
+
+
 def _check_pairs(model, groups, plan) -> None:
     """granularity both: every attention module has the kept heads, each of the kept channels
     (attributes and weight shapes), so num_heads * head_dim = kept heads * kept channels."""
     for g in groups:
-        if g.kind != "attention" or g.whole_heads:
-            continue
-        heads, width = len(plan.groups[g.pair].kept), len(plan.groups[g.name].kept)
-        module = model.get_submodule(g.module)
-        assert (_head_count(module), _head_width(module)) == (heads, width)
-        for name in g.producers:
-            assert model.get_submodule(name).out_features == (3 if g.fused_qkv else 1) * heads * width
-        assert model.get_submodule(g.consumer).in_features == heads * width
+        if g.kind == "attention" and not g.whole_heads:
+            _check_widths(model, g, len(plan.groups[g.pair].kept), len(plan.groups[g.name].kept))
 
 
 def _check_whole_heads(model, groups, plan) -> None:
     """Every attention module keeps head_dim (attribute and weight shapes) and has the kept number of heads."""
     for g in groups:
-        if g.kind != "attention":
-            continue
-        kept = len(plan.groups[g.name].kept)
-        module = model.get_submodule(g.module)
-        assert _head_width(module) == HEAD_DIM
-        assert _head_count(module) == kept
-        for name in g.producers:
-            rows = model.get_submodule(name).out_features
-            assert rows == (3 if g.fused_qkv else 1) * kept * HEAD_DIM
-        assert model.get_submodule(g.consumer).in_features == kept * HEAD_DIM
+        if g.kind == "attention":
+            _check_widths(model, g, len(plan.groups[g.name].kept), g.channel_units)
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -91,10 +92,13 @@ def test_head_groups_and_exact_costs(family):
         if c.kind == "mlp":
             assert h == c
             continue
-        assert (h.granularity, h.num_units, h.num_heads, h.head_dim) == ("head", HEADS, HEADS, HEAD_DIM)
-        assert c.granularity == "head-dim" and c.num_units == HEAD_DIM
+        # grouped-query attention: a head unit is a K/V head with its query heads
+        assert (h.granularity, h.num_units, h.num_heads, h.head_dim) == ("head", h.head_units, HEADS, HEAD_DIM)
+        assert h.head_units == (h.kv_heads or HEADS)
+        # rotary pairs: a channel unit is two channels
+        assert c.granularity == "head-dim" and c.num_units == c.channel_units == HEAD_DIM // (2 if c.rope else 1)
         for kind in ("params", "flops"):  # one (head, channel) cell costs the same either way
-            assert h.cost(kind) * c.num_heads == c.cost(kind) * h.head_dim
+            assert h.cost(kind) * c.head_units == c.cost(kind) * h.channel_units
     for kind in ("params", "flops"):
         assert upop.prunable_cost(heads, kind) == upop.prunable_cost(channels, kind)
     assert upop.prunable_cost(heads) == prunable_params(model, heads)
@@ -125,13 +129,14 @@ def test_masked_equals_pruned(family, granularity):
     assert plan.granularity == granularity
     if granularity == "both":
         _check_pairs(model, groups, plan)
-        assert any(len(plan.groups[g.pair].kept) < HEADS for g in groups if g.pair)
+        assert any(len(plan.groups[g.pair].kept) < g.head_units for g in groups if g.pair)
         # read back from the pruned model: heads and widths as kept
         for g in upop.find_groups(model, granularity="both"):
             if g.kind == "attention":
                 assert g.num_units == len(plan.groups[g.name].kept)
     if granularity == "head":
-        assert any(len(gp.kept) < gp.dense_units == HEADS for gp in plan.groups.values())
+        assert any(len(gp.kept) < gp.dense_units == g.head_units for g in groups for gp in [plan.groups[g.name]]
+                   if g.kind == "attention")
         _check_whole_heads(model, groups, plan)
         # a pruned model's groups read the new head counts back (what a second pass or a report sees)
         for g in upop.find_groups(model, granularity="head"):

@@ -26,6 +26,9 @@ class AttentionSite:
     ``modality`` overrides the tower's modality (cross-attention of a fusion encoder).
     ``optional`` sites may be absent from a block (e.g. BERT cross-attention).
     ``cross``: keys/values read the other modality (vision tokens).
+    ``rope``: queries and keys are rotated by rotary position embeddings (channel ``j`` with
+    ``j + head_dim / 2``), so a channel unit is such a pair (:attr:`Group.rope`). Keys and values
+    with fewer heads than the queries (grouped-query attention) are read from the weights' shapes.
     """
 
     module: str
@@ -38,14 +41,20 @@ class AttentionSite:
     modality: str = ""
     cross: bool = False
     optional: bool = False
+    rope: bool = False
 
 
 @dataclass(frozen=True)
 class MlpSite:
-    """The feed-forward layer of a block: ``fc1`` (produces neurons) and ``fc2`` (consumes)."""
+    """The feed-forward layer of a block: ``fc1`` (produces neurons) and ``fc2`` (consumes).
+
+    ``gate``: the other producer of a gated MLP (SwiGLU: ``down(act(gate(x)) * up(x))``; ``fc1`` is
+    the up projection). A neuron owns a row of each and a column of ``fc2``; the mask multiplies
+    ``fc1``'s output only, so the masked neuron is ``act(gate) * up * mask``."""
 
     fc1: str
     fc2: str
+    gate: str = ""
     site: str = "mlp"
     modality: str = ""
 
@@ -119,6 +128,10 @@ class ArchSpec:
 
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
+#: attribute of an attention module with rotary pairs, set by pruning: the dense index of every
+#: kept pair, in the pruned order (absent on a dense module); its forward rotates pruned channel
+#: ``i`` (and ``i + kept``) at the dense frequency of pair ``rope_pairs[i]``
+ROPE_PAIRS = "rope_pairs"
 
 
 def set_head_count(module: nn.Module, heads: int) -> None:
@@ -218,52 +231,77 @@ def _attention_group(model, spec, tower, site, prefix, layer, n_tok, n_vision, g
     heads = _num_heads(model.get_submodule(prefix + site.module))
     out = _linear(model, prefix + site.out)
     d_out = out.out_features
+    kv_heads = heads
     if site.qkv:
         qkv = _linear(model, prefix + site.qkv)
         producers = (prefix + site.qkv,)
         width = qkv.out_features // (3 * heads)
         d_q = d_kv = qkv.in_features
-        biases = 3 * _bias(qkv)
+        bias_q, bias_kv = _bias(qkv), 2 * _bias(qkv)
     else:
         q, k, v = (_linear(model, prefix + n) for n in (site.q, site.k, site.v))
         producers = (prefix + site.q, prefix + site.k, prefix + site.v)
         width = q.out_features // heads
+        kv_heads = k.out_features // width
+        if kv_heads < 1 or heads % kv_heads or k.out_features != kv_heads * width or v.out_features != k.out_features:
+            raise ValueError(f"{spec.name} spec: {prefix + site.module} has {heads} query heads of width {width} but K "
+                             f"and V of {k.out_features} and {v.out_features} features")
         d_q, d_kv = q.in_features, k.in_features
-        biases = _bias(q) + _bias(k) + _bias(v)
+        bias_q, bias_kv = _bias(q), _bias(k) + _bias(v)
+    if site.rope and width % 2:
+        raise ValueError(f"{spec.name} spec: {prefix + site.module} has rotary pairs but an odd head width {width}")
     n_q = n_tok
     n_kv = (n_vision or n_tok) if site.cross else n_tok
-    # Costs are exact and bilinear in (heads, head_dim): one (head, channel) cell owns a row of each of
-    # Q, K, V (and its biases) and a column of the out-proj; its FLOPs are the Q, K, V projections,
-    # scores (q.k) and weighted values (p.v), and the out-proj, 2 FLOPs per MAC. A channel unit spans
-    # every head, a whole-head unit every channel of its head.
-    cell_params = biases + d_q + 2 * d_kv + d_out
-    cell_flops = 2 * (n_q * d_q + 2 * n_kv * d_kv + 2 * n_q * n_kv + n_q * d_out)
+    # Costs are exact and bilinear in (heads, head_dim): one (query head, channel) cell owns a row of
+    # Q (and its bias) and a column of the out-proj; one (K/V head, channel) cell a row of each of K
+    # and V. FLOPs: the Q, K, V projections, scores (q.k) and weighted values (p.v) per query head,
+    # and the out-proj, 2 FLOPs per MAC. A channel unit spans every head (a rotary pair: two
+    # channels), a whole-head unit every channel of one K/V head and its query heads.
+    q_params, kv_params = bias_q + d_q + d_out, bias_kv + 2 * d_kv
+    q_flops, kv_flops = 2 * (n_q * d_q + 2 * n_q * n_kv + n_q * d_out), 2 * 2 * n_kv * d_kv
     whole = granularity == "head"
-    cells = width if whole else heads
+    grouped = site.rope or kv_heads != heads
+    if whole:
+        per_q = heads // kv_heads
+        unit_params, unit_flops = width * (per_q * q_params + kv_params), width * (per_q * q_flops + kv_flops)
+    else:
+        pair = 2 if site.rope else 1
+        unit_params = pair * (heads * q_params + kv_heads * kv_params)
+        unit_flops = pair * (heads * q_flops + kv_heads * kv_flops)
+    if whole:
+        num_units = kv_heads
+    else:
+        num_units = width // 2 if site.rope else width
     return Group(
         name=prefix + site.site,
         kind="attention",
         modality=site.modality or tower.modality,
         layer=layer,
-        num_units=heads if whole else width,
+        num_units=num_units,
         num_heads=heads,
         producers=producers,
         consumer=prefix + site.out,
         fused_qkv=bool(site.qkv),
         module=prefix + site.module,
-        param_cost=cells * cell_params,
-        flop_cost=cells * cell_flops,
+        param_cost=unit_params,
+        flop_cost=unit_flops,
         tokens_q=n_q,
         tokens_kv=n_kv,
         spec=spec.name,
         granularity="head" if whole else "head-dim",
         head_dim=width,
+        kv_heads=kv_heads if grouped else 0,
+        rope=site.rope,
     )
 
 
 def _mlp_group(model, spec, tower, prefix, layer, n_tok) -> Group:
     site = tower.mlp
     fc1, fc2 = _linear(model, prefix + site.fc1), _linear(model, prefix + site.fc2)
+    producers, d_in = (prefix + site.fc1,), fc1.in_features + _bias(fc1)
+    if site.gate:
+        gate = _linear(model, prefix + site.gate)
+        producers, d_in = producers + (prefix + site.gate,), d_in + gate.in_features + _bias(gate)
     return Group(
         name=prefix + site.site,
         kind="mlp",
@@ -271,15 +309,16 @@ def _mlp_group(model, spec, tower, prefix, layer, n_tok) -> Group:
         layer=layer,
         num_units=fc1.out_features,
         num_heads=1,
-        producers=(prefix + site.fc1,),
+        producers=producers,
         consumer=prefix + site.fc2,
         fused_qkv=False,
         module=prefix.rstrip("."),
-        param_cost=fc1.in_features + _bias(fc1) + fc2.out_features,
-        flop_cost=2 * n_tok * (fc1.in_features + fc2.out_features),
+        param_cost=d_in + fc2.out_features,
+        flop_cost=2 * n_tok * (fc1.in_features + (len(producers) - 1) * fc1.in_features + fc2.out_features),
         tokens_q=n_tok,
         tokens_kv=n_tok,
         spec=spec.name,
+        masked=(prefix + site.fc1,) if site.gate else (),
     )
 
 

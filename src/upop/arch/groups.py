@@ -57,6 +57,16 @@ class Group:
             other); ``""`` otherwise. Paired groups share their rows: a unit's cost
             (``param_cost``, ``flop_cost``) is its cost in the dense module, and the exact cost of a
             pruned pair is ``cell_cost x kept heads x kept channels`` (:meth:`cell_cost`).
+        kv_heads: key/value heads of a grouped-query attention (``num_key_value_heads`` <
+            ``num_heads``: K and V have this many heads, each serving ``num_heads // kv_heads``
+            query heads); 0 when K and V have ``num_heads`` heads. A channel unit spans every head
+            of Q, K and V; a whole-head unit is one KV head with its query heads.
+        rope: the head channels are rotated in pairs by rotary position embeddings (channel ``j``
+            with ``j + head_dim / 2``): a channel unit is such a pair, so ``num_units`` is
+            ``head_dim / 2`` and unit ``u`` owns channels ``u`` and ``u + head_dim / 2`` of every head.
+        masked: the producers the unit mask multiplies (empty: all of them). A gated MLP slices the
+            rows of its gate and up projections together but masks only the up projection, so that
+            the masked neuron is ``act(gate) * up * mask``, linear in the mask.
     """
 
     name: str
@@ -77,11 +87,74 @@ class Group:
     granularity: str = "head-dim"
     head_dim: int = 0
     pair: str = ""
+    kv_heads: int = 0
+    rope: bool = False
+    masked: tuple[str, ...] = ()
 
     @property
     def whole_heads(self) -> bool:
         """True for an attention group whose units are whole heads."""
         return self.granularity == "head"
+
+    @property
+    def mask_producers(self) -> tuple[str, ...]:
+        """The producers whose output the unit mask multiplies."""
+        return self.masked or self.producers
+
+    @property
+    def grouped(self) -> bool:
+        """True for an attention group whose units need :meth:`unit_rows` (rotary pairs or
+        grouped-query heads) rather than the uniform layout of :meth:`rows`."""
+        return self.kind == "attention" and (self.rope or bool(self.kv_heads))
+
+    @property
+    def head_units(self) -> int:
+        """Whole-head units of the attention module: its K/V heads (grouped-query) or its heads."""
+        return self.kv_heads or self.num_heads
+
+    @property
+    def channel_units(self) -> int:
+        """Channel units of one head: rotary pairs (``head_dim / 2``) or channels (``head_dim``)."""
+        return self.head_dim // 2 if self.rope else self.head_dim
+
+    def _heads_of(self, name: str) -> int:
+        """Heads of the producer or consumer ``name`` (K and V of a grouped-query attention have
+        ``kv_heads``; Q and the out-projection ``num_heads``)."""
+        return self.kv_heads if self.kv_heads and name in self.producers[1:] else self.num_heads
+
+    def _queries_per_unit(self, name: str) -> int:
+        """Heads of ``name`` in one whole-head unit (one KV head and its query heads)."""
+        if not self.kv_heads or name in self.producers[1:]:
+            return 1
+        return self.num_heads // self.kv_heads
+
+    def channels(self, kept: list[int]) -> list[int]:
+        """Head channels owned by channel units ``kept``, in the pruned layout: rotary pairs keep
+        their first halves, then their second halves, so that the pruned head rotates ``i`` with
+        ``i + kept`` exactly as the dense head rotated ``u`` with ``u + head_dim / 2``."""
+        kept = list(kept)
+        if not self.rope:
+            return kept
+        half = self.head_dim // 2
+        return kept + [u + half for u in kept]
+
+    def grouped_rows(self, name: str, channel_units, head_units) -> torch.Tensor:
+        """Rows of producer ``name`` (input columns of the consumer) of an attention group kept when
+        channel units ``channel_units`` (:meth:`channels`) of whole-head units ``head_units`` (K/V
+        heads with their query heads) are kept; every attention layout works (rotary pairs,
+        grouped-query heads, a fused QKV)."""
+        per = self._queries_per_unit(name)
+        heads = [g * per + i for g in head_units for i in range(per)]
+        return cell_rows(self.head_dim, heads, self.channels(channel_units), self._heads_of(name), self.fused_qkv)
+
+    def unit_rows(self, name: str, kept: list[int]) -> torch.Tensor:
+        """Rows of producer ``name`` (input columns of the consumer) owned by units ``kept``, for any
+        attention group (rotary pairs, grouped-query heads) and MLP group."""
+        if self.kind == "mlp":
+            return torch.as_tensor(list(kept), dtype=torch.long)
+        if self.whole_heads:
+            return self.grouped_rows(name, range(self.channel_units), kept)
+        return self.grouped_rows(name, kept, range(self.head_units))
 
     def cost(self, kind: str = "params") -> int:
         """Cost of one unit under the budget ``kind`` (``"params"`` or ``"flops"``)."""
@@ -90,7 +163,7 @@ class Group:
     def cell_cost(self, kind: str = "params") -> float:
         """Cost of one (head, channel) cell of an attention group (a unit spans ``num_heads`` cells
         as a channel, ``head_dim`` cells as a head)."""
-        return self.cost(kind) / (self.head_dim if self.whole_heads else self.num_heads)
+        return self.cost(kind) / (self.channel_units if self.whole_heads else self.head_units)
 
     def rows(self, kept: torch.Tensor | list[int], width: int | None = None) -> torch.Tensor:
         """Rows of each producer (and input columns of the consumer) owned by units ``kept``.
@@ -121,12 +194,21 @@ class Group:
             return 1
         return (1 if self.whole_heads else self.num_heads) * (3 if self.fused_qkv else 1)
 
-    def expand_mask(self, mask: torch.Tensor) -> torch.Tensor:
+    def expand_mask(self, mask: torch.Tensor, producer: str = "") -> torch.Tensor:
         """The unit mask as one scale per output feature of a producer (``[3,] heads, head_dim``
         layout): channels repeat it once per head, whole heads repeat each value ``head_dim``
-        times; a fused QKV producer repeats the result for Q, K and V."""
+        times; a fused QKV producer repeats the result for Q, K and V. A group of rotary pairs or
+        grouped-query heads (:attr:`grouped`) expands per ``producer`` (its name): a pair's value
+        covers both of its channels, K and V repeat over ``kv_heads``, and a whole-head unit of Q
+        covers its query heads."""
         if self.kind == "mlp":
             return mask
+        if self.grouped:
+            name = producer or self.producers[0]
+            if self.whole_heads:
+                return mask.repeat_interleave(self.head_dim * self._queries_per_unit(name))
+            per_head = torch.cat([mask, mask]) if self.rope else mask
+            return per_head.repeat(self._heads_of(name))
         if self.whole_heads:
             mask = mask.repeat_interleave(self.head_dim)
         repeat = self.mask_expansion()

@@ -151,6 +151,10 @@ _MODE_ATTRS = frozenset({"training", "gradient_checkpointing"})
 
 
 def _scalar(value: Any) -> bool:
+    """A value ``upop_shapes`` records: a JSON scalar, or a list of integers (the kept rotary
+    pairs of an attention, :data:`upop.arch._spec.ROPE_PAIRS`)."""
+    if isinstance(value, list):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
 
 

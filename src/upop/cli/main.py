@@ -110,13 +110,14 @@ def cmd_data(args) -> int:
         args.task, args.out, train=args.train, val=args.val, test=args.test, image_size=args.image_size,
         seed=args.seed))
     print(f"{'reused' if info.get('reused') else 'wrote'} Shapes {args.task} data in {args.out}: "
-          + ", ".join(f"{s} {v['images']} images" for s, v in info["splits"].items()))
+          + ", ".join(f"{s} {v['documents']} documents" if "documents" in v else f"{s} {v['images']} images"
+                      for s, v in info["splits"].items()))
     return 0
 
 
 #: what ``data shapes`` writes, for every task's format
 SHAPES_FILES = ("images", "texts.txt", "annotations", "train", "val", "test", "train.json", "val.json", "test.json",
-                "shapes.json", "classes.json")
+                "train.jsonl", "val.jsonl", "test.jsonl", "shapes.json", "classes.json")
 
 #: what ``make-model`` writes (a model folder holding anything else is never overwritten)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",

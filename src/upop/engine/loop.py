@@ -162,7 +162,7 @@ class _KeepBest(LoopCallback):
         metrics = self.task.evaluate(self.model, self.val, self.processor)
         self.log(f"epoch {done // self.spe}/{self.epochs}: loss {self.last_loss:.4f} "
                  + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
-        if self.best is None or metrics[self.task.main_metric] > self.best:
+        if self.task.is_better(metrics[self.task.main_metric], self.best):
             self.best, self.best_metrics = metrics[self.task.main_metric], metrics
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.train()

@@ -145,7 +145,7 @@ class _Validate(LoopCallback):
         value = metrics[run.task.main_metric]
         self.history.append({"step": done, **metrics})
         run.record({"phase": "val", "step": done, "eval_precision": cfg.eval_precision, **metrics})
-        if self.best is None or value > self.best:
+        if run.task.is_better(value, self.best):
             self.best, self.best_metrics = value, metrics
             if run.acc.is_main_process:
                 with disk_full_guard(self.dir, run.state_dir):

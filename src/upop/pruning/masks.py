@@ -43,11 +43,11 @@ class Masks(nn.Module):
         # one masked forward per producer; the two groups of a pair (granularity "both") share it
         wrapped: dict[str, _MaskedForward] = {}
         for group, mask in zip(self.groups, self._params):
-            for name in group.producers:
+            for name in group.mask_producers:
                 if name in wrapped:
                     wrapped[name].add(mask, group)
                 else:
-                    wrapped[name] = _MaskedForward(model.get_submodule(name), mask, group)
+                    wrapped[name] = _MaskedForward(model.get_submodule(name), mask, group, name)
         self._handles = list(wrapped.values())
 
     # mapping-like access -------------------------------------------------------------------
@@ -214,8 +214,8 @@ class _MaskedForward:
     producer of a pair (granularity ``"both"``) has both masks: row ``(h, j)`` is scaled by
     ``head_mask[h] * channel_mask[j]``."""
 
-    def __init__(self, module: nn.Linear, mask: nn.Parameter, group: Group):
-        self.module, self.mask, self.group = module, mask, group
+    def __init__(self, module: nn.Linear, mask: nn.Parameter, group: Group, name: str = ""):
+        self.module, self.mask, self.group, self.name = module, mask, group, name
         self.extra: list[tuple[nn.Parameter, Group]] = []
         module.forward = self.forward  # instance attribute: shadows nn.Linear.forward
 
@@ -225,9 +225,9 @@ class _MaskedForward:
 
     def forward(self, x):
         lin = self.module
-        scale = self.group.expand_mask(self.mask)
+        scale = self.group.expand_mask(self.mask, self.name)
         for mask, group in self.extra:
-            scale = scale * group.expand_mask(mask)
+            scale = scale * group.expand_mask(mask, self.name)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):

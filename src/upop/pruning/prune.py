@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from upop.arch import ArchSpec, find_groups, get_spec
-from upop.arch._spec import fold_query_scale, set_head_count
+from upop.arch._spec import ROPE_PAIRS, fold_query_scale, set_head_count
 from upop.errors import CheckpointError, ConfigError, show
 from upop.arch.groups import HEADS_SUFFIX, Group, cell_rows, exact_cost
 from upop.pruning.masks import Masks, refuse_pruned
@@ -365,8 +365,13 @@ def _check_group_plan(group: Group, gplan: GroupPlan) -> None:
 def _slice_group(model: nn.Module, spec: ArchSpec, group: Group, kept: list[int], fold_scale: bool) -> None:
     if group.kind == "mlp":
         if len(kept) < group.num_units:
-            _slice_linear(model.get_submodule(group.producers[0]), torch.as_tensor(kept), dim=0)
+            for name in group.producers:  # fc1, and a gated MLP's gate
+                _slice_linear(model.get_submodule(name), torch.as_tensor(kept), dim=0)
             _slice_linear(model.get_submodule(group.consumer), torch.as_tensor(kept), dim=1)
+    elif group.grouped and group.whole_heads:
+        _slice_grouped(model, spec, group, range(group.channel_units), kept)
+    elif group.grouped:
+        _slice_grouped(model, spec, group, kept, range(group.head_units))
     elif group.whole_heads:
         _slice_pair(model, spec, group, list(range(group.head_dim)), kept, fold_scale)
     else:
@@ -378,6 +383,9 @@ def _slice_pair(model: nn.Module, spec: ArchSpec, group: Group, kept: list[int],
     """Slice an attention module of ``group`` to heads ``kept_heads`` of channels ``kept`` (one granularity
     keeps all of the other): rows ``h * head_dim + j`` of Q, K, V and the same out-proj columns; then
     ``num_heads`` and ``head_dim`` follow, and a narrower head keeps the dense attention scale."""
+    if group.grouped:
+        _slice_grouped(model, spec, group, kept, kept_heads)
+        return
     module = model.get_submodule(group.module)
     if spec.swap_class is not None:
         spec.swap_class(module)
@@ -393,6 +401,31 @@ def _slice_pair(model: nn.Module, spec: ArchSpec, group: Group, kept: list[int],
     spec.set_head_dim(module, width, dense_width, heads)
     if fold_scale and width != dense_width and type(module).__name__ in spec.fold_scale_classes:
         fold_query_scale(model, group, width)  # a channel group: num_units is the dense width
+
+
+def _slice_grouped(model: nn.Module, spec: ArchSpec, group: Group, channel_units, head_units) -> None:
+    """Slice an attention module of rotary pairs or grouped-query heads (:attr:`Group.grouped`; the
+    channel or the head group of it, or a pair) to channel units ``channel_units`` of whole-head
+    units ``head_units``: each producer's rows and the out-proj's columns by
+    :meth:`Group.grouped_rows`; then the module's head count, head width and, where pairs were
+    pruned, :data:`~upop.arch._spec.ROPE_PAIRS` (the dense index of every kept pair, so the kept
+    channels are rotated at their original frequencies). The module's stored attention scale is
+    the dense one, so no scale is folded."""
+    channel_units, head_units = list(channel_units), list(head_units)
+    module = model.get_submodule(group.module)
+    if spec.swap_class is not None:
+        spec.swap_class(module)
+    if len(channel_units) == group.channel_units and len(head_units) == group.head_units:
+        return
+    for name in (*group.producers, group.consumer):
+        rows = group.grouped_rows(name, channel_units, head_units)
+        _slice_linear(model.get_submodule(name), rows, dim=1 if name == group.consumer else 0)
+    heads = len(head_units) * (group.num_heads // group.head_units)
+    if len(head_units) != group.head_units:
+        (spec.set_num_heads or set_head_count)(module, heads)
+    spec.set_head_dim(module, len(group.channels(channel_units)), group.head_dim, heads)
+    if group.rope and len(channel_units) != group.channel_units:
+        setattr(module, ROPE_PAIRS, channel_units)
 
 
 def _slice_linear(lin: nn.Linear, index: torch.Tensor, dim: int) -> None:

@@ -33,7 +33,7 @@ class CostTable:
     """Per-unit cost tables of the concatenated units of ``groups`` (in order).
 
     ``unit_cost(group)`` is one unit's cost in the dense model (a pair's cell cost is derived from
-    its channel group's unit cost: one channel spans ``num_heads`` cells). Attributes (tensors over
+    its channel group's unit cost: one channel spans ``head_units`` cells). Attributes (tensors over
     units unless said): ``fixed`` (cost of an unpaired unit, 0 for a paired one), ``pair`` (pair
     index or -1), ``is_head`` (a unit of a paired head group), ``kind`` (:data:`KIND_CHANNELS`,
     :data:`KIND_HEADS`, :data:`KIND_MLP`), ``group_of``; per pair: ``cell``, ``heads``, ``dims``;
@@ -54,8 +54,8 @@ class CostTable:
                     raise ConfigError(f"group {g.name!r} is paired with {g.pair!r}, which is not among the groups "
                                       "searched; pass both groups of a pair (find_groups(..., granularity='both'))")
                 pair_of[i] = pair_of[partner] = len(cell)
-                cell.append(unit_cost(g) / g.num_heads)
-                heads.append(g.num_heads)
+                cell.append(unit_cost(g) / g.head_units)
+                heads.append(g.head_units)
                 dims.append(g.num_units)
         lone = next((g for g, p in zip(self.groups, pair_of) if g.pair and p < 0), None)
         if lone is not None:

@@ -36,8 +36,11 @@ class Task:
     #: model class names (``type(model).__name__``) the task can train and evaluate: declared by
     #: each family for its classes (``ModelClass.tasks``), never listed here
     model_classes = _RegisteredClasses()
-    #: metric used to keep the best retrained checkpoint (higher is better)
+    #: metric used to keep the best retrained checkpoint (see :attr:`higher_is_better`)
     main_metric: str = ""
+    #: whether a larger ``main_metric`` is a better model (accuracy, recall...); False for a loss
+    #: or a perplexity. The engine keeps the checkpoint that :meth:`is_better` prefers
+    higher_is_better: bool = True
 
     #: the value of ``main_metric`` under which the compressed model is not yet usable: a test
     #: metric under it makes the run warn that its budget is too small, with an estimate of the
@@ -51,6 +54,13 @@ class Task:
     #: task settings of :class:`~upop.config.UPopConfig` this task reads, set as attributes by
     #: :meth:`configure` (the class attributes of the same names are their defaults)
     settings: tuple[str, ...] = ()
+
+    def is_better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of :attr:`main_metric` beats ``best`` (None: nothing yet, any value
+        does), in the direction :attr:`higher_is_better` says; a NaN never beats a number."""
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
 
     def configure(self, config) -> "Task":
         """Take this task's settings from ``config`` (a :class:`~upop.config.UPopConfig`)."""

@@ -12,8 +12,9 @@ through the student and, under ``torch.no_grad``, through the teacher; the loss 
     and ``text_embeds``;
   - image models (ViT, DeiT, DINOv2, CLIP/SigLIP vision towers; images) and text encoders (BERT
     and its heads, CLIP/SigLIP text towers; sentences): ``pooled`` (the projected embedding, else
-    the pooler output, else the first token of the last hidden state) and ``tokens`` (the cosine
-    of every token of the last hidden state, averaged over the real tokens);
+    the pooler output, else the first token of the last hidden state, for a decoder LLM
+    (``*ForCausalLM``) its last real token) and ``tokens`` (the cosine of every token of the last
+    hidden state, averaged over the real tokens);
   - a text encoder loaded from a sentence-transformers folder (one with ``modules.json``, e.g.
     all-MiniLM-L6-v2): ``pooled`` is the pipeline's own sentence embedding instead, its pooling
     (mean, CLS, max...) of the last hidden state then its normalisation
@@ -23,9 +24,10 @@ through the student and, under ``torch.no_grad``, through the teacher; the loss 
     ``from_pretrained``, ``upop compress --model``), once, by :meth:`DistillTask.check_model` or
     :meth:`DistillTask.set_teacher`; set ``task.pooling`` to choose it yourself;
 
-* plus, for each logits output of a head (ViT/DeiT/DINOv2 classifiers, BERT heads), the KL
-  divergence ``KL(softmax(teacher) || softmax(student))`` over its classes (per token for
-  token-level heads, over the positions for question-answering spans);
+* plus, for each logits output of a head (ViT/DeiT/DINOv2 classifiers, BERT heads, a decoder
+  LLM's next-token logits), the KL divergence ``KL(softmax(teacher) || softmax(student))`` over its
+  classes (per token for token-level heads and next-token distributions, over the positions for
+  question-answering spans);
 * plus, for two-tower models, the in-batch similarity structure: CLIP the KL between the
   teacher's and the student's softmax over each row of ``logits_per_image`` and of
   ``logits_per_text`` (averaged); SigLIP the KL between the teacher's and the student's sigmoid
@@ -139,12 +141,22 @@ def outputs(model: nn.Module, batch: dict, pooling: Pooling | None = None) -> di
                    if getattr(out, name, None) is not None), None)
     if pooling is not None and kind(model) == "text":
         pooled = pooling.embed(last, mask)
+    if pooled is None and mask is not None and _causal(model):  # a decoder's summary is its last real token
+        pooled = last[torch.arange(last.shape[0], device=last.device),
+                      (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)]
     found["embeds"]["pooled"] = pooled if pooled is not None else last[:, 0]
     found["tokens"] = (last, mask)
     for name, value in out.items():
         if name.endswith("logits") and torch.is_tensor(value):
             found["logits"][name] = (value, mask if value.dim() == 3 or name in POSITION_LOGITS else None)
     return found
+
+
+def _causal(model: nn.Module) -> bool:
+    """A decoder that reads left to right (``*ForCausalLM``, a config with ``is_decoder``): its first
+    token sees nothing else, so its sentence summary is the last real token."""
+    inner = unwrap(model)
+    return type(inner).__name__.endswith("ForCausalLM") or bool(getattr(inner.config, "is_decoder", False))
 
 
 def _position_logits(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
