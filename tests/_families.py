@@ -45,6 +45,8 @@ _ROWS = {
     "dinov2": (lambda: M.make_model("dinov2"), VISION),
     "dinov2-model": (lambda: _sub("dinov2", "Dinov2Model", None), VISION),
     "llama": (lambda: M.make_model("llama"), TEXT),
+    "qwen2": (lambda: M.make_model("qwen2"), TEXT),
+    "mistral": (lambda: M.make_model("mistral"), TEXT),
 }
 assert set(FORWARDS) == set(_ROWS), set(FORWARDS) ^ set(_ROWS)  # one forward per row, no other
 

@@ -114,4 +114,6 @@ FORWARDS = {
     "dinov2": _logits,
     "dinov2-model": _hidden,
     "llama": _causal,
+    "qwen2": _causal,
+    "mistral": _causal,
 }
