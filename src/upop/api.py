@@ -383,6 +383,7 @@ def _finish(run: Run, result, task: Task, processor, test, config: UPopConfig, r
             if task.needs_teacher else run.distill_info
         report["validation"] = {"best": result.best_metrics, "history": result.history}
         report["device"] = str(p.device)
+        report["memory"] = run.memory  # the training memory the run needs at least, and what its GPU had
         report["processes"] = dist.num_processes
         budget = budget_check(task=task.name, metric=task.main_metric, bar=task.quality_bar,
                               value=comp["metrics"].get(task.main_metric), history=result.history,

@@ -175,6 +175,12 @@ class UPopConfig:
                              "bf16 autocast", choices=("fp32", "bf16"), group="devices")
     tf32: bool = _f(True, "on CUDA (Ampere and newer), fp32 matmuls and convolutions use TF32: much faster, about "
                     "1e-3 relative precision; false keeps exact fp32 (no effect on CPU)", group="devices")
+    gradient_checkpointing: bool = _f(False, "recompute each block's activations during the backward pass instead of "
+                                      "keeping them from the forward (transformers' gradient checkpointing, non-reentrant, "
+                                      "with the masks; search and retraining): much less activation memory for about one "
+                                      "more forward per step; weights, gradients and AdamW's states stay as they are; "
+                                      "refused for a model class without supports_gradient_checkpointing",
+                                      group="devices")
     max_grad_norm: float | None = _f(None, "clip gradients to this norm (default: no clipping)", group="training")
     latency_batch_size: int | str = _f("auto", "batch size of the latency timings (the report's paired latency and "
                                        "the --cost latency unit table): auto (32 on a GPU, where batch 1 is "
@@ -261,6 +267,8 @@ class UPopConfig:
             bad("tf32", "true or false")
         if not isinstance(self.distill_cache, bool):
             bad("distill_cache", "true or false")
+        if not isinstance(self.gradient_checkpointing, bool):
+            bad("gradient_checkpointing", "true or false")
         if self.max_grad_norm is not None and not 0 < _real(self.max_grad_norm, math.nan) < math.inf:
             bad("max_grad_norm", "a positive finite number (or leave unset)")
 

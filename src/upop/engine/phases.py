@@ -20,12 +20,46 @@ import torch
 from upop.arch import find_groups
 from upop.engine.callback import UPopCallback
 from upop.checkpoint.folder import save_compressed
+from upop.errors import ConfigError
 from upop.engine.loop import LoopCallback, StepLoop, cosine
 from upop.pruning.masks import attach_masks
 from upop.pruning.prune import PruningPlan, apply_plan
 from upop.engine.runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, evaluating, release_host_memory,
                       seed_everything)
 from upop.search.mask_search import UPopSearch
+
+
+CHECKPOINTING = {"use_reentrant": False}
+"""How transformers' gradient checkpointing runs under ``gradient_checkpointing``: non-reentrant, whose
+recomputation reaches the masks (parameters outside the block's inputs) and keeps the autograd graph
+that data parallelism's first-step look (``Run._unused``) walks."""
+
+
+def check_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Refuse ``gradient_checkpointing`` for a model whose class cannot checkpoint (transformers'
+    ``supports_gradient_checkpointing`` unset, or no module with a ``gradient_checkpointing`` flag), in
+    one line naming the class; checked before the run's folder is touched."""
+    cls = type(model).__name__
+    if not getattr(model, "supports_gradient_checkpointing", False) or not any(
+            hasattr(m, "gradient_checkpointing") for m in model.modules()):
+        raise ConfigError(f"gradient_checkpointing=True is not allowed for {cls}: the class does not support "
+                          "gradient checkpointing (transformers' supports_gradient_checkpointing is not set on it); "
+                          "run without --gradient-checkpointing")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn transformers' gradient checkpointing on for ``model`` (:data:`CHECKPOINTING`): its blocks
+    recompute their activations, masked producers included, in the backward pass (training mode
+    only: evaluations run as they are). Called at the start of each phase, so it holds through
+    retraining and after a resume; calling it again replaces the embedding hook transformers adds
+    rather than adding a second one."""
+    check_gradient_checkpointing(model)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINTING))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING))
 
 
 class _Checkpoints(LoopCallback):
@@ -61,6 +95,8 @@ def search_phase(run, state: dict | None) -> PruningPlan:
     groups = find_groups(model, text_tokens=run.task.text_tokens(run.processor, run.train_set),
                          granularity=cfg.granularity)
     model.to(acc.device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     masks = attach_masks(model, groups)
     search = UPopSearch(masks, cfg.ratio, run.search_steps, run.interval, cfg.cost, cfg.method, cfg.w_attn, cfg.w_mlp,
                         round_to=run.round_to, allocation=cfg.allocation, score=cfg.score,
@@ -161,6 +197,8 @@ def retrain_phase(run, plan: PruningPlan, state: dict | None) -> PhaseResult:
             apply_plan(model, plan)
         model.load_state_dict(state["model"])
     model.to(acc.device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.retrain_lr or cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(max(1, run.retrain_steps)))
     start, best, best_metrics, history = 0, None, {}, []

@@ -24,9 +24,10 @@ from torch import nn
 from upop.config import DECIDED, SETTINGS_VERSION, ResolvedSettings, decide_distill
 from upop.errors import CheckpointError, ConfigError, show
 
-#: settings that do not change what a run computes (so they may differ on resume)
+#: settings that do not change what a run computes (so they may differ on resume; a run that ran out
+#: of memory resumes with ``gradient_checkpointing`` on: the gradients are the same)
 FREE_SETTINGS = frozenset({"workers", "checkpoint_every", "latency_time", "latency_batch_size", "report_to",
-                           "progress_every"})
+                           "progress_every", "gradient_checkpointing"})
 
 #: settings that change nothing while distillation is off (``distill="none"``): a run is the same
 #: run whatever they are then (so a run started before a default of theirs changed still resumes)

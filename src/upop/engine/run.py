@@ -30,7 +30,8 @@ from upop.checkpoint.folder import load_compressed
 from upop.config import ResolvedSettings, UPopConfig
 from upop.errors import DataError, UPopError
 from upop.engine.loop import finetune
-from upop.engine.phases import retrain_phase, search_phase
+from upop.engine.phases import check_gradient_checkpointing, retrain_phase, search_phase
+from upop.measure.memory import check_fits, weights_precision
 from upop.pruning.prune import PruningPlan
 from upop.engine.resume import read_state
 from upop.measure.host_sync import DeviceBatch
@@ -41,6 +42,7 @@ from upop.engine.runtime import (STATE_FILE, TRACKING_DIR, PhaseResult, Progress
 from upop.runs.rundir import torch_save_atomic
 from upop.search.mask_search import check_reachable, resolve_round_to
 from upop.tasks import Task
+from upop.tasks.registry import caches_teacher
 
 
 class Run:
@@ -107,12 +109,28 @@ class Run:
         self.config = self.settings.config()
         self.tracking = Tracking(self.acc, "upop", {"task": task.name, **self.settings.values})
         check_reachable(groups, config.ratio, self.round_to, config.cost)  # before the folder is touched
+        if config.gradient_checkpointing:
+            check_gradient_checkpointing(model)
+        #: the training memory the run needs at least and what its device has (None off CUDA), for the report
+        self.memory = self._check_memory(model, groups)
         self._steps_done = 0
         self._ddp_names: list[str] | None = None  # the wrapped model's parameters, in DDP's order
         self.signals = StopSignals()
         self.teacher, self.distiller = self._teacher(model)
         #: what the run distils, for the report (the distiller is released when the run ends)
         self.distill_info = self._describe_distill()
+
+    def _check_memory(self, model: nn.Module, groups) -> dict:
+        """Refuse a model that cannot train on the run's device (:func:`upop.measure.memory.check_fits`:
+        CUDA only), before the model, or its teacher, moves there. The teacher counts when it stays
+        through training: the task learns from it, or the run distils without a cached teacher (a
+        cached one is dropped before the optimizer's states exist)."""
+        cfg, mode, needs = self.config, self.settings["distill"], self.task.needs_teacher
+        cached = mode == "logits" and cfg.distill_cache and caches_teacher(self.task.name)
+        kept = needs or (mode != "none" and not cached)
+        teacher = ("bf16" if cfg.teacher_precision == "bf16" else weights_precision(model)) if kept else None
+        return check_fits(model, self.acc.device, teacher=teacher, distills=kept and not needs,
+                          mask_units=sum(g.num_units for g in groups))
 
     def _teacher(self, model: nn.Module):
         """The frozen dense teacher (a copy of ``model`` taken before any mask or pruning, on the

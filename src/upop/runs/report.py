@@ -20,6 +20,10 @@ Schema of ``report.json`` (``schema_version`` 1)::
                                    "task", "search_steps", "given", "values" (every auto / unset default
                                    decided), "why" (the reason of each decision)}
     latency_input                  what the latency and FLOPs were measured on
+    memory                         {"estimate_bytes": the training memory upop.measure.memory estimated,
+                                    "available_bytes": the device's free memory, None on the CPU (not checked)}
+    budget                         (only when the task's quality bar was missed) the value, the bar and the
+                                   retraining steps estimated to reach it (upop.runs.budget)
 """
 
 from __future__ import annotations
