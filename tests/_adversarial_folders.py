@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import upop
+from upop.checkpoint.folder import WEIGHTS_FILE
 
 from ._adversarial_common import Row, compress, write
 
@@ -48,7 +49,7 @@ def _no_run_left(_w, t: Path) -> None:
 
 def _export_over_weights(w, t):
     model = _copy(w / "run" / "compressed", t / "model")
-    return ["export", "--model", str(model), "--out", str(model / "model.safetensors"), "--overwrite"]
+    return ["export", "--model", str(model), "--out", str(model / WEIGHTS_FILE), "--overwrite"]
 
 
 def _compress_compressed(w, t):

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from safetensors.torch import load_file, save_file
 
 import upop
+from upop.checkpoint.folder import WEIGHTS_FILE
 
 from ._adversarial_common import Row, compress, write
 
@@ -53,9 +54,9 @@ def _compressed_with(edit: Callable[[Path], None]) -> Callable[[Path, Path], lis
 
 def _drop_tensor(key: str) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
-        state = load_file(str(folder / "model.safetensors"))
+        state = load_file(str(folder / WEIGHTS_FILE))
         del state[key]
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     return edit
 
 

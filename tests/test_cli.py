@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from upop.cli.main import main
+from upop.checkpoint.folder import WEIGHTS_FILE
 
 from ._families import clip_world, largest_chunk_share
 
@@ -122,7 +123,7 @@ def test_sigkill_then_resume_gives_the_same_result(where, world, sigkill_referen
     ref, killed = sigkill_reference / "compressed", tmp_path / "killed" / "compressed"
     assert json.loads((killed / "upop_plan.json").read_text())["groups"] == \
         json.loads((ref / "upop_plan.json").read_text())["groups"]
-    a, b = load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    a, b = load_file(str(ref / WEIGHTS_FILE)), load_file(str(killed / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

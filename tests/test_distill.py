@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import upop
 from upop.api import compress
+from upop.checkpoint.folder import WEIGHTS_FILE
 from upop.cli.main import main
 from upop.config import UPopConfig
 from upop.distill.distiller import Distiller, kl_logits, make_teacher
@@ -132,8 +133,8 @@ def test_resume_with_distillation_equals_uninterrupted(world, tmp_path):
         _compress(world, tmp_path / "run", stop_after=5)
     _compress(world, tmp_path / "run", resume=True)
     assert upop.read_plan(tmp_path / "run" / "compressed").groups == upop.read_plan(tmp_path / "ref" / "compressed").groups
-    a = load_file(str(tmp_path / "ref" / "compressed" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "compressed" / "model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "run" / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -252,8 +253,8 @@ def test_cached_teacher_run_resumes_to_the_uninterrupted_result(world, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         _compress(world, tmp_path / "run", logits, stop_after=5)
     _compress(world, tmp_path / "run", logits, resume=True)
-    a = load_file(str(tmp_path / "ref" / "compressed" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "compressed" / "model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "run" / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     off = _compress(world, tmp_path / "off", {**logits, "distill_cache": False})
     assert off.report["distill"]["teacher_cached"] is False
@@ -308,8 +309,8 @@ def test_auto_distils_retrieval_from_the_cache_and_equals_explicit_logits(world,
     assert "--distill auto: retrieval with the cached teacher" in (tmp_path / "auto" / "report.md").read_text()
     explicit = _compress(world, tmp_path / "logits", {"distill": "logits", "distill_weight": 4.0,
                                                       "distill_temperature": 1.0})
-    a = load_file(str(tmp_path / "auto" / "compressed" / "model.safetensors"))
-    b = load_file(str(tmp_path / "logits" / "compressed" / "model.safetensors"))
+    a = load_file(str(tmp_path / "auto" / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "logits" / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     none = _compress(world, tmp_path / "none", {"distill": "none"})
@@ -322,9 +323,9 @@ def test_auto_distils_retrieval_from_the_cache_and_equals_explicit_logits(world,
     finally:
         R.CACHE_LIMIT_BYTES = R_limit
     assert big.report["distill"]["mode"] == "none" and "cannot be cached" in big.report["distill"]["why"]
-    ref = load_file(str(tmp_path / "none" / "compressed" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "none" / "compressed" / WEIGHTS_FILE))
     for run in ("off", "big"):
-        c = load_file(str(tmp_path / run / "compressed" / "model.safetensors"))
+        c = load_file(str(tmp_path / run / "compressed" / WEIGHTS_FILE))
         assert c.keys() == ref.keys() and all(torch.equal(c[k], ref[k]) for k in ref)
 
 

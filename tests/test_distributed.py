@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from upop.cli.main import main
+from upop.checkpoint.folder import WEIGHTS_FILE
 
 from ._families import clip_world
 
@@ -187,7 +188,7 @@ def test_every_family_compresses_under_torchrun_like_one_process(family, task, p
     if (family, task) in (("dinov2", "classification"), ("dinov2", "distill")):
         assert "dinov2.embeddings.mask_token" in ddp[0]["unused_parameters"]
     dense = load_file(str(model / "model.safetensors"))
-    compressed = load_file(str(out / "compressed" / "model.safetensors"))
+    compressed = load_file(str(out / "compressed" / WEIGHTS_FILE))
     for name in ddp[-1]["unused_parameters"]:  # no gradient on any process: not even weight decay moved it
         assert torch.equal(dense[name], compressed[name]), name
     report = json.loads((out / "report.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import upop
+from upop.checkpoint.folder import WEIGHTS_FILE
 from upop.checkpoint.hub import own_model_type
 from upop.errors import CheckpointError, UnsupportedModelError
 
@@ -129,13 +130,13 @@ def test_tampered_weights_are_a_clear_error(tmp_path):
     from safetensors.torch import load_file, save_file
 
     path = _saved(tmp_path)
-    state = load_file(str(path / "model.safetensors"))
+    state = load_file(str(path / WEIGHTS_FILE))
     key = next(k for k in state if k.endswith("q_proj.weight"))
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
-    save_file(state, str(path / "model.safetensors"))
+    save_file(state, str(path / WEIGHTS_FILE))
     with pytest.raises(CheckpointError, match=key):
         upop.load_compressed(path)
-    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    (path / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot be read"):
         upop.load_compressed(path)
     (path / "upop_plan.json").write_text("{not json")

@@ -14,6 +14,7 @@ import transformers
 
 import upop
 import upop.models.folders as M
+from upop.checkpoint.safe_load import UPOP_INDEX
 from upop.errors import ConfigError
 
 from ._families import FAMILIES
@@ -66,7 +67,7 @@ def test_trainer_save_model_and_original_format(tmp_path):
     transformers.Trainer(model=loaded, args=args).save_model(str(tmp_path / "trainer"))
     copy.deepcopy(loaded).save_pretrained(tmp_path / "copy")
     loaded.save_pretrained(tmp_path / "orig", save_original_format=True, max_shard_size="20KB")
-    stored = json.loads((tmp_path / "orig" / "model.safetensors.index.json").read_text())["weight_map"]
+    stored = json.loads((tmp_path / "orig" / UPOP_INDEX).read_text())["weight_map"]
     assert any(".attention.attention.query." in k for k in stored)  # transformers renamed them
     for folder in ("trainer", "copy", "orig"):
         again = upop.load_compressed(tmp_path / folder)

@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 import upop
 import upop.models.folders as M
 from upop.errors import CheckpointError
+from upop.checkpoint.folder import WEIGHTS_FILE, model_class
 from upop.checkpoint.hub import MODELING_FILE, PREFIX, SHAPES_KEY
+from upop.checkpoint.safe_load import SAFE_INDEX, SAFE_WEIGHTS, UPOP_INDEX
 from upop.pruning.prune import prune
 
 from ._families import FAMILIES
@@ -95,6 +97,19 @@ CHILD = textwrap.dedent('''
                              "plain": plain, "outputs": len(outs)}
         save_file(outputs, job["out"])
         report[job["folder"]] = entries
+        # the dense class itself (the plan's model_class, where transformers defines it), even with
+        # ignore_mismatched_sizes=True: no model.safetensors there, so it raises instead of loading
+        dense_name = json.loads((Path(job["folder"]) / "upop_plan.json").read_text())["model_class"]
+        dense = getattr(transformers, dense_name, None)
+        if dense is None:
+            report[job["folder"] + ":dense"] = "not a transformers class"
+        else:
+            try:
+                dense.from_pretrained(job["folder"], ignore_mismatched_sizes=True)
+            except OSError as exc:
+                report[job["folder"] + ":dense"] = "OSError: " + str(exc).splitlines()[0]
+            else:
+                report[job["folder"] + ":dense"] = "loaded"
     image = Image.new("RGB", (40, 40), (200, 30, 30))
     for job in jobs["pipelines"]:
         Errors.seen.clear()
@@ -175,7 +190,8 @@ def hub_world(tmp_path_factory):
         folders += [(family, tmp / f"{family}-saved"), (family, tmp / f"{family}-resaved")]
         if family == "bert":  # save_pretrained in shards: the same config.json and modeling_upop.py
             loaded.save_pretrained(tmp / "bert-sharded", max_shard_size="20KB")
-            assert (tmp / "bert-sharded" / "model.safetensors.index.json").is_file()
+            assert (tmp / "bert-sharded" / UPOP_INDEX).is_file()
+            assert not list((tmp / "bert-sharded").glob("model-*.safetensors"))  # shards of the variant only
             folders.append((family, tmp / "bert-sharded"))
     pipes = [(f, tmp / f"{f}-{kind}") for f in PIPELINES for kind in ("saved", "resaved")]
     report = _no_upop(tmp, folders, pipes)
@@ -214,6 +230,75 @@ def test_pipelines_without_upop(hub_world):
             assert entry["errors"] == [], entry["errors"]  # no "model ... is not supported for ..." error
             assert isinstance(result, list) and result and all("score" in r and "label" in r for r in result)
             assert abs(sum(r["score"] for r in result) - 1.0) < 1e-4 or task == "image-classification"
+
+
+def test_the_dense_class_cannot_load_a_compressed_folder(hub_world):
+    """The dense class itself (the plan's model_class), even with ignore_mismatched_sizes=True,
+    finds no model.safetensors (the weights are the variant model.upop.safetensors) and raises
+    OSError instead of building a dense model whose pruned layers it re-initialises at random:
+    without upop (the no-upop process, for the classes transformers defines) and with upop (every
+    class, upop's own BlipForNLVR and Segmenter included)."""
+    _, _, folders, report = hub_world
+    checked = 0
+    for _, folder in folders:
+        name = json.loads((folder / "upop_plan.json").read_text())["model_class"]
+        result = report[f"{folder}:dense"]
+        if hasattr(transformers, name):
+            checked += 1
+            assert result.startswith("OSError") and SAFE_WEIGHTS in result, (folder, result)
+        else:
+            assert result == "not a transformers class", (folder, result)
+        with pytest.raises(OSError, match=SAFE_WEIGHTS):
+            model_class(name).from_pretrained(str(folder), ignore_mismatched_sizes=True)
+    assert checked > 0
+
+
+#: the line of the generated from_pretrained that reads the variant (absent in earlier versions)
+VARIANT_LINE = '        kwargs.setdefault("variant", "upop")\n'
+
+
+def _old_style(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` as an earlier upop version wrote it: the weights under the dense names
+    (``model.safetensors``, or ``model-NNNNN-of-NNNNN.safetensors`` shards and their
+    ``model.safetensors.index.json``) and a ``modeling_upop.py`` without the variant default."""
+    dst.mkdir()
+    names = {}
+    for file in src.iterdir():
+        name = {WEIGHTS_FILE: SAFE_WEIGHTS, UPOP_INDEX: SAFE_INDEX}.get(file.name, file.name)
+        names[file.name] = "model-" + name.removeprefix("model.upop-") if name.startswith("model.upop-") else name
+        (dst / names[file.name]).write_bytes(file.read_bytes())
+    if (dst / SAFE_INDEX).is_file():
+        index = json.loads((dst / SAFE_INDEX).read_text())
+        index["weight_map"] = {k: names[v] for k, v in index["weight_map"].items()}
+        (dst / SAFE_INDEX).write_text(json.dumps(index))
+    source = (dst / MODELING_FILE).read_text()
+    assert VARIANT_LINE in source
+    (dst / MODELING_FILE).write_text(source.replace(VARIANT_LINE, ""))
+    return dst
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_a_folder_of_an_earlier_version_still_loads(family, hub_world, tmp_path):
+    """Every folder of the family (saved, resaved, sharded) rewritten as earlier upop versions
+    wrote it loads with load_compressed exactly as the folder itself; a folder holding weights
+    under both names is refused in one line naming both files."""
+    tmp, want, folders, _ = hub_world
+    for _, folder in [(f, d) for f, d in folders if f == family]:
+        old = _old_style(folder, tmp_path / folder.name)
+        assert not [p.name for p in old.iterdir() if ".upop" in p.name]
+        assert (old / SAFE_WEIGHTS).is_file() or (old / SAFE_INDEX).is_file()
+        got = _outputs(family, upop.load_compressed(old))
+        assert len(got) == len(want[family]) and all(torch.equal(a, b) for a, b in zip(got, want[family])), folder
+        both = tmp_path / f"{folder.name}-both"
+        both.mkdir()
+        for file in folder.iterdir():
+            (both / file.name).write_bytes(file.read_bytes())
+        (both / SAFE_WEIGHTS).write_bytes(next(old.glob("model*.safetensors")).read_bytes())
+        with pytest.raises(CheckpointError) as err:
+            upop.load_compressed(both)
+        message = str(err.value)
+        assert "\n" not in message and "ambiguous" in message and SAFE_WEIGHTS in message, message
+        assert (WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else UPOP_INDEX) in message, message
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -365,10 +450,30 @@ def test_save_pretrained_push_to_hub_uploads_every_file(tmp_path, monkeypatch):
     assert url == "https://huggingface.co/me/pruned-vit" and len(pushed) == 1
     repo_id, kwargs, files, config = pushed[0]
     assert repo_id == "me/pruned-vit" and kwargs["commit_message"] == "hi"
-    assert {"config.json", "model.safetensors", "upop_plan.json", MODELING_FILE} <= set(files)
+    assert {"config.json", WEIGHTS_FILE, "upop_plan.json", MODELING_FILE} <= set(files)
+    assert SAFE_WEIGHTS not in files
     assert config["auto_map"]["AutoModel"] == "modeling_upop.UPopViTForImageClassification"
-    assert {"config.json", "model.safetensors", "upop_plan.json", MODELING_FILE} <= {
+    assert {"config.json", WEIGHTS_FILE, "upop_plan.json", MODELING_FILE} <= {
         p.name for p in (tmp_path / "local").iterdir()}
+
+
+def test_save_pretrained_writes_the_variant_only(hub_world, tmp_path):
+    """save_pretrained of a pruned model over a folder of an earlier save (dense-named weights,
+    single and sharded) leaves only the variant's weights, which load exactly; another variant
+    is refused in one line before anything is written."""
+    from upop.errors import ConfigError
+
+    model = _pruned("vit")
+    old = _old_style(hub_world[0] / "bert-sharded", tmp_path / "old")  # dense-named shards and index
+    (old / SAFE_WEIGHTS).write_bytes(b"stale")
+    model.save_pretrained(old)
+    names = {p.name for p in old.iterdir()}
+    weights = {n for n in names if n.endswith(".safetensors") or n.startswith("model.safetensors")}
+    assert weights == {WEIGHTS_FILE}, names
+    assert all(torch.equal(a, b) for a, b in zip(_outputs("vit", model), _outputs("vit", upop.load_compressed(old))))
+    with pytest.raises(ConfigError, match="variant 'fp16' is not accepted") as err:
+        model.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert "\n" not in str(err.value) and not (tmp_path / "fp16").exists()
 
 
 def test_shape_record_lists_only_what_pruning_changed():
@@ -416,10 +521,10 @@ def _without(src: Path, dst: Path, keys: list[str]) -> Path:
     dst.mkdir()
     for file in src.iterdir():
         (dst / file.name).write_bytes(file.read_bytes())
-    state = load_file(str(dst / "model.safetensors"))
+    state = load_file(str(dst / WEIGHTS_FILE))
     for key in keys:
         state.pop(key, None)
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
     return dst
 
 

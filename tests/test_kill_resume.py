@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from upop.cli.main import main
+from upop.checkpoint.folder import WEIGHTS_FILE
 
 #: every run: one search and one retraining epoch on tiny data; a checkpoint every 2 steps, so the
 #: first one is written in the middle of the search (an epoch is 4 steps or more)
@@ -147,7 +148,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(mod
         (reference / "compressed" / "upop_plan.json").read_bytes()
     # the weights: every tensor bit for bit (the files' bytes may not match: safetensors writes its
     # metadata keys in a per-process hash order)
-    (meta, weights), (want_meta, want_weights) = (_safetensors(d / "compressed" / "model.safetensors")
+    (meta, weights), (want_meta, want_weights) = (_safetensors(d / "compressed" / WEIGHTS_FILE)
                                                   for d in (killed, reference))
     assert meta == want_meta and weights.keys() == want_weights.keys()
     for name, tensor in weights.items():

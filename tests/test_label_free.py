@@ -12,6 +12,7 @@ import transformers
 
 import upop
 import upop.models.folders as M
+from upop.checkpoint.folder import WEIGHTS_FILE
 from upop.data.unlabelled import (MIN_DISTINCT, SPLITS, UnlabelledCollator, assign_splits, check_split,
                                   load_unlabelled, write_unlabelled)
 from upop.distill.distiller import make_teacher
@@ -247,8 +248,8 @@ def test_cached_label_free_run_resumes_to_the_uninterrupted_result(data, tmp_pat
     with pytest.raises(upop.ConfigError, match="distill_cache"):
         run(tmp_path / "run", {"distill_cache": False}, resume=True)
     run(tmp_path / "run", resume=True)
-    a = load_file(str(tmp_path / "ref" / "compressed" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "compressed" / "model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "run" / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import upop
+from upop.checkpoint.folder import WEIGHTS_FILE
+from upop.checkpoint.safe_load import SAFE_WEIGHTS, UPOP_INDEX
 from upop.cli.main import main
 from upop.pruning.prune import prune
 
@@ -62,6 +64,11 @@ class _Pickled:
 Edit = Callable[[Path, Path], None]  # (copied folder, world folder) -> None
 
 
+def _weights(folder: Path) -> Path:
+    """The weights file of a dense (``model.safetensors``) or compressed (``model.upop.safetensors``) folder."""
+    return folder / (WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else SAFE_WEIGHTS)
+
+
 def _json(name: str, change: Callable[[dict], None]) -> Edit:
     def edit(folder: Path, world: Path) -> None:
         data = json.loads((folder / name).read_text())
@@ -76,9 +83,9 @@ def _text(name: str, text: str) -> Edit:
 
 def _tensor(change: Callable[[torch.Tensor], torch.Tensor]) -> Edit:
     def edit(folder: Path, world: Path) -> None:
-        state = load_file(str(folder / "model.safetensors"))
+        state = load_file(str(_weights(folder)))
         state[KEY] = change(state[KEY])
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(_weights(folder)), metadata={"format": "pt"})
     return edit
 
 
@@ -91,8 +98,8 @@ def _poke(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _truncate(folder: Path, world: Path) -> None:
-    raw = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    raw = _weights(folder).read_bytes()
+    _weights(folder).write_bytes(raw[: len(raw) // 2])
 
 
 def _bin_only(folder: Path, world: Path) -> None:
@@ -108,14 +115,19 @@ def _pickle_bin(folder: Path, world: Path) -> None:
 
 def _drop(key: str) -> Edit:
     def edit(folder: Path, world: Path) -> None:
-        state = load_file(str(folder / "model.safetensors"))
+        state = load_file(str(_weights(folder)))
         del state[key]
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(_weights(folder)), metadata={"format": "pt"})
     return edit
 
 
 def _weights_from(source: str) -> Edit:
-    return lambda folder, world: shutil.copy(world / source, folder / "model.safetensors")
+    return lambda folder, world: shutil.copy(world / source, _weights(folder))
+
+
+def _also_dense_name(folder: Path, world: Path) -> None:
+    """A compressed folder that also holds its weights under the dense name: ambiguous."""
+    shutil.copy(folder / WEIGHTS_FILE, folder / SAFE_WEIGHTS)
 
 
 def _custom_code(folder: Path, world: Path) -> None:
@@ -187,6 +199,9 @@ CASES = {
     "compressed: Inf in a tensor": ("compressed", _tensor(_poke(float("-inf"))), "NaN/Inf"),
     "compressed: truncated safetensors": ("compressed", _truncate, "cannot be read as a safetensors file"),
     "compressed: dense weights": ("compressed", _weights_from("model/model.safetensors"), "has shape"),
+    "compressed: weights under both names": ("compressed", _also_dense_name,
+                                             f"holds both {WEIGHTS_FILE} (upop's compressed weights) and "
+                                             f"{SAFE_WEIGHTS}"),
     "compressed: config.json not JSON": ("compressed", _text("config.json", "{"), "config.json': not valid JSON"),
     # the plan
     "plan nested 200k deep": ("compressed", _text("upop_plan.json", "[" * 200_000 + "]" * 200_000), "nested deeper"),
@@ -282,10 +297,10 @@ def test_a_hub_id_fetches_data_files_only(world, tmp_path, monkeypatch):
 
     def snapshot_download(repo_id, allow_patterns):
         assert repo_id == "someone/tiny-clip"
-        fetched = [name for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "modeling_x.py",
-                                     "pytorch_model.bin", "model.pkl")
+        fetched = [name for name in ("config.json", "model.safetensors", WEIGHTS_FILE, UPOP_INDEX, "tokenizer.json",
+                                     "vocab.txt", "modeling_x.py", "pytorch_model.bin", "model.pkl")
                    if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns)]
-        assert fetched == ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"]
+        assert fetched == ["config.json", "model.safetensors", WEIGHTS_FILE, UPOP_INDEX, "tokenizer.json", "vocab.txt"]
         shutil.copytree(world / "model", tmp_path / "snapshot")
         return str(tmp_path / "snapshot")
 
@@ -307,6 +322,8 @@ def test_json_size_is_checked_before_parsing(world, tmp_path, monkeypatch):
 DRIVER = """
 import contextlib, io, json, pathlib, sys
 import upop
+from upop.checkpoint.folder import WEIGHTS_FILE
+from upop.checkpoint.safe_load import SAFE_WEIGHTS, UPOP_INDEX
 from upop.cli.main import main
 from upop.models.folders import load_processor_or_none
 
@@ -615,7 +632,7 @@ def test_only_data_files_of_a_processor_are_written(world, tmp_path):
     upop.save_compressed(model, tmp_path / "out", processor=Writes())
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "processing_evil.py" not in names and "notes.bin" not in names
-    assert {"config.json", "upop_plan.json", "model.safetensors", "modeling_upop.py", "tokenizer.json"} <= names
+    assert {"config.json", "upop_plan.json", WEIGHTS_FILE, "modeling_upop.py", "tokenizer.json"} <= names
 
 
 # ---- every loaded tensor is accounted for, in every family upop can make -------------------------
@@ -638,11 +655,11 @@ def test_a_missing_tensor_is_refused_in_every_family(family, tmp_path):
     masks[masks.groups[0].name].data[:1] = 0
     prune(model, masks)
     upop.save_compressed(model, tmp_path / "c")
-    state = load_file(str(tmp_path / "c" / "model.safetensors"))
+    state = load_file(str(tmp_path / "c" / WEIGHTS_FILE))
     group = _stored_group(model, set(state))
     for key in group:
         state.pop(key, None)
-    save_file(state, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(tmp_path / "c" / WEIGHTS_FILE), metadata={"format": "pt"})
     with pytest.raises(upop.CheckpointError) as info:
         upop.load_compressed(tmp_path / "c")
     message = str(info.value)
@@ -657,11 +674,11 @@ def test_blip_caption_tied_pair_missing_is_refused_by_the_cli(world, tmp_path, c
     masks[masks.groups[0].name].data[:1] = 0
     prune(model, masks)
     upop.save_compressed(model, tmp_path / "c")
-    state = load_file(str(tmp_path / "c" / "model.safetensors"))
+    state = load_file(str(tmp_path / "c" / WEIGHTS_FILE))
     for key in ("text_decoder.bert.embeddings.word_embeddings.weight", "text_decoder.cls.predictions.decoder.weight",
                 "text_decoder.cls.predictions.bias"):
         state.pop(key, None)
-    save_file(state, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(tmp_path / "c" / WEIGHTS_FILE), metadata={"format": "pt"})
     capsys.readouterr()
     code = main(["evaluate", "--model", str(tmp_path / "c"), "--task", "retrieval", "--data", str(world / "data")])
     line = _one_line(capsys.readouterr().err)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import upop
 import upop.engine.phases
+from upop.checkpoint.folder import WEIGHTS_FILE
 from upop.engine.run import seed_everything
 
 from ._families import clip_world
@@ -126,8 +127,8 @@ def test_sigterm_saves_the_step_and_resume_gives_the_uninterrupted_run(phase, ki
     assert len(steps) - len(set(steps)) <= 1
     assert len(set(steps)) == 2 * SEARCH_STEPS
     assert upop.read_plan(out / "compressed").groups == upop.read_plan(reference / "compressed").groups
-    a = load_file(str(reference / "compressed" / "model.safetensors"))
-    b = load_file(str(out / "compressed" / "model.safetensors"))
+    a = load_file(str(reference / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(out / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
@@ -155,8 +156,8 @@ def test_sigterm_in_the_last_phases_stops_at_once_and_resume_finishes(where, mes
     proc = _cli(world, out, extra=["--resume"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert upop.read_plan(out / "compressed").groups == upop.read_plan(reference / "compressed").groups
-    a = load_file(str(reference / "compressed" / "model.safetensors"))
-    b = load_file(str(out / "compressed" / "model.safetensors"))
+    a = load_file(str(reference / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(out / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mine, theirs = (json.loads((d / "report.json").read_text()) for d in (out, reference))
     assert mine["compressed"]["metrics"] == theirs["compressed"]["metrics"]

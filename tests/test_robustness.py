@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import upop
+from upop.checkpoint.folder import WEIGHTS_FILE
 from upop.api import compress
 from upop.models.folders import load_any
 from upop.tasks.retrieval import RetrievalTask
@@ -35,8 +36,8 @@ def _compress(world, out, task="retrieval", workers=None, **kw):
 
 
 def _same_result(a_dir, b_dir) -> bool:
-    a = load_file(str(a_dir / "compressed" / "model.safetensors"))
-    b = load_file(str(b_dir / "compressed" / "model.safetensors"))
+    a = load_file(str(a_dir / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(b_dir / "compressed" / WEIGHTS_FILE))
     return (upop.read_plan(a_dir / "compressed").groups == upop.read_plan(b_dir / "compressed").groups
             and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
 
@@ -67,8 +68,8 @@ def test_stop_anywhere_then_resume_gives_identical_result(where, world, referenc
     _compress(world, out, resume=True)
     ref_plan = upop.read_plan(reference / "compressed")
     assert upop.read_plan(out / "compressed").groups == ref_plan.groups
-    a = load_file(str(reference / "compressed" / "model.safetensors"))
-    b = load_file(str(out / "compressed" / "model.safetensors"))
+    a = load_file(str(reference / "compressed" / WEIGHTS_FILE))
+    b = load_file(str(out / "compressed" / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

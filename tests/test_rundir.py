@@ -76,7 +76,7 @@ RUN_SPEC = {
     "dense.json": "{}\n",
     "state/run.pt": b"\x00\x01state",
     "state/dense-model/config.json": "{}",
-    "compressed/model.safetensors": b"\x00weights",
+    "compressed/model.upop.safetensors": b"\x00weights",
     ".dense.json.tmp-9-0123abcd": "half",
 }
 
@@ -305,7 +305,7 @@ CLEAN_CASES = [
     (".report.json.tmp-1-0123ABCD", False),          # random part not lowercase hex
     (".report.json.tmp-1-0123abcd0", False),         # random part too long
     (".report.json.bak-1-0123abcd", False),          # neither tmp nor old
-    ("compressed/.model.safetensors.tmp-1-0123abcd", False),  # only the top and state/ are cleaned
+    ("compressed/.model.upop.safetensors.tmp-1-0123abcd", False),  # only the top and state/ are cleaned
     ("notes.txt", False),
 ]
 

@@ -15,6 +15,8 @@ import transformers
 
 import upop
 import upop.models.folders as M
+from upop.checkpoint.folder import WEIGHTS_FILE
+from upop.checkpoint.safe_load import SAFE_WEIGHTS
 from upop.integrations.transformers.callback import SEARCH_FILE, UPopTrainerCallback, add_upop
 
 transformers.logging.set_verbosity_error()
@@ -133,6 +135,26 @@ def test_resume_during_search_and_retraining_matches_uninterrupted(reference, tm
         again.train(resume_from_checkpoint=resume_from)
         assert _kept(resumed.plan) == _kept(callback.plan)
         assert torch.allclose(_logits(again.model), want, atol=1e-6, rtol=0), resume_from
+
+
+def test_best_model_loading_reads_a_pruned_checkpoint(reference):
+    """A checkpoint after pruning holds model.upop.safetensors (a dense class cannot load it), which
+    the Trainer's own best-model loading does not look for: add_upop's wrapper loads it."""
+    trainer, _, _, out = reference
+    folder = out / "checkpoint-8"
+    assert (folder / WEIGHTS_FILE).is_file() and not (folder / SAFE_WEIGHTS).exists()
+    want = upop.load_compressed(folder).state_dict()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert any(not torch.equal(before[k], want[k]) for k in want)  # step 12's weights, not step 8's
+    best = trainer.state.best_model_checkpoint
+    try:
+        trainer.state.best_model_checkpoint = str(folder)
+        trainer._load_best_model()
+        got = trainer.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        trainer.state.best_model_checkpoint = best
+        trainer.model.load_state_dict(before)
 
 
 class _FakeScaler:

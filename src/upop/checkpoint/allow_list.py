@@ -10,9 +10,10 @@ upop copies by allow-list, not deny-list. A compressed folder holds only:
   upop itself reads (:data:`UPOP_CONFIG_KEYS`) and what :mod:`upop.checkpoint.hub` writes (its own
   ``auto_map`` and ``upop_shapes``). Any other key is dropped: the class upop builds never reads it.
 - ``generation_config.json`` with the keys of ``GenerationConfig().to_dict()``;
-- upop's own files (plan, safetensors weights, ``modeling_upop.py``) and tokenizer / processor
-  data files (JSON, vocabularies, chat templates: :data:`DATA_SUFFIXES`); a file of any other kind
-  that a processor's ``save_pretrained`` wrote (e.g. a ``.py`` of a custom class) is dropped;
+- upop's own files (plan, the safetensors weights as the variant ``model.upop.safetensors``,
+  ``modeling_upop.py``, the card) and tokenizer / processor data files (JSON, vocabularies, chat
+  templates: :data:`DATA_SUFFIXES`); a file of any other kind that a processor's
+  ``save_pretrained`` wrote (e.g. a ``.py`` of a custom class, other weights) is dropped;
 - the module folders a sentence-transformers ``modules.json`` names (``1_Pooling/``,
   ``2_Normalize/``), with their data files only (:mod:`upop.models.sentence_transformers`).
 

@@ -108,8 +108,11 @@ def model_card(plan: Any, auto_class: str = "AutoModel", report: dict[str, Any] 
         "```",
         "",
         "Without `trust_remote_code=True`, transformers refuses the folder (its model type is upop's own, "
-        f"`{own_type}`): the standard `{plan.model_class}` cannot hold the pruned widths, and "
-        "`ignore_mismatched_sizes=True` on the standard class would re-initialise every pruned layer at random.",
+        f"`{own_type}`): the standard `{plan.model_class}` cannot hold the pruned widths. The weights are "
+        "stored as the safetensors variant `upop`, `model.upop.safetensors`, so the standard class itself "
+        f"(`{plan.model_class}.from_pretrained(..., ignore_mismatched_sizes=True)`) finds no `model.safetensors` "
+        "and raises instead of re-initialising every pruned layer at random; `trust_remote_code=True` or "
+        "`upop.load_compressed` load it.",
         "",
         "## How it was made",
         "",

@@ -2,8 +2,13 @@
 
     out/config.json          the dense model's config (plus the two Hub fields named below)
     out/upop_plan.json       versioned, sorted JSON: kept units per group, provenance, ratios
-    out/model.safetensors    the compressed weights (no pickle: loading never executes code),
-                             under the model's own parameter names; or shards and their index
+    out/model.upop.safetensors  the compressed weights (no pickle: loading never executes code),
+                             under the model's own parameter names; or shards and their index. The
+                             safetensors variant ``upop`` (:data:`WEIGHTS_FILE`), so that a dense
+                             class's ``from_pretrained(out, ignore_mismatched_sizes=True)`` finds no
+                             ``model.safetensors`` and raises instead of re-initialising the pruned
+                             layers; ``UPopX.from_pretrained`` and :func:`load_compressed` read it.
+                             A folder of an earlier upop version (``model.safetensors``) still loads.
     out/modeling_upop.py     generated, torch/transformers-only code that rebuilds the pruned
                              widths for ``AutoModel*.from_pretrained(out, trust_remote_code=True)``
                              without upop; config.json then also has its ``auto_map`` and
@@ -32,8 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from upop.checkpoint.safe_load import (SAFE_INDEX, shard_files, check_dtypes, check_folder, local_folder, quiet_transformers, read_config,
-                         read_json, reason, scan_safetensors)
+from upop.checkpoint.safe_load import (UPOP_WEIGHTS, check_dtypes, check_folder, compressed_weight_files, local_folder,
+                         quiet_transformers, read_config, read_json, reason, scan_safetensors)
 from upop.checkpoint.allow_list import drop_unknown_files, refuse_folder_hooks
 from upop.arch import ArchSpec, get_spec, spec_by_name
 from upop.errors import CheckpointError, ConfigError, UnsupportedModelError, show
@@ -43,7 +48,8 @@ from upop.checkpoint.hub import MODELING_FILE, refuse_hooks, strip_hub_fields, w
 from upop.pruning.prune import PLAN_FILE, PruningPlan, apply_plan
 from upop.runs.rundir import write_dir_atomic
 
-WEIGHTS_FILE = "model.safetensors"
+#: the weights of a compressed folder: the safetensors variant ``upop`` (``model.upop.safetensors``)
+WEIGHTS_FILE = UPOP_WEIGHTS
 _PROCESSOR_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -223,12 +229,10 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device | None =
 
 
 def weight_files(path: Path) -> list[Path]:
-    """``model.safetensors``, or the shards its index names (``save_pretrained`` of a large model)."""
-    if (path / WEIGHTS_FILE).is_file():
-        return [path / WEIGHTS_FILE]
-    if (path / SAFE_INDEX).is_file():
-        return shard_files(path / SAFE_INDEX)
-    raise CheckpointError(f"{show(path)}: no {WEIGHTS_FILE} (upop loads weights from safetensors files only)")
+    """``model.upop.safetensors``, or the shards its index names (``save_pretrained`` of a large
+    model); ``model.safetensors`` (or its shards) in a folder of an earlier upop version; both is
+    refused (:func:`upop.checkpoint.safe_load.compressed_weight_files`)."""
+    return compressed_weight_files(path)
 
 
 def stored_names(model: nn.Module, found: dict[str, Any]) -> dict[str, str]:

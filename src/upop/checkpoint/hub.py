@@ -22,9 +22,14 @@ compressed model) also holds:
   ``trust_remote_code=True``" message instead of reaching the dense class's size-mismatch path,
   where ``ignore_mismatched_sizes=True`` would build a model whose pruned layers are random.
 
+- the weights are the safetensors variant ``upop`` (``model.upop.safetensors``: see
+  :mod:`upop.checkpoint.safe_load`), so the dense class itself (``CLIPModel.from_pretrained(folder,
+  ignore_mismatched_sizes=True)``) finds no ``model.safetensors`` and raises instead of building a
+  model with random pruned layers; ``UPopX.from_pretrained`` asks for that variant by default.
+
 So ``AutoModel...from_pretrained(folder, trust_remote_code=True)`` and ``pipeline(...,
 trust_remote_code=True)`` load the compressed model without upop installed; transformers loads
-the safetensors weights as usual, and ``UPopX.from_pretrained`` raises when its loading report
+the safetensors weights (the ``upop`` variant) as usual, and ``UPopX.from_pretrained`` raises when its loading report
 lists a tensor the weights did not give (missing or of another shape), which transformers would
 otherwise initialise randomly. ``config.json`` holds only the keys its config class defines plus
 these two (:mod:`upop.checkpoint.allow_list`), so no other key can make a library import code. :func:`upop.load_compressed` never imports that file: it
@@ -57,6 +62,9 @@ SHAPES_VERSION = 1
 PREFIX = "UPop"
 #: the model type of a compressed folder's config: this prefix and the dense config's model type
 OWN_TYPE_PREFIX = "upop_"
+#: the safetensors variant of a compressed folder's weights (``model.upop.safetensors``), which
+#: ``UPop<Class>.from_pretrained`` reads by default and a dense class never looks for
+VARIANT = "upop"
 #: top-level modules the generated file may import
 ALLOWED_IMPORTS = frozenset({"__future__", "torch", "transformers", "math", "dataclasses", "typing", "collections",
                              "functools"})
@@ -125,7 +133,10 @@ class {prefix}{name}({base}):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """``from_pretrained``, refusing weights that leave a tensor newly initialised."""
+        """``from_pretrained`` of the weights variant ``{variant}`` (``model.{variant}.safetensors``:
+        the dense class finds no ``model.safetensors`` there), refusing weights that leave a
+        tensor newly initialised."""
+        kwargs.setdefault("variant", "{variant}")
         wanted = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         _upop_check_loaded(cls.__name__, info)
@@ -280,16 +291,22 @@ def _module_source(module) -> str:
     return "\n".join(line for i, line in enumerate(lines, 1) if i not in drop) + "\n"
 
 
-def _class_source(cls: type) -> str:
-    """A swapped module class (e.g. ``ShapeGenericBlipAttention``) and imports of its bases,
-    which must be transformers classes."""
-    imports = []
+def _class_source(cls: type, copied: set[type]) -> str:
+    """A swapped module class (e.g. ``ShapeGenericBlipAttention``) and imports of its bases, which
+    must be transformers classes or upop mixins (plain classes, e.g.
+    :class:`upop.arch._rope.RopePairsAttention`), copied first (once per file: ``copied``)."""
+    imports, mixins = [], []
     for base in cls.__bases__:
-        if not base.__module__.startswith("transformers."):
+        if base.__module__.startswith("transformers."):
+            imports.append(f"from {base.__module__} import {base.__name__}\n")
+        elif base.__module__.startswith("upop.") and base.__bases__ == (object,):
+            if base not in copied:
+                copied.add(base)
+                mixins.append(f"# ---- copied from {base.__module__} ----\n" + inspect.getsource(base) + "\n\n")
+        else:
             raise CheckpointError(f"{cls.__name__} derives from {base.__module__}.{base.__name__}, not a transformers "
                                   "class, so it cannot be copied into modeling_upop.py")
-        imports.append(f"from {base.__module__} import {base.__name__}\n")
-    return "".join(imports) + "\n\n" + inspect.getsource(cls)
+    return "".join(imports) + "\n\n" + "".join(mixins) + inspect.getsource(cls)
 
 
 def _check_imports(source: str) -> None:
@@ -318,14 +335,16 @@ def modeling_source(model: nn.Module, record: dict[str, Any]) -> str:
         base = cls.__name__
     swapped = {entry["class"] for entry in record["modules"].values() if "class" in entry}
     by_name = {type(m).__name__: type(m) for m in model.modules()}
+    copied: set[type] = set()
     for name in sorted(swapped):
-        parts.append(f"\n\n# ---- copied from {by_name[name].__module__} ----\n" + _class_source(by_name[name]))
+        parts.append(f"\n\n# ---- copied from {by_name[name].__module__} ----\n" + _class_source(by_name[name], copied))
     parts.append(_RESHAPE.format(version=SHAPES_VERSION, swaps=", ".join(f"{n!r}: {n}" for n in sorted(swapped))))
     parts.append(_CHECK_LOADED.format())
     config_cls = type(model.config)
     if _is_transformers_class(config_cls):
         parts.append(_CONFIG.format(prefix=PREFIX, name=config_cls.__name__, model_type=own_model_type(config_cls)))
-    parts.append(_SUBCLASS.format(prefix=PREFIX, name=cls.__name__, base=base, config_class=_config_entry(model)))
+    parts.append(_SUBCLASS.format(prefix=PREFIX, name=cls.__name__, base=base, config_class=_config_entry(model),
+                                  variant=VARIANT))
     source = "".join(parts)
     _check_imports(source)
     return source

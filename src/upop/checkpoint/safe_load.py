@@ -6,9 +6,17 @@ files are fetched, :func:`local_folder`). Before transformers sees a folder,
 only the folder's own Python defines, and every other key that would make transformers or
 sentence-transformers import code (:mod:`upop.checkpoint.allow_list`), so no code path can reach the "run
 the custom code? [y/N]" prompt (every call also passes ``trust_remote_code=False``). Weights
-come from safetensors files only (:func:`weight_files`); :func:`scan_safetensors` and :func:`check_dtypes`
-refuse tensors that would otherwise be cast silently or that hold NaN/Inf. Every refusal is a
-one-line :class:`CheckpointError` naming the folder, file or tensor.
+come from safetensors files only (:func:`weight_files` for a dense folder, :func:`compressed_weight_files`
+for a compressed one); :func:`scan_safetensors` and :func:`check_dtypes` refuse tensors that would
+otherwise be cast silently or that hold NaN/Inf. Every refusal is a one-line
+:class:`CheckpointError` naming the folder, file or tensor.
+
+A compressed folder stores its weights as the safetensors *variant* ``upop``
+(:data:`upop.checkpoint.hub.VARIANT`): :data:`UPOP_WEIGHTS`, or shards and :data:`UPOP_INDEX`,
+the names ``save_pretrained(..., variant="upop")`` writes. A dense class's ``from_pretrained``
+looks for ``model.safetensors``, finds none and raises, instead of building a dense model whose
+pruned layers it would re-initialise. Folders of earlier upop versions hold ``model.safetensors``
+and still load.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from upop.checkpoint.hub import VARIANT
 from upop.errors import CheckpointError, show
 
 #: upop's JSON files (plan, config, tokenizer/processor configs, shard index) are small; larger or
@@ -33,6 +42,18 @@ MAX_JSON_DEPTH = 64
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+
+
+def variant_name(name: str, variant: str = VARIANT) -> str:
+    """``name`` with ``variant`` before its last suffix, as transformers names a variant's files
+    (``model.safetensors`` -> ``model.upop.safetensors``)."""
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+#: a compressed folder's weights, or the index of its shards (``model.upop-00001-of-0000N.safetensors``)
+UPOP_WEIGHTS = variant_name(SAFE_WEIGHTS)
+UPOP_INDEX = variant_name(SAFE_INDEX)
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 #: what is fetched of a Hub model: configs, safetensors weights, tokenizer vocabularies
 HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
@@ -187,7 +208,36 @@ def weight_files(folder: Path, cls: type) -> list[Path]:
         raise CheckpointError(f"{show(folder)}: weights only in pytorch_model.bin, a pickle; upop loads safetensors "
                               f"only (loading a pickle can run code). Convert it once with: "
                               f"{convert_command(folder, cls)}")
+    own = _present(folder, (UPOP_WEIGHTS, UPOP_INDEX))
+    if own:
+        raise CheckpointError(f"{show(folder)}: holds {own[0]}, the weights of a upop compressed folder, but no "
+                              "upop_plan.json to rebuild its pruned widths")
     raise CheckpointError(f"{show(folder)}: no {SAFE_WEIGHTS} (upop loads weights from safetensors files only)")
+
+
+def _present(folder: Path, names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if (folder / name).is_file()]
+
+
+def compressed_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files that hold a compressed folder's weights: :data:`UPOP_WEIGHTS` or the
+    shards :data:`UPOP_INDEX` names; for a folder of an earlier upop version, ``model.safetensors``
+    or the shards its index names. A folder with weights under both names is ambiguous and refused
+    in one line naming both files."""
+    own, dense = _present(folder, (UPOP_WEIGHTS, UPOP_INDEX)), _present(folder, (SAFE_WEIGHTS, SAFE_INDEX))
+    if own and dense:
+        raise CheckpointError(f"{show(folder)}: holds both {own[0]} (upop's compressed weights) and {dense[0]} "
+                              f"(weights under the dense name), so which are the model's is ambiguous; keep only "
+                              f"{UPOP_WEIGHTS} (or its shards and {UPOP_INDEX})")
+    for single, index in ((UPOP_WEIGHTS, UPOP_INDEX), (SAFE_WEIGHTS, SAFE_INDEX)):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            return shard_files(folder / index)
+    if any((folder / name).is_file() for name in PICKLE_WEIGHTS):
+        raise CheckpointError(f"{show(folder)}: weights only in pytorch_model.bin, a pickle; upop loads safetensors "
+                              f"only (loading a pickle can run code)")
+    raise CheckpointError(f"{show(folder)}: no {UPOP_WEIGHTS} (upop loads weights from safetensors files only)")
 
 
 def shard_files(index: Path) -> list[Path]:

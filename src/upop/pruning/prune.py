@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -300,6 +301,9 @@ class _SavePretrainedWithPlan:
     ``layers.N.attention.q_proj`` to ``encoder.layer.N.attention.attention.query``), so the folder
     is the one :func:`upop.save_compressed` writes and :func:`upop.load_compressed` reads,
     including the Hub files (``modeling_upop.py``, ``auto_map``: :mod:`upop.checkpoint.hub`).
+    The weights are the safetensors variant ``upop`` (``model.upop.safetensors``, or its shards:
+    a dense class cannot load them); another ``variant`` is refused, and weights under the dense
+    name that an earlier save left in the folder are deleted, so the folder holds one set.
 
     An object rather than a bound function so that the model still pickles and deep-copies."""
 
@@ -307,10 +311,22 @@ class _SavePretrainedWithPlan:
         self.model = model
 
     def __call__(self, save_directory, *args, **kwargs):
+        from upop.checkpoint.hub import VARIANT
+
         model = self.model
         save = type(model).save_pretrained
-        if "save_original_format" in inspect.signature(save).parameters:
+        params = inspect.signature(save).parameters
+        positional = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD][2:]  # after self, folder
+        if len(args) <= len(positional):  # every argument by name (variant, push_to_hub... may come by position)
+            kwargs.update(zip(positional, args))
+            args = ()
+        if "save_original_format" in params:
             kwargs.setdefault("save_original_format", False)
+        if kwargs.get("variant") not in (None, VARIANT):
+            raise ConfigError(f"variant {show(kwargs['variant'])} is not accepted for a compressed model: its weights "
+                              f"are always the variant {VARIANT!r} (model.{VARIANT}.safetensors); omit variant")
+        if "variant" in params:
+            kwargs["variant"] = VARIANT
         main = args[0] if args else kwargs.get("is_main_process", True)
         on_this_rank = getattr(model, "should_save_on_this_rank", lambda is_main: is_main)(main)
         folder = Path(save_directory)
@@ -333,12 +349,31 @@ class _SavePretrainedWithPlan:
 
             write_hub_files(model, folder)  # modeling_upop.py + auto_map, after transformers wrote config.json
             write_model_card(folder, model.upop_plan)  # README.md, unless the folder has a card of its own
+            _drop_dense_weights(folder)
         if push and writes:
             repo_id = hub_args.pop("repo_id", folder.name)
             hub_args.setdefault("token", kwargs.get("token"))
             return model.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
         return result
 
+
+def _drop_dense_weights(folder: Path) -> None:
+    """Delete weights under the dense name (``model.safetensors``, or the index and the
+    ``model-NNNNN-of-NNNNN.safetensors`` shards it names) that an earlier save left in ``folder``,
+    once the compressed weights (``model.upop.safetensors`` or its index) are there: a folder with
+    both would be ambiguous (refused on load)."""
+    from upop.checkpoint.safe_load import SAFE_INDEX, SAFE_WEIGHTS, UPOP_INDEX, UPOP_WEIGHTS
+
+    if not any((folder / name).is_file() for name in (UPOP_WEIGHTS, UPOP_INDEX)):
+        return
+    stale = [folder / SAFE_WEIGHTS, folder / SAFE_INDEX]
+    stale += [p for p in folder.glob("model-*-of-*.safetensors") if _DENSE_SHARD.fullmatch(p.name)]
+    for file in stale:
+        if file.is_file() or file.is_symlink():
+            file.unlink()
+
+
+_DENSE_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 #: ``save_pretrained(..., push_to_hub=True)`` keywords that belong to the push
 _PUSH_ARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision", "tags")

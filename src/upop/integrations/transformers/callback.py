@@ -44,7 +44,8 @@ from torch import nn
 from transformers.optimization import get_constant_schedule
 from transformers.trainer_callback import TrainerCallback
 
-from upop.integrations.transformers.glue import load_renamed_weights, trainer_loss_scale, rewrap_ddp, swap_parameters
+from upop.integrations.transformers.glue import (load_compressed_weights, load_renamed_weights, trainer_loss_scale,
+                                                 rewrap_ddp, swap_parameters)
 from upop.arch import find_groups
 from upop.engine.callback import UPopCallback
 from upop.checkpoint.folder import read_plan
@@ -135,7 +136,9 @@ class UPopTrainerCallback(TrainerCallback):
     def attach(self, trainer) -> "UPopTrainerCallback":
         """Give the callback its Trainer (to swap the optimizer's parameters and the schedule) and
         wrap the Trainer's checkpoint loading so that a pruned checkpoint resumes (see
-        :func:`prepare_resume`). Does not register the callback: :func:`add_upop` does both."""
+        :func:`prepare_resume`) and is loaded by ``load_best_model_at_end``: its weights are
+        ``model.upop.safetensors``, which the Trainer does not look for. Does not register the
+        callback: :func:`add_upop` does both."""
         self.trainer = trainer
         self._start_distilling()
         original = getattr(trainer, "_load_from_checkpoint", None)
@@ -144,12 +147,31 @@ class UPopTrainerCallback(TrainerCallback):
                 self._resume_dir = Path(resume_from_checkpoint)
                 target = model if model is not None else trainer.model
                 _prepare(target, resume_from_checkpoint, trainer.optimizer)
+                fsdp = getattr(trainer, "is_fsdp_enabled", False)
+                loaded = None if fsdp else load_compressed_weights(target, self._resume_dir)
+                if loaded is not None:  # a pruned checkpoint: model.upop.safetensors, unknown to the Trainer
+                    trainer._issue_warnings_after_load(loaded)
+                    return None
                 result = original(resume_from_checkpoint, model)
                 load_renamed_weights(target, Path(resume_from_checkpoint))
                 return result
 
             load._upop_wrapped = True
             trainer._load_from_checkpoint = load
+        best = getattr(trainer, "_load_best_model", None)
+        if callable(best) and not getattr(best, "_upop_wrapped", False):
+            def load_best():
+                folder = trainer.state.best_model_checkpoint
+                plain = folder and not (getattr(trainer, "is_deepspeed_enabled", False)
+                                         or getattr(trainer, "is_fsdp_enabled", False))
+                loaded = load_compressed_weights(trainer.model, Path(folder)) if plain else None
+                if loaded is None:
+                    return best()
+                trainer._issue_warnings_after_load(loaded)
+                return None
+
+            load_best._upop_wrapped = True
+            trainer._load_best_model = load_best
         return self
 
     def _start_distilling(self) -> None:

@@ -1,6 +1,7 @@
 """What :class:`upop.integrations.transformers.callback.UPopTrainerCallback` does to a ``transformers.Trainer``'s objects
 when it prunes or resumes: the optimizer handed the pruned parameters, a DDP wrapper rebuilt over
-them, the fp16 loss scale read, weights stored under transformers' original names loaded."""
+them, the fp16 loss scale read, weights stored under transformers' original names loaded, and a
+pruned checkpoint's weights (``model.upop.safetensors``, which the Trainer does not look for) loaded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from upop.checkpoint.folder import stored_names, weight_files
+from upop.checkpoint.safe_load import UPOP_INDEX, UPOP_WEIGHTS
 from upop.errors import CheckpointError
 
 
@@ -76,3 +78,23 @@ def load_renamed_weights(model: nn.Module, folder: Path) -> None:
         for file in files:
             state.update({names.get(k, k): t for k, t in load_file(str(file)).items() if names.get(k, k) in own})
         model.load_state_dict(state, strict=False)
+
+
+def load_compressed_weights(model: nn.Module, folder: Path):
+    """Load the weights of a checkpoint written after pruning (``model.upop.safetensors`` or its
+    shards: a compressed folder's, which the Trainer's own loading does not look for) into
+    ``model``, already shaped by the checkpoint's plan, under the model's own names. Returns
+    ``load_state_dict``'s result (for the Trainer's report of missing keys), or None when
+    ``folder`` holds no such weights (the Trainer loads it as usual)."""
+    if not any((folder / name).is_file() for name in (UPOP_WEIGHTS, UPOP_INDEX)):
+        return None
+    files = weight_files(folder)  # refuses a folder that also holds model.safetensors
+    keys = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            keys.extend(fh.keys())
+    names = stored_names(model, dict.fromkeys(keys))
+    state = {}
+    for file in files:
+        state.update({names.get(k, k): t for k, t in load_file(str(file)).items()})
+    return model.load_state_dict(state, strict=False)
