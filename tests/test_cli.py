@@ -98,7 +98,8 @@ def sigkill_reference(world, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("where", sorted(KILL_POINTS))
+@pytest.mark.parametrize("where", [pytest.param(w, marks=[pytest.mark.slow] if w != "during the retraining" else [])
+                                   for w in sorted(KILL_POINTS)])  # one stop point in the default suite, as for SIGTERM
 def test_sigkill_then_resume_gives_the_same_result(where, world, sigkill_reference, tmp_path):
     from safetensors.torch import load_file
 

@@ -685,26 +685,32 @@ def test_blip_caption_tied_pair_missing_is_refused_by_the_cli(world, tmp_path, c
     assert code == 2 and line.startswith("upop: error: ") and "missing tensor 'text_decoder." in line, line
 
 
+def _offline_hub(monkeypatch, cache, repos: dict) -> None:
+    """A Hugging Face cache at ``cache`` holding each ``repos`` id's folder as its main snapshot, and
+    the Hub offline (HF_HUB_OFFLINE=1: no network)."""
+    import huggingface_hub.constants as hub_constants
+
+    for repo, folder in repos.items():
+        entry = cache / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(folder, entry / "snapshots" / ("0" * 40))
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+
 def test_load_compressed_takes_a_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
     """``upop.load_compressed("org/name")`` resolves a Hub id as ``from_pretrained`` does: here from
     the Hugging Face cache with HF_HUB_OFFLINE=1 (no network); the cached copy loads exactly, and
     an id the cache lacks is one line."""
-    import huggingface_hub.constants as hub_constants
-
     from ._families import prune_every_third
 
     model = prune_every_third(upop.models.folders.make_model("vit"))
     folder = tmp_path / "compressed"
     upop.save_compressed(model, folder)
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--org--tiny-vit" / "snapshots" / ("0" * 40)
-    shutil.copytree(folder, snapshot)
-    (cache / "models--org--tiny-vit" / "refs").mkdir()
-    (cache / "models--org--tiny-vit" / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    _offline_hub(monkeypatch, tmp_path / "hub", {"org/tiny-vit": folder})
     loaded = upop.load_compressed("org/tiny-vit")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -712,3 +718,21 @@ def test_load_compressed_takes_a_hub_id_from_the_offline_cache(tmp_path, monkeyp
     with pytest.raises(upop.CheckpointError, match="org/missing") as info:
         upop.load_compressed("org/missing")
     assert "\n" not in str(info.value)
+
+
+def test_compress_takes_a_dense_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
+    """``upop compress --model org/name`` resolves a dense model's Hub id from the Hugging Face cache
+    with HF_HUB_OFFLINE=1 (no network), runs, and records the id as the base model."""
+    from upop.cli.main import main
+    from upop.data import shapes_min_split, shapes_writer
+
+    assert main(["make-model", "vit", "--out", str(tmp_path / "dense"), "--size", "tiny", "--image-size", "32"]) == 0
+    n = shapes_min_split("classification")
+    shapes_writer("classification")(tmp_path / "data", train=n, val=n, test=n, image_size=32, seed=0)
+    _offline_hub(monkeypatch, tmp_path / "hub", {"org/dense-vit": tmp_path / "dense"})
+    out = tmp_path / "out"
+    assert main(["compress", "--model", "org/dense-vit", "--task", "classification", "--data", str(tmp_path / "data"),
+                 "--ratio", "0.5", "--out", str(out), "--search-epochs", "1", "--retrain-epochs", "1",
+                 "--batch-size", "4", "--latency-time", "0.02", "--no-progress"]) == 0
+    plan = json.loads((out / "compressed" / "upop_plan.json").read_text())
+    assert plan["base_model"] == "org/dense-vit" and plan["achieved_ratio"]["params"] >= 0.5 - 1e-9

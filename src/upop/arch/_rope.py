@@ -92,3 +92,37 @@ def shapes_tokenizer(size: int, tokenizer):
     from upop.data.tokenizer import build_shapes_tokenizer
 
     return build_shapes_tokenizer(model_max_length=128)
+
+
+def decoder_family(name: str, prefix: str, dense: type, pruned: type, classes: tuple = ()):
+    """The :class:`~upop.arch.registry.Family` of a decoder LLM whose transformers classes are
+    ``<prefix>ForCausalLM`` / ``<prefix>Model`` / ``<prefix>Config`` and whose attention ``dense`` is
+    swapped for ``pruned`` (``RopePairs<X>Attention``, defined in the family's own module) when
+    pruned; its tiny model ``name`` is made for the ``lm`` task. ``classes``: more
+    :class:`~upop.arch.registry.ModelClass` entries of the family."""
+    import transformers
+
+    from upop.arch._spec import ArchSpec, Tower
+    from upop.arch.registry import Family, ModelClass, TinyModel
+
+    spec = ArchSpec(
+        name=name,
+        model_types=(name,),
+        towers=(Tower(("model.layers", "layers"), "text", (ATTENTION,), GATED_MLP),),
+        set_head_dim=set_decoder_head_dim,
+        set_num_heads=set_decoder_heads,
+        swap_class=rope_swap(dense, pruned),
+        check=check_rope,
+    )
+    causal, config = getattr(transformers, f"{prefix}ForCausalLM"), getattr(transformers, f"{prefix}Config")
+    return Family(
+        spec=spec,
+        classes=(
+            ModelClass(causal.__name__, tasks=("lm", "distill"), reads=("text",)),
+            ModelClass(f"{prefix}Model", reads=("text",)),  # loads and prunes; no task reads a bare decoder
+            *classes,
+        ),
+        tiny=(TinyModel(name, causal.__name__, processor=shapes_tokenizer, data_task="lm",
+                        build=lambda widths, vocab, image_size, num_labels: causal(
+                            tiny_decoder_config(config, widths, vocab))),),
+    )

@@ -19,36 +19,15 @@ A decoder block has grouped-query attention with rotary position embeddings and 
 
 from __future__ import annotations
 
-import transformers
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from upop.arch.registry import Family, ModelClass, TinyModel, register_family
-from upop.arch._rope import (ATTENTION, GATED_MLP, RopePairsAttention, check_rope, rope_swap, set_decoder_head_dim,
-                             set_decoder_heads, shapes_tokenizer, tiny_decoder_config)
-from upop.arch._spec import ArchSpec, Tower
+from upop.arch.registry import register_family
+from upop.arch._rope import RopePairsAttention, decoder_family
 
 
 class RopePairsLlamaAttention(RopePairsAttention, LlamaAttention):
     """``LlamaAttention`` after its rotary pairs were pruned (see :class:`RopePairsAttention`)."""
 
 
-SPEC = ArchSpec(
-    name="llama",
-    model_types=("llama",),
-    towers=(Tower(("model.layers", "layers"), "text", (ATTENTION,), GATED_MLP),),
-    set_head_dim=set_decoder_head_dim,
-    set_num_heads=set_decoder_heads,
-    swap_class=rope_swap(LlamaAttention, RopePairsLlamaAttention),
-    check=check_rope,
-)
-
-FAMILY = register_family(Family(
-    spec=SPEC,
-    classes=(
-        ModelClass("LlamaForCausalLM", tasks=("lm", "distill"), reads=("text",)),
-        ModelClass("LlamaModel", reads=("text",)),  # loads and prunes; no task reads a bare decoder
-    ),
-    tiny=(TinyModel("llama", "LlamaForCausalLM", processor=shapes_tokenizer, data_task="lm",
-                    build=lambda widths, vocab, image_size, num_labels: transformers.LlamaForCausalLM(
-                        tiny_decoder_config(transformers.LlamaConfig, widths, vocab))),),
-))
+FAMILY = register_family(decoder_family("llama", "Llama", LlamaAttention, RopePairsLlamaAttention))
+SPEC = FAMILY.spec
