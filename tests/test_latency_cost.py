@@ -230,3 +230,22 @@ def test_compress_with_latency_cost_and_auto_widths(tmp_path):
     assert 0.4 <= result.report["achieved_ratio"] == plan.achieved_ratio["latency"]
     for p in plan.groups.values():
         assert len(p.kept) % n == 0 or len(p.kept) == p.dense_units
+
+
+#: registered tiny models with a unit layout the latency table does not time (decoder LLMs)
+UNTIMEABLE = [name for name in upop.arch.TINY
+              if any(g.grouped or g.masked for g in upop.find_groups(upop.models.folders.make_model(name)))]
+
+
+@pytest.mark.parametrize("name", UNTIMEABLE)
+def test_layouts_the_table_cannot_time_are_refused(name, tmp_path):
+    """Rotary pairs, grouped-query heads and gated MLPs are refused in one line, not timed as plain
+    attention and MLPs (which would give wrong unit times silently)."""
+    model = upop.models.folders.make_model(name)
+    groups = upop.find_groups(model)
+    for call in (lambda: measure_table(model, groups, 1, "cpu"),
+                 lambda: load_or_measure(tmp_path / TABLE_FILE, model, groups, 1, "cpu")):
+        with pytest.raises(ConfigError, match="cost='latency' cannot time group") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / TABLE_FILE).exists()

@@ -161,8 +161,8 @@ class Group:
         return self.param_cost if kind == "params" else self.flop_cost
 
     def cell_cost(self, kind: str = "params") -> float:
-        """Cost of one (head, channel) cell of an attention group (a unit spans ``num_heads`` cells
-        as a channel, ``head_dim`` cells as a head)."""
+        """Cost of one (head, channel) cell of an attention group (a channel unit spans
+        :attr:`head_units` cells, a whole-head unit :attr:`channel_units` cells)."""
         return self.cost(kind) / (self.channel_units if self.whole_heads else self.head_units)
 
     def rows(self, kept: torch.Tensor | list[int], width: int | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upop.arch.groups import Group
+from upop.errors import ConfigError
 
 TABLE_FILE = "latency-table.json"
 VERSION = 1
@@ -103,6 +104,17 @@ def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device, seconds: floa
 
 
 @torch.no_grad()
+def check_timeable(groups: list[Group]) -> None:
+    """Refuse groups the table would time wrongly: it times plain attention (as many K/V heads as query
+    heads, channels one at a time) and plain MLPs, not rotary pairs, grouped-query heads or a gated
+    MLP (decoder LLMs), whose times it would give silently wrong."""
+    odd = next((g for g in groups if g.grouped or g.masked), None)
+    if odd is not None:
+        what = "rotary pairs or grouped-query heads" if odd.grouped else "a gated MLP"
+        raise ConfigError(f"cost='latency' cannot time group {odd.name!r} ({what}): the latency table times plain "
+                          "attention and MLPs only; use --cost params or --cost flops for this model")
+
+
 def measure_table(model: nn.Module, groups: list[Group], batch: int, device, dtype=torch.float32,
                   round_to: int = 1, rounds: int = 3, seconds: float = 0.02,
                   timer: Callable[[Callable, torch.device, float], float] = _time_ms) -> dict:
@@ -111,6 +123,7 @@ def measure_table(model: nn.Module, groups: list[Group], batch: int, device, dty
     ``table["per_unit_ms"][group name]`` is the milliseconds one unit of that group costs.
     ``timer(fn, device, seconds)`` times one closure (injectable for tests).
     """
+    check_timeable(groups)
     device = torch.device(device)
     sigs = {g.name: _signature(model, g) for g in groups}
     shapes = sorted(set(sigs.values()))
@@ -163,6 +176,7 @@ def load_or_measure(path: Path | None, model: nn.Module, groups: list[Group], ba
     ``path`` atomically when ``write``). Returns ``(table, reused)``."""
     from upop.runs.rundir import write_json_atomic
 
+    check_timeable(groups)
     key = table_key(model, groups, batch, device, dtype, round_to)
     if path is not None and path.is_file():
         try:
