@@ -795,7 +795,7 @@ def measure_throughput(ws: Workspace) -> dict:
 
     from upop.arch import find_groups
     from upop.engine.callback import UPopCallback
-    from upop.engine.loop import StepLoop
+    from upop.engine.loop import Pending, StepLoop
     from upop.models.folders import make_model
     from upop.pruning.masks import attach_masks
     from upop.search.mask_search import UPopSearch, resolve_round_to
@@ -812,7 +812,8 @@ def measure_throughput(ws: Workspace) -> dict:
     def forward(compute, step):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, task_loss = compute()
-        return loss, float(task_loss.detach()), False
+        # read after backward with the step's other values, as upop's runs do (one sync a step)
+        return loss, Pending(task_loss.detach().float().reshape(1), lambda host: (float(host[0]), False))
 
     def loop(model, callbacks=()) -> StepLoop:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

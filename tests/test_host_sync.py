@@ -3,10 +3,10 @@
 The counter first (what it counts, and what it knows to be on the host on a CPU run), then the
 table over every (tiny model, task) pair the registry declares (:func:`upop.arch.pairs`): a short
 run (search, prune, retraining) under :func:`upop.measure.host_sync.count_steps`, with no
-checkpoint and no progress line inside its steps. Every step waits for the device at most once
-(the run's agreement on the loss, :meth:`upop.engine.run.Run.forward`), a step of the search
-that updates the masks once more (the accumulated scores read for the selection); the steps'
-ends (validation) are not bounded. Syncs made inside another library or by code that does them by
+checkpoint and no progress line inside its steps. Every step waits for the device exactly once:
+the step loop reads the run's agreement on the loss (:meth:`upop.engine.run.Run.forward`) together
+with what the callbacks ask for (the search's accumulated scores on an update step) in one
+transfer (:func:`upop.engine.loop.read_together`); the steps' ends (validation) are not bounded. Syncs made inside another library or by code that does them by
 design are listed in :data:`ELSEWHERE` with the reason; any other one fails the table.
 
 The first pair runs in the default suite (5-10 s); the others are ``slow``.
@@ -20,15 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop.engine.loop import StepLoop
+from upop.engine.loop import LoopCallback, StepLoop
 from upop.measure.host_sync import DeviceBatch, HostSyncCounter, count_steps, count_syncs, host_value
 
 from .test_kill_resume import folders  # noqa: F401 (the fixture: tiny models and Shapes data, shared)
 
-#: the one sync a step may make: the run's forward (loss, non-finite check and stop requests in one read)
-FORWARD = "engine/run.py forward"
-#: what an update step of the search adds: the accumulated scores read once for the selection
-UPDATE = "search/mask_search.py _read_sums"
+#: the one sync a step may make: the step loop's read of the forward's values (loss, non-finite
+#: check and stop requests) with what the callbacks asked for (the search's sums on an update step)
+STEP_READ = "engine/loop.py read_together"
 #: syncs made elsewhere, by where they are made (``file function``, in upop or in a library): why
 ELSEWHERE = {
     "transformers/masking_utils.py _ignore_causal_mask_sdpa": "transformers reads a padding mask to skip "
@@ -36,8 +35,6 @@ ELSEWHERE = {
     "transformers/masking_utils.py _ignore_bidirectional_mask_sdpa": "the same, for a bidirectional mask",
     "transformers/utils/import_utils.py torch_compilable_check": "transformers checks SigLIP2's spatial_shapes "
                                                                  "(TRANSFORMERS_DISABLE_TORCH_CHECK=1 turns it off)",
-    "tasks/blip_retrieval.py _hard_negatives": "BLIP's hard negatives are drawn on the host from the batch's "
-                                               "similarities (a CPU generator: the same draw on every device)",
 }
 
 
@@ -127,16 +124,7 @@ def test_count_steps_counts_each_step_of_the_step_loop():
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    class End:
-        def extend_loss(self, loss):
-            return loss
-
-        def after_backward(self, step, record):
-            pass
-
-        def after_step(self, step, record):
-            pass
-
+    class End(LoopCallback):
         def step_end(self, done, stop):
             float(model.weight.detach().sum())  # e.g. a validation: counted in the end, not the step
 
@@ -147,7 +135,7 @@ def test_count_steps_counts_each_step_of_the_step_loop():
     loop.step(3, batches[0])  # outside: not counted
     assert [(s.step, s.part, s.count) for s in watch.steps] == [(i, part, 1) for i in range(3)
                                                                  for part in ("step", "end")]
-    assert all(list(s.sites) == [next(iter(s.sites))] and _where(next(iter(s.sites))) == "engine/loop.py _plain_forward"
+    assert all(list(s.sites) == [next(iter(s.sites))] and _where(next(iter(s.sites))) == STEP_READ
                for s in watch.counts("train").values())
 
 
@@ -196,6 +184,5 @@ def test_a_step_waits_for_the_device_at_most_once(model, task, folders, tmp_path
         for step, counted in steps.items():
             own = [_where(site) for site, n in counted.sites.items() for _ in range(n)
                    if _where(site) not in ELSEWHERE]
-            allowed = [FORWARD, UPDATE] if phase == "search" and step in updates else [FORWARD]
-            assert sorted(own) == sorted(allowed), (phase, step, counted.sites)
+            assert own == [STEP_READ], (phase, step, counted.sites)
     assert updates, "the search updated its masks"

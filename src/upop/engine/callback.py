@@ -34,6 +34,7 @@ class UPopCallback(LoopCallback):
                  grad_scale: Callable[[], tuple[float, bool]] = lambda: (1.0, False),
                  identical: Callable[[Iterable[torch.Tensor]], bool] | None = None, bar=None):
         self.masks, self.search, self.grad_scale, self.identical, self.bar = masks, search, grad_scale, identical, bar
+        self._accumulated: int | None = None  # the step whose gradients to_read accumulated
 
     # the step ------------------------------------------------------------------------------------
     def extend_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -50,11 +51,24 @@ class UPopCallback(LoopCallback):
             extra = torch.sign(mask.detach()) * ((search.w_attn if g.kind == "attention" else search.w_mlp) * scale)
             mask.grad = extra if mask.grad is None else mask.grad + extra
 
-    def after_backward(self, step: int, record: dict) -> None:
-        """Accumulate this step's mask gradients; select and project the masks when due. Raises
-        ``FloatingPointError`` for a non-finite mask gradient (that a loss scaler did not skip)."""
+    def to_read(self, step: int) -> torch.Tensor | None:
+        """Accumulate this step's mask gradients (device-side only); on an update step, the sums
+        the selection reads (:meth:`upop.search.mask_search.UPopSearch.accumulate`)."""
         scale, scaled = self.grad_scale()
-        update = self.search.step(step, grad_scale=scale, skip_nonfinite=scaled)
+        self._accumulated = step
+        return self.search.accumulate(step, grad_scale=scale, skip_nonfinite=scaled)
+
+    def after_backward(self, step: int, record: dict, host: torch.Tensor | None = None) -> None:
+        """Select and project the masks when due (``host``: the sums :meth:`to_read` asked for, read
+        by the loop). A loop that does not call :meth:`to_read` (a Trainer's) gets the whole search
+        step here, which reads the sums itself. Raises ``FloatingPointError`` for a non-finite mask
+        gradient (that a loss scaler did not skip)."""
+        if self._accumulated == step:
+            update = self.search.finish(step, host) if host is not None else None
+        else:
+            scale, scaled = self.grad_scale()
+            update = self.search.step(step, grad_scale=scale, skip_nonfinite=scaled)
+        self._accumulated = None
         history = self.search.history
         record["p_t"] = update.ratio if update else (history[-1].ratio if history else 0.0)
         if update:

@@ -6,12 +6,15 @@ One step (:meth:`StepLoop.step`):
 1. forward: the loss function gives ``(task loss, extra term or None)`` (the extra term is the
    distillation from the dense model); callbacks may add to the loss (:meth:`LoopCallback.extend_loss`,
    e.g. the search's sparsity term); the run's ``forward`` wrapper agrees with the other processes
-   on the loss (non-finite anywhere stops everyone) and on stop requests;
-2. backward (the Accelerator's, which scales under fp16), then
-   :meth:`LoopCallback.after_backward` (the search takes the mask gradients here, unscaled);
-3. gradient clipping, optimizer step, scheduler step, gradients zeroed;
-4. :meth:`LoopCallback.after_step` completes the step's log record, which is logged;
-5. :meth:`LoopCallback.step_end` with the number of steps done: validation, checkpoints, a stop.
+   on the loss and on stop requests, on the device (:class:`Pending`: nothing read yet);
+2. backward (the Accelerator's, which scales under fp16), then :meth:`LoopCallback.to_read` (the
+   search accumulates the mask gradients here, unscaled, and on an update step asks for their sums);
+3. the step's ONE device-to-host read: the forward's values and what the callbacks asked for, in one
+   transfer; a non-finite loss anywhere stops every process here, before the optimizer step; then
+   :meth:`LoopCallback.after_backward` with each callback's values (the search selects and projects);
+4. gradient clipping, optimizer step, scheduler step, gradients zeroed;
+5. :meth:`LoopCallback.after_step` completes the step's log record, which is logged;
+6. :meth:`LoopCallback.step_end` with the number of steps done: validation, checkpoints, a stop.
 
 :class:`upop.engine.callback.UPopCallback` is the UPop search on this loop; the same object drives
 :class:`upop.integrations.transformers.callback.UPopTrainerCallback` inside a ``transformers.Trainer``.
@@ -20,6 +23,7 @@ One step (:meth:`StepLoop.step`):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -36,8 +40,14 @@ class LoopCallback:
         """The loss to backpropagate, given the task loss so far (inside autocast)."""
         return loss
 
-    def after_backward(self, step: int, record: dict) -> None:
-        """After backward, before clipping and the optimizer step; may add to the log ``record``."""
+    def to_read(self, step: int) -> torch.Tensor | None:
+        """After backward: a 1-D tensor on the device whose values this step needs on the host
+        (None: nothing). The loop reads it with the forward's values, in one transfer."""
+        return None
+
+    def after_backward(self, step: int, record: dict, host: torch.Tensor | None = None) -> None:
+        """After backward and the step's read, before clipping and the optimizer step; may add to
+        the log ``record``. ``host``: the host copy of what :meth:`to_read` returned (float64)."""
 
     def after_step(self, step: int, record: dict) -> None:
         """After the optimizer and scheduler steps, before ``record`` is logged."""
@@ -46,9 +56,28 @@ class LoopCallback:
         """After the step is logged; ``done`` steps are finished; ``stop``: a stop was requested."""
 
 
+@dataclass
+class Pending:
+    """What a step's forward leaves on the device: ``values`` (a 1-D tensor) and ``settle(host)``,
+    which turns their host copy into ``(task loss value, stop requested)`` (and raises where the
+    forward went wrong, e.g. a non-finite loss)."""
+
+    values: torch.Tensor
+    settle: Callable[[torch.Tensor], tuple[float, bool]]
+
+
 def _plain_forward(compute, step: int):
     loss, task_loss = compute()
-    return loss, float(task_loss.detach()), False
+    return loss, Pending(task_loss.detach().float().reshape(1), lambda host: (float(host[0]), False))
+
+
+def read_together(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The host copies (float64) of ``tensors`` (1-D, on one device; None stays None), read in one
+    device-to-host transfer."""
+    present = [t for t in tensors if t is not None]
+    flat = torch.cat([t.detach().to(torch.float64).reshape(-1) for t in present]).cpu()
+    parts = iter(flat.split([t.numel() for t in present]))
+    return [None if t is None else next(parts) for t in tensors]
 
 
 class StepLoop:
@@ -56,8 +85,8 @@ class StepLoop:
     several processes).
 
     ``loss_fn(model, batch)`` returns ``(task loss, extra term or None)``. ``forward(compute,
-    step)`` runs ``compute() -> (loss, task loss)`` and returns ``(loss, task loss value, stop)``
-    (default: plain, one process); ``backward`` defaults to ``loss.backward()``; ``clip``, if
+    step)`` runs ``compute() -> (loss, task loss)`` and returns ``(loss, Pending)`` (default:
+    plain, one process); ``backward`` defaults to ``loss.backward()``; ``clip``, if
     given, is called before the optimizer step; ``record(dict)`` receives every step's log record.
     """
 
@@ -97,11 +126,14 @@ class StepLoop:
                 loss = cb.extend_loss(loss)
             return (loss if extra is None else loss + extra), task_loss
 
-        loss, task_value, stop = self.forward(compute, step)
+        loss, pending = self.forward(compute, step)
         self.backward(loss)
+        asked = [cb.to_read(step) for cb in callbacks]
+        forward_values, *host = read_together([pending.values, *asked])
+        task_value, stop = pending.settle(forward_values)
         record = {"phase": self.phase, "step": step, "loss": task_value}
-        for cb in callbacks:
-            cb.after_backward(step, record)
+        for cb, values in zip(callbacks, host):
+            cb.after_backward(step, record, values)
         if self.clip is not None:
             self.clip()
         self.optimizer.step()

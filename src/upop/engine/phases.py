@@ -24,8 +24,8 @@ from upop.errors import ConfigError
 from upop.engine.loop import LoopCallback, StepLoop, cosine
 from upop.pruning.masks import attach_masks
 from upop.pruning.prune import PruningPlan, apply_plan
-from upop.engine.runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, evaluating, release_host_memory,
-                      seed_everything)
+from upop.engine.runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, evaluating, loss_scale,
+                                 release_host_memory, seed_everything)
 from upop.search.mask_search import UPopSearch
 
 
@@ -122,11 +122,7 @@ def search_phase(run, state: dict | None) -> PruningPlan:
               "round_to_why": run.round_to_why})
     clock = PhaseClock("search", acc.device)
 
-    def grad_scale() -> tuple[float, bool]:
-        scaler = getattr(acc, "scaler", None)
-        return (scaler.get_scale(), True) if scaler is not None else (1.0, False)
-
-    upop = UPopCallback(masks, search, grad_scale, identical=run.identical if acc.num_processes > 1 else None)
+    upop = UPopCallback(masks, search, lambda: loss_scale(acc), identical=run.identical if acc.num_processes > 1 else None)
 
     def save(done: int) -> None:
         run.save_state({"phase": "search", "step": done, "model": acc.unwrap_model(wrapped).state_dict(),

@@ -29,7 +29,7 @@ from upop.arch import find_groups
 from upop.checkpoint.folder import load_compressed
 from upop.config import ResolvedSettings, UPopConfig
 from upop.errors import DataError, UPopError
-from upop.engine.loop import finetune
+from upop.engine.loop import Pending, finetune
 from upop.engine.phases import check_gradient_checkpointing, retrain_phase, search_phase
 from upop.measure.memory import check_fits, weights_precision
 from upop.pruning.prune import PruningPlan
@@ -391,11 +391,13 @@ class Run:
         raised at once, on this process only: the others may be inside a collective of the
         forward, so this process must not enter another one; it leaves (the CLI exits at once)
         and the launcher stops the others. Otherwise every process all-reduces (task loss,
-        non-finite count, stop requests) in ONE collective: a non-finite loss on any process
-        stops every process at this step, before backward, with one line naming the step (the
-        last checkpoint stays as it was); a stop request (SIGTERM / SIGINT) on any process makes
-        every process finish this step and stop after it.
-        Returns (loss, mean task loss over processes, stop requested).
+        non-finite count, stop requests) in ONE collective, on the device; the step loop reads the
+        result with the step's other values, once, after backward (:class:`upop.engine.loop.Pending`),
+        and settles it: a non-finite loss on any process stops every process at this step, before
+        the optimizer step, with one line naming the step (the last checkpoint stays as it was); a
+        stop request (SIGTERM / SIGINT) on any process makes every process finish this step and
+        stop after it. Returns ``(loss, Pending)``; settled, ``(mean task loss over processes, stop
+        requested)``.
         """
         try:
             with self.acc.autocast():
@@ -408,10 +410,14 @@ class Run:
                              torch.tensor(float(self.signals.requested is not None), device=value.device)])
         if self.acc.num_processes > 1:
             stats = self.acc.reduce(stats, reduction="sum")
-        loss_sum, nonfinite, stop = stats.tolist()
-        if nonfinite:
-            self._stop_nonfinite(loss, task_loss, phase, step)
-        return loss, loss_sum / self.acc.num_processes, bool(stop)
+
+        def settle(host: torch.Tensor) -> tuple[float, bool]:
+            loss_sum, nonfinite, stop = host.tolist()
+            if nonfinite:
+                self._stop_nonfinite(loss, task_loss, phase, step)
+            return loss_sum / self.acc.num_processes, bool(stop)
+
+        return loss, Pending(stats, settle)
 
     def _stop_nonfinite(self, loss: torch.Tensor, task_loss: torch.Tensor, phase: str, step: int) -> None:
         """Every process raises the same one-line error naming the first process whose loss (the

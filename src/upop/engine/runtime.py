@@ -547,3 +547,15 @@ def check_shards(n: int, batch_size: int, world: int, split: str = "training") -
                           "more data, a smaller --batch-size or fewer processes")
         error.shared = True  # every process finds it: the main process says so
         raise error
+
+
+def loss_scale(accelerator) -> tuple[Any, bool]:
+    """The fp16 loss scale the gradients carry and whether a scaler is in use: the scaler's scale
+    tensor where it has one (used on the device, never read: ``get_scale()`` would wait for the
+    device every step), else its value."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
+        return 1.0, False
+    get_async = getattr(scaler, "_get_scale_async", None)
+    scale = get_async() if callable(get_async) else None
+    return (scale if scale is not None else scaler.get_scale()), True

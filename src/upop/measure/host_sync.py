@@ -2,10 +2,10 @@
 
 A training step that reads a value of a device tensor (``loss.item()``, ``float(t)``, ``if t:``,
 ``t.tolist()``, ``t.cpu()``, boolean-mask indexing, ``nonzero``, ...) stalls until the device
-has finished everything queued before it. A step of the step loop reads once (the run's
-agreement on the loss, the non-finite check and the stop requests, :meth:`upop.engine.run.Run.forward`),
-a search step that updates the masks once more (:meth:`upop.search.mask_search.UPopSearch.step`);
-what a loss needs on the host it reads from the collated batch (:class:`DeviceBatch`,
+has finished everything queued before it. A step of the step loop reads once, after backward:
+the run's agreement on the loss, the non-finite check and the stop requests
+(:meth:`upop.engine.run.Run.forward`) with what its callbacks ask for (the search's accumulated
+scores on an update step), in one transfer (:func:`upop.engine.loop.read_together`); what a loss needs on the host it reads from the collated batch (:class:`DeviceBatch`,
 :func:`host_value`), not back from the device.
 
 :class:`HostSyncCounter` (a :class:`torch.overrides.TorchFunctionMode`) counts these calls, each

@@ -181,15 +181,39 @@ class UPopSearch:
         step (every ``interval`` steps and the last) or :meth:`state_dict`, whichever comes first.
         The check waits for those points because reading the flag back would stall every step
         until the device has finished it; between update steps nothing is read from the device,
-        and an update step reads the sums and the flag together, once (:meth:`_read_sums`).
+        and an update step reads the sums and the flag together, once. A loop that reads other
+        values of the step too calls :meth:`accumulate` and :meth:`finish` instead, and reads
+        what :meth:`accumulate` returns with them in one transfer (:class:`upop.engine.loop.StepLoop`).
         """
+        pending = self.accumulate(step, grad_scale, skip_nonfinite)
+        if pending is None:
+            return None
+        return self.finish(self.step_count - 1, pending.cpu())
+
+    def accumulate(
+        self, step: int | None = None, grad_scale: float | torch.Tensor = 1.0, skip_nonfinite: bool = False
+    ) -> torch.Tensor | None:
+        """The first half of :meth:`step`, with device-side ops only: accumulate this step's mask
+        gradients. On an update step, returns what :meth:`finish` needs on the host (one float64
+        vector on the device: every unit's sum, in group order, then the first fatal non-finite
+        step); else None."""
         step = self.step_count if step is None else step
         finite = self.masks.accumulate_grads(grad_scale=grad_scale, score=self.scorer)
         self._note_nonfinite(finite, step, skip_nonfinite)
         self.step_count = step + 1
-        if self.is_update_step(step):
-            return self.update(step, self._read_sums(f"the update of step {step}"))
-        return None
+        if not self.is_update_step(step):
+            return None
+        sums = [self.masks.grad_sum[g.name] for g in self.masks.groups]
+        return torch.cat([*sums, self._first_bad.to(sums[0].device, torch.float64).reshape(1)])
+
+    def finish(self, step: int, host: torch.Tensor) -> SearchUpdate:
+        """The second half of an update step: ``host`` is the host copy of what :meth:`accumulate`
+        returned. Raises ``FloatingPointError`` for the first fatal non-finite step (as
+        :meth:`_raise_if_nonfinite` does), else selects and projects the masks."""
+        bad = int(host[-1])
+        if bad >= 0:
+            raise FloatingPointError(f"non-finite mask gradient at search step {bad} (found at the update of step {step})")
+        return self.update(step, host[:-1])
 
     def _note_nonfinite(self, finite: torch.Tensor, step: int, skip: bool) -> None:
         """Count a skipped step, or remember the first fatal one, with device-side ops only."""
@@ -200,17 +224,6 @@ class UPopSearch:
             self._skipped += bad
         else:
             self._first_bad.masked_fill_(bad & (self._first_bad < 0), step)
-
-    def _read_sums(self, checked_at: str) -> torch.Tensor:
-        """The accumulated sums of every unit on the CPU (float64, in group order), read from the
-        device in one transfer with the first fatal non-finite step, which raises
-        ``FloatingPointError`` as :meth:`_raise_if_nonfinite` does."""
-        sums = [self.masks.grad_sum[g.name] for g in self.masks.groups]
-        flat = torch.cat([*sums, self._first_bad.to(sums[0].device, torch.float64).reshape(1)]).cpu()
-        bad = int(flat[-1])
-        if bad >= 0:
-            raise FloatingPointError(f"non-finite mask gradient at search step {bad} (found at {checked_at})")
-        return flat[:-1]
 
     def _raise_if_nonfinite(self, checked_at: str) -> None:
         """Raise ``FloatingPointError`` if a step without ``skip_nonfinite`` had non-finite mask
@@ -232,7 +245,8 @@ class UPopSearch:
         importances such as Taylor's and Fisher's negated, the least important first) and ordered by
         the ranking (:mod:`upop.search.rankings`: standardised per structure type (attention
         channels, attention heads, MLP neurons, all modalities), or per unit of cost). ``sums``: the
-        accumulated sums already on the CPU (:meth:`_read_sums`), else they are read here."""
+        accumulated sums already on the CPU (read with the step's other values, :meth:`finish`), else
+        they are read here."""
         total = sums if sums is not None else torch.cat([self.masks.grad_sum[g.name] for g in self.masks.groups]).cpu()
         unit_cost = torch.cat([torch.full((g.num_units,), self._group_cost(g), dtype=torch.float64)
                                for g in self.masks.groups])

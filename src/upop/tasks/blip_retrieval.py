@@ -151,16 +151,21 @@ def _hard_negatives(sim_i2t: torch.Tensor, same: torch.Tensor, idx: torch.Tensor
     (``same``: the samples' same-image matrix; those pairs get weight 0).
 
     The draw uses its own CPU generator seeded from ``idx`` (the batch's image indices and sample
-    ids): a pure function of the batch (the same for N x B and 1 x N*B, and on every process),
-    and no global random state is consumed, so a resumed run draws the same negatives."""
+    ids, on the host): a pure function of the batch (the same for N x B and 1 x N*B, and on every
+    process), and no global random state is consumed, so a resumed run draws the same negatives.
+    Only the noise is drawn on the host: each row's sample is ``argmax(w / E)`` with ``E`` standard
+    exponential draws (the exponential race: ``P(j) = w_j / sum(w)``, what ``torch.multinomial``
+    draws), computed where the similarities are, so nothing is read back from the device."""
     seed = int.from_bytes(hashlib.blake2b(idx.flatten().cpu().numpy().astype("<i8").tobytes(),
                                           digest_size=8).digest(), "little")
     gen = torch.Generator().manual_seed(seed)
-    same, sim = same.cpu(), sim_i2t.float().cpu()  # the one read of the step's similarities
+    n = sim_i2t.shape[0]
+    race = torch.empty(2, n, n).exponential_(generator=gen).to(sim_i2t.device)
+    same, sim = same.to(sim_i2t.device), sim_i2t.float()
     w_i2t = (F.softmax(sim, dim=1) + 1e-4).masked_fill(same, 0)
     w_t2i = (F.softmax(sim.t(), dim=1) + 1e-4).masked_fill(same, 0)
-    neg_img = torch.multinomial(w_t2i, 1, generator=gen).squeeze(1)  # a hard negative image for every text
-    neg_txt = torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)  # a hard negative text for every image
+    neg_img = (w_t2i / race[0]).argmax(dim=1)  # a hard negative image for every text
+    neg_txt = (w_i2t / race[1]).argmax(dim=1)  # a hard negative text for every image
     return neg_img, neg_txt
 
 

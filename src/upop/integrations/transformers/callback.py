@@ -44,10 +44,11 @@ from torch import nn
 from transformers.optimization import get_constant_schedule
 from transformers.trainer_callback import TrainerCallback
 
-from upop.integrations.transformers.glue import (load_compressed_weights, load_renamed_weights, trainer_loss_scale,
+from upop.integrations.transformers.glue import (load_compressed_weights, load_renamed_weights,
                                                  rewrap_ddp, swap_parameters)
 from upop.arch import find_groups
 from upop.engine.callback import UPopCallback
+from upop.engine.runtime import loss_scale
 from upop.checkpoint.folder import read_plan
 from upop.config import ResolvedSettings, UPopConfig, decide_distill
 from upop.errors import CheckpointError, ConfigError, show
@@ -255,7 +256,7 @@ class UPopTrainerCallback(TrainerCallback):
         search = self.search
         if search is None or self.plan is not None or search.done:
             return
-        scale, scaled = trainer_loss_scale(self.trainer.accelerator)
+        scale, scaled = loss_scale(self.trainer.accelerator)
         self.core.grad_scale = lambda: (scale, scaled)
         self.core.add_sparsity_grad(scale)  # d/dzeta of w * |zeta|, in the loss scale of the task gradients
         self.core.after_backward(state.global_step, {})

@@ -6,7 +6,6 @@ pruned checkpoint's weights (``model.upop.safetensors``, which the Trainer does 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -46,17 +45,6 @@ def rewrap_ddp(trainer) -> None:
     fresh = ddp(wrapped.module, bucket_cap_mb=wrapped.bucket_bytes_cap / 2**20, **same)
     wrapped.__dict__ = fresh.__dict__  # one state for both objects; the old one's is dropped
     wrapped.__dict__["_upop_ddp"] = fresh  # hooks DDP may bind to the new wrapper keep it alive
-
-
-def trainer_loss_scale(accelerator) -> tuple[Any, bool]:
-    """The fp16 loss scale the gradients carry (a device tensor where the scaler has one, read
-    without a sync) and whether a scaler is in use."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
-        return 1.0, False
-    get_async = getattr(scaler, "_get_scale_async", None)
-    scale = get_async() if callable(get_async) else None
-    return (scale if scale is not None else scaler.get_scale()), True
 
 
 def load_renamed_weights(model: nn.Module, folder: Path) -> None:
