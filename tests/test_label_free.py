@@ -12,6 +12,8 @@ import transformers
 
 import upop
 import upop.models.folders as M
+from upop.arch.registry import CLASSES
+from upop.arch.registry import TINY as REGISTERED_TINY
 from upop.checkpoint.folder import WEIGHTS_FILE
 from upop.data.unlabelled import (MIN_DISTINCT, SPLITS, UnlabelledCollator, assign_splits, check_split,
                                   load_unlabelled, write_unlabelled)
@@ -189,6 +191,39 @@ def test_clip_agreement_counts_images_whose_top_text_changes(data):
     assert changed["top1_agreement"] < 100.0 and changed["cosine_image"] < 99.0
 
 
+def test_every_class_of_the_lm_task_is_declared_causal():
+    """Next-token models read left to right: the registry says so, and distill reads the registry."""
+    lm = [cls for _, cls in CLASSES.values() if "lm" in cls.tasks]
+    assert lm and all(cls.causal for cls in lm), [cls.name for cls in lm if not cls.causal]
+
+
+def _text_batch() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9], [2, 5, 6, 0, 0, 0]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+@pytest.mark.parametrize("name", [n for n, t in REGISTERED_TINY.items() if CLASSES[t.model_class][1].causal])
+def test_a_declared_causal_class_is_summarised_by_its_last_real_token(name):
+    torch.manual_seed(0)
+    found = outputs(M.make_model(name).eval(), _text_batch())
+    last, mask = found["tokens"]
+    rows = torch.arange(last.shape[0])
+    assert torch.equal(found["embeds"]["pooled"], last[rows, mask.sum(1) - 1])
+    assert not torch.allclose(found["embeds"]["pooled"], last[:, 0])
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_a_class_not_declared_causal_follows_its_config(is_decoder):
+    """BertForMaskedLM (no pooler) is registered as not causal: as a decoder (``is_decoder``) its
+    summary is the last real token, else the first."""
+    model = _bert("BertForMaskedLM", is_decoder=is_decoder)
+    assert not CLASSES[type(model).__name__][1].causal
+    found = outputs(model, _text_batch())
+    last, mask = found["tokens"]
+    expected = last[torch.arange(last.shape[0]), mask.sum(1) - 1] if is_decoder else last[:, 0]
+    assert torch.equal(found["embeds"]["pooled"], expected)
+
+
 def test_example_inputs_and_text_tokens(data):
     for case, keys, tokens in (("vit", {"pixel_values"}, None), ("bert", {"input_ids", "attention_mask"}, int),
                                ("siglip", {"pixel_values", "input_ids", "attention_mask"}, 32)):
@@ -204,13 +239,26 @@ TINY = dict(search_epochs=1, retrain_epochs=1, batch_size=16, lr=1e-3, eval_batc
             latency_time=0.02)
 
 
-@pytest.mark.parametrize("family", ["clip", "vit", "bert", "siglip2"])
+def _one_per_kind() -> list[str]:
+    """The first registered tiny model of each kind of label-free model: each distinct ``reads`` of
+    the classes serving ``distill`` (two towers, images, text), decoders (``causal``, summarised by
+    their last token) apart; a family registered later is covered by its registration."""
+    kinds: dict[tuple, str] = {}
+    for name, tiny in REGISTERED_TINY.items():
+        cls = CLASSES[tiny.model_class][1]
+        if "distill" in cls.tasks:
+            kinds.setdefault((frozenset(cls.reads), cls.causal), name)
+    return list(kinds.values())
+
+
+@pytest.mark.parametrize("family", _one_per_kind())
 def test_compress_end_to_end(family, data, tmp_path):
     model, processor = M.make_model(family), M.make_processor(family, 32)
     result = upop.compress(model, "distill", data, processor=processor, out_dir=tmp_path / "run",
                            config=upop.UPopConfig(**TINY), check_images="none", progress=False, log=lambda _: None)
     report = result.report
-    assert report["distill"] == {"mode": "task", "teacher_cached": family in ("clip", "siglip2")}
+    two_towers = set(CLASSES[REGISTERED_TINY[family].model_class][1].reads) == {"image", "text"}
+    assert report["distill"] == {"mode": "task", "teacher_cached": two_towers}  # only two towers cache the teacher
     assert report["dense"]["metrics"]["cosine"] == pytest.approx(100.0, abs=1e-6)
     assert 0 < report["compressed"]["metrics"]["cosine"] < 100.0
     # under the task's bar the report says the budget is too small (one validation: no estimate)

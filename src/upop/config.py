@@ -40,7 +40,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "search_epochs": (1, 10_000), "retrain_epochs": (0, 10_000), "batch_size": (1, 65_536),
     "eval_batch_size": (1, 65_536), "interval": (1, 10**9), "round_to": (1, 4096), "seed": SEED_RANGE,
     "checkpoint_every": (1, 10**9), "workers": (0, 256), "latency_batch_size": (1, 4096), "itm_k": (1, 10_000),
-    "vqa_k": (1, 10_000), "caption_beams": (1, 64), "progress_every": (1, 86_400),
+    "vqa_k": (1, 10_000), "caption_beams": (1, 64), "progress_every": (1, 86_400), "block_length": (2, 1 << 20),
 }
 """The documented range of every integer setting (checked by :meth:`UPopConfig.validate` and by the
 command line's parser, and named in each option's help): far beyond any real run, small enough that
@@ -78,9 +78,10 @@ DECIDED_LATER = {"latency_batch_size": "recorded before latency_batch_size was d
 """Decided settings added to :data:`DECIDED` after :data:`SETTINGS_VERSION` 1 was written: a run.json of
 that version lacks their reason; :meth:`ResolvedSettings.from_dict` fills it with this one."""
 
-UNSET_DEFAULTS = ("interval", "retrain_lr", "workers", "itm_k")
+UNSET_DEFAULTS = ("interval", "retrain_lr", "workers", "itm_k", "block_length")
 """Settings that may be left unset (None): a default is decided for them (``itm_k`` by the BLIP
-retrieval evaluation, from the test split's size)."""
+retrieval evaluation, from the test split's size; ``block_length`` by the lm task, from the tokenizer
+and the model)."""
 
 AS_SET = "as set"
 """The reason of a decided setting the user set."""
@@ -200,6 +201,10 @@ class UPopConfig:
                                  group="data")
     caption_beams: int = _f(3, "captioning: beams of the decoding (BLIP: 3, prompt 'a picture of ', 5-20 tokens); "
                             "1 = greedy", task=True, group="data")
+    block_length: int | None = _f(None, "language modelling (task lm): tokens per document, a longer one is cut "
+                                  "(at least 2: the first token predicts the second); never more than the model's "
+                                  "max_position_embeddings; default: the smallest of the tokenizer's model_max_length, "
+                                  "the model's max_position_embeddings and 512", task=True, group="data")
     eval_mode: str = _f("slide", "segmentation evaluation: slide (Segmenter/mmseg: shorter side resized to the model "
                         "input, sliding windows) or whole (the image resized to the model input); both score at the "
                         "original resolution", choices=("slide", "whole"), task=True, group="data")

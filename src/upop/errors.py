@@ -69,7 +69,15 @@ def _scalar_repr(value, limit: int) -> str:
         text = repr(value)
     except Exception:  # a broken __repr__ must not hide the message
         return f"<{type(value).__name__}>"
-    return text[:limit + 1]
+    return _one_line(text[:4 * limit + 64])[:limit + 1]
+
+
+def _one_line(text: str) -> str:
+    """A repr on one line: its lines (a NumPy array's or a tensor's repr spans several) joined by
+    one space, any other non-printable character escaped."""
+    lines = [line.strip() for line in text.splitlines()]
+    text = " ".join(line for line in lines if line) if len(lines) > 1 else text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _bounded_repr(value, limit: int) -> str:

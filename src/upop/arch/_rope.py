@@ -118,7 +118,7 @@ def decoder_family(name: str, prefix: str, dense: type, pruned: type, classes: t
     return Family(
         spec=spec,
         classes=(
-            ModelClass(causal.__name__, tasks=("lm", "distill"), reads=("text",)),
+            ModelClass(causal.__name__, tasks=("lm", "distill"), reads=("text",), causal=True),
             ModelClass(f"{prefix}Model", reads=("text",)),  # loads and prunes; no task reads a bare decoder
             *classes,
         ),

@@ -200,10 +200,9 @@ def weight_files(folder: Path, cls: type) -> list[Path]:
     """The safetensors files that hold a folder's weights: ``model.safetensors`` or the shards its
     index names. A folder with only ``pytorch_model.bin`` (a pickle) is refused with the command
     that converts it."""
-    if (folder / SAFE_WEIGHTS).is_file():
-        return [folder / SAFE_WEIGHTS]
-    if (folder / SAFE_INDEX).is_file():
-        return shard_files(folder / SAFE_INDEX)
+    files = _single_or_shards(folder, SAFE_WEIGHTS, SAFE_INDEX)
+    if files is not None:
+        return files
     if any((folder / name).is_file() for name in PICKLE_WEIGHTS):
         raise CheckpointError(f"{show(folder)}: weights only in pytorch_model.bin, a pickle; upop loads safetensors "
                               f"only (loading a pickle can run code). Convert it once with: "
@@ -213,6 +212,16 @@ def weight_files(folder: Path, cls: type) -> list[Path]:
         raise CheckpointError(f"{show(folder)}: holds {own[0]}, the weights of a upop compressed folder, but no "
                               "upop_plan.json to rebuild its pruned widths")
     raise CheckpointError(f"{show(folder)}: no {SAFE_WEIGHTS} (upop loads weights from safetensors files only)")
+
+
+def _single_or_shards(folder: Path, single: str, index: str) -> list[Path] | None:
+    """``[folder / single]`` if that file exists, else the shards ``folder / index`` names if the
+    index exists, else None (neither is there)."""
+    if (folder / single).is_file():
+        return [folder / single]
+    if (folder / index).is_file():
+        return shard_files(folder / index)
+    return None
 
 
 def _present(folder: Path, names: tuple[str, ...]) -> list[str]:
@@ -230,10 +239,9 @@ def compressed_weight_files(folder: Path) -> list[Path]:
                               f"(weights under the dense name), so which are the model's is ambiguous; keep only "
                               f"{UPOP_WEIGHTS} (or its shards and {UPOP_INDEX})")
     for single, index in ((UPOP_WEIGHTS, UPOP_INDEX), (SAFE_WEIGHTS, SAFE_INDEX)):
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            return shard_files(folder / index)
+        files = _single_or_shards(folder, single, index)
+        if files is not None:
+            return files
     if any((folder / name).is_file() for name in PICKLE_WEIGHTS):
         raise CheckpointError(f"{show(folder)}: weights only in pytorch_model.bin, a pickle; upop loads safetensors "
                               f"only (loading a pickle can run code)")

@@ -309,6 +309,25 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    owned = not _group_exists()  # a process group the caller made is the caller's to end
+    try:
+        return _run_reported(args)
+    finally:  # not reached after os._exit: a failed distributed run leaves without teardown
+        if owned and _group_exists():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()  # the one a run made (torchrun: Accelerate's, in compress)
+
+
+def _group_exists() -> bool:
+    """Whether a default process group exists (never imports torch: without it there is none)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _run_reported(args) -> int:
+    """:func:`_run`, with a distributed run's unexpected errors reported once; a distributed run
+    that failed leaves at once (``os._exit``)."""
     try:
         code = _run(args)
     except BaseException as exc:

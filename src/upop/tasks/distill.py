@@ -153,10 +153,13 @@ def outputs(model: nn.Module, batch: dict, pooling: Pooling | None = None) -> di
 
 
 def _causal(model: nn.Module) -> bool:
-    """A decoder that reads left to right (``*ForCausalLM``, a config with ``is_decoder``): its first
-    token sees nothing else, so its sentence summary is the last real token."""
+    """A decoder that reads left to right: its class declared ``causal`` in the registry
+    (:class:`upop.arch.registry.ModelClass`), else (a class the registry does not declare so, or does
+    not know) a config with ``is_decoder``. Its first token sees nothing else, so its sentence
+    summary is the last real token."""
     inner = unwrap(model)
-    return type(inner).__name__.endswith("ForCausalLM") or bool(getattr(inner.config, "is_decoder", False))
+    info = model_class_info(type(inner).__name__)
+    return (info is not None and info.causal) or bool(getattr(inner.config, "is_decoder", False))
 
 
 def _position_logits(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

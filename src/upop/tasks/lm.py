@@ -134,8 +134,10 @@ class LanguageModelingTask(Task):
     higher_is_better = False
     #: tokens per document: None is the smallest of the tokenizer's ``model_max_length``, the
     #: model's ``max_position_embeddings`` and 512; a number overrides the first and the last
-    #: (never the model's limit). Read from the config's ``block_length`` where it has one.
+    #: (never the model's limit). The ``block_length`` setting (:class:`~upop.config.UPopConfig`,
+    #: ``--block-length``), read by :meth:`configure`.
     block_length: int | None = None
+    settings = ("block_length",)
     #: rows from Python: one document per row; or Trainer-style input_ids (cut at the block)
     row_schema = RowSchema(required=("text",), optional=(), layout="unlabelled",
                            trainer=("input_ids",), trainer_optional=("attention_mask",))
@@ -144,7 +146,7 @@ class LanguageModelingTask(Task):
         self._model_limit: int | None = None
 
     def configure(self, config) -> "LanguageModelingTask":
-        self.block_length = check_block_length(getattr(config, "block_length", self.block_length))
+        check_block_length(config.block_length)  # a config-like object may hold any value: refused before it is set
         return super().configure(config)
 
     def check_model(self, model: nn.Module) -> None:
