@@ -47,6 +47,9 @@ _ROWS = {
     "llama": (lambda: M.make_model("llama"), TEXT),
     "qwen2": (lambda: M.make_model("qwen2"), TEXT),
     "mistral": (lambda: M.make_model("mistral"), TEXT),
+    # vision_feature_layer=-2: the last of the 2 vision layers never reaches the output and is no group
+    "llava": (lambda: M.make_model("llava"), {("attention", "vision"): 1, ("mlp", "vision"): 1, **TEXT}),
+    "llava-siglip": (lambda: _llava_siglip(), {("attention", "vision"): 1, ("mlp", "vision"): 1, **TEXT}),
 }
 assert set(FORWARDS) == set(_ROWS), set(FORWARDS) ^ set(_ROWS)  # one forward per row, no other
 
@@ -81,6 +84,18 @@ def _siglip2_classifier():
     config = transformers.Siglip2Config.from_dict(M.make_model("siglip2").config.to_dict())
     torch.manual_seed(0)
     return transformers.Siglip2ForImageClassification(config).eval()
+
+
+def _llava_siglip():
+    """The tiny LLaVA with the tiny SigLIP's vision tower, whose every patch token reaches the
+    language model (``vision_feature_select_strategy="full"``: SigLIP has no class token)."""
+    import transformers
+
+    config = M.make_model("llava").config.to_dict()
+    config.update(vision_config=M.make_model("siglip").config.vision_config.to_dict(),
+                  vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig.from_dict(config)).eval()
 
 
 def prune_every_third(model):

@@ -88,6 +88,17 @@ def _causal(model):
     return [model(input_ids=ids(), attention_mask=mask).logits]
 
 
+def _llava(model):
+    """A vision-language decoder: next-token logits of a padded batch whose prompts hold one image's
+    tokens (the model's image token, ``image_seq_length`` times) after their first token."""
+    config = model.config
+    text, image = ids(), torch.full((2, config.image_seq_length), config.image_token_id)
+    input_ids = torch.cat([text[:, :1], image, text[:, 1:]], 1)
+    mask = torch.ones_like(input_ids)
+    mask[1, -3:] = 0
+    return [model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels()).logits]
+
+
 #: row of the family table -> its forward
 FORWARDS = {
     "clip": _pair,
@@ -116,4 +127,6 @@ FORWARDS = {
     "llama": _causal,
     "qwen2": _causal,
     "mistral": _causal,
+    "llava": _llava,
+    "llava-siglip": _llava,
 }

@@ -1,7 +1,9 @@
-"""Decoder LLMs (issue #29): for every registered tiny model that generates text, the pruned model
-generates the masked model's greedy tokens (with and without the KV cache), at every attention
-granularity; the kept rotary pairs turn at their dense frequencies; per-layer widths rebuild from
-the folder. A family registered later that generates is in this table by its registration."""
+"""Generating models (issue #29): for every registered tiny model that generates (decoder LLMs,
+LLaVA, BLIP's captioner and VQA model), the pruned model generates the masked model's greedy tokens
+(with and without the KV cache) from prompts with an image where its class reads images, at every
+attention granularity; the kept rotary pairs turn at their dense frequencies; per-layer widths
+rebuild from the folder. A family registered later that generates is in this table by its
+registration."""
 
 from __future__ import annotations
 
@@ -13,15 +15,33 @@ from upop.arch import CLASSES, TINY
 from upop.arch._spec import ROPE_PAIRS
 from upop.models.folders import make_model
 
-#: tiny models of the registry whose class reads only text and generates (decoder LLMs)
-GENERATORS = [name for name, tiny in TINY.items()
-              if CLASSES[tiny.model_class][1].reads == ("text",) and make_model(name).can_generate()]
+#: tiny models of the registry that generate
+GENERATORS = [name for name, tiny in TINY.items() if make_model(name).can_generate()]
 GRANULARITIES = ("head-dim", "head", "both")
 
 
-def _prompts(vocab: int) -> list[torch.Tensor]:
+def _reads_images(model) -> bool:
+    return "image" in CLASSES[type(model).__name__][1].reads
+
+
+def _prompts(model) -> list[dict[str, torch.Tensor]]:
+    """Three prompts of 3, 7 and 12 word ids (below 100: no special or image token), each with an
+    image where the class reads images; a model that marks the image's place by tokens (LLaVA's
+    ``image_token_id``) gets them after the first id, ``image_seq_length`` of them."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(9, vocab, (1, n), generator=g) for n in (3, 7, 12)]
+    config = model.config
+    prompts = []
+    for n in (3, 7, 12):
+        ids = torch.randint(9, min(100, config.get_text_config().vocab_size), (1, n), generator=g)
+        prompt = {"input_ids": ids}
+        if _reads_images(model):
+            size = config.vision_config.image_size
+            prompt["pixel_values"] = torch.randn(1, 3, size, size, generator=g)
+            if getattr(config, "image_token_id", None) is not None:
+                image = torch.full((1, config.image_seq_length), config.image_token_id)
+                prompt["input_ids"] = torch.cat([ids[:, :1], image, ids[:, 1:]], dim=1)
+        prompts.append(prompt)
+    return prompts
 
 
 def _drop_some(masks) -> None:
@@ -35,12 +55,12 @@ def _drop_some(masks) -> None:
 
 def _greedy(model, prompt, use_cache=True) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache,
-                              pad_token_id=model.config.pad_token_id)
+        return model.generate(**prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache)
 
 
 def test_the_table_is_not_empty():
     assert GENERATORS, "no registered tiny model generates text"
+    assert any(_reads_images(make_model(name)) for name in GENERATORS), "no generator reads images"
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -49,7 +69,7 @@ def test_pruned_generates_the_masked_tokens(name, granularity, tmp_path):
     model = make_model(name).eval()
     masks = upop.attach_masks(model, upop.find_groups(model, granularity=granularity))
     _drop_some(masks)
-    prompts = _prompts(model.config.vocab_size)
+    prompts = _prompts(model)
     masked = [_greedy(model, p) for p in prompts]
     plan = upop.prune(model, masks)
     assert plan.achieved_ratio["params"] > 0.2
@@ -76,7 +96,8 @@ def test_kept_rotary_pairs_keep_their_frequencies(name):
         pytest.skip(f"{name} has no rotary attention")
     masks = upop.attach_masks(model, groups)
     _drop_some(masks)
-    ids = torch.randint(9, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(1))
+    vocab = min(100, model.config.get_text_config().vocab_size)  # word ids: no image token
+    ids = torch.randint(9, vocab, (1, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         masked = model(input_ids=ids).logits
         upop.prune(model, masks)

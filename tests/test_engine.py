@@ -19,11 +19,16 @@ NAMES = sorted(FAMILIES)
 
 
 def _random_masks(masks, seed=1, drop=0.4):
+    """Random 0/1 masks: every group keeps a unit and, from two units on, loses one (the one after
+    the unit it keeps, where the draw kept them all)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, m in masks.items():
             keep = (torch.rand(m.numel(), generator=g) >= drop).float()
-            keep[torch.randint(m.numel(), (1,), generator=g)] = 1.0
+            kept = int(torch.randint(m.numel(), (1,), generator=g))
+            keep[kept] = 1.0
+            if keep.all() and m.numel() > 1:
+                keep[(kept + 1) % m.numel()] = 0.0
             m.copy_(keep)
 
 

@@ -1,7 +1,7 @@
-"""``upop export --part``: the towers of BLIP and SigLIP2 that are one forward export through the
-CLI and match PyTorch in ONNX Runtime (checked here again, against the loaded model, independently
-of upop.export.onnx); the whole BLIP models, BLIP's text towers and SigLIP2's NaFlex vision tower are
-refused in one line with exit code 2, leaving no file. Skipped without onnx/onnxruntime."""
+"""``upop export --part``: the towers of BLIP, LLaVA and SigLIP2 that are one forward export through
+the CLI and match PyTorch in ONNX Runtime (checked here again, against the loaded model, independently
+of upop.export.onnx); the whole BLIP and LLaVA models, their text towers and SigLIP2's NaFlex vision
+tower are refused in one line with exit code 2, leaving no file. Skipped without onnx/onnxruntime."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 import upop
 import upop.export.graph
+from upop.arch import CLASSES
 from upop.cli.main import main
 
 from ._families import FAMILIES, prune_every_third
@@ -19,7 +20,7 @@ from ._families import FAMILIES, prune_every_third
 
 def _submodule_towers() -> dict[str, str]:
     """Every registered tiny model whose class exports a tower as a submodule and is refused whole
-    (BLIP's four today), with its class: from the registry, so a family added later is here too."""
+    (BLIP's four and LLaVA today), with its class: from the registry, so a family added later is here too."""
     from upop.arch import CLASSES, TINY
 
     return {tiny.name: tiny.model_class for tiny in TINY.values()
@@ -31,7 +32,7 @@ BLIP = _submodule_towers()
 # family -> the words of its one-line reason (upop.export.graph.REFUSED); a family BLIP gains
 # later fails below until its reason is written here
 REASONS = {"blip-retrieval": "two modes", "blip-vqa": "decoding loop", "blip-caption": "decoding loop",
-           "blip-nlvr": "image pairs"}
+           "blip-nlvr": "image pairs", "llava": "decoding loop"}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ def test_blip_vision_tower_exports_and_matches(family, folders, tmp_path, capsys
     # a batch the export never saw, against the compressed model's own vision tower
     model = upop.load_compressed(folders[family])
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tower = CLASSES[BLIP[family]][1].export["vision"]  # the submodule's path the registry declares
     with torch.no_grad():
-        ref = model.vision_model(pixel_values=pixels)
+        ref = model.get_submodule(tower)(pixel_values=pixels)
     _close(_onnx_run(out, {"pixel_values": pixels}),
            {"last_hidden_state": ref.last_hidden_state, "pooler_output": ref.pooler_output})
 

@@ -97,6 +97,9 @@ def _prune(model, granularity="head-dim", seed=1):
 
 
 def _check_lean(model, dense, dense_ops: Counter, forward, swapped: bool) -> None:
+    ops = _ops(model, forward)
+    # after a forward of each: transformers hooks the layers whose hidden states a forward asks for
+    # on its first such forward (LLaVA's vision tower), the dense and the pruned model alike
     assert _extras(model) == _extras(dense)
     assert not torch.nn.modules.module._global_forward_hooks and not torch.nn.modules.module._global_forward_pre_hooks
     dense_dtypes = {name: p.dtype for name, p in dense.named_parameters()}
@@ -105,7 +108,6 @@ def _check_lean(model, dense, dense_ops: Counter, forward, swapped: bool) -> Non
     for name, p in model.named_parameters():
         assert p.dtype == dense_dtypes[name], name
     assert _attn_implementations(model) == _attn_implementations(dense)
-    ops = _ops(model, forward)
     heavy = {op: n for op, n in dense_ops.items() if any(h in op for h in HEAVY)}
     assert heavy and {op: ops[op] for op in heavy} == heavy
     if swapped:  # a class swapped for a shape-generic forward may only run fewer ops, plus the rotary pairs' selection

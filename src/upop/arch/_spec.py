@@ -67,6 +67,11 @@ class Tower:
     the first that exists; several classes of a family differ only by a prefix).
     ``config`` names the sub-config (``"vision_config"``) holding the tower's sizes, if any.
     ``only``: the tower applies only to these ``config.model_type`` values (default: all).
+    ``tokens``: ``(model config, text_tokens) -> tokens`` each block sees, for FLOPs costs, where
+    the default (a vision tower's patches and extra tokens; ``text_tokens`` or the text config's
+    maximum positions) is not it (e.g. a decoder that also reads image tokens).
+    ``blocks``: ``(model config) -> n``: only the first ``n`` blocks reach the model's outputs and
+    are groups; the others are left as they are (default: every block).
     """
 
     paths: tuple[str, ...]
@@ -75,6 +80,8 @@ class Tower:
     mlp: MlpSite
     config: str = ""
     only: tuple[str, ...] = ()
+    tokens: Callable[[object, int | None], int] | None = None
+    blocks: Callable[[object], int] | None = None
 
 
 def vision_tokens(config, extra_tokens: int = 1) -> int:
@@ -204,11 +211,14 @@ def find_groups_with_spec(model: nn.Module, spec: ArchSpec, text_tokens: int | N
         if path is None:
             continue
         cfg = _sub_config(model.config, tower.config)
-        if tower.modality == "vision":
+        if tower.tokens is not None:
+            n_tok = tower.tokens(model.config, text_tokens)
+        elif tower.modality == "vision":
             n_tok = n_vision
         else:
             n_tok = text_tokens or getattr(cfg, "max_position_embeddings", 0) or 1
-        for i, _block in enumerate(model.get_submodule(path)):
+        blocks = list(model.get_submodule(path))
+        for i, _block in enumerate(blocks[:tower.blocks(model.config)] if tower.blocks is not None else blocks):
             prefix = f"{path}.{i}."
             for site in tower.attention:
                 module = _get(model, prefix + site.module)

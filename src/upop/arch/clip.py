@@ -12,6 +12,7 @@ _ATTN = AttentionSite(
     module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.out_proj"
 )
 _MLP = MlpSite(fc1="mlp.fc1", fc2="mlp.fc2")
+ATTENTION, MLP = _ATTN, _MLP  # an encoder block's sites, public for the towers that are CLIP's (LLaVA's)
 
 SPEC = ArchSpec(
     name="clip",

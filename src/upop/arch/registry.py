@@ -49,7 +49,12 @@ class ModelClass:
     part (``"vision"``/``"text"``) -> ``"features"`` (exported through ``get_*_features``) or
     the name of the tower's submodule. ``export_refused``: why the whole forward is not one graph
     worth exporting (None: it exports). ``retrieval``: the retrieval variant that trains and
-    evaluates the class (None: CLIP's contrastive one).
+    evaluates the class (None: CLIP's contrastive one). ``causal``: a decoder that reads left to
+    right (a ``*ForCausalLM``): its first token sees no other, so the label-free task summarises a
+    text by its last real token instead of its first (a class declared False, or not registered,
+    is causal where its config says ``is_decoder``). ``chat``: a chat-template vision-language model
+    (LLaVA...): its tasks build prompts with the processor's chat template and answer by
+    generation (:mod:`upop.tasks.vlm_chat`).
     """
 
     name: str
@@ -59,6 +64,8 @@ class ModelClass:
     export: dict[str, str] = field(default_factory=dict)
     export_refused: str | None = None
     retrieval: str | None = None
+    causal: bool = False
+    chat: bool = False
 
     def __post_init__(self):
         if not self.reads or set(self.reads) - set(READS):
@@ -71,15 +78,16 @@ class TinyModel:
 
     ``build(widths, vocab_size, image_size, num_labels)`` returns the model (``widths`` from
     :data:`SIZES`); ``processor(image_size, shapes_tokenizer)`` its Shapes tokenizer and/or image
-    processor; ``data_task`` the task of the Shapes data it is made for; ``class_names()`` the
-    classes of that data its head predicts, in the reader's order (None: no class head).
+    processor; ``data_task`` the task of the Shapes data it is made for (None: no task serves its
+    class yet; ``make-model`` builds it and :func:`pairs` gives nothing for it); ``class_names()``
+    the classes of that data its head predicts, in the reader's order (None: no class head).
     """
 
     name: str
     model_class: str
     build: Callable[[tuple[int, int, int, int], int, int, int], nn.Module]
     processor: Callable[[int, Any], Any]
-    data_task: str
+    data_task: str | None
     class_names: Callable[[], list[str]] | None = None
 
 
@@ -104,7 +112,8 @@ class Family:
             if tiny.model_class not in names:
                 raise ValueError(f"family {self.spec.name!r}: tiny model {tiny.name!r} builds {tiny.model_class}, "
                                  "which is not one of its classes")
-            if tiny.data_task not in next(c for c in self.classes if c.name == tiny.model_class).tasks:
+            served = next(c for c in self.classes if c.name == tiny.model_class).tasks
+            if tiny.data_task is not None and tiny.data_task not in served:
                 raise ValueError(f"family {self.spec.name!r}: tiny model {tiny.name!r} is made for "
                                  f"{tiny.data_task!r}, a task its class does not serve")
 
@@ -197,5 +206,7 @@ def classes_for(task: str) -> tuple[str, ...]:
 
 def pairs() -> list[tuple[str, str]]:
     """Every (tiny model, task) pair the registry declares: each tiny model with every task its
-    class serves. The guarantee tables of the tests iterate this."""
-    return [(tiny.name, task) for tiny in TINY.values() for task in CLASSES[tiny.model_class][1].tasks]
+    class serves (none for a tiny model made for no task yet, ``data_task=None``). The guarantee
+    tables of the tests iterate this."""
+    return [(tiny.name, task) for tiny in TINY.values() if tiny.data_task is not None
+            for task in CLASSES[tiny.model_class][1].tasks]

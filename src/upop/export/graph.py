@@ -7,8 +7,9 @@ classes and towers export at all (:data:`TOWERS`, :data:`REFUSED`, :func:`graph_
 - ``"features"`` (CLIP, SigLIP, and SigLIP2's text tower): ``get_image_features`` /
   ``get_text_features``, L2-normalised, as ``image_embeds`` / ``text_embeds`` (the same values as
   the whole model's outputs of that name);
-- a submodule's name (BLIP's ``vision_model``): that module's own forward, ``pixel_values`` to
-  ``last_hidden_state`` and ``pooler_output`` (what BLIP's text encoder and decoder attend to).
+- a submodule's path (BLIP's ``vision_model``, LLaVA's ``model.vision_tower``): that module's own
+  forward, ``pixel_values`` to ``last_hidden_state`` and ``pooler_output`` (what BLIP's text
+  encoder and decoder attend to; LLaVA's projector reads a hidden state of that tower).
 
 ``pooling`` (:func:`resolve_pooling`) exports a text encoder class (one the registry declares as
 reading text only: BERT and its heads, CLIP / SigLIP / SigLIP2 text models) as a sentence embedder:
@@ -216,4 +217,4 @@ def graph_of(model, part: str | None, what: str, pooling: str | Pooling = "none"
                                     f"{REFUSED.get(name, 'no such tower')}{hint}")
     if towers[part] == "features":
         return Graph(model, part, features=True)
-    return Graph(getattr(model, towers[part]), part, source=name)
+    return Graph(model.get_submodule(towers[part]), part, source=name)
