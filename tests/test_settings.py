@@ -112,22 +112,31 @@ def model():
     return FAMILIES["clip"][0]()
 
 
-def _fp(model, **settings):
-    resolved = UPopConfig(**settings).resolve(get_task("retrieval"), search_steps=40)
-    return fingerprint(task="retrieval", settings=resolved, model=model, datasets={}, processes=1)
+def _fp(model, task="retrieval", **settings):
+    resolved = UPopConfig(**settings).resolve(get_task(task), search_steps=40)
+    return fingerprint(task=task, settings=resolved, model=model, datasets={}, processes=1)
+
+
+#: the task that reads each task setting (``task=True``); every other setting is read by all
+_READER = {f.name: next(t for t in task_names() if f.name in get_task(t).settings)
+           for f in dataclasses.fields(UPopConfig) if f.metadata.get("task")}
 
 
 @pytest.mark.parametrize("name", [n for n, *_ in config_fields()])
 def test_resume_refuses_a_changed_computing_setting_and_accepts_a_free_one(model, name):
     base = {"distill": "logits"}  # distilling: the distillation settings compute too
     value = _other(name, UPopConfig(**base).to_dict()[name])
-    diff = differences(_fp(model, **base), _fp(model, **{**base, name: value}))
+    task = _READER.get(name, "retrieval")
+    diff = differences(_fp(model, task, **base), _fp(model, task, **{**base, name: value}))
     if name in FREE_SETTINGS:
         assert diff == []
     else:
         assert len(diff) == 1 and diff[0].startswith(f"{name} ("), diff
     if name in DISTILL_ONLY:  # without distillation they change nothing
         assert differences(_fp(model, distill="none"), _fp(model, distill="none", **{name: value})) == []
+    if name in _READER:  # a task setting changes nothing in another task's run
+        other = next(t for t in task_names() if name not in get_task(t).settings)
+        assert differences(_fp(model, other, **base), _fp(model, other, **{**base, name: value})) == []
 
 
 def test_an_unversioned_fingerprint_migrates_and_a_newer_one_is_refused(model):

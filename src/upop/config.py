@@ -191,8 +191,9 @@ class UPopConfig:
     itm_k: int | None = _f(None, "BLIP retrieval: ITC candidates per query re-ranked by ITM (BLIP's k_test); default: "
                            "256 when the test split has more than 2,000 images (COCO-sized), else 128 (Flickr30K-sized)",
                            task=True, group="data")
-    vqa_inference: str = _f("rank", "VQA evaluation: rank (BLIP: score the answer list, keep the best of the top "
-                            "--vqa-k) or generate (free decoding)", choices=("rank", "generate"), task=True,
+    vqa_inference: str = _f("auto", "VQA evaluation: rank (BLIP: score the answer list, keep the best of the top "
+                            "--vqa-k) or generate (free decoding); auto: rank for BLIP, generate for a chat "
+                            "model (LLaVA)", choices=("auto", "rank", "generate"), task=True,
                             group="data")
     vqa_k: int = _f(128, "VQA rank inference: answer candidates re-scored per question (BLIP's k_test)", task=True,
                      group="data")

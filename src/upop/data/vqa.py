@@ -216,6 +216,13 @@ def frequent_answers(items: Sequence[VQAItem]) -> list[str]:
     return sorted(counts, key=lambda a: (-counts[a], a))
 
 
+def draw_answer(sample: dict, seed: int, epoch: int) -> str:
+    """The training answer of ``sample`` (a :class:`VQADataset` item) in ``epoch``: one annotator's,
+    drawn by frequency (a repeated answer is drawn as often as annotators gave it), seeded by
+    ``(seed, epoch, index)``, so every process and worker draws the same."""
+    return random.Random(f"{seed}:{epoch}:{sample['index']}").choice(sample["answers"])
+
+
 class VQADataset(Dataset):
     """``ds[i] == {"image": PIL RGB, "question", "answers": [...], "index": i}``; ``candidates`` are
     the answers rank inference chooses from (set by the task's ``load_splits``, else None)."""
@@ -256,7 +263,7 @@ class VQACollator:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def __call__(self, samples) -> dict:
-        answers = [random.Random(f"{self.seed}:{self.epoch}:{s['index']}").choice(s["answers"]) for s in samples]
+        answers = [draw_answer(s, self.seed, self.epoch) for s in samples]
         enc = self.tokenizer(answers, padding="longest", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {"pixel_values": self.encode_images(samples), **self.encode_questions(samples),

@@ -47,7 +47,23 @@ def _compared(values: dict, task: str | None) -> dict:
     inert = frozenset()
     if values["distill"] == "none":
         inert = DISTILL_ONLY - {"distill_cache"} if task == "distill" else DISTILL_ONLY
+    inert = inert | _other_tasks_settings(task)
     return {k: v for k, v in sorted(values.items()) if k not in FREE_SETTINGS and k not in inert}
+
+
+def _other_tasks_settings(task: str | None) -> frozenset:
+    """The task settings (``task=True`` in :class:`~upop.config.UPopConfig`) that ``task`` does not
+    read (:attr:`upop.tasks.base.Task.settings`): they change nothing in its run (so a run started
+    before a default of theirs changed still resumes)."""
+    from dataclasses import fields
+
+    from upop.config import UPopConfig
+    from upop.tasks import get_task, task_names
+
+    if task is None or task not in task_names():
+        return frozenset()
+    own = set(getattr(get_task(task), "settings", ()))
+    return frozenset(f.name for f in fields(UPopConfig) if f.metadata.get("task") and f.name not in own)
 
 
 def compared_settings(settings: ResolvedSettings) -> dict:

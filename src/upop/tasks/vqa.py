@@ -18,6 +18,11 @@ Evaluation (setting ``vqa_inference``), scored with the official VQAv2 accuracy
   (resolved by :meth:`VQATask.load_splits`, kept on each dataset as ``candidates``).
 * ``generate``: greedy generation (at most ``max_answer_tokens`` tokens), decoded without
   special tokens.
+* ``auto``: ``rank`` for BLIP, ``generate`` for a chat model.
+
+A chat-template vision-language model (a class the registry declares ``chat``: LLaVA...) is
+trained and evaluated by :mod:`.vlm_chat` (the same data; prompts of the processor's chat
+template, loss on the answer tokens, generation); ``rank`` does not apply to it and is refused.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from upop.data.vqa import (ANSWER_LIST, VQACollator, VQADataset, frequent_answer
                         load_vqa_split)
 from upop.errors import ConfigError, DataError, show
 from upop.distill import distiller as distill
+from upop.tasks import vlm_chat
 from upop.tasks._blip import decoder_inputs, encoder_ids, generate_texts, unwrap
 from upop.tasks._shard import evaluating, map_batches, on_device
 from upop.tasks.base import Task
@@ -73,7 +79,7 @@ class VQATask(Task):
     main_metric = "vqa_acc"
     max_answer_tokens = 5
     settings = ("vqa_inference", "vqa_k", "answer_list")
-    vqa_inference = "rank"
+    vqa_inference = "auto"
     vqa_k = 128
     answer_list = None
     #: rows from Python: an image, a question and its answer(s) (one text, a list, or VQAv2's list
@@ -82,6 +88,15 @@ class VQATask(Task):
                            aliases={"image": ("img",), "answers": ("answer",)}, layout="questions",
                            raw_only="it draws one annotator's answer text each epoch and ranks answer texts",
                            finish=row_candidates)
+
+    #: whether the model :meth:`check_model` was given is a chat model (:mod:`.vlm_chat`): what the
+    #: methods without a model (the collator, the text length) serve
+    chat = False
+
+    def check_model(self, model: nn.Module) -> None:
+        super().check_model(model)
+        self.chat = vlm_chat.is_chat(model)
+        self._mode(model)
 
     def load_splits(self, data_dir, splits=("train", "val", "test"), image_root=None):
         """The splits; in rank mode each dataset also gets the candidate answers (see the module doc)."""
@@ -92,9 +107,18 @@ class VQATask(Task):
                 dataset.candidates = candidates
         return out
 
-    def _mode(self) -> str:
-        if self.vqa_inference not in ("rank", "generate"):
-            raise ConfigError(f"vqa_inference={show(self.vqa_inference)} is not allowed; choose rank or generate")
+    def _mode(self, model: nn.Module | None = None) -> str:
+        """``rank`` or ``generate``: the setting, ``auto`` decided for the model (given, else the one
+        :meth:`check_model` saw); ``rank`` with a chat model is refused."""
+        if self.vqa_inference not in ("auto", "rank", "generate"):
+            raise ConfigError(f"vqa_inference={show(self.vqa_inference)} is not allowed; choose auto, rank or generate")
+        chat = self.chat if model is None else vlm_chat.is_chat(model)
+        if chat and self.vqa_inference == "rank":
+            name = type(unwrap(model)).__name__ if model is not None else "a chat model"
+            raise ConfigError(f"vqa_inference=rank does not apply to {name} (a chat-template model answers by "
+                              "generation); use vqa_inference=generate")
+        if self.vqa_inference == "auto":
+            return "generate" if chat else "rank"
         return self.vqa_inference
 
     def _candidates(self, data_dir, splits: dict, image_root=None) -> list[str]:
@@ -114,9 +138,13 @@ class VQATask(Task):
         return frequent_answers(items)
 
     def collator(self, processor, seed: int = 0):
+        if self.chat:
+            return vlm_chat.ChatVQACollator(processor, seed=seed)
         return VQACollator(processor, seed=seed)
 
     def loss(self, model: nn.Module, batch):
+        if vlm_chat.is_chat(model):
+            return vlm_chat.loss(model, batch)
         inputs = self._inputs(model, batch)
         labels = inputs["decoder_input_ids"].masked_fill(batch["answer_mask"] == 0, -100)
         with distill.expose_output(unwrap(model).text_decoder, "tokens", distill.next_token_mask(labels)):
@@ -131,7 +159,10 @@ class VQATask(Task):
 
     def predict(self, model, dataset, processor, batch_size: int = 64, accelerator=None) -> list[str]:
         """The answer to every question of ``dataset``, in order (ranked or generated: ``vqa_inference``)."""
-        if self._mode() == "rank":
+        mode = self._mode(model)
+        if vlm_chat.is_chat(model):
+            return vlm_chat.predict(model, dataset, processor, self.max_answer_tokens, batch_size, accelerator)
+        if mode == "rank":
             return self._rank(model, dataset, processor, batch_size, accelerator)
         return self._generate(model, dataset, processor, batch_size, accelerator)
 
@@ -207,16 +238,20 @@ class VQATask(Task):
         return {"vqa_acc": 100.0 * sum(accs) / len(accs)}
 
     def example_inputs(self, model, processor, dataset, batch_size: int = 1):
+        if vlm_chat.is_chat(model):
+            return vlm_chat.example_inputs(model, processor, dataset, batch_size)
         batch = self.collator(processor)([dataset[i % len(dataset)] for i in range(batch_size)])
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in self._inputs(model, batch).items()}
 
     def text_tokens(self, processor, dataset) -> int | None:
+        if self.chat:
+            return vlm_chat.text_tokens(processor, dataset)
         n = min(len(dataset), 64)
         return int(self.collator(processor).encode_questions([dataset[i] for i in range(n)])["input_ids"].shape[1])
 
 
 register_task(
     name="vqa", task=VQATask, writer=write_vqa, checker=check_vqa,
-    summary="visual question answering with BLIP; VQAv2 JSON; VQA accuracy",
+    summary="visual question answering with BLIP or a chat VLM (LLaVA); VQAv2 JSON; VQA accuracy",
 )
