@@ -47,6 +47,7 @@ _ROWS = {
     "llama": (lambda: M.make_model("llama"), TEXT),
     "qwen2": (lambda: M.make_model("qwen2"), TEXT),
     "mistral": (lambda: M.make_model("mistral"), TEXT),
+    "qwen3": (lambda: M.make_model("qwen3"), TEXT),
     # vision_feature_layer=-2: the last of the 2 vision layers never reaches the output and is no group
     "llava": (lambda: M.make_model("llava"), {("attention", "vision"): 1, ("mlp", "vision"): 1, **TEXT}),
     "llava-siglip": (lambda: _llava_siglip(), {("attention", "vision"): 1, ("mlp", "vision"): 1, **TEXT}),
@@ -114,13 +115,18 @@ def prune_every_third(model):
 
 
 def prunable_params(model, groups) -> int:
-    """Independent count: every weight/bias a unit owns (out-proj / fc2 biases excluded)."""
+    """Independent count: every weight/bias a unit owns (out-proj / fc2 biases excluded), and where
+    channel units are pruned, the weights of the attention's per-head norms (a 1-D weight of
+    ``head_dim`` inside the attention module: Qwen3's ``q_norm`` / ``k_norm``)."""
     total = 0
     for g in groups:
         for name in g.producers:
             lin = model.get_submodule(name)
             total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
         total += model.get_submodule(g.consumer).weight.numel()
+        if g.kind == "attention" and not g.whole_heads:
+            total += sum(p.numel() for n, p in model.get_submodule(g.module).named_parameters()
+                         if p.dim() == 1 and p.numel() == g.head_dim and "." in n and n.endswith("weight"))
     return total
 
 

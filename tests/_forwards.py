@@ -127,6 +127,7 @@ FORWARDS = {
     "llama": _causal,
     "qwen2": _causal,
     "mistral": _causal,
+    "qwen3": _causal,
     "llava": _llava,
     "llava-siglip": _llava,
 }

@@ -98,9 +98,12 @@ def test_head_groups_and_exact_costs(family):
         # rotary pairs: a channel unit is two channels
         assert c.granularity == "head-dim" and c.num_units == c.channel_units == HEAD_DIM // (2 if c.rope else 1)
         for kind in ("params", "flops"):  # one (head, channel) cell costs the same either way
-            assert h.cost(kind) * c.head_units == c.cost(kind) * h.channel_units
-    for kind in ("params", "flops"):
-        assert upop.prunable_cost(heads, kind) == upop.prunable_cost(channels, kind)
+            assert h.cost(kind) * c.head_units == c.cell_cost(kind) * c.head_units * h.channel_units
+            # what does not scale with the heads (per-head norms' weights) is a channel unit's only
+            assert h.linear_cost(kind) == 0 and c.cost(kind) == c.cell_cost(kind) * c.head_units + c.linear_cost(kind)
+    for kind in ("params", "flops"):  # the same cells either way; channels also own the norms' weights
+        linear = sum(c.linear_cost(kind) * c.num_units for c in channels)
+        assert upop.prunable_cost(heads, kind) + linear == upop.prunable_cost(channels, kind)
     assert upop.prunable_cost(heads) == prunable_params(model, heads)
 
 

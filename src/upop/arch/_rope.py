@@ -1,10 +1,13 @@
-"""What the decoder-LLM families share (Llama, Qwen2, Mistral: ``arch/llama.py``, ...): the
-attention and gated-MLP sites of a decoder block, the hooks that update a pruned attention, and
-:class:`RopePairsAttention`, the forward of an attention whose rotary pairs were pruned.
+"""What the decoder-LLM families share (Llama, Qwen2, Mistral, Qwen3: ``arch/llama.py``, ...): the
+attention and gated-MLP sites of a decoder block, the hooks that update a pruned attention,
+:class:`RopePairsAttention`, the forward of an attention whose rotary pairs were pruned, and
+:class:`HeadNormsAttention`, what narrows the per-head RMSNorms of queries and keys (Qwen3's
+``q_norm`` / ``k_norm``) with those pairs.
 
 A family module defines its pruned attention class as ``class RopePairs<X>Attention(RopePairsAttention,
 <X>Attention)`` (so a compressed folder's ``modeling_upop.py`` can copy both, see
-:mod:`upop.checkpoint.hub`) and swaps it in with :func:`rope_swap`.
+:mod:`upop.checkpoint.hub`) and swaps it in with :func:`rope_swap`; an attention with per-head
+norms puts :class:`HeadNormsAttention` first.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from torch import nn
 
 from upop.arch._spec import AttentionSite, MlpSite
 
-#: the attention of a decoder block: separate Q, K, V (K and V may have fewer heads), rotary pairs
+#: the attention of a decoder block: separate Q, K, V (K and V may have fewer heads), rotary pairs,
+#: and per-head norms over head_dim where the family has them (Qwen3's q_norm / k_norm)
 ATTENTION = AttentionSite(module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                          out="self_attn.o_proj", rope=True)
+                          out="self_attn.o_proj", rope=True, norms=("self_attn.q_norm", "self_attn.k_norm"))
 #: the gated MLP: ``down(act(gate(x)) * up(x))``; the mask multiplies ``up``
 GATED_MLP = MlpSite(fc1="mlp.up_proj", fc2="mlp.down_proj", gate="mlp.gate_proj")
 
@@ -40,6 +44,56 @@ class RopePairsAttention:
                 self.__dict__["_rope_index"] = index
             position_embeddings = (cos.index_select(-1, index), sin.index_select(-1, index))
         return super().forward(hidden_states, position_embeddings, *args, **kwargs)
+
+
+class HeadNormsAttention:
+    """Narrows the RMSNorms over ``head_dim`` that an attention applies to its queries and keys before
+    RoPE (Qwen3's ``q_norm`` / ``k_norm``) when its rotary pairs are pruned. Mixed in before
+    :class:`RopePairsAttention`.
+
+    The unit masks multiply the outputs of Q, K and V (:mod:`upop.pruning.masks`), so in the masked
+    model a dropped pair's channels are exactly 0 when they reach the norm: it divides the sum of
+    squares of the kept channels by the DENSE width ``D``. The pruned norm must do the same over its
+    ``n`` kept channels: ``w * x / sqrt(S / D + eps)`` (``S``: the kept channels' sum of squares).
+    That is a plain RMSNorm of width ``n`` (transformers' own class: its kernel, its parameter
+    name ``weight``) with ``eps' = eps * D / n`` and ``w' = w * sqrt(D / n)``, since
+    ``S / n + eps * D / n = (D / n) (S / D + eps)``; a norm of weight ``1 + w`` (Gemma) gets
+    ``1 + w' = (1 + w) * sqrt(D / n)``. So the dense divisor lives in the norm's weight and its
+    epsilon, both of which save and load as they are (the weight in the state dict, the epsilon
+    in ``config.upop_shapes``); the forward runs the dense model's operators. A plain norm of the
+    narrower width without them normalises by ``n`` and is not the masked model.
+
+    Pruning sets :data:`~upop.arch._spec.ROPE_PAIRS` on the attention last: setting it narrows each
+    norm still at its dense width to the kept channels, in the pruned head's order (the pairs'
+    first halves, then their second halves). A norm already of the kept width is left as it is.
+    In half precision the rescaled weight is rounded once to the weight's dtype."""
+
+    #: the per-head norms of the attention, the name of their epsilon, and the offset of their
+    #: weight (0: ``w * x``; 1: ``(1 + w) * x``)
+    head_norms = ("q_norm", "k_norm")
+    head_norm_eps = "variance_epsilon"
+    head_norm_offset = 0.0
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "rope_pairs" and value is not None:
+            self.narrow_head_norms(list(value))
+
+    def narrow_head_norms(self, pairs):
+        """Narrow every dense-width head norm to the channels of the kept rotary ``pairs``."""
+        width = 2 * len(pairs)
+        for attr in self.head_norms:
+            norm = getattr(self, attr)
+            old = norm.weight
+            dense = old.shape[0]
+            if dense == width:
+                continue
+            index = torch.tensor(pairs + [p + dense // 2 for p in pairs], dtype=torch.long, device=old.device)
+            factor = (dense / width) ** 0.5
+            offset = self.head_norm_offset
+            weight = (old.detach().index_select(0, index).double() + offset) * factor - offset
+            norm.weight = nn.Parameter(weight.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+            setattr(norm, self.head_norm_eps, getattr(norm, self.head_norm_eps) * dense / width)
 
 
 def rope_swap(dense: type, pruned: type) -> Callable[[nn.Module], None]:
@@ -94,12 +148,14 @@ def shapes_tokenizer(size: int, tokenizer):
     return build_shapes_tokenizer(model_max_length=128)
 
 
-def decoder_family(name: str, prefix: str, dense: type, pruned: type, classes: tuple = ()):
+def decoder_family(name: str, prefix: str, dense: type, pruned: type, classes: tuple = (),
+                   tiny_config: Callable | None = None):
     """The :class:`~upop.arch.registry.Family` of a decoder LLM whose transformers classes are
     ``<prefix>ForCausalLM`` / ``<prefix>Model`` / ``<prefix>Config`` and whose attention ``dense`` is
     swapped for ``pruned`` (``RopePairs<X>Attention``, defined in the family's own module) when
     pruned; its tiny model ``name`` is made for the ``lm`` task. ``classes``: more
-    :class:`~upop.arch.registry.ModelClass` entries of the family."""
+    :class:`~upop.arch.registry.ModelClass` entries of the family. ``tiny_config``: ``(config class,
+    widths, vocab) -> config`` of the tiny model, where :func:`tiny_decoder_config` is not it."""
     import transformers
 
     from upop.arch._spec import ArchSpec, Tower
@@ -115,6 +171,7 @@ def decoder_family(name: str, prefix: str, dense: type, pruned: type, classes: t
         check=check_rope,
     )
     causal, config = getattr(transformers, f"{prefix}ForCausalLM"), getattr(transformers, f"{prefix}Config")
+    make_config = tiny_config or tiny_decoder_config
     return Family(
         spec=spec,
         classes=(
@@ -124,5 +181,5 @@ def decoder_family(name: str, prefix: str, dense: type, pruned: type, classes: t
         ),
         tiny=(TinyModel(name, causal.__name__, processor=shapes_tokenizer, data_task="lm",
                         build=lambda widths, vocab, image_size, num_labels: causal(
-                            tiny_decoder_config(config, widths, vocab))),),
+                            make_config(config, widths, vocab))),),
     )

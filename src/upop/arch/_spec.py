@@ -29,6 +29,8 @@ class AttentionSite:
     ``rope``: queries and keys are rotated by rotary position embeddings (channel ``j`` with
     ``j + head_dim / 2``), so a channel unit is such a pair (:attr:`Group.rope`). Keys and values
     with fewer heads than the queries (grouped-query attention) are read from the weights' shapes.
+    ``norms``: per-head norms over ``head_dim`` (Qwen3's ``q_norm`` / ``k_norm``), counted where a
+    block has them: a channel unit owns one weight of each (:attr:`Group.channel_params`).
     """
 
     module: str
@@ -42,6 +44,7 @@ class AttentionSite:
     cross: bool = False
     optional: bool = False
     rope: bool = False
+    norms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,12 +274,18 @@ def _attention_group(model, spec, tower, site, prefix, layer, n_tok, n_vision, g
     q_flops, kv_flops = 2 * (n_q * d_q + 2 * n_q * n_kv + n_q * d_out), 2 * 2 * n_kv * d_kv
     whole = granularity == "head"
     grouped = site.rope or kv_heads != heads
+    # per-head norms over head_dim (one weight per channel, shared by every head): a channel unit
+    # owns its channels' weights whatever the heads; whole heads leave the norms as they are
+    norms = sum(1 for n in site.norms if getattr(_get(model, prefix + n), "weight", None) is not None
+                and _get(model, prefix + n).weight.numel() == width)
+    channel_params = 0
     if whole:
         per_q = heads // kv_heads
         unit_params, unit_flops = width * (per_q * q_params + kv_params), width * (per_q * q_flops + kv_flops)
     else:
         pair = 2 if site.rope else 1
-        unit_params = pair * (heads * q_params + kv_heads * kv_params)
+        channel_params = pair * norms
+        unit_params = pair * (heads * q_params + kv_heads * kv_params) + channel_params
         unit_flops = pair * (heads * q_flops + kv_heads * kv_flops)
     if whole:
         num_units = kv_heads
@@ -302,6 +311,7 @@ def _attention_group(model, spec, tower, site, prefix, layer, n_tok, n_vision, g
         head_dim=width,
         kv_heads=kv_heads if grouped else 0,
         rope=site.rope,
+        channel_params=channel_params,
     )
 
 

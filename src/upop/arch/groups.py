@@ -67,6 +67,10 @@ class Group:
         masked: the producers the unit mask multiplies (empty: all of them). A gated MLP slices the
             rows of its gate and up projections together but masks only the up projection, so that
             the masked neuron is ``act(gate) * up * mask``, linear in the mask.
+        channel_params: parameters of one channel unit that do not scale with the heads (the
+            weights of per-head norms over ``head_dim``, shared by every head: Qwen3's ``q_norm`` /
+            ``k_norm``); part of ``param_cost``, and of a pair's exact cost as
+            ``channel_params x kept channels`` beside the bilinear cells.
     """
 
     name: str
@@ -90,6 +94,7 @@ class Group:
     kv_heads: int = 0
     rope: bool = False
     masked: tuple[str, ...] = ()
+    channel_params: int = 0
 
     @property
     def whole_heads(self) -> bool:
@@ -160,10 +165,16 @@ class Group:
         """Cost of one unit under the budget ``kind`` (``"params"`` or ``"flops"``)."""
         return self.param_cost if kind == "params" else self.flop_cost
 
+    def linear_cost(self, kind: str = "params") -> int:
+        """The part of one unit's cost that does not scale with the heads (:attr:`channel_params`
+        under a parameter budget)."""
+        return self.channel_params if kind == "params" else 0
+
     def cell_cost(self, kind: str = "params") -> float:
         """Cost of one (head, channel) cell of an attention group (a channel unit spans
-        :attr:`head_units` cells, a whole-head unit :attr:`channel_units` cells)."""
-        return self.cost(kind) / (self.channel_units if self.whole_heads else self.head_units)
+        :attr:`head_units` cells, a whole-head unit :attr:`channel_units` cells), without
+        :meth:`linear_cost`."""
+        return (self.cost(kind) - self.linear_cost(kind)) / (self.channel_units if self.whole_heads else self.head_units)
 
     def rows(self, kept: torch.Tensor | list[int], width: int | None = None) -> torch.Tensor:
         """Rows of each producer (and input columns of the consumer) owned by units ``kept``.
@@ -232,7 +243,7 @@ def cell_rows(head_dim: int, heads: torch.Tensor | list[int], channels: torch.Te
 def exact_cost(groups: list[Group], kept: dict[str, int] | None = None, kind: str = "params") -> float:
     """Exact prunable cost of a model whose group ``name`` keeps ``kept[name]`` units (dense when
     ``kept`` is None): a group costs ``unit cost x kept units``, except a pair (granularity ``"both"``),
-    counted once as ``cell cost x kept heads x kept channels``."""
+    counted once as ``cell cost x kept heads x kept channels`` plus ``linear cost x kept channels``."""
     by_name = {g.name: g for g in groups}
     total = 0.0
     for g in groups:
@@ -242,4 +253,5 @@ def exact_cost(groups: list[Group], kept: dict[str, int] | None = None, kind: st
         elif not g.whole_heads:  # the channel group counts the pair
             heads = by_name[g.pair]
             total += g.cell_cost(kind) * units * (heads.num_units if kept is None else kept[heads.name])
+            total += g.linear_cost(kind) * units
     return total

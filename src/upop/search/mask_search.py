@@ -67,7 +67,8 @@ def check_reachable(groups: list[Group], ratio: float, round_to: int, cost: str)
     """The same check before a run starts, for a params or FLOPs budget (a latency budget's unit
     times are measured later, on the run's device: :class:`UPopSearch` checks it then)."""
     if cost != "latency":
-        _check_reachable(CostTable(groups, lambda g: float(g.cost(cost))), ratio, round_to, cost)
+        _check_reachable(CostTable(groups, lambda g: float(g.cost(cost)), lambda g: float(g.linear_cost(cost))),
+                         ratio, round_to, cost)
 
 
 class UPopSearch:
@@ -146,7 +147,8 @@ class UPopSearch:
         self._first_bad = torch.full((), -1, dtype=torch.int64)
         self.history: list[SearchUpdate] = []
         # exact costs (a pair of granularity "both" counted once, bilinearly; upop.search.selection)
-        self._costs = CostTable(masks.groups, self._group_cost)
+        self._costs = CostTable(masks.groups, self._group_cost,
+                                lambda g: float(g.linear_cost(self.cost)) if self.unit_costs is None else 0.0)
         self.total_cost = self._costs.total
         _check_reachable(self._costs, ratio, round_to, cost)
 

@@ -34,13 +34,16 @@ class CostTable:
 
     ``unit_cost(group)`` is one unit's cost in the dense model (a pair's cell cost is derived from
     its channel group's unit cost: one channel spans ``head_units`` cells). Attributes (tensors over
-    units unless said): ``fixed`` (cost of an unpaired unit, 0 for a paired one), ``pair`` (pair
+    units unless said): ``fixed`` (cost of an unpaired unit; for a paired channel unit the part of
+    its cost that does not scale with the heads, ``linear_cost(group)``, e.g. a per-head norm's
+    weights, 0 for a paired head unit), ``pair`` (pair
     index or -1), ``is_head`` (a unit of a paired head group), ``kind`` (:data:`KIND_CHANNELS`,
     :data:`KIND_HEADS`, :data:`KIND_MLP`), ``group_of``; per pair: ``cell``, ``heads``, ``dims``;
     ``total``: the exact dense cost (each pair once).
     """
 
-    def __init__(self, groups: list[Group], unit_cost: Callable[[Group], float]):
+    def __init__(self, groups: list[Group], unit_cost: Callable[[Group], float],
+                 linear_cost: Callable[[Group], float] = lambda g: 0.0):
         self.groups = list(groups)
         self.sizes = [g.num_units for g in self.groups]
         self.offsets = [0, *accumulate(self.sizes)][:-1]
@@ -54,7 +57,7 @@ class CostTable:
                     raise ConfigError(f"group {g.name!r} is paired with {g.pair!r}, which is not among the groups "
                                       "searched; pass both groups of a pair (find_groups(..., granularity='both'))")
                 pair_of[i] = pair_of[partner] = len(cell)
-                cell.append(unit_cost(g) / g.head_units)
+                cell.append((unit_cost(g) - linear_cost(g)) / g.head_units)
                 heads.append(g.head_units)
                 dims.append(g.num_units)
         lone = next((g for g, p in zip(self.groups, pair_of) if g.pair and p < 0), None)
@@ -67,7 +70,12 @@ class CostTable:
         self.is_head = torch.tensor([p >= 0 and g.whole_heads for g, p in zip(self.groups, pair_of)])[self.group_of]
         kinds = [KIND_MLP if g.kind == "mlp" else KIND_HEADS if g.whole_heads else KIND_CHANNELS for g in self.groups]
         self.kind = torch.tensor(kinds, dtype=torch.long)[self.group_of]
-        self.fixed = torch.cat([torch.full((g.num_units,), 0.0 if p >= 0 else float(unit_cost(g)), dtype=torch.float64)
+        def fixed(g: Group, p: int) -> float:
+            if p < 0:
+                return float(unit_cost(g))
+            return 0.0 if g.whole_heads else float(linear_cost(g))
+
+        self.fixed = torch.cat([torch.full((g.num_units,), fixed(g, p), dtype=torch.float64)
                                 for g, p in zip(self.groups, pair_of)])
         self.cell = torch.tensor(cell, dtype=torch.float64)
         self.heads = torch.tensor(heads, dtype=torch.long)
@@ -85,9 +93,8 @@ class CostTable:
 
     def removable(self, round_to: int) -> float:
         """The largest cost a selection can remove: every group keeps ``round_to`` units (a pair: one
-        head and ``round_to`` channels)."""
-        out = sum(float(self.fixed[o]) * max(0, u - round_to)
-                  for g, o, u, p in zip(self.groups, self.offsets, self.sizes, self.pair_of_group) if p < 0)
+        head and ``round_to`` channels; its head units have no ``fixed`` cost)."""
+        out = sum(float(self.fixed[o]) * max(0, u - round_to) for o, u in zip(self.offsets, self.sizes))
         kept = torch.clamp(self.dims, max=round_to)
         return out + float((self.cell * (self.heads * self.dims - kept)).sum())
 
@@ -106,7 +113,8 @@ class CostTable:
                  fixed: torch.Tensor) -> torch.Tensor:
         """Costs of items (units or chunks) taken in the given order: ``fixed`` for an unpaired item;
         for a paired one, ``size`` heads cost ``c x size x (D - channels taken before)`` and ``size``
-        channels ``c x size x (H - heads taken before)`` (vectorised: per pair, a running count)."""
+        channels ``c x size x (H - heads taken before)`` plus their ``fixed`` (the part that does not
+        scale with the heads) (vectorised: per pair, a running count)."""
         cost = fixed.to(torch.float64).clone()
         idx = torch.nonzero(pair >= 0).flatten()
         if idx.numel() == 0:
@@ -122,7 +130,7 @@ class CostTable:
         first = (torch.cumsum(counts, 0) - counts)[p_sorted]  # where each item's pair starts
         h_before, d_before = h_before - h_before[first], d_before - d_before[first]
         left = torch.where(head, self.dims[p_sorted] - d_before, self.heads[p_sorted] - h_before)
-        cost[idx] = self.cell[p_sorted] * n * left
+        cost[idx] = cost[idx] + self.cell[p_sorted] * n * left
         return cost
 
     def unit_costs(self, order: torch.Tensor) -> torch.Tensor:
