@@ -56,6 +56,8 @@ BENCHMARKS = {
     "scaling": (["scaling.py"], "timing"),
     "dataloading": (["dataloading.py"], "timing"),
     "startup": (["startup.py"], "timing"),
+    # trains, but times generate too: alone on the machine, with its 2 threads
+    "llava_vqa": (["llava_vqa.py", "--threads", "2"], "timing"),
 }
 
 

@@ -24,6 +24,7 @@ QUICK = {
     "profile_batch1": ["benchmarks/profile_batch1.py", "--quick"],
     "distill_default": ["benchmarks/distill_default.py", "--quick"],
     "startup": ["benchmarks/startup.py", "--quick"],
+    "llava_vqa": ["benchmarks/llava_vqa.py", "--quick"],
 }
 
 

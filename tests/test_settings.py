@@ -89,6 +89,7 @@ def test_a_progressive_search_needs_more_steps_than_its_interval(method, refused
 # resume ------------------------------------------------------------------------------------------------
 
 _FILL = {"retrain_lr": 1e-4, "max_grad_norm": 1.0, "answer_list": "answers.json"}  # unset floats and paths
+_TEXT = {"modalities": "text"}  # free-text settings: another valid value
 
 
 def _other(name: str, value):
@@ -104,6 +105,8 @@ def _other(name: str, value):
         return 2 if value is None else value + 1
     if value is None:
         return _FILL[name]
+    if isinstance(value, str):
+        return _TEXT[name]
     return value / 2 if value else 0.5
 
 
@@ -156,7 +159,7 @@ def test_an_unversioned_fingerprint_migrates_and_a_newer_one_is_refused(model):
 #: a value UPopConfig refuses, for every setting the Trainer callback shares with it
 BAD = {"ratio": 1.5, "interval": 0, "cost": "time", "method": "greedy", "score": "random", "round_to": 0,
        "allocation": "even", "granularity": "heads", "w_attn": -1.0, "w_mlp": float("nan"), "distill": "kl",
-       "distill_weight": -1.0, "distill_temperature": "hot", "teacher_precision": "fp16"}
+       "distill_weight": -1.0, "distill_temperature": "hot", "teacher_precision": "fp16", "modalities": "audio"}
 #: cross-field refusals of the same settings
 BAD_TOGETHER = [{"distill": "logits", "distill_weight": 0}, {"allocation": "uniform", "round_to": 8},
                 {"granularity": "head", "cost": "latency"}]

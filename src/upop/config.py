@@ -33,6 +33,23 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install 'upop[tracking]'
 """Per tracker: the package it needs and the command that installs it (:func:`check_tracker`)."""
 
 
+MODALITY_NAMES = ("text", "vision", "fusion", "decoder")
+"""The group modalities ``modalities`` may name: those of :data:`upop.arch.groups.MODALITIES` (kept here
+too: this module imports no torch)."""
+
+
+def modality_names(setting: object) -> tuple[str, ...] | None:
+    """The modalities a ``modalities`` setting names, in its order, or None for ``"all"`` (every
+    group); ValueError for anything but ``"all"`` or a comma list of :data:`MODALITY_NAMES`, each once
+    (what :meth:`UPopConfig.validate` refuses)."""
+    names = tuple(part.strip() for part in setting.split(",")) if isinstance(setting, str) else ()
+    if names == ("all",):
+        return None
+    if not names or not all(n in MODALITY_NAMES for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"modalities={setting!r}: not all or a comma list of {', '.join(MODALITY_NAMES)}")
+    return names
+
+
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds every generator takes (NumPy's are 32-bit)."""
 
@@ -103,6 +120,11 @@ class UPopConfig:
     allocation: str = _f("unified", "unified (one ranking across modalities and layers, UPop) or uniform "
                          "(the same ratio in every layer: the paper's non-unified ablation)", choices=ALLOCATIONS,
                          group="search")
+    modalities: str = _f("all", "the modalities whose groups the search ranks and prunes: all (every group: UPop's "
+                         "unified search) or a comma list of text, vision, fusion, decoder (e.g. text: the language "
+                         "model of a vision-language model only, as NVIDIA ModelOpt prunes it); the groups of the "
+                         "other modalities get no mask and stay dense, and --ratio is then a share of the searched "
+                         "groups' cost, not the whole model's", group="search")
     cost: str = _f("params", "budget the ratio is measured in: params (exact counts), flops, or latency (time per "
                    "unit measured at the run's start on its device, --latency-batch-size and --eval-precision; "
                    "cached in the run folder; with the taylor or fisher score, units are then ranked by importance per "
@@ -243,6 +265,10 @@ class UPopConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 unset = " (or leave unset)" if name in UNSET_DEFAULTS else ""
                 bad(name, f"{'auto or ' if name in AUTO_INTS else ''}an integer in [{low}, {high}]{unset}")
+        try:
+            modality_names(self.modalities)
+        except ValueError:
+            bad("modalities", f"all or a comma list of {', '.join(MODALITY_NAMES)}, each once")
         if not get_allocation(self.allocation).rounds and self.round_to not in ("auto", 1):
             bad("round_to", f"auto or 1 with the {self.allocation} allocation, which does not round widths")
         resolve_ranking(self.score, None if self.ranking == "auto" else self.ranking, self.cost)  # per-cost needs an unsigned score

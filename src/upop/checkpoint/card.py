@@ -87,7 +87,10 @@ def model_card(plan: Any, auto_class: str = "AutoModel", report: dict[str, Any] 
         "",
         f"`{plan.model_class}` ({plan.model_type}) pruned with Unified and Progressive Pruning (UPop, Shi et al., "
         f"ICML 2023) by upop{' ' + version if version else ''}: {_pct(removed.get('params'))} of the prunable "
-        f"parameters and {_pct(removed.get('flops'))} of the prunable FLOPs removed. The layers keep their class; "
+        f"parameters and {_pct(removed.get('flops'))} of the prunable FLOPs removed"
+        + (f" (of the {search['modalities']} groups: the search ranked those only; the others were kept dense)"
+           if search.get("modalities") else "")
+        + ". The layers keep their class; "
         "their widths (attention head dimensions or heads, MLP neurons) are narrower, layer by layer.",
         "",
         "## Load it",

@@ -207,9 +207,11 @@ def finetune(
 ) -> tuple[nn.Module, dict[str, float]]:
     """Plain training of ``model`` on ``task`` (AdamW, warm-up then cosine) on the step loop,
     keeping the best weights on validation (one process). Used to train the demo model and as the
-    baseline in benchmarks."""
+    baseline in benchmarks. The task checks the model first (:meth:`upop.tasks.base.Task.check_model`),
+    which also tells it what kind of model it trains: a chat model gets its chat collator."""
     from tqdm.auto import tqdm
 
+    task.check_model(model)
     collate = task.collator(processor, seed=seed)
     spe = steps_per_epoch(len(train), batch_size)
     total = epochs * spe

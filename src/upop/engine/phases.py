@@ -18,12 +18,14 @@ from typing import Callable
 import torch
 
 from upop.arch import find_groups
+from upop.arch.groups import Group
+from upop.config import modality_names
 from upop.engine.callback import UPopCallback
 from upop.checkpoint.folder import save_compressed
-from upop.errors import ConfigError
+from upop.errors import ConfigError, show
 from upop.engine.loop import LoopCallback, StepLoop, cosine
 from upop.pruning.masks import attach_masks
-from upop.pruning.prune import PruningPlan, apply_plan
+from upop.pruning.prune import GroupPlan, PruningPlan, apply_plan
 from upop.engine.runtime import (PhaseClock, PhaseResult, device_record, disk_full_guard, evaluating, loss_scale,
                                  release_host_memory, seed_everything)
 from upop.search.mask_search import UPopSearch
@@ -62,6 +64,32 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING))
 
 
+def searched_groups(groups: list[Group], modalities: str, model: torch.nn.Module) -> list[Group]:
+    """The groups the search ranks under the ``modalities`` setting: every group for ``"all"``, else
+    those of the named modalities (the others get no mask and stay dense). A named modality of which
+    ``model`` has no group is refused in one line naming the modalities it has."""
+    wanted = modality_names(modalities)
+    if wanted is None:
+        return list(groups)
+    have = list(dict.fromkeys(g.modality for g in groups))
+    missing = [m for m in wanted if m not in have]
+    if missing:
+        raise ConfigError(f"modalities={show(modalities)} is not allowed for {type(model).__name__}: the model has "
+                          f"modalities {', '.join(have)}; {', '.join(missing)} selects no group")
+    return [g for g in groups if g.modality in wanted]
+
+
+def with_dense_groups(plan: PruningPlan, groups: list[Group]) -> PruningPlan:
+    """``plan`` (of the searched groups) with every other group of ``groups`` (all of the model's, in
+    model order) keeping all its units, so that the plan names every group, as a plan of the whole
+    model does (:func:`upop.pruning.prune.apply_plan` replays it on a dense model); its achieved
+    ratios stay those of the searched groups."""
+    plan.groups = {g.name: plan.groups.get(g.name) or GroupPlan(g.kind, g.modality, g.layer, g.num_units,
+                                                                list(range(g.num_units)), g.granularity)
+                   for g in groups}
+    return plan
+
+
 class _Checkpoints(LoopCallback):
     """Save the run state every ``checkpoint_every`` steps (and when ``also(done)``), stop at a
     step boundary when asked, and count the step for ``stop_after``."""
@@ -92,8 +120,9 @@ def search_phase(run, state: dict | None) -> PruningPlan:
     """The search (from ``state`` when resuming), then the prune; returns the plan."""
     cfg, model, acc = run.config, run.model, run.acc
     # text length of this data sets the FLOPs cost of text units (vision: from the config)
-    groups = find_groups(model, text_tokens=run.task.text_tokens(run.processor, run.train_set),
-                         granularity=cfg.granularity)
+    every = find_groups(model, text_tokens=run.task.text_tokens(run.processor, run.train_set),
+                        granularity=cfg.granularity)
+    groups = searched_groups(every, cfg.modalities, model)  # --modalities: the others stay dense
     model.to(acc.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -142,8 +171,12 @@ def search_phase(run, state: dict | None) -> PruningPlan:
     wrapped = optimizer = loop = None  # noqa: F841 (dropped references)
     acc.free_memory()
     run.check_same_weights(model, "search", run.search_steps)
+    searched = {"modalities": cfg.modalities} if cfg.modalities != "all" else {}
     plan = upop.prune(model, base_model=run.base_model,
-                      settings={"search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": run.task.name})
+                      settings={"search_epochs": cfg.search_epochs, "seed": cfg.seed, "task": run.task.name,
+                                **searched})
+    if len(groups) < len(every):
+        plan = with_dense_groups(plan, every)
     run.check_same_plan(plan)
     release_host_memory()  # the search's optimizer and the sliced-away weights
     run.model = model

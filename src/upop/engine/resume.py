@@ -39,6 +39,10 @@ NOT_COMPARED = frozenset({"settings_version", "auto"})
 
 PHASES = ("search", "retrain", "done")
 
+#: compared settings added after settings version 1 was written, with the value a run whose
+#: fingerprint lacks them ran with (:func:`migrate` fills it in: such a run still resumes)
+ADDED_SINCE = {"modalities": "all"}
+
 
 def _compared(values: dict, task: str | None) -> dict:
     """The settings of ``values`` (decided ``distill``) that define the run: without
@@ -114,7 +118,7 @@ def migrate(fp: dict, where: str | Path = "the run") -> dict:
         version = fp["settings_version"]
     if not isinstance(fp.get("settings"), dict):
         raise ConfigError(f"{where}: the run's fingerprint has no settings (damaged); start again with --overwrite")
-    return fp
+    return {**fp, "settings": {**ADDED_SINCE, **fp["settings"]}}
 
 
 def _digest(h: "hashlib._Hash") -> str:

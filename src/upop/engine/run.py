@@ -30,7 +30,7 @@ from upop.checkpoint.folder import load_compressed
 from upop.config import ResolvedSettings, UPopConfig
 from upop.errors import DataError, UPopError
 from upop.engine.loop import Pending, finetune
-from upop.engine.phases import check_gradient_checkpointing, retrain_phase, search_phase
+from upop.engine.phases import check_gradient_checkpointing, retrain_phase, search_phase, searched_groups
 from upop.measure.memory import check_fits, weights_precision
 from upop.pruning.prune import PruningPlan
 from upop.engine.resume import read_state
@@ -100,8 +100,10 @@ class Run:
             raise ValueError(f"the settings were resolved for a search of {settings.search_steps} steps; this run's "
                              f"has {self.search_steps}")
         self.interval = settings["interval"]
-        # the width multiple (round_to "auto" depends on the device and the narrowest group)
-        groups = find_groups(model, granularity=config.granularity)
+        # the width multiple (round_to "auto" depends on the device and the narrowest group); the groups
+        # are those the search ranks (--modalities, refused here, before the folder is touched, if it
+        # selects none of a modality)
+        groups = searched_groups(find_groups(model, granularity=config.granularity), config.modalities, model)
         self.round_to, self.round_to_why = resolve_round_to(config.round_to, groups, self.acc.device.type,
                                                             config.allocation)
         #: the run's resolved settings, ``round_to`` decided; :attr:`config`: their decided values

@@ -3,7 +3,8 @@
 Schema of ``report.json`` (``schema_version`` 1)::
 
     task, model_class, base_model, target_ratio, cost,
-    achieved_ratio                 removed share of the prunable cost (in the budget's unit)
+    achieved_ratio                 removed share of the prunable cost (in the budget's unit; with the setting
+                                   modalities other than "all", of the searched modalities' groups only)
     achieved_ratio_by_cost         {"params": .., "flops": ..}
     dense / compressed             {"params", "flops", "latency_ms" (median of the rounds), "metrics": {...}}
     speedup                        median over the rounds of dense / compressed latency (same run, same input)
@@ -163,6 +164,15 @@ def build_report(
     }
 
 
+def searched_words(report: dict[str, Any]) -> str:
+    """What the ratio is a share of when the search ranked only some modalities (``modalities``):
+    "" for every group."""
+    searched = (report.get("settings") or {}).get("modalities", "all")
+    if searched == "all":
+        return ""
+    return f" (of the {searched} groups only: the search ranked those; the others are kept dense)"
+
+
 def distill_words(distill: dict) -> str:
     """One sentence on what the run distilled from the dense model."""
     auto = f" (--distill auto: {distill['why']})" if distill.get("setting") == "auto" else ""
@@ -181,7 +191,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# upop report: {report['model_class']} on {report['task']}",
         "",
-        f"Target ratio {report['target_ratio']:.2f} of prunable {report['cost']}; achieved "
+        f"Target ratio {report['target_ratio']:.2f} of prunable {report['cost']}{searched_words(report)}; achieved "
         f"{report['achieved_ratio']:.4f} (params {report['achieved_ratio_by_cost']['params']:.4f}, "
         f"FLOPs {report['achieved_ratio_by_cost']['flops']:.4f})."
         + (f" Kept widths: multiples of {report['round_to']['used']} ({report['round_to']['why']})."

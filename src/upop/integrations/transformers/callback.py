@@ -48,6 +48,7 @@ from upop.integrations.transformers.glue import (load_compressed_weights, load_r
                                                  rewrap_ddp, swap_parameters)
 from upop.arch import find_groups
 from upop.engine.callback import UPopCallback
+from upop.engine.phases import searched_groups, with_dense_groups
 from upop.engine.runtime import loss_scale
 from upop.checkpoint.folder import read_plan
 from upop.config import ResolvedSettings, UPopConfig, decide_distill
@@ -81,6 +82,9 @@ class UPopTrainerCallback(TrainerCallback):
             (:func:`upop.search.mask_search.resolve_round_to`).
         granularity: ``"head-dim"`` (the paper), ``"head"`` (whole attention heads) or ``"both"``
             (heads and head-dim channels ranked together; see :func:`upop.find_groups`).
+        modalities: ``"all"`` (every group, the unified search) or a comma list of the group
+            modalities to search (``"text"``: a vision-language model's language model only); the
+            other groups stay dense and ``ratio`` is a share of the searched groups' cost.
         text_tokens: text length for FLOPs costs of text units (default: the model's maximum).
         distill, distill_weight, distill_temperature, teacher_precision: distillation from the dense
             model during the search and the retraining, as ``upop compress --distill`` (``"none"``,
@@ -103,13 +107,15 @@ class UPopTrainerCallback(TrainerCallback):
     def __init__(self, ratio: float = 0.5, *, search_steps: int | None = None, search_epochs: float | None = None,
                  search_fraction: float | None = None, interval: int | None = None, cost: str = "params",
                  method: str = "upop", score: str = "taylor", round_to: int | str = "auto",
-                 allocation: str = "unified", granularity: str = "head-dim", w_attn: float = 6.4e-3,
+                 allocation: str = "unified", granularity: str = "head-dim", modalities: str = "all",
+                 w_attn: float = 6.4e-3,
                  w_mlp: float = 2e-4, unit_costs: dict[str, float] | None = None, text_tokens: int | None = None,
                  distill: str = "none", distill_weight: float = 4.0, distill_temperature: float = 1.0,
                  teacher_precision: str = "fp32", teacher: nn.Module | None = None, trainer=None):
         #: the settings, checked by UPopConfig's one validation
         self.config = UPopConfig(ratio=ratio, interval=interval, cost=cost, method=method, score=score,
-                                 round_to=round_to, allocation=allocation, granularity=granularity, w_attn=w_attn,
+                                 round_to=round_to, allocation=allocation, granularity=granularity,
+                                 modalities=modalities, w_attn=w_attn,
                                  w_mlp=w_mlp, distill=distill, distill_weight=distill_weight,
                                  distill_temperature=distill_temperature, teacher_precision=teacher_precision)
         #: the settings resolved for the run (made when training begins)
@@ -126,6 +132,7 @@ class UPopTrainerCallback(TrainerCallback):
         self.search_steps: int | None = None  # resolved when training begins
         self.search: UPopSearch | None = None
         self.masks: Masks | None = None
+        self._every: list = []  # every group of the model (the plan names them all; the search ranks ``modalities``')
         self.core: UPopCallback | None = None  # drives masks and search on each step (upop.engine.callback)
         self.plan: PruningPlan | None = None
         self.trainer = None
@@ -233,7 +240,8 @@ class UPopTrainerCallback(TrainerCallback):
         if self.masks is not None:  # left by an earlier train() that stopped during the search
             self.masks.remove()
         s = self.settings
-        groups = find_groups(model, text_tokens=self.text_tokens, granularity=s["granularity"])
+        self._every = find_groups(model, text_tokens=self.text_tokens, granularity=s["granularity"])
+        groups = searched_groups(self._every, s["modalities"], model)
         self.settings = s = s.decide("round_to", *resolve_round_to(s["round_to"], groups, args.device.type,
                                                                    s["allocation"]))
         self.masks = attach_masks(model, groups)
@@ -323,7 +331,9 @@ class UPopTrainerCallback(TrainerCallback):
         before = {id(p): name for name, p in model.named_parameters()}
         settings = {"search_steps": self.search_steps, "seed": args.seed,
                     "trainer": "transformers.Trainer"}
-        plan = self.core.prune(model, settings=settings)
+        if self.config.modalities != "all":
+            settings["modalities"] = self.config.modalities
+        plan = with_dense_groups(self.core.prune(model, settings=settings), self._every)
         swap_parameters(trainer.optimizer, before, dict(model.named_parameters()))
         rewrap_ddp(trainer)
         self.plan = plan
