@@ -20,6 +20,8 @@ from upop.models.folders import load_any, make_model
 from upop.pruning.prune import removed_cost
 from upop.tasks import get_task
 
+from .test_kill_resume import folders  # noqa: F401 (the fixture: tiny models and Shapes data, shared)
+
 RATIO = 0.5
 SETTINGS = dict(ratio=RATIO, search_epochs=1, retrain_epochs=1, batch_size=4, lr=1e-3, interval=1,
                 latency_time=0.02, eval_batch_size=8)
@@ -49,27 +51,6 @@ CASES = _cases()
 def test_the_table_is_not_empty_and_the_names_are_the_groups():
     assert CASES, "no tiny model of the registry has groups of two modalities"
     assert set(MODALITY_NAMES) == set(MODALITIES)  # config.py keeps a torch-free copy
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """``folders(model, task) -> (model folder, data)``, written through the CLI once per name."""
-    from upop.data import shapes_min_split
-
-    root = tmp_path_factory.mktemp("modalities")
-
-    def make(name: str, task: str):
-        model, data = root / "models" / name, root / "data" / task
-        if not data.is_dir():
-            held_out = str(max(8, shapes_min_split(task)))
-            assert main(["data", "shapes", "--task", task, "--out", str(data), "--train", "16", "--val", held_out,
-                         "--test", held_out, "--image-size", "32"]) == 0
-        if not model.is_dir():
-            assert main(["make-model", name, "--out", str(model), "--image-size", "32"]) == 0
-        return model, data
-
-    return make
-
 
 @pytest.mark.parametrize("name, task, modality", CASES)
 def test_only_the_named_modality_is_pruned_to_the_ratio_of_its_cost(name, task, modality, folders, tmp_path):
